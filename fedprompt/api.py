@@ -1,0 +1,40 @@
+"""The Python API: as short as the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedprompt.config import RunConfig, load_config
+from fedprompt.experiment import build_experiment
+from fedprompt.results import RunDirectory, RunResult
+from fedprompt.simulation import run_in_process
+
+
+def run(
+    config: str | Path | Mapping[str, Any] | RunConfig | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    output_dir: str | Path | None = None,
+    write: bool = True,
+    resume: str | Path | None = None,
+) -> RunResult:
+    """Run a federated job in this process and return its history and final prompt.
+
+    ``config``: a YAML path, a mapping, a RunConfig, or None for the embedded default;
+    ``overrides``: ``key=value`` strings as on the command line. ``write=False`` keeps
+    everything in memory; ``resume`` continues the run folder given from its last complete round.
+    The configuration is validated before any data or model loads.
+    """
+    if resume is not None:
+        run_dir: RunDirectory | None = RunDirectory(Path(resume))
+        cfg = load_config(run_dir.read_config(), overrides)
+    else:
+        cfg = load_config(config, overrides)
+        if output_dir is not None:
+            cfg.output.dir = Path(output_dir)
+        run_dir = RunDirectory.create(cfg.output.dir, cfg.name) if write else None
+        if run_dir:
+            run_dir.write_config(cfg)
+    return run_in_process(build_experiment(cfg), cfg, run_dir)

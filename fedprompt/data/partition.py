@@ -1,0 +1,169 @@
+"""Client partitions of a training set, made by Flower Datasets' partitioners.
+
+Each function takes the training labels and returns, per client, a sorted int64 array of indices
+into the training set. The rows are put in a seeded random order before the partitioner sees them
+(as ``flwr_datasets.FederatedDataset`` does with ``shuffle=True``), so every kind, IID included,
+is seeded: the same seed gives the same partition, another seed another one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import datasets
+import numpy as np
+import numpy.typing as npt
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+    ShardPartitioner,
+)
+
+from fedprompt.config import PartitionConfig
+from fedprompt.data.loading import DataError
+
+Labels = Sequence[int] | npt.NDArray[np.integer]
+
+
+def partition_indices(labels: Labels, config: PartitionConfig, seed: int) -> list[npt.NDArray[np.int64]]:
+    """Split the examples with these labels among `config.num_clients` clients.
+
+    - ``iid``: ``IidPartitioner``, equal shares (sizes differ by at most one), disjoint and complete.
+    - ``dirichlet``: ``DirichletPartitioner(alpha, partition_by="label", min_partition_size,
+      self_balancing=False)``: each class is divided among clients in Dirichlet(alpha) shares,
+      redrawn until every client has `min_partition_size` examples; disjoint and complete.
+    - ``shards``: ``ShardPartitioner(num_shards_per_partition=shards_per_client)``: the label-sorted
+      examples are cut into k = num_clients * shards_per_client shards of floor(n / k) examples and
+      each client gets shards_per_client random shards. Disjoint, but not complete: the n mod k
+      examples that fill no shard are left out (every client gets exactly
+      shards_per_client * floor(n / k) examples).
+
+    Raises DataError when the examples cannot be split so (more clients than examples or shards
+    than examples, or Dirichlet draws that never give every client `min_partition_size` examples).
+    """
+    label_array = _as_labels(labels)
+    n, clients = len(label_array), config.num_clients
+    if clients > n:
+        raise DataError(f"cannot split {n} examples among {clients} clients; lower partition.num_clients")
+    partitioner: Partitioner
+    if config.kind == "iid":
+        partitioner = IidPartitioner(num_partitions=clients)
+    elif config.kind == "dirichlet":
+        if clients * config.min_partition_size > n:
+            raise DataError(
+                f"{clients} clients of at least partition.min_partition_size={config.min_partition_size} "
+                f"examples need {clients * config.min_partition_size}, but there are {n}; "
+                "lower min_partition_size or num_clients"
+            )
+        partitioner = DirichletPartitioner(
+            num_partitions=clients,
+            partition_by="label",
+            alpha=float(config.alpha),
+            min_partition_size=config.min_partition_size,
+            self_balancing=False,
+            seed=seed,
+        )
+    else:
+        shards = clients * config.shards_per_client
+        if shards > n:
+            raise DataError(
+                f"{clients} clients x {config.shards_per_client} shards need at least {shards} examples, "
+                f"but there are {n}; lower partition.shards_per_client or num_clients"
+            )
+        partitioner = ShardPartitioner(
+            num_partitions=clients,
+            partition_by="label",
+            num_shards_per_partition=config.shards_per_client,
+            seed=seed,
+        )
+    try:
+        return _partition(partitioner, label_array, clients, seed)
+    except ValueError as exc:
+        if config.kind == "dirichlet":
+            raise DataError(
+                f"Dirichlet partitioning (alpha={config.alpha}) of {n} examples among {clients} clients "
+                f"never gave every client min_partition_size={config.min_partition_size} examples: {exc} "
+                "Lower partition.min_partition_size or raise partition.alpha."
+            ) from exc
+        raise DataError(f"cannot make {clients} {config.kind} partitions of {n} examples: {exc}") from exc
+
+
+def partition_by_class(
+    labels: Labels, num_clients: int, classes_per_client: int, seed: int
+) -> list[npt.NDArray[np.int64]]:
+    """Give each client the examples of `classes_per_client` classes only (``PathologicalPartitioner``).
+
+    Classes are assigned as in the paper the partitioner follows ("first-deterministic"): client i
+    gets class i mod C and a seeded random choice of further classes; each class's examples are
+    divided evenly among the clients that have it. Disjoint; complete when every class is drawn by
+    some client, which is sure when num_clients >= C. Examples of a class no client draws are left
+    out. Raises DataError when a class has fewer examples than clients that need it, or when
+    `classes_per_client` exceeds the number of classes.
+    """
+    label_array = _as_labels(labels)
+    if num_clients < 1 or classes_per_client < 1:
+        raise DataError(
+            f"need num_clients >= 1 and classes_per_client >= 1, got {num_clients}, {classes_per_client}"
+        )
+    if num_clients > len(label_array):
+        raise DataError(f"cannot split {len(label_array)} examples among {num_clients} clients")
+    partitioner = PathologicalPartitioner(
+        num_partitions=num_clients,
+        partition_by="label",
+        num_classes_per_partition=classes_per_client,
+        class_assignment_mode="first-deterministic",
+        seed=seed,
+    )
+    try:
+        return _partition(partitioner, label_array, num_clients, seed)
+    except ValueError as exc:
+        raise DataError(
+            f"cannot give {num_clients} clients {classes_per_client} classes each: {exc}"
+        ) from exc
+
+
+def split_local(
+    indices: npt.NDArray[np.integer], val_fraction: float, seed: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Split a client's indices into (train, validation), both sorted; a seeded random choice.
+
+    Validation gets round(val_fraction * n) of the n indices (none when val_fraction is 0).
+    Raises DataError when train would be empty.
+    """
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    index_array = np.asarray(indices, dtype=np.int64)
+    n_val = int(val_fraction * len(index_array) + 0.5)
+    if n_val >= len(index_array):
+        raise DataError(
+            f"a client with {len(index_array)} examples has none left to train on after keeping {n_val} "
+            "for validation; lower partition.local_val_fraction or give clients more data"
+        )
+    shuffled = np.random.default_rng(seed).permutation(index_array)
+    return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])
+
+
+def _as_labels(labels: Labels) -> npt.NDArray[np.int64]:
+    array = np.asarray(labels)
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        raise DataError(f"labels must be a flat sequence of ints, got shape {array.shape} of {array.dtype}")
+    return array.astype(np.int64)
+
+
+def _partition(
+    partitioner: Partitioner, labels: npt.NDArray[np.int64], clients: int, seed: int
+) -> list[npt.NDArray[np.int64]]:
+    """Run a partitioner on the labels in a seeded random row order; read each partition's indices."""
+    order = np.random.default_rng([seed, 1]).permutation(len(labels))  # a stream apart from the partitioner's
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels[order], "index": order})
+    with warnings.catch_warnings():
+        # Dirichlet warns on every redraw and Pathological on classes no client drew: both behaviours
+        # are documented above, and a Dirichlet run that gives up raises, which is turned into DataError.
+        warnings.simplefilter("ignore", UserWarning)
+        parts = [partitioner.load_partition(i) for i in range(clients)]
+    return [
+        np.sort(np.asarray(part.with_format("arrow")["index"].to_numpy(), dtype=np.int64)) for part in parts
+    ]

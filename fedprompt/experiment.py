@@ -1,0 +1,36 @@
+"""Everything one process needs for a run, built once from the configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedprompt.batching import TensorData
+from fedprompt.client import Client
+from fedprompt.config import RunConfig
+from fedprompt.strategies.base import Strategy
+from prompt_modules.base import PromptModule
+
+
+@dataclass
+class Experiment:
+    """Owns what a runtime drives: the shared prompt module on its frozen backbone (one per process),
+    the clients, the server's held-out test data, the strategy and the device."""
+
+    model: PromptModule
+    clients: dict[int, Client]
+    test_data: TensorData
+    strategy: Strategy
+    device: torch.device
+    backbone_bytes: int
+    label_names: list[str]
+
+
+def build_experiment(config: RunConfig) -> Experiment:
+    """Build the experiment for the configured backbone kind."""
+    if config.backbone.kind == "hf-text":
+        from fedprompt.text_task import build_text_experiment
+
+        return build_text_experiment(config)
+    raise NotImplementedError(f"backbone kind {config.backbone.kind!r} has no experiment builder")

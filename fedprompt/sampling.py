@@ -1,0 +1,28 @@
+"""Which clients take part in a round: seeded by the run, never by the engine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedprompt.seeding import derive_seed
+
+
+def sample_clients(
+    client_ids: Sequence[int], fraction: float, min_clients: int, run_seed: int, round_num: int
+) -> list[int]:
+    """``max(min_clients, ceil(fraction · N))`` distinct clients (capped at N), sorted by id.
+
+    The draw depends only on the run seed, the round and the id list, so every runtime
+    (in-process or Flower) samples the same clients.
+    """
+    ids = sorted(client_ids)
+    if not ids:
+        raise ValueError("no clients to sample from")
+    count = min(len(ids), max(min_clients, math.ceil(fraction * len(ids))))
+    if count == len(ids):
+        return ids
+    rng = np.random.default_rng(derive_seed(run_seed, "sampling", round_num))
+    return sorted(int(i) for i in rng.choice(ids, size=count, replace=False))

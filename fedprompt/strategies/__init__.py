@@ -1,0 +1,54 @@
+"""Server-side aggregation strategies, and ``build_strategy`` to make one from its configuration."""
+
+from __future__ import annotations
+
+from fedprompt.config import (
+    FedAvgConfig,
+    FedOptConfig,
+    FedProxConfig,
+    KrumConfig,
+    MedianConfig,
+    StrategyConfig,
+    TrimmedMeanConfig,
+)
+from fedprompt.strategies.base import Strategy
+from fedprompt.strategies.fedavg import FedAvg, FedProx
+from fedprompt.strategies.fedopt import FedOpt, FedOptVariant
+from fedprompt.strategies.robust import CoordinateMedian, Krum, TrimmedMean
+
+__all__ = [
+    "CoordinateMedian",
+    "FedAvg",
+    "FedOpt",
+    "FedOptVariant",
+    "FedProx",
+    "Krum",
+    "Strategy",
+    "TrimmedMean",
+    "build_strategy",
+]
+
+_FEDOPT_VARIANTS: dict[str, FedOptVariant] = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
+
+
+def build_strategy(config: StrategyConfig) -> Strategy:
+    """The strategy a validated strategy configuration describes, with its settings."""
+    if isinstance(config, FedAvgConfig):
+        return FedAvg()
+    if isinstance(config, FedProxConfig):
+        return FedProx(mu=config.mu)
+    if isinstance(config, FedOptConfig):
+        return FedOpt(
+            variant=_FEDOPT_VARIANTS[config.kind],
+            server_lr=config.server_lr,
+            beta1=config.beta1,
+            beta2=config.beta2,
+            tau=config.tau,
+        )
+    if isinstance(config, MedianConfig):
+        return CoordinateMedian()
+    if isinstance(config, TrimmedMeanConfig):
+        return TrimmedMean(beta=config.beta)
+    if isinstance(config, KrumConfig):
+        return Krum(num_byzantine=config.num_byzantine)
+    raise TypeError(f"build_strategy got {type(config).__name__}, which is not a strategy configuration")

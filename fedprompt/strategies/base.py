@@ -1,0 +1,67 @@
+"""The Strategy interface: a pure server-side aggregation rule over client updates."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from fedprompt.state import State, Update
+
+
+class Strategy(ABC):
+    """A server-side rule that turns the global state and the round's updates into the next state.
+
+    A strategy owns only its own server-side state (e.g. FedAdam's moments), exposed through
+    ``state_dict``/``load_state_dict`` so a run can checkpoint and resume. It never sees bytes,
+    clients or models: only fp32 tensors that were validated on arrival.
+    """
+
+    def aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
+        """Validate the inputs, order the updates by client id, and apply the rule.
+
+        Each update must come from a distinct client, carry exactly the global state's tensor
+        names with the same shapes, and have ``num_examples > 0``; otherwise ``ValueError``.
+        """
+        if not updates:
+            raise ValueError("aggregate needs at least one update")
+        names = set(global_state)
+        seen: set[int] = set()
+        for update in updates:
+            if update.client_id in seen:
+                raise ValueError(f"client {update.client_id} sent more than one update this round")
+            seen.add(update.client_id)
+            if set(update.state) != names:
+                raise ValueError(
+                    f"update from client {update.client_id} has tensors {sorted(update.state)}, "
+                    f"expected {sorted(names)}"
+                )
+            for name, tensor in update.state.items():
+                if tensor.shape != global_state[name].shape:
+                    raise ValueError(
+                        f"update from client {update.client_id} has {name!r} of shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(global_state[name].shape)}"
+                    )
+            if update.num_examples <= 0:
+                raise ValueError(
+                    f"update from client {update.client_id} has num_examples={update.num_examples}, "
+                    "expected a positive count"
+                )
+        ordered = sorted(updates, key=lambda u: u.client_id)
+        return self._aggregate(global_state, ordered)
+
+    @abstractmethod
+    def _aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
+        """The rule itself; ``updates`` are sorted by client id and share the global state's names."""
+
+    def client_config(self) -> dict[str, float]:
+        """Values the clients need for their local objective (FedProx's mu); none by default."""
+        return {}
+
+    def state_dict(self) -> State:
+        """Server-side state to checkpoint; none by default."""
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        """Restore what ``state_dict`` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no server state, got {sorted(state)}")

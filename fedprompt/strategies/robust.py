@@ -1,0 +1,111 @@
+"""Byzantine-robust rules: coordinate-wise median, coordinate-wise trimmed mean, and Krum.
+
+All three are unweighted: every update counts once, whatever its ``num_examples``, since a
+client that lies about its state can lie about its count just as easily.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fedprompt.state import State, Update
+from fedprompt.strategies.base import Strategy
+
+
+def _sorted_stack(updates: Sequence[Update], name: str) -> torch.Tensor:
+    """The updates' values of one tensor stacked on dim 0 in float64, sorted per coordinate."""
+    stacked = torch.stack([update.state[name].detach().to("cpu", torch.float64) for update in updates])
+    return torch.sort(stacked, dim=0).values
+
+
+class CoordinateMedian(Strategy):
+    """Coordinate-wise median of the client states (unweighted). Owns no server state.
+
+    For an even number of updates a coordinate's median is the mean of its two middle values
+    (NumPy's convention, which Flower's FedMedian uses), not torch.median's lower middle.
+    """
+
+    def _aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
+        n = len(updates)
+        out: State = {}
+        for name in global_state:
+            values = _sorted_stack(updates, name)
+            median = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+            out[name] = median.to(torch.float32)
+        return out
+
+
+class TrimmedMean(Strategy):
+    """Coordinate-wise trimmed mean (unweighted); owns ``beta``, the share trimmed at each end.
+
+    Per coordinate, the floor(beta·n) largest and the floor(beta·n) smallest values are dropped
+    and the rest averaged. ``beta`` = 0 is the plain unweighted mean. Requiring beta < 0.5 keeps
+    at least one value for every n, even after floating-point rounding of beta·n.
+    """
+
+    def __init__(self, beta: float = 0.1) -> None:
+        if not 0 <= beta < 0.5:
+            raise ValueError(
+                f"TrimmedMean beta must be in [0, 0.5), got {beta}; from 0.5 on, nothing would remain "
+                "of an even number of updates"
+            )
+        self.beta = beta
+
+    def _aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
+        n = len(updates)
+        k = math.floor(self.beta * n)
+        out: State = {}
+        for name in global_state:
+            kept = _sorted_stack(updates, name)[k : n - k]
+            out[name] = (kept.sum(dim=0) / (n - 2 * k)).to(torch.float32)
+        return out
+
+
+class Krum(Strategy):
+    """Krum (Blanchard et al., 2017): returns the one client state closest to its neighbours.
+
+    Owns ``num_byzantine`` (f). Each update is scored by the sum of squared Euclidean distances,
+    over all its tensors flattened together, to its n − f − 2 nearest other updates; the state
+    with the lowest score is returned, ties going to the lowest client id. Unweighted.
+
+    Krum's resilience guarantee needs n ≥ 2f + 3 (the paper's n > 2f + 2), so fewer updates are
+    rejected with ``ValueError`` rather than aggregated without the guarantee.
+    """
+
+    def __init__(self, num_byzantine: int = 0) -> None:
+        if num_byzantine < 0:
+            raise ValueError(f"Krum num_byzantine must be >= 0, got {num_byzantine}")
+        self.num_byzantine = num_byzantine
+
+    def _aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
+        n, f = len(updates), self.num_byzantine
+        if n < 2 * f + 3:
+            raise ValueError(
+                f"Krum with num_byzantine={f} needs at least 2f + 3 = {2 * f + 3} updates, got {n}; "
+                "sample more clients or lower num_byzantine"
+            )
+        names = sorted(global_state)
+        flat = torch.stack(
+            [
+                torch.cat(
+                    [update.state[name].detach().to("cpu", torch.float64).reshape(-1) for name in names]
+                )
+                for update in updates
+            ]
+        )
+        distances = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n - 1):
+            row = (flat[i + 1 :] - flat[i]).square().sum(dim=1)
+            distances[i, i + 1 :] = row
+            distances[i + 1 :, i] = row
+        scores = []
+        for i in range(n):
+            others = torch.cat([distances[i, :i], distances[i, i + 1 :]])
+            scores.append(torch.sort(others).values[: n - f - 2].sum().item())
+        best = min(range(n), key=lambda i: (scores[i], updates[i].client_id))
+        return {
+            name: updates[best].state[name].detach().to("cpu", torch.float32).clone() for name in global_state
+        }

@@ -1,0 +1,161 @@
+"""Text classification with a soft prompt on a frozen HF model: config -> backbone, module, clients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedprompt.batching import TensorData
+from fedprompt.client import Client
+from fedprompt.config import (
+    ConfigError,
+    DeepPromptConfig,
+    HFTextBackboneConfig,
+    RunConfig,
+    SimilarityHeadConfig,
+    SoftPromptConfig,
+    VerbalizerHeadConfig,
+)
+from fedprompt.data import load_text_classification, partition_indices, split_local
+from fedprompt.device import make_accelerator
+from fedprompt.experiment import Experiment
+from fedprompt.seeding import derive_seed, torch_generator
+from fedprompt.strategies import build_strategy
+from fedprompt.training import GradientTrainer
+from optimizers.gradient import GradientOptimizer, GradientSettings
+from prompt_modules.hf_text import HFTextBackbone
+from prompt_modules.soft_prompt import DeepPrompt, SoftPrompt, init_prompt_embeddings
+from prompt_modules.text_classifier import SimilarityHead, TextPromptClassifier, VerbalizerHead
+
+
+def load_backbone(config: HFTextBackboneConfig, head_kind: str, seed: int) -> HFTextBackbone:
+    """The frozen backbone a text run needs (with an LM head for verbalisers)."""
+    return HFTextBackbone.load(
+        config.model,
+        head="lm" if head_kind == "verbalizer" else "none",
+        gguf_file=config.gguf_file,
+        revision=config.revision,
+        random_config=config.random_config,
+        tokenizer=config.tokenizer,
+        dtype=config.dtype,
+        max_length=config.max_length,
+        seed=derive_seed(seed, "random-backbone"),
+    )
+
+
+def build_head(
+    config: SimilarityHeadConfig | VerbalizerHeadConfig, backbone: HFTextBackbone, label_names: Sequence[str]
+) -> SimilarityHead | VerbalizerHead:
+    """The class head: encoded label descriptions, or label words of the LM head."""
+    if isinstance(config, SimilarityHeadConfig):
+        given = config.label_descriptions or {}
+        _check_known_labels("head.label_descriptions", given, label_names)
+        descriptions = [
+            given.get(name, config.description_template.format(label=name)) for name in label_names
+        ]
+        return SimilarityHead.from_descriptions(backbone, descriptions, config.temperature, config.pooling)
+    given_words = config.label_words or {}
+    _check_known_labels("head.label_words", given_words, label_names)
+    return VerbalizerHead.from_label_words(backbone, [given_words.get(name, [name]) for name in label_names])
+
+
+def build_prompt(
+    config: SoftPromptConfig | DeepPromptConfig, backbone: HFTextBackbone, seed: int
+) -> SoftPrompt | DeepPrompt:
+    """The trainable prompt, initialised from text, sampled vocabulary or noise (seeded)."""
+    generator = torch_generator(derive_seed(seed, "prompt-init"))
+    text_ids = (
+        backbone.tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+        if config.init_text
+        else []
+    )
+
+    def init() -> torch.Tensor:
+        return init_prompt_embeddings(
+            backbone.embedding_matrix,
+            config.num_tokens,
+            config.init,
+            generator=generator,
+            text_ids=text_ids,
+            excluded_ids=backbone.tokenizer.all_special_ids,
+            std=config.init_std,
+        )
+
+    if isinstance(config, SoftPromptConfig):
+        return SoftPrompt(init())
+    if config.start_layer >= backbone.num_layers:
+        raise ConfigError(
+            f"prompt.start_layer: {config.start_layer} is past the last layer; the model has "
+            f"{backbone.num_layers} layers (0..{backbone.num_layers - 1})"
+        )
+    layers = backbone.num_layers - config.start_layer
+    return DeepPrompt(torch.stack([init() for _ in range(layers)]), config.start_layer)
+
+
+def build_text_experiment(config: RunConfig) -> Experiment:
+    """Load data and backbone, build the prompt module, tokenise once, partition, make the clients."""
+    accelerator = make_accelerator(config.runtime)
+    data = load_text_classification(config.data, seed=derive_seed(config.seed, "data"))
+    backbone = load_backbone(config.backbone, config.head.kind, config.seed).to(accelerator.device)
+    head = build_head(config.head, backbone, data.label_names)
+    model = TextPromptClassifier(
+        backbone, build_prompt(config.prompt, backbone, config.seed), head, config.head.template
+    )
+    model.to(accelerator.device).eval()
+
+    def tensors(dataset) -> TensorData:
+        encoded = model.encode_texts(dataset["text"])
+        return TensorData({**encoded, "labels": torch.tensor(dataset["label"], dtype=torch.long)})
+
+    train, test = tensors(data.train), tensors(data.test)
+    parts = partition_indices(
+        train.labels.numpy(), config.partition, seed=derive_seed(config.seed, "partition")
+    )
+    opt = config.optimizer
+    trainer = GradientTrainer(
+        GradientOptimizer(
+            GradientSettings(
+                algorithm=opt.algorithm,
+                lr=opt.lr,
+                weight_decay=opt.weight_decay,
+                momentum=opt.momentum,
+                epochs=opt.epochs,
+                max_steps=opt.max_steps,
+                grad_clip=opt.grad_clip,
+            ),
+            accelerator,
+        ),
+        batch_size=opt.batch_size,
+        device=accelerator.device,
+    )
+    clients = {}
+    for cid, indices in enumerate(parts):
+        local_train, local_val = split_local(
+            indices, config.partition.local_val_fraction, seed=derive_seed(config.seed, "local-split", cid)
+        )
+        clients[cid] = Client(
+            cid,
+            train.subset(local_train),
+            train.subset(local_val) if len(local_val) else None,
+            model,
+            trainer,
+            eval_batch_size=config.runtime.eval_batch_size,
+        )
+    return Experiment(
+        model=model,
+        clients=clients,
+        test_data=test,
+        strategy=build_strategy(config.strategy),
+        device=accelerator.device,
+        backbone_bytes=backbone.num_bytes(),
+        label_names=list(data.label_names),
+    )
+
+
+def _check_known_labels(field: str, given: dict, label_names: Sequence[str]) -> None:
+    unknown = sorted(set(given) - set(label_names))
+    if unknown:
+        raise ConfigError(
+            f"{field}: labels {unknown} are not in the data; its labels are {list(label_names)}"
+        )

@@ -1,0 +1,85 @@
+"""Local training and evaluation of a prompt module on one party's data."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fedprompt.batching import TensorData
+from fedprompt.seeding import torch_generator
+from optimizers.base import OptimizationStats
+from optimizers.gradient import GradientOptimizer
+from prompt_modules.base import PromptModule
+
+
+@dataclass(frozen=True)
+class FitInstructions:
+    """What the server tells a client for one round: the round, the client's seed, strategy values."""
+
+    round: int
+    seed: int
+    client_config: Mapping[str, float] = field(default_factory=dict)
+
+
+class LocalTrainer(ABC):
+    """Trains the prompt state of a module in place on one client's data."""
+
+    @abstractmethod
+    def train(
+        self, model: PromptModule, data: TensorData, instructions: FitInstructions
+    ) -> OptimizationStats:
+        """Update ``model``'s prompt state; return what the optimisation did."""
+
+
+class GradientTrainer(LocalTrainer):
+    """Owns the gradient local objective: cross-entropy on shuffled local batches, plus FedProx's
+    (mu/2)·||θ − θ_global||² when the strategy asks for it, minimised by a ``GradientOptimizer``."""
+
+    def __init__(self, optimizer: GradientOptimizer, batch_size: int, device: torch.device | str) -> None:
+        self.optimizer = optimizer
+        self.batch_size = batch_size
+        self.device = device
+
+    def train(
+        self, model: PromptModule, data: TensorData, instructions: FitInstructions
+    ) -> OptimizationStats:
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        mu = float(instructions.client_config.get("proximal_mu", 0.0))
+        anchor = {name: p.detach().clone() for name, p in params.items()} if mu > 0 else {}
+
+        def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+            loss = F.cross_entropy(model(batch).float(), batch["labels"])
+            if anchor:
+                loss = loss + mu / 2 * sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
+            return loss, len(batch["labels"])
+
+        generator = torch_generator(instructions.seed)
+        model.train()
+        try:
+            return self.optimizer.run(
+                list(params.values()),
+                loss_fn,
+                lambda epoch: data.batches(self.batch_size, generator=generator, device=self.device),
+            )
+        finally:
+            model.eval()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: PromptModule, data: TensorData, batch_size: int, device: torch.device | str
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for batch in data.batches(batch_size, device=device):
+        logits = model(batch).float()
+        loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        correct += int((logits.argmax(1) == batch["labels"]).sum())
+    return {"accuracy": correct / len(data), "loss": loss_sum / len(data), "num_examples": float(len(data))}

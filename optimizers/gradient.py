@@ -1,0 +1,90 @@
+"""Local optimisation by gradient: torch optimisers, device and precision through accelerate."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+
+from optimizers.base import OptimizationStats
+
+LossFn = Callable[[Any], tuple[torch.Tensor, int]]
+"""Maps a batch to (mean loss over the batch, number of examples in it)."""
+
+
+@dataclass(frozen=True)
+class GradientSettings:
+    """The knobs of a gradient run; one parameter group may override ``lr``/``weight_decay``."""
+
+    algorithm: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    epochs: int = 1
+    max_steps: int | None = None
+    grad_clip: float | None = 1.0
+
+
+class GradientOptimizer:
+    """Owns the local training loop by gradient.
+
+    Each ``run`` builds a fresh torch optimiser over the given parameters (local optimiser state
+    does not outlive a round, as in FedAvg), runs ``epochs`` passes over the batches (or stops at
+    ``max_steps``), and uses the accelerate ``Accelerator`` for autocast, loss scaling and
+    gradient clipping. It sees parameters and a loss closure, nothing about prompts or models.
+    """
+
+    def __init__(self, settings: GradientSettings, accelerator: Accelerator | None = None) -> None:
+        self.settings = settings
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+
+    def _build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        s = self.settings
+        if s.algorithm == "adamw":
+            return torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+        if s.algorithm == "sgd":
+            return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        raise ValueError(f"unknown algorithm {s.algorithm!r}; use 'adamw' or 'sgd'")
+
+    def run(
+        self,
+        parameters: Iterable[torch.nn.Parameter] | Sequence[dict[str, Any]],
+        loss_fn: LossFn,
+        batches: Callable[[int], Iterable[Any]],
+    ) -> OptimizationStats:
+        """Train ``parameters`` in place; ``batches(epoch)`` yields that epoch's batches."""
+        items = list(parameters)
+        groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+        params = [p for g in groups for p in g["params"]]
+        if not params or not all(p.requires_grad for p in params):
+            raise ValueError("GradientOptimizer needs a non-empty list of parameters that require grad")
+        acc = self.accelerator
+        optimizer = acc.prepare_optimizer(self._build(groups), device_placement=False)
+        stats = OptimizationStats()
+        total = 0.0
+        try:
+            for epoch in range(self.settings.epochs):
+                for batch in batches(epoch):
+                    if self.settings.max_steps is not None and stats.steps >= self.settings.max_steps:
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    with acc.autocast():
+                        loss, n = loss_fn(batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"local loss became {loss.item()} at step {stats.steps}")
+                    acc.backward(loss)
+                    if self.settings.grad_clip is not None:
+                        acc.clip_grad_norm_(params, self.settings.grad_clip)
+                    optimizer.step()
+                    stats.steps += 1
+                    stats.examples += n
+                    stats.final_loss = loss.item()
+                    total += stats.final_loss * n
+        finally:
+            acc.free_memory()  # forget the optimiser so rounds and clients do not accumulate state
+        stats.mean_loss = total / stats.examples if stats.examples else math.nan
+        return stats
