@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fedprompt.batching import TensorData
 from fedprompt.payload import PayloadSpec, decode_state, encode_update
-from fedprompt.state import State, Update
+from fedprompt.state import State, Update, unpack
 from fedprompt.training import FitInstructions, LocalTrainer, evaluate
 from prompt_modules.base import PromptModule
 
@@ -39,7 +41,9 @@ class Client:
         """Train from the global state on local data; return the new state and what it took."""
         self.model.load_state_dict(global_state, strict=True)
         stats = self.trainer.train(self.model, self.train_data, instructions)
-        return Update(self.client_id, self.model.prompt_state(), len(self.train_data), stats.as_metrics())
+        return Update(
+            self.client_id, self.model.prompt_state(), len(self.train_data), stats.as_metrics(), stats.tensors
+        )
 
     def evaluate(self, global_state: State) -> dict[str, float] | None:
         """Metrics of the global state on this client's held-out split (None without one)."""
@@ -52,6 +56,8 @@ class Client:
     def fit_payload(
         self, downlink: bytes, spec: PayloadSpec, instructions: FitInstructions, wire_dtype: str
     ) -> bytes:
-        """The client's side of a round on bytes: validate the global state it receives, fit, encode."""
-        global_state, _ = decode_state(downlink, spec)
-        return encode_update(self.fit(global_state, instructions), wire_dtype)
+        """The client's side of a round on bytes: validate what it receives against ``spec`` (the
+        server's downlink spec), fit, and encode its update."""
+        tensors, _ = decode_state(downlink, spec)
+        global_state, extras = unpack(tensors)
+        return encode_update(self.fit(global_state, replace(instructions, extras=extras)), wire_dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,14 @@ class Experiment:
     label_names: list[str]
 
 
-def build_experiment(config: RunConfig) -> Experiment:
-    """Build the experiment for the configured backbone kind."""
+def build_experiment(config: RunConfig, client_ids: Collection[int] | None = None) -> Experiment:
+    """Build the experiment for the configured backbone kind.
+
+    ``client_ids`` limits the clients built to those ids (a process that hosts some clients
+    only, e.g. one Flower SuperNode); the partition is the same whichever ids are built.
+    """
     if config.backbone.kind == "hf-text":
         from fedprompt.text_task import build_text_experiment
 
-        return build_text_experiment(config)
+        return build_text_experiment(config, client_ids)
     raise NotImplementedError(f"backbone kind {config.backbone.kind!r} has no experiment builder")

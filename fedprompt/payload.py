@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, deserialize
 from safetensors.torch import save
 
-from fedprompt.state import State, Update
+from fedprompt.state import EXTRA_PREFIX, State, Update, pack, unpack
 
 WIRE_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
     {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -69,9 +69,18 @@ class PayloadSpec:
         object.__setattr__(self, "shapes", frozen)
 
     @classmethod
-    def for_state(cls, state: State, wire_dtype: str, max_bytes: int) -> PayloadSpec:
-        """The spec a payload of ``state`` (e.g. the global prompt state) meets."""
-        return cls({name: tuple(t.shape) for name, t in state.items()}, wire_dtype, max_bytes)
+    def for_state(
+        cls,
+        state: State,
+        wire_dtype: str,
+        max_bytes: int,
+        extras: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> PayloadSpec:
+        """The spec a payload of ``state`` (e.g. the global prompt state) meets, plus the shapes of
+        the extra tensors a strategy exchanges (sent as ``extra/<name>``)."""
+        shapes = {name: tuple(t.shape) for name, t in state.items()}
+        shapes.update({EXTRA_PREFIX + name: tuple(shape) for name, shape in (extras or {}).items()})
+        return cls(shapes, wire_dtype, max_bytes)
 
 
 # --------------------------------------------------------------------------- states
@@ -204,7 +213,7 @@ def encode_update(update: Update, wire_dtype: str) -> bytes:
         NUM_EXAMPLES_KEY: str(update.num_examples),
         METRICS_KEY: json.dumps(metrics, sort_keys=True, allow_nan=False),
     }
-    return encode_state(update.state, wire_dtype, metadata)
+    return encode_state(pack(update.state, update.extras), wire_dtype, metadata)
 
 
 def decode_update(data: bytes, spec: PayloadSpec, expected_client_id: int | None = None) -> Update:
@@ -214,7 +223,8 @@ def decode_update(data: bytes, spec: PayloadSpec, expected_client_id: int | None
     differs from ``expected_client_id`` (when given), the example count is not a positive integer,
     or the metrics are not a JSON object of finite numbers.
     """
-    state, metadata = decode_state(data, spec)
+    tensors, metadata = decode_state(data, spec)
+    state, extras = unpack(tensors)
     missing = [key for key in UPDATE_METADATA_KEYS if key not in metadata]
     unexpected = sorted(set(metadata) - set(UPDATE_METADATA_KEYS))
     if missing or unexpected:
@@ -226,7 +236,7 @@ def decode_update(data: bytes, spec: PayloadSpec, expected_client_id: int | None
     num_examples = _metadata_integer(metadata, NUM_EXAMPLES_KEY)
     if num_examples < 1:
         raise PayloadError(f"{NUM_EXAMPLES_KEY} must be a positive integer, got {num_examples}")
-    return Update(client_id, state, num_examples, _metadata_metrics(metadata[METRICS_KEY]))
+    return Update(client_id, state, num_examples, _metadata_metrics(metadata[METRICS_KEY]), extras)
 
 
 def _metadata_integer(metadata: Mapping[str, str], key: str) -> int:

@@ -11,7 +11,7 @@ import torch
 from fedprompt.payload import ByteCounter, PayloadError, PayloadSpec, decode_update, encode_state
 from fedprompt.sampling import sample_clients
 from fedprompt.seeding import derive_seed
-from fedprompt.state import State, Update, clone_state
+from fedprompt.state import State, Update, clone_state, pack
 from fedprompt.strategies.base import Strategy
 from fedprompt.training import FitInstructions
 
@@ -58,9 +58,22 @@ class Server:
         self.min_clients = min_clients
         self.seed = seed
         self.wire_dtype = wire_dtype
-        self.spec = PayloadSpec.for_state(self.global_state, wire_dtype, max_bytes)
+        self.max_bytes = max_bytes
         self.bytes = ByteCounter()
         self.completed_rounds = 0
+
+    @property
+    def uplink_spec(self) -> PayloadSpec:
+        """What every client update must hold: the prompt state's tensors and the strategy's extras."""
+        return PayloadSpec.for_state(
+            self.global_state, self.wire_dtype, self.max_bytes, self.strategy.uplink_extras()
+        )
+
+    @property
+    def downlink_spec(self) -> PayloadSpec:
+        """What a client checks the downlink against: the prompt state and the strategy's extras."""
+        extras = {name: tuple(t.shape) for name, t in self.strategy.downlink_extras().items()}
+        return PayloadSpec.for_state(self.global_state, self.wire_dtype, self.max_bytes, extras)
 
     def sample(self, round_num: int) -> list[int]:
         return sample_clients(self.client_ids, self.fraction, self.min_clients, self.seed, round_num)
@@ -73,8 +86,9 @@ class Server:
         )
 
     def downlink(self, round_num: int, client_id: int) -> bytes:
-        """The global state as wire bytes for one client (counted as bytes down)."""
-        payload = encode_state(self.global_state, self.wire_dtype, {ROUND_KEY: str(round_num)})
+        """The global state and the strategy's extras as bytes for one client (counted as bytes down)."""
+        tensors = pack(self.global_state, self.strategy.downlink_extras())
+        payload = encode_state(tensors, self.wire_dtype, {ROUND_KEY: str(round_num)})
         self.bytes.record(round_num, client_id, "down", len(payload))
         return payload
 
@@ -82,7 +96,7 @@ class Server:
         """Validate one client's uplink bytes; keep the update or log why it was rejected."""
         self.bytes.record(record.round, client_id, "up", len(payload))
         try:
-            update = decode_update(payload, self.spec, expected_client_id=client_id)
+            update = decode_update(payload, self.uplink_spec, expected_client_id=client_id)
         except PayloadError as exc:
             self.reject(record, client_id, f"invalid payload: {exc}")
             return None

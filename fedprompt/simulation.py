@@ -103,7 +103,7 @@ def _fit_client(experiment: Experiment, server: Server, record: RoundRecord, cid
     downlink = server.downlink(record.round, cid)
     try:
         uplink = experiment.clients[cid].fit_payload(
-            downlink, server.spec, server.instructions(record.round, cid), server.wire_dtype
+            downlink, server.downlink_spec, server.instructions(record.round, cid), server.wire_dtype
         )
     except Exception as exc:  # a failing client must not stop the round; say why it failed
         server.reject(record, cid, f"client failed: {type(exc).__name__}: {exc}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -93,7 +93,7 @@ def build_prompt(
     return DeepPrompt(torch.stack([init() for _ in range(layers)]), config.start_layer)
 
 
-def build_text_experiment(config: RunConfig) -> Experiment:
+def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None = None) -> Experiment:
     """Load data and backbone, build the prompt module, tokenise once, partition, make the clients."""
     accelerator = make_accelerator(config.runtime)
     data = load_text_classification(config.data, seed=derive_seed(config.seed, "data"))
@@ -131,6 +131,8 @@ def build_text_experiment(config: RunConfig) -> Experiment:
     )
     clients = {}
     for cid, indices in enumerate(parts):
+        if client_ids is not None and cid not in client_ids:
+            continue
         local_train, local_val = split_local(
             indices, config.partition.local_val_fraction, seed=derive_seed(config.seed, "local-split", cid)
         )

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class OptimizationStats:
-    """What one local optimisation did: steps taken, examples seen, model queries, losses."""
+    """What one local optimisation did: steps taken, examples seen, model queries, losses, and
+    any tensors it produced beyond the parameters (e.g. a CMA-ES population and its losses)."""
 
     steps: int = 0
     examples: int = 0
@@ -15,6 +18,7 @@ class OptimizationStats:
     mean_loss: float = float("nan")
     final_loss: float = float("nan")
     extra: dict[str, float] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def as_metrics(self) -> dict[str, float]:
         return {

@@ -41,6 +41,12 @@ class Strategy(ABC):
                         f"update from client {update.client_id} has {name!r} of shape {tuple(tensor.shape)}, "
                         f"expected {tuple(global_state[name].shape)}"
                     )
+            want = self.uplink_extras()
+            got = {name: tuple(t.shape) for name, t in update.extras.items()}
+            if got != {name: tuple(shape) for name, shape in want.items()}:
+                raise ValueError(
+                    f"update from client {update.client_id} has extra tensors {got}, expected {dict(want)}"
+                )
             if update.num_examples <= 0:
                 raise ValueError(
                     f"update from client {update.client_id} has num_examples={update.num_examples}, "
@@ -55,6 +61,14 @@ class Strategy(ABC):
 
     def client_config(self) -> dict[str, float]:
         """Values the clients need for their local objective (FedProx's mu); none by default."""
+        return {}
+
+    def downlink_extras(self) -> State:
+        """Tensors sent down with the global state (e.g. FedBPT's CMA-ES step size); none by default."""
+        return {}
+
+    def uplink_extras(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the extra tensors every client update must carry; none by default."""
         return {}
 
     def state_dict(self) -> State:
