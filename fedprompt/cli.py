@@ -78,6 +78,69 @@ def show_config(
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+@app.command()
+def serve(
+    model: Annotated[
+        str, typer.Option(help="Hub name, local folder or bundled alias.")
+    ] = "bundled:all-MiniLM-L6-v2",
+    lm_head: Annotated[bool, typer.Option("--lm-head", help="Load the LM head (verbaliser heads).")] = False,
+    max_length: Annotated[int, typer.Option(min=8, help="Longest input, in tokens.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    tokens_env: Annotated[
+        str, typer.Option(help="Variable holding the clients' tokens: name:token[,name:token...].")
+    ] = "FEDPROMPT_API_TOKENS",
+    chunk_size: Annotated[int, typer.Option(min=1, help="Candidates per forward pass.")] = 10,
+    max_request_bytes: Annotated[int, typer.Option(min=1024)] = 4 * 2**20,
+    max_candidates: Annotated[int, typer.Option(min=1)] = 64,
+    max_examples: Annotated[int, typer.Option(min=1)] = 256,
+    max_queries: Annotated[int, typer.Option(min=1, help="Candidates × inputs per request.")] = 8192,
+) -> None:
+    """Serve a frozen backbone over HTTP to black-box clients: logits and losses, never weights."""
+    from fedprompt.serving.launch import ServeSettings
+    from fedprompt.serving.launch import serve as serve_forever
+    from fedprompt.serving.service import ServiceLimits
+    from prompt_modules.hf_text import BackboneLoadError
+
+    limits = ServiceLimits(
+        max_candidates=max_candidates,
+        max_examples=max_examples,
+        max_queries=max_queries,
+        max_request_bytes=max_request_bytes,
+    )
+    settings = ServeSettings(model, lm_head, max_length, device, host, port, tokens_env, chunk_size, limits)
+    try:
+        serve_forever(settings)
+    except (BackboneLoadError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+flower_cli = typer.Typer(no_args_is_help=True, help="Run fedprompt jobs on Flower (the `flower` extra).")
+app.add_typer(flower_cli, name="flower")
+
+
+@flower_cli.command("new-app")
+def flower_new_app(
+    directory: Annotated[Path, typer.Argument(help="New (or empty) folder for the Flower app.")],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config; the embedded default when left out.")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field (repeatable).")] = None,
+    name: Annotated[str | None, typer.Option(help="Flower app name; from the run name by default.")] = None,
+) -> None:
+    """Write a Flower app (pyproject.toml, fedprompt.yaml, its ServerApp and ClientApp) for a config."""
+    from fedprompt.flower.template import new_app
+
+    try:
+        path = new_app(directory, config, list(set_ or []), name=name)
+    except (ConfigError, FileExistsError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    typer.echo(f"Flower app written to {path}; see {path / 'README.md'} to run it")
+
+
 def _print_summary(result: RunResult) -> None:
     table = Table(title=f"fedprompt run: {result.config.name}")
     for column in (

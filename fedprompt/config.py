@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 BUILTIN_DATASETS = ("chatterbot-corpus",)
+BUILTIN_IMAGE_DATASETS = ("digits",)
+CLIP_PROMPT_KINDS = ("coop", "vpt", "pixel", "twin", "generator")
 WireDtype = Literal["float32", "float16", "bfloat16"]
 
 
@@ -54,7 +56,58 @@ class HFTextBackboneConfig(StrictModel):
     max_length: int = Field(64, ge=8, le=8192, description="Tokens kept per input, before the prompt.")
 
 
-BackboneConfig = Annotated[HFTextBackboneConfig, Field(discriminator="kind")]
+class OpenCLIPBackboneConfig(StrictModel):
+    """A frozen open_clip CLIP model, for vision-language prompts (CoOp, VPT, twin, generator)."""
+
+    kind: Literal["open-clip"] = "open-clip"
+    model: str = Field(
+        "ViT-B-32",
+        description="An open_clip model name (open_clip.list_models()) or a path to an open_clip model "
+        "config .json file.",
+    )
+    pretrained: str | None = Field(
+        "openai",
+        description="An open_clip pretrained tag of `model` (openai, laion2b_s34b_b79k, ...), a local "
+        "checkpoint file (.safetensors/.bin/.pt), or null for seeded random weights (tests and timing).",
+    )
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    image_size: int | None = Field(None, ge=8, description="Override the model's input image size.")
+    feature_cache_dir: Path | None = Field(
+        None,
+        description="Folder for cached image features (safetensors keyed by model, weights and data); "
+        "null keeps them in memory only.",
+    )
+
+
+class RemoteBackboneConfig(StrictModel):
+    """A frozen text model behind a ``fedprompt serve`` HTTP service: clients get its outputs only.
+
+    The tokenizer is public and runs on the client: inputs travel as token ids, which the service
+    validates (range, length). The bearer token is read from the environment variable named by
+    ``token_env``, never written in the configuration.
+    """
+
+    kind: Literal["remote"] = "remote"
+    url: str = Field(
+        "http://127.0.0.1:8000", pattern=r"^https?://\S+$", description="Base URL of the inference service."
+    )
+    token_env: str = Field(
+        "FEDPROMPT_API_TOKEN",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding this party's bearer token.",
+    )
+    tokenizer: str = Field(
+        "bundled:all-MiniLM-L6-v2",
+        description="The served model's tokenizer (Hub name, folder or bundled alias), loaded locally.",
+    )
+    timeout: float = Field(60.0, gt=0, description="Seconds to wait for one answer.")
+    retries: int = Field(3, ge=0, description="Retries after a connection error or a 5xx answer.")
+    backoff: float = Field(0.5, ge=0, description="Seconds before the first retry; doubles each retry.")
+
+
+BackboneConfig = Annotated[
+    HFTextBackboneConfig | OpenCLIPBackboneConfig | RemoteBackboneConfig, Field(discriminator="kind")
+]
 
 
 # --------------------------------------------------------------------------- classification head
@@ -121,7 +174,139 @@ class DeepPromptConfig(_PromptInit):
     start_layer: int = Field(0, ge=0, description="First layer that gets a prompt (0: the input layer).")
 
 
-PromptConfig = Annotated[SoftPromptConfig | DeepPromptConfig, Field(discriminator="kind")]
+class CoOpPromptConfig(_PromptInit):
+    """CLIP learned context (CoOp, as PromptFL trains it): M vectors before the class-name tokens."""
+
+    kind: Literal["coop"] = "coop"
+    num_tokens: int = Field(16, ge=1, le=64, description="M, the context vectors.")
+    init: Literal["text", "vocab", "random"] = Field(
+        "random", description="text: from `init_text` (e.g. 'a photo of a'); random: N(0, init_std²)."
+    )
+    class_specific: bool = Field(False, description="One context per class instead of one shared by all.")
+    depth: int = Field(
+        1, ge=1, description="Text layers with prompts: 1 is CoOp; more adds MaPLe-style deep text prompts."
+    )
+
+
+class VPTPromptConfig(StrictModel):
+    """Visual prompt tuning: learned tokens in the image tower's sequence (shallow or deep)."""
+
+    kind: Literal["vpt"] = "vpt"
+    num_tokens: int = Field(8, ge=1, le=512)
+    deep: bool = Field(False, description="Own tokens at every layer from `start_layer` up (else one set).")
+    start_layer: int = Field(0, ge=0, description="First vision layer with prompts; layers below are cached.")
+    depth: int | None = Field(
+        None, ge=1, description="Deep only: prompted layers from `start_layer` (null: up to the last)."
+    )
+    class_template: str = Field("a photo of a {}.", description="Fixed class text when VPT is used alone.")
+
+    @model_validator(mode="after")
+    def _depth_is_deep(self) -> VPTPromptConfig:
+        if self.depth is not None and not self.deep:
+            raise ValueError("depth applies to deep VPT only; set deep: true or remove depth")
+        return self
+
+
+class PixelPromptConfig(StrictModel):
+    """A pixel-space visual prompt added to the preprocessed image (visual prompting, TPFL)."""
+
+    kind: Literal["pixel"] = "pixel"
+    method: Literal["patch", "frame", "random-patch"] = Field(
+        "patch", description="patch: top-left corner; frame: the outer `size` pixels; random-patch."
+    )
+    size: int = Field(10, ge=1, description="Patch side or frame width in pixels (s).")
+    init_std: float = Field(1.0, ge=0, description="Initial values N(0, init_std²) (visual prompting: 1).")
+    class_template: str = Field("a photo of a {}.", description="Fixed class text when used alone.")
+
+
+VisualPromptConfig = Annotated[VPTPromptConfig | PixelPromptConfig, Field(discriminator="kind")]
+
+
+class PartOptimizerConfig(StrictModel):
+    """Optimiser settings of one part of a twin prompt; unset ones keep the `optimizer` section's."""
+
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    momentum: float | None = Field(None, ge=0, lt=1, description="sgd only.")
+
+
+class TwinPromptConfig(StrictModel):
+    """Twin prompts (TPFL): a text context and a visual prompt trained together, both aggregated."""
+
+    kind: Literal["twin"] = "twin"
+    text: CoOpPromptConfig = Field(default_factory=CoOpPromptConfig)
+    visual: VisualPromptConfig = Field(default_factory=PixelPromptConfig)
+    coupled: bool = Field(
+        False, description="MaPLe coupling: visual prompt at layer l = W_l · text prompt at layer l (vpt)."
+    )
+    text_optimizer: PartOptimizerConfig = Field(default_factory=PartOptimizerConfig)
+    visual_optimizer: PartOptimizerConfig = Field(default_factory=PartOptimizerConfig)
+    contrastive: bool = Field(
+        False,
+        description="ATPFL: loss = ce_weight·CE + contrast to the global and the previous local prompts.",
+    )
+    ce_weight: float = Field(0.2, gt=0, description="ATPFL's η, the weight of the cross-entropy.")
+    temperature: float = Field(2.0, gt=0, description="ATPFL's contrastive temperature T.")
+
+    @model_validator(mode="after")
+    def _coupling(self) -> TwinPromptConfig:
+        if not self.coupled:
+            return self
+        if not isinstance(self.visual, VPTPromptConfig):
+            raise ValueError(
+                "coupled: true needs visual.kind: vpt (token prompts made from the text prompts)"
+            )
+        if self.visual.num_tokens != self.text.num_tokens:
+            raise ValueError(
+                f"coupled: visual.num_tokens ({self.visual.num_tokens}) must equal text.num_tokens "
+                f"({self.text.num_tokens}): each visual token is made from one text token"
+            )
+        if self.text.class_specific:
+            raise ValueError("coupled: needs text.class_specific: false (one text prompt to map per layer)")
+        return self
+
+
+class GeneratorPromptConfig(StrictModel):
+    """FedTPG's prompt generator: a small network writes the context from the class names."""
+
+    kind: Literal["generator"] = "generator"
+    num_tokens: int = Field(4, ge=1, le=64, description="M, the context vectors (learned queries).")
+    heads: int = Field(4, ge=1, description="Cross-attention heads.")
+    ff_mult: int = Field(4, ge=1, description="GEGLU feed-forward width, in multiples of the text width.")
+    self_attention_layers: int = Field(0, ge=0)
+    name_template: str = Field("{}", description="Text whose CLIP features describe a class (bare names).")
+    init_std: float = Field(0.02, gt=0, description="Standard deviation of the initial queries.")
+
+
+class IntrinsicPromptConfig(StrictModel):
+    """Black-Box Tuning's intrinsic prompt: P = reshape(A z) + p0, only z (length ``dim``) trained.
+
+    A is N(0, σ_A²) with σ_A = α·σ̂_emb/(√d·σ) (σ̂_emb: std of the input embeddings; σ:
+    optimizer.sigma for cmaes, else 1), drawn from a seed derived from the run seed and
+    ``projection_seed_offset``: every party rebuilds it, so it never travels.
+    """
+
+    kind: Literal["intrinsic"] = "intrinsic"
+    dim: int = Field(500, ge=2, le=100_000, description="d, the length of z (what travels).")
+    num_tokens: int = Field(5, ge=1, le=1024, description="m, the prompt vectors (BBT: 50).")
+    alpha: float = Field(1.0, gt=0, description="BBT's α in the projection's standard deviation.")
+    projection_seed_offset: int = Field(0, ge=0, description="Another offset draws another projection A.")
+    p0: Literal["none", "vocab"] = Field(
+        "none", description="The fixed offset: zeros, or embeddings of sampled vocabulary tokens."
+    )
+
+
+PromptConfig = Annotated[
+    SoftPromptConfig
+    | DeepPromptConfig
+    | CoOpPromptConfig
+    | VPTPromptConfig
+    | PixelPromptConfig
+    | TwinPromptConfig
+    | GeneratorPromptConfig
+    | IntrinsicPromptConfig,
+    Field(discriminator="kind"),
+]
 
 
 # --------------------------------------------------------------------------- data
@@ -130,12 +315,13 @@ PromptConfig = Annotated[SoftPromptConfig | DeepPromptConfig, Field(discriminato
 class DataConfig(StrictModel):
     """Where the labelled examples come from and which columns hold text and label."""
 
-    source: Literal["builtin", "hub", "files"] = "builtin"
+    source: Literal["builtin", "hub", "files", "image-folder"] = "builtin"
     name: str | None = Field(
         "chatterbot-corpus",
         description="builtin: one of "
-        + ", ".join(BUILTIN_DATASETS)
-        + "; hub: a dataset name or local folder.",
+        + ", ".join(BUILTIN_DATASETS + BUILTIN_IMAGE_DATASETS)
+        + "; hub: a dataset name or local folder; image-folder: a local folder of images in one "
+        "subfolder per class (datasets' imagefolder).",
     )
     subset: str | None = Field(None, description="Dataset configuration name (hub).")
     files: dict[str, str | list[str]] | None = Field(
@@ -151,15 +337,26 @@ class DataConfig(StrictModel):
     label_names: list[str] | None = Field(
         None, description="Class names in label order (overrides the data's)."
     )
+    image_column: str = Field("image", description="Column of the images (open-clip backbones).")
+    novel_class_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Base-to-novel evaluation (open-clip): this last share of the classes, in label order, "
+        "is novel: kept out of training and reported as novel_accuracy beside base_accuracy (FedTPG: 0.5).",
+    )
 
     @model_validator(mode="after")
     def _source_fields(self) -> DataConfig:
-        if self.source == "builtin" and self.name not in BUILTIN_DATASETS:
+        if self.source == "builtin" and self.name not in BUILTIN_DATASETS + BUILTIN_IMAGE_DATASETS:
             raise ValueError(
-                f"builtin dataset {self.name!r} is unknown; choose one of {list(BUILTIN_DATASETS)}"
+                f"builtin dataset {self.name!r} is unknown; choose one of "
+                f"{list(BUILTIN_DATASETS + BUILTIN_IMAGE_DATASETS)}"
             )
         if self.source == "hub" and not self.name:
             raise ValueError("source: hub needs `name`, a dataset name or a local dataset folder")
+        if self.source == "image-folder" and not self.name:
+            raise ValueError("source: image-folder needs `name`, the folder with one subfolder per class")
         if self.source == "files" and (not self.files or self.train_split not in self.files):
             raise ValueError(
                 f"source: files needs `files` with a {self.train_split!r} entry, e.g. {{train: a.csv}}"
@@ -170,13 +367,14 @@ class DataConfig(StrictModel):
 class PartitionConfig(StrictModel):
     """How the training examples are split among clients."""
 
-    kind: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    kind: Literal["iid", "dirichlet", "shards", "classes"] = "dirichlet"
     num_clients: int = Field(10, ge=1)
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller means more label skew.")
     min_partition_size: int = Field(
         5, ge=0, description="Dirichlet: resample until each client has this many."
     )
     shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards given to each client.")
+    classes_per_client: int = Field(2, ge=1, description="classes: the classes each client sees.")
     local_val_fraction: float = Field(
         0.2, ge=0, lt=1, description="Share of each client's data kept for local eval."
     )
@@ -209,7 +407,39 @@ class GradientOptimizerConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)
 
 
-OptimizerConfig = Annotated[GradientOptimizerConfig, Field(discriminator="kind")]
+class CMAESOptimizerConfig(StrictModel):
+    """Black-box local search over an intrinsic prompt's z by CMA-ES (nevergrad ParametrizedCMA).
+
+    Budget in model queries per client per round, one query being one candidate scored on one
+    example: each generation scores ``popsize`` candidates on a fresh batch of ``batch_size``
+    local examples, so a round runs budget // (popsize · batch_size) generations.
+    """
+
+    kind: Literal["cmaes"] = "cmaes"
+    popsize: int = Field(10, ge=2, description="λ, candidates per generation (BBT: 20).")
+    sigma: float = Field(1.0, gt=0, description="Initial step size σ; with strategy fedbpt, the server's.")
+    budget: int = Field(1280, ge=1, description="Model queries per client per round.")
+    batch_size: int = Field(32, ge=1, description="Examples scored per candidate in each generation.")
+    chunk_size: int = Field(10, ge=1, description="Candidates per forward pass (local backbones).")
+
+
+class SPSAOptimizerConfig(StrictModel):
+    """Black-box local search over z by SPSA: two seeded-perturbation queries per step (MeZO-style).
+
+    Budget in model queries per client per round: each step scores 2 candidates on ``batch_size``.
+    """
+
+    kind: Literal["spsa"] = "spsa"
+    lr: float = Field(1.0, gt=0, description="η in z ← z − η·ĝ·u.")
+    epsilon: float = Field(0.1, gt=0, description="ε, the perturbation size in units of z.")
+    budget: int = Field(1280, ge=1, description="Model queries per client per round.")
+    batch_size: int = Field(32, ge=1, description="Examples scored per candidate in each step.")
+    chunk_size: int = Field(2, ge=1, le=2, description="Candidates per forward pass (1: a loop, 2: stacked).")
+
+
+OptimizerConfig = Annotated[
+    GradientOptimizerConfig | CMAESOptimizerConfig | SPSAOptimizerConfig, Field(discriminator="kind")
+]
 
 
 class FedAvgConfig(StrictModel):
@@ -255,8 +485,27 @@ class KrumConfig(StrictModel):
     num_byzantine: int = Field(0, ge=0, description="f, the number of clients that may be adversarial.")
 
 
+class FedBPTConfig(StrictModel):
+    """FedBPT: clients search z by CMA-ES from the server's mean and σ; the server aggregates.
+
+    rule ``cma``: one global CMA-ES is told every client's final mean and its local loss, with σ
+    set from the clients' local step sizes; ``mean``: the example-weighted mean of the clients' z.
+    The σ sent down never grows and never drops below ``sigma_floor``.
+    """
+
+    kind: Literal["fedbpt"] = "fedbpt"
+    rule: Literal["cma", "mean"] = "cma"
+    sigma_floor: float = Field(0.5, gt=0, description="Lowest step size sent to clients (reference: 0.5).")
+
+
 StrategyConfig = Annotated[
-    FedAvgConfig | FedProxConfig | FedOptConfig | MedianConfig | TrimmedMeanConfig | KrumConfig,
+    FedAvgConfig
+    | FedProxConfig
+    | FedOptConfig
+    | MedianConfig
+    | TrimmedMeanConfig
+    | KrumConfig
+    | FedBPTConfig,
     Field(discriminator="kind"),
 ]
 
@@ -300,6 +549,21 @@ class RunConfig(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, data: Any) -> Any:
+        """A section given without ``kind`` means the default kind of that section."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, field in cls.model_fields.items():
+            section = data.get(name)
+            if isinstance(section, dict) and "kind" not in section and field.default_factory is not None:
+                default_kind = getattr(field.default_factory(), "kind", None)
+                if default_kind is not None:
+                    data[name] = {"kind": default_kind, **section}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.federation.min_clients > self.partition.num_clients:
@@ -307,6 +571,78 @@ class RunConfig(StrictModel):
                 f"federation.min_clients ({self.federation.min_clients}) exceeds partition.num_clients "
                 f"({self.partition.num_clients}); lower it or add clients"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _parts_fit_the_backbone(self) -> RunConfig:
+        """CLIP prompt kinds and image data go with an open-clip backbone, text ones with text backbones."""
+        clip = self.backbone.kind == "open-clip"
+        image_builtin = self.data.source == "builtin" and self.data.name in BUILTIN_IMAGE_DATASETS
+        if clip and self.prompt.kind not in CLIP_PROMPT_KINDS:
+            raise ValueError(
+                f"prompt.kind {self.prompt.kind!r} is for text backbones; with backbone.kind open-clip "
+                f"choose one of {list(CLIP_PROMPT_KINDS)}"
+            )
+        if not clip and self.prompt.kind in CLIP_PROMPT_KINDS:
+            raise ValueError(
+                f"prompt.kind {self.prompt.kind!r} needs backbone.kind: open-clip "
+                f"(backbone.kind is {self.backbone.kind!r})"
+            )
+        if clip and "head" in self.model_fields_set and self.head != SimilarityHeadConfig():
+            raise ValueError(
+                "head: applies to text backbones only; an open-clip backbone scores classes by CLIP's "
+                "image-text similarity, so remove the head section"
+            )
+        if clip and self.data.source in ("builtin", "files") and not image_builtin:
+            raise ValueError(
+                f"data: backbone.kind open-clip needs images; use source: builtin with name one of "
+                f"{list(BUILTIN_IMAGE_DATASETS)}, source: hub, or source: image-folder "
+                f"(got source {self.data.source!r}, name {self.data.name!r})"
+            )
+        if not clip and (image_builtin or self.data.source == "image-folder"):
+            raise ValueError("data: image datasets need backbone.kind: open-clip")
+        if not clip and self.data.novel_class_fraction is not None:
+            raise ValueError(
+                "data.novel_class_fraction (base-to-novel evaluation) needs backbone.kind: open-clip"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _black_box_fits(self) -> RunConfig:
+        """Black-box optimisers search an intrinsic prompt; FedBPT needs CMA-ES; a remote backbone
+        gives no gradients."""
+        opt, strategy = self.optimizer, self.strategy
+        black_box = isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig)
+        if black_box and self.prompt.kind != "intrinsic":
+            raise ValueError(
+                f"optimizer.kind {opt.kind!r} searches an intrinsic prompt's z; set prompt.kind: intrinsic "
+                f"(prompt.kind is {self.prompt.kind!r})"
+            )
+        if self.backbone.kind == "remote" and not black_box:
+            raise ValueError(
+                "backbone.kind remote returns outputs only, never gradients; "
+                "set optimizer.kind: cmaes or spsa"
+            )
+        if isinstance(strategy, FedBPTConfig):
+            if not isinstance(opt, CMAESOptimizerConfig):
+                raise ValueError(
+                    f"strategy.kind fedbpt aggregates CMA-ES searches; set optimizer.kind: cmaes "
+                    f"(optimizer.kind is {opt.kind!r})"
+                )
+            if strategy.sigma_floor > opt.sigma:
+                raise ValueError(
+                    f"strategy.sigma_floor ({strategy.sigma_floor}) exceeds optimizer.sigma ({opt.sigma}); "
+                    "the floor must not lie above the initial step size"
+                )
+        if black_box and isinstance(strategy, FedProxConfig):
+            raise ValueError("strategy.kind fedprox adds a gradient term; black-box optimisers ignore it")
+        if black_box:
+            candidates = opt.popsize if isinstance(opt, CMAESOptimizerConfig) else 2
+            if opt.budget < candidates * opt.batch_size:
+                raise ValueError(
+                    f"optimizer.budget ({opt.budget} queries) is less than one {opt.kind} iteration: "
+                    f"{candidates} candidates × batch_size {opt.batch_size} = {candidates * opt.batch_size}"
+                )
         return self
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,6 +12,15 @@ from fedprompt.client import Client
 from fedprompt.config import RunConfig
 from fedprompt.strategies.base import Strategy
 from prompt_modules.base import PromptModule
+
+
+@dataclass
+class EvalSet:
+    """A held-out set the server reports on beside the test set (e.g. base and novel classes):
+    its examples and the class names its labels index, which the model scores against."""
+
+    data: TensorData
+    class_names: list[str]
 
 
 @dataclass
@@ -26,6 +35,8 @@ class Experiment:
     device: torch.device
     backbone_bytes: int
     label_names: list[str]
+    eval_sets: dict[str, EvalSet] = field(default_factory=dict)
+    """Reported as ``<name>_accuracy`` each evaluation; the model must have ``scoring(class_names)``."""
 
 
 def build_experiment(config: RunConfig, client_ids: Collection[int] | None = None) -> Experiment:
@@ -34,8 +45,12 @@ def build_experiment(config: RunConfig, client_ids: Collection[int] | None = Non
     ``client_ids`` limits the clients built to those ids (a process that hosts some clients
     only, e.g. one Flower SuperNode); the partition is the same whichever ids are built.
     """
-    if config.backbone.kind == "hf-text":
+    if config.backbone.kind in ("hf-text", "remote"):
         from fedprompt.text_task import build_text_experiment
 
         return build_text_experiment(config, client_ids)
+    if config.backbone.kind == "open-clip":
+        from fedprompt.vision_task import build_vision_experiment
+
+        return build_vision_experiment(config, client_ids)
     raise NotImplementedError(f"backbone kind {config.backbone.kind!r} has no experiment builder")

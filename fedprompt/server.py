@@ -100,6 +100,11 @@ class Server:
         except PayloadError as exc:
             self.reject(record, client_id, f"invalid payload: {exc}")
             return None
+        try:
+            self.strategy.validate_update(update)
+        except ValueError as exc:
+            self.reject(record, client_id, f"invalid update: {exc}")
+            return None
         record.accepted.append(update)
         return update
 

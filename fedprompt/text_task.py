@@ -5,16 +5,22 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 import torch
+from accelerate import Accelerator
 
 from fedprompt.batching import TensorData
+from fedprompt.blackbox import build_blackbox_trainer, projection_spec, search_sigma
 from fedprompt.client import Client
 from fedprompt.config import (
+    CMAESOptimizerConfig,
     ConfigError,
     DeepPromptConfig,
     HFTextBackboneConfig,
+    IntrinsicPromptConfig,
+    RemoteBackboneConfig,
     RunConfig,
     SimilarityHeadConfig,
     SoftPromptConfig,
+    SPSAOptimizerConfig,
     VerbalizerHeadConfig,
 )
 from fedprompt.data import load_text_classification, partition_indices, split_local
@@ -22,9 +28,12 @@ from fedprompt.device import make_accelerator
 from fedprompt.experiment import Experiment
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
-from fedprompt.training import GradientTrainer
+from fedprompt.training import GradientTrainer, LocalTrainer
 from optimizers.gradient import GradientOptimizer, GradientSettings
+from prompt_modules.heads import HeadSpec, SimilarityHeadSpec, VerbalizerHeadSpec
+from prompt_modules.heads import build_head as build_head_from_spec
 from prompt_modules.hf_text import HFTextBackbone
+from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier
 from prompt_modules.soft_prompt import DeepPrompt, SoftPrompt, init_prompt_embeddings
 from prompt_modules.text_classifier import SimilarityHead, TextPromptClassifier, VerbalizerHead
 
@@ -48,22 +57,35 @@ def build_head(
     config: SimilarityHeadConfig | VerbalizerHeadConfig, backbone: HFTextBackbone, label_names: Sequence[str]
 ) -> SimilarityHead | VerbalizerHead:
     """The class head: encoded label descriptions, or label words of the LM head."""
+    return build_head_from_spec(backbone, head_spec(config, label_names))
+
+
+def head_spec(config: SimilarityHeadConfig | VerbalizerHeadConfig, label_names: Sequence[str]) -> HeadSpec:
+    """The head as plain data (each class's description or label words), for a local or remote backbone."""
     if isinstance(config, SimilarityHeadConfig):
         given = config.label_descriptions or {}
         _check_known_labels("head.label_descriptions", given, label_names)
         descriptions = [
             given.get(name, config.description_template.format(label=name)) for name in label_names
         ]
-        return SimilarityHead.from_descriptions(backbone, descriptions, config.temperature, config.pooling)
+        return SimilarityHeadSpec(
+            descriptions=tuple(descriptions), temperature=config.temperature, pooling=config.pooling
+        )
     given_words = config.label_words or {}
     _check_known_labels("head.label_words", given_words, label_names)
-    return VerbalizerHead.from_label_words(backbone, [given_words.get(name, [name]) for name in label_names])
+    return VerbalizerHeadSpec(label_words=tuple(tuple(given_words.get(name, [name])) for name in label_names))
 
 
 def build_prompt(
-    config: SoftPromptConfig | DeepPromptConfig, backbone: HFTextBackbone, seed: int
-) -> SoftPrompt | DeepPrompt:
-    """The trainable prompt, initialised from text, sampled vocabulary or noise (seeded)."""
+    config: SoftPromptConfig | DeepPromptConfig | IntrinsicPromptConfig,
+    backbone: HFTextBackbone,
+    seed: int,
+    sigma: float = 1.0,
+) -> SoftPrompt | DeepPrompt | IntrinsicPrompt:
+    """The trainable prompt, initialised from text, sampled vocabulary or noise (seeded); or an
+    intrinsic prompt z = 0 on the projection the run seed fixes (``sigma``: BBT's σ in its scale)."""
+    if isinstance(config, IntrinsicPromptConfig):
+        return IntrinsicPrompt.from_backbone(backbone, projection_spec(config, seed, sigma))
     generator = torch_generator(derive_seed(seed, "prompt-init"))
     text_ids = (
         backbone.tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
@@ -97,11 +119,12 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
     """Load data and backbone, build the prompt module, tokenise once, partition, make the clients."""
     accelerator = make_accelerator(config.runtime)
     data = load_text_classification(config.data, seed=derive_seed(config.seed, "data"))
-    backbone = load_backbone(config.backbone, config.head.kind, config.seed).to(accelerator.device)
-    head = build_head(config.head, backbone, data.label_names)
-    model = TextPromptClassifier(
-        backbone, build_prompt(config.prompt, backbone, config.seed), head, config.head.template
-    )
+    if isinstance(config.backbone, RemoteBackboneConfig):
+        from fedprompt.remote_task import build_remote_model
+
+        model, backbone_bytes = build_remote_model(config, config.backbone, data.label_names)
+    else:
+        model, backbone_bytes = _local_model(config, config.backbone, data.label_names, accelerator.device)
     model.to(accelerator.device).eval()
 
     def tensors(dataset) -> TensorData:
@@ -112,23 +135,7 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
     parts = partition_indices(
         train.labels.numpy(), config.partition, seed=derive_seed(config.seed, "partition")
     )
-    opt = config.optimizer
-    trainer = GradientTrainer(
-        GradientOptimizer(
-            GradientSettings(
-                algorithm=opt.algorithm,
-                lr=opt.lr,
-                weight_decay=opt.weight_decay,
-                momentum=opt.momentum,
-                epochs=opt.epochs,
-                max_steps=opt.max_steps,
-                grad_clip=opt.grad_clip,
-            ),
-            accelerator,
-        ),
-        batch_size=opt.batch_size,
-        device=accelerator.device,
-    )
+    trainer = _trainer(config, accelerator)
     clients = {}
     for cid, indices in enumerate(parts):
         if client_ids is not None and cid not in client_ids:
@@ -148,10 +155,47 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         model=model,
         clients=clients,
         test_data=test,
-        strategy=build_strategy(config.strategy),
+        strategy=build_strategy(config.strategy, search_sigma(config.optimizer)),
         device=accelerator.device,
-        backbone_bytes=backbone.num_bytes(),
+        backbone_bytes=backbone_bytes,
         label_names=list(data.label_names),
+    )
+
+
+def _local_model(
+    config: RunConfig, backbone_config: HFTextBackboneConfig, label_names: Sequence[str], device: torch.device
+) -> tuple[TextPromptClassifier, int]:
+    """The prompt module on a backbone loaded in this process, and the backbone's size in bytes."""
+    backbone = load_backbone(backbone_config, config.head.kind, config.seed).to(device)
+    head = build_head(config.head, backbone, label_names)
+    prompt = build_prompt(config.prompt, backbone, config.seed, search_sigma(config.optimizer))
+    if not isinstance(prompt, IntrinsicPrompt):
+        return TextPromptClassifier(backbone, prompt, head, config.head.template), backbone.num_bytes()
+    opt = config.optimizer
+    chunk = opt.chunk_size if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig) else 1
+    return IntrinsicTextClassifier(backbone, prompt, head, config.head.template, chunk), backbone.num_bytes()
+
+
+def _trainer(config: RunConfig, accelerator: Accelerator) -> LocalTrainer:
+    """The local trainer the optimizer section describes: by gradient, or black-box over z."""
+    opt = config.optimizer
+    if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig):
+        return build_blackbox_trainer(opt, config.strategy, accelerator.device)
+    return GradientTrainer(
+        GradientOptimizer(
+            GradientSettings(
+                algorithm=opt.algorithm,
+                lr=opt.lr,
+                weight_decay=opt.weight_decay,
+                momentum=opt.momentum,
+                epochs=opt.epochs,
+                max_steps=opt.max_steps,
+                grad_clip=opt.grad_clip,
+            ),
+            accelerator,
+        ),
+        batch_size=opt.batch_size,
+        device=accelerator.device,
     )
 
 

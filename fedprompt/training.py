@@ -40,7 +40,11 @@ class LocalTrainer(ABC):
 
 class GradientTrainer(LocalTrainer):
     """Owns the gradient local objective: cross-entropy on shuffled local batches, plus FedProx's
-    (mu/2)·||θ − θ_global||² when the strategy asks for it, minimised by a ``GradientOptimizer``."""
+    (mu/2)·||θ − θ_global||² when the strategy asks for it, minimised by a ``GradientOptimizer``.
+
+    A module with a ``param_groups()`` method (e.g. twin prompts, one group per part with its own
+    learning rate) is optimised in those groups; subclasses change the loss through ``objective``.
+    """
 
     def __init__(self, optimizer: GradientOptimizer, batch_size: int, device: torch.device | str) -> None:
         self.optimizer = optimizer
@@ -55,21 +59,26 @@ class GradientTrainer(LocalTrainer):
         anchor = {name: p.detach().clone() for name, p in params.items()} if mu > 0 else {}
 
         def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-            loss = F.cross_entropy(model(batch).float(), batch["labels"])
+            loss = self.objective(model, batch)
             if anchor:
                 loss = loss + mu / 2 * sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
             return loss, len(batch["labels"])
 
         generator = torch_generator(instructions.seed)
+        param_groups = getattr(model, "param_groups", None)
         model.train()
         try:
             return self.optimizer.run(
-                list(params.values()),
+                param_groups() if callable(param_groups) else list(params.values()),
                 loss_fn,
                 lambda epoch: data.batches(self.batch_size, generator=generator, device=self.device),
             )
         finally:
             model.eval()
+
+    def objective(self, model: PromptModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of one batch before FedProx's term: cross-entropy of the module's logits."""
+        return F.cross_entropy(model(batch).float(), batch["labels"])
 
 
 @torch.inference_mode()

@@ -63,7 +63,10 @@ class GradientOptimizer:
         if not params or not all(p.requires_grad for p in params):
             raise ValueError("GradientOptimizer needs a non-empty list of parameters that require grad")
         acc = self.accelerator
-        optimizer = acc.prepare_optimizer(self._build(groups), device_placement=False)
+        optimizer = self._build(groups)
+        scaled = acc.scaler is not None  # fp16 loss scaling works through accelerate's wrapped optimiser
+        if scaled:
+            optimizer = acc.prepare_optimizer(optimizer, device_placement=False)
         stats = OptimizationStats()
         total = 0.0
         try:
@@ -85,6 +88,7 @@ class GradientOptimizer:
                     stats.final_loss = loss.item()
                     total += stats.final_loss * n
         finally:
-            acc.free_memory()  # forget the optimiser so rounds and clients do not accumulate state
+            if scaled:
+                acc.free_memory()  # forget the wrapped optimiser so rounds and clients do not pile up
         stats.mean_loss = total / stats.examples if stats.examples else math.nan
         return stats

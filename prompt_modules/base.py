@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Batch = Mapping[str, torch.Tensor]
@@ -41,3 +42,26 @@ class PromptModule(nn.Module, ABC):
     def prompt_state(self) -> dict[str, torch.Tensor]:
         """A detached copy of the trainable prompt state (what a client sends)."""
         return {name: t.detach().clone() for name, t in self.state_dict().items()}
+
+
+@runtime_checkable
+class PopulationModule(Protocol):
+    """A prompt module whose trainable state is one vector and that scores many candidate vectors
+    in one call (what black-box optimisers need). Local and remote backbones implement it alike."""
+
+    def population_logits(self, candidates: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Class logits [P, B, C] of a batch under each candidate vector of ``candidates`` [P, d]."""
+        ...
+
+    def population_losses(self, candidates: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy [P] of each candidate on the batch (its ``labels``)."""
+        ...
+
+
+def population_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy per candidate [P] from logits [P, B, C] and labels [B]."""
+    count, rows, classes = logits.shape
+    per_row = F.cross_entropy(
+        logits.float().reshape(count * rows, classes), labels.repeat(count), reduction="none"
+    )
+    return per_row.reshape(count, rows).mean(1)

@@ -46,10 +46,11 @@ class HFTextBackbone:
         self.max_length = max_length
         self.is_decoder = _is_decoder(model.config)
         self.has_lm_head = model.get_output_embeddings() is not None
+        self._mlm_head = None if self.is_decoder else _single_head_module(model)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self.layers = _find_layer_stack(model)
-        self.prefix_special_ids, self.suffix_special_ids = _special_affixes(tokenizer)
+        self.prefix_special_ids, self.suffix_special_ids = special_affixes(tokenizer)
 
     # ------------------------------------------------------------------ loading
 
@@ -71,7 +72,7 @@ class HFTextBackbone:
         randomly initialised one from ``random_config`` (seeded, for tests and mechanics)."""
         torch_dtype = TORCH_DTYPES[dtype]
         if random_config is not None:
-            tok = _load_tokenizer(tokenizer or f"bundled:{next(iter(BUNDLED_MODELS))}", None, None)
+            tok = load_tokenizer(tokenizer or f"bundled:{next(iter(BUNDLED_MODELS))}")
             settings = {
                 "vocab_size": len(tok),
                 "pad_token_id": tok.pad_token_id,
@@ -103,7 +104,7 @@ class HFTextBackbone:
                 f"({', '.join('bundled:' + k for k in BUNDLED_MODELS)}), or run with internet access once "
                 "so the Hugging Face cache holds it (HF_HUB_OFFLINE=1 forbids downloads)."
             ) from exc
-        tok = _load_tokenizer(tokenizer or path, None if tokenizer else gguf, revision)
+        tok = load_tokenizer(tokenizer or path, None if tokenizer else gguf, revision)
         return cls(net, tok, max_length)
 
     # ------------------------------------------------------------------ facts
@@ -146,16 +147,8 @@ class HFTextBackbone:
     def tokenize(self, texts: Sequence[str], prefix: str = "", suffix: str = "") -> list[list[int]]:
         """Ids of ``prefix + text + suffix`` with the model's special tokens, the text truncated so that
         the whole fits ``max_length`` (the template is never cut)."""
-        affix_ids = self.tokenizer([prefix, suffix], add_special_tokens=False)["input_ids"]
-        budget = self.max_length - len(affix_ids[0]) - len(affix_ids[1])
-        budget -= len(self.prefix_special_ids) + len(self.suffix_special_ids)
-        if budget < 1:
-            raise ValueError(f"the template leaves no room for text within max_length={self.max_length}")
-        text_ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=budget)
-        return [
-            [*self.prefix_special_ids, *affix_ids[0], *ids, *affix_ids[1], *self.suffix_special_ids]
-            for ids in text_ids["input_ids"]
-        ]
+        specials = (self.prefix_special_ids, self.suffix_special_ids)
+        return tokenize_with_template(self.tokenizer, texts, prefix, suffix, self.max_length, specials)
 
     def hidden_states(
         self,
@@ -179,6 +172,11 @@ class HFTextBackbone:
         """Language-model logits [B, V] at one position per row (``positions``, shape [B])."""
         if not self.has_lm_head:
             raise ValueError("this backbone was loaded without a language-model head (head='lm' needed)")
+        rows = torch.arange(inputs_embeds.shape[0], device=inputs_embeds.device)
+        if self._mlm_head is not None:  # run the vocabulary projection at one position per row only
+            return self._mlm_head(
+                self.hidden_states(inputs_embeds, attention_mask, position_ids)[rows, positions]
+            )
         kwargs: dict[str, Any] = {}
         last = inputs_embeds.shape[1] - 1
         if self.is_decoder and bool((positions == last).all()):
@@ -188,7 +186,7 @@ class HFTextBackbone:
         ).logits
         if "logits_to_keep" in kwargs:
             return logits[:, -1]
-        return logits[torch.arange(logits.shape[0], device=logits.device), positions]
+        return logits[rows, positions]
 
 
 def _is_decoder(config: PretrainedConfig) -> bool:
@@ -207,7 +205,8 @@ def _model_class(config: PretrainedConfig, head: Head) -> type:
     raise BackboneLoadError(f"{type(config).__name__} has neither a masked-LM nor a causal-LM head")
 
 
-def _load_tokenizer(name: str, gguf_file: str | None, revision: str | None) -> Any:
+def load_tokenizer(name: str, gguf_file: str | None = None, revision: str | None = None) -> Any:
+    """A Hugging Face tokenizer by Hub name, local folder or ``bundled:`` alias (no model weights)."""
     path, gguf = resolve_model_name(name, gguf_file)
     kwargs: dict[str, Any] = {"revision": revision} if revision else {}
     if gguf:
@@ -227,7 +226,34 @@ def _find_layer_stack(model: nn.Module) -> nn.ModuleList:
     raise BackboneLoadError(f"could not find the {want} transformer layers of {type(model).__name__}")
 
 
-def _special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
+def _single_head_module(model: nn.Module) -> nn.Module | None:
+    """The one child module besides the base model that maps hidden states to vocabulary logits
+    (BERT's ``cls``, RoBERTa's ``lm_head``, ...); None when the head is spread over several."""
+    if model.get_output_embeddings() is None:
+        return None
+    heads = [c for c in model.children() if c is not model.base_model and any(True for _ in c.parameters())]
+    return heads[0] if len(heads) == 1 else None
+
+
+def tokenize_with_template(
+    tokenizer: Any,
+    texts: Sequence[str],
+    prefix: str,
+    suffix: str,
+    max_length: int,
+    specials: tuple[Sequence[int], Sequence[int]],
+) -> list[list[int]]:
+    """Ids of ``specials[0] + prefix + text + suffix + specials[1]``, the text truncated so that the
+    whole fits ``max_length`` (the template is never cut). Needs the tokenizer only, not the model."""
+    affix_ids = tokenizer([prefix, suffix], add_special_tokens=False)["input_ids"]
+    budget = max_length - len(affix_ids[0]) - len(affix_ids[1]) - len(specials[0]) - len(specials[1])
+    if budget < 1:
+        raise ValueError(f"the template leaves no room for text within max_length={max_length}")
+    text_ids = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=budget)
+    return [[*specials[0], *affix_ids[0], *ids, *affix_ids[1], *specials[1]] for ids in text_ids["input_ids"]]
+
+
+def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The special token ids the tokenizer puts before and after a single sequence."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -119,25 +120,11 @@ class TextPromptClassifier(PromptModule):
         template: str = "{text}",
     ) -> None:
         super().__init__(backbone)
-        if template.count("{text}") != 1:
-            raise ValueError(f"the template must contain '{{text}}' exactly once, got {template!r}")
         self.prompt = prompt
         self.head = head
-        prefix, suffix = template.split("{text}")
         self._uses_mask = isinstance(head, VerbalizerHead) and not backbone.is_decoder
-        if self._uses_mask:
-            mask_token = backbone.tokenizer.mask_token
-            if mask_token is None or MASK_PLACEHOLDER not in template:
-                raise ValueError(
-                    f"a masked-LM verbaliser needs {MASK_PLACEHOLDER} in the template, got {template!r}"
-                )
-            prefix = prefix.replace(MASK_PLACEHOLDER, mask_token)
-            suffix = suffix.replace(MASK_PLACEHOLDER, mask_token)
-        elif MASK_PLACEHOLDER in template:
-            raise ValueError(
-                f"{MASK_PLACEHOLDER} belongs in masked-LM verbaliser templates only, got {template!r}"
-            )
-        self._prefix, self._suffix = prefix, suffix
+        mask_token = backbone.tokenizer.mask_token if self._uses_mask else None
+        self._prefix, self._suffix = template_affixes(template, self._uses_mask, mask_token)
         self.prompt_position = 0 if backbone.is_decoder else len(backbone.prefix_special_ids)
 
     @property
@@ -155,11 +142,45 @@ class TextPromptClassifier(PromptModule):
 
     def logits_for(self, prompt: TextPrompt, batch: Batch) -> torch.Tensor:
         """Class logits [B, C] for a batch under the given prompt vectors."""
-        backbone = self.backbone
+        return self.logits_embedded(prompt, self.embed_inputs(batch))
+
+    def embed_inputs(self, batch: Batch) -> EmbeddedInputs:
+        """The prompt-independent part of a forward pass: token embeddings and masks (left-padded
+        for decoders). Compute it once and run any number of prompts on it."""
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        if backbone.is_decoder:
-            input_ids, attention_mask = left_pad(input_ids, attention_mask, backbone.tokenizer.pad_token_id)
-        embeds = backbone.embed(input_ids)
+        if self.backbone.is_decoder:
+            pad_id = self.backbone.tokenizer.pad_token_id
+            input_ids, attention_mask = left_pad(input_ids, attention_mask, pad_id)
+        return EmbeddedInputs(input_ids, attention_mask, self.backbone.embed(input_ids))
+
+    def logits_for_prompts(self, prompts: torch.Tensor, batch: Batch, chunk_size: int) -> torch.Tensor:
+        """Class logits [P, B, C] of a batch under each of ``prompts`` [P, m, h] (input prompts).
+
+        The inputs are embedded once; the prompts then run ``chunk_size`` at a time, each chunk as
+        one forward pass over chunk·B rows (on a small CPU a stacked forward can be slower than a
+        loop, so the chunk size is a measured setting).
+        """
+        if prompts.dim() != 3:
+            raise ValueError(
+                f"prompts must be [candidates, tokens, hidden], got shape {tuple(prompts.shape)}"
+            )
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        embedded = self.embed_inputs(batch)
+        rows = embedded.input_ids.shape[0]
+        out = []
+        for start in range(0, prompts.shape[0], chunk_size):
+            chunk = prompts[start : start + chunk_size]
+            count = chunk.shape[0]
+            inputs = embedded if count == 1 else embedded.repeat(count)
+            prompt = TextPrompt(input=chunk[0] if count == 1 else chunk.repeat_interleave(rows, dim=0))
+            out.append(self.logits_embedded(prompt, inputs).reshape(count, rows, -1))
+        return torch.cat(out)
+
+    def logits_embedded(self, prompt: TextPrompt, embedded: EmbeddedInputs) -> torch.Tensor:
+        """Class logits [B, C] of already embedded inputs under the given prompt vectors."""
+        backbone = self.backbone
+        input_ids, attention_mask, embeds = embedded.input_ids, embedded.attention_mask, embedded.embeds
         batch_size, m, pos = embeds.shape[0], prompt.num_tokens, self.prompt_position
         if prompt.input is None:
             slots = embeds.new_zeros(batch_size, m, embeds.shape[-1])
@@ -216,6 +237,43 @@ def _overwrite_positions(values: torch.Tensor, start: int) -> Callable:
         return args, {**kwargs, "hidden_states": hidden}
 
     return hook
+
+
+@dataclass(frozen=True)
+class EmbeddedInputs:
+    """A batch after the prompt-independent work: ids and mask (left-padded for decoders) and the
+    token embeddings [B, L, h]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    embeds: torch.Tensor
+
+    def repeat(self, count: int) -> EmbeddedInputs:
+        """The batch ``count`` times over (rows [b0..bB, b0..bB, ...]), one copy per prompt candidate."""
+        return EmbeddedInputs(
+            self.input_ids.repeat(count, 1),
+            self.attention_mask.repeat(count, 1),
+            self.embeds.repeat(count, 1, 1),
+        )
+
+
+def template_affixes(template: str, masked_lm_verbalizer: bool, mask_token: str | None) -> tuple[str, str]:
+    """The text before and after ``{text}`` in an input template, with [MASK] replaced by the
+    tokenizer's mask token for masked-LM verbalisers; ValueError for a template that cannot work."""
+    if template.count("{text}") != 1:
+        raise ValueError(f"the template must contain '{{text}}' exactly once, got {template!r}")
+    prefix, suffix = template.split("{text}")
+    if masked_lm_verbalizer:
+        if mask_token is None or MASK_PLACEHOLDER not in template:
+            raise ValueError(
+                f"a masked-LM verbaliser needs {MASK_PLACEHOLDER} in the template, got {template!r}"
+            )
+        return prefix.replace(MASK_PLACEHOLDER, mask_token), suffix.replace(MASK_PLACEHOLDER, mask_token)
+    if MASK_PLACEHOLDER in template:
+        raise ValueError(
+            f"{MASK_PLACEHOLDER} belongs in masked-LM verbaliser templates only, got {template!r}"
+        )
+    return prefix, suffix
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -54,3 +54,88 @@ def tiny_backbone(random_config: dict, head: str = "lm", max_length: int = 32):
     return HFTextBackbone.load(
         "random", head=head, random_config=random_config, max_length=max_length, seed=0
     )
+
+
+KEYWORDS = {
+    "fruit": ["apple", "banana", "cherry"],
+    "nature": ["river", "mountain", "forest"],
+    "transport": ["car", "train", "plane"],
+}
+"""A task a prompt on a tiny random model can learn: the class is named by its keywords."""
+
+
+def write_keyword_dataset(path: Path, n: int = 600, seed: int = 0) -> Path:
+    """A jsonl file of short texts (1-3 class keywords and maybe a filler word) with string labels."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    names = list(KEYWORDS)
+    with path.open("w") as out:
+        for i in range(n):
+            label = names[i % len(names)]
+            words = rng.choices(KEYWORDS[label], k=rng.randint(1, 3)) + rng.choices(
+                ["the", "a", "of"], k=rng.randint(0, 1)
+            )
+            rng.shuffle(words)
+            out.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return path
+
+
+def tiny_run_config(data_file: Path, **sections) -> dict:
+    """A seconds-long federated run on a tiny random BERT with a masked-LM verbaliser.
+
+    The random model uses initializer_range 0.3: with BERT's default 0.02 a random network's
+    outputs barely depend on its input, and no prompt can make them.
+    """
+    config = {
+        "name": "tiny",
+        "seed": 0,
+        "backbone": {
+            "model": "random",
+            "random_config": {**TINY_BERT, "initializer_range": 0.3},
+            "max_length": 16,
+        },
+        "head": {
+            "kind": "verbalizer",
+            "template": "{text} [MASK]",
+            "label_words": {"fruit": ["red"], "nature": ["green"], "transport": ["blue"]},
+        },
+        "prompt": {"kind": "soft", "num_tokens": 8, "init": "random", "init_std": 0.9},
+        "data": {
+            "source": "files",
+            "files": {"train": str(data_file)},
+            "test_split": None,
+            "test_fraction": 0.25,
+        },
+        "partition": {"kind": "iid", "num_clients": 4, "local_val_fraction": 0.2},
+        "federation": {"rounds": 4, "min_clients": 2},
+        "optimizer": {"lr": 0.1, "epochs": 2, "batch_size": 8},
+        "runtime": {"progress": False},
+    }
+    for name, values in sections.items():
+        base = config.get(name, {})
+        replaced = "kind" in values and values["kind"] != base.get("kind", values["kind"])
+        config[name] = dict(values) if replaced and name == "head" else {**base, **values}
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """The tiny open_clip model's config and checkpoint files and a generated image folder
+    (tests/clip_support.py), written once per session."""
+    from clip_support import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test on one CPU thread: the tiny CLIP's tensors are too small to gain from two, and
+    two threads on a busy machine stall each other (a 50 µs matmul then takes milliseconds)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -49,7 +49,10 @@ def test_overrides_do_not_touch_the_input():
             ["federation.rounds=0"],
             r"federation\.rounds: Input should be greater than or equal to 1 \(got 0\)",
         ),
-        (["partition.kind=random"], r"partition\.kind: Input should be 'iid', 'dirichlet' or 'shards'"),
+        (
+            ["partition.kind=random"],
+            r"partition\.kind: Input should be 'iid', 'dirichlet', 'shards' or 'classes'",
+        ),
         (["prompt.init=text"], r"init: text needs `init_text`"),
         (["federation.min_clients=20"], r"min_clients \(20\) exceeds partition\.num_clients \(10\)"),
         (["data.source=files"], r"source: files needs `files` with a 'train' entry"),

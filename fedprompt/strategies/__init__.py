@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedprompt.config import (
     FedAvgConfig,
+    FedBPTConfig,
     FedOptConfig,
     FedProxConfig,
     KrumConfig,
@@ -13,12 +14,14 @@ from fedprompt.config import (
 )
 from fedprompt.strategies.base import Strategy
 from fedprompt.strategies.fedavg import FedAvg, FedProx
+from fedprompt.strategies.fedbpt import FedBPT
 from fedprompt.strategies.fedopt import FedOpt, FedOptVariant
 from fedprompt.strategies.robust import CoordinateMedian, Krum, TrimmedMean
 
 __all__ = [
     "CoordinateMedian",
     "FedAvg",
+    "FedBPT",
     "FedOpt",
     "FedOptVariant",
     "FedProx",
@@ -31,8 +34,12 @@ __all__ = [
 _FEDOPT_VARIANTS: dict[str, FedOptVariant] = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
 
 
-def build_strategy(config: StrategyConfig) -> Strategy:
-    """The strategy a validated strategy configuration describes, with its settings."""
+def build_strategy(config: StrategyConfig, search_sigma: float | None = None) -> Strategy:
+    """The strategy a validated strategy configuration describes, with its settings.
+
+    ``search_sigma`` is the clients' initial CMA-ES step size (optimizer.sigma), which FedBPT
+    sends down in its first round.
+    """
     if isinstance(config, FedAvgConfig):
         return FedAvg()
     if isinstance(config, FedProxConfig):
@@ -51,4 +58,8 @@ def build_strategy(config: StrategyConfig) -> Strategy:
         return TrimmedMean(beta=config.beta)
     if isinstance(config, KrumConfig):
         return Krum(num_byzantine=config.num_byzantine)
+    if isinstance(config, FedBPTConfig):
+        if search_sigma is None:
+            raise ValueError("FedBPT needs search_sigma, the clients' initial CMA-ES step (optimizer.sigma)")
+        return FedBPT(initial_sigma=search_sigma, sigma_floor=config.sigma_floor, rule=config.rule)
     raise TypeError(f"build_strategy got {type(config).__name__}, which is not a strategy configuration")

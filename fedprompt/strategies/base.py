@@ -63,6 +63,11 @@ class Strategy(ABC):
         """Values the clients need for their local objective (FedProx's mu); none by default."""
         return {}
 
+    def validate_update(self, update: Update) -> None:
+        """Raise ValueError naming what is wrong with one decoded client update that this rule
+        cannot use (the server then rejects it and the round goes on); accepts all by default."""
+        return None
+
     def downlink_extras(self) -> State:
         """Tensors sent down with the global state (e.g. FedBPT's CMA-ES step size); none by default."""
         return {}
