@@ -1,0 +1,203 @@
+"""Labelled images for classification: a builtin set, the Hugging Face Hub, or a local image folder.
+
+Every source ends in the same shape (`ImageClassificationData`): a train and a test
+``datasets.Dataset`` with exactly the columns ``image`` (a ``datasets.Image``) and ``label`` (a
+ClassLabel: ints 0..C-1), and the class names, which CLIP reads as text. Splitting off a test set,
+per-class caps and the base/novel class split are seeded or fixed, as for text.
+
+``digits`` is scikit-learn's bundled handwritten digits (1,797 8×8 grey images, classes "zero"
+to "nine"), built in memory; it needs scikit-learn (a test dependency), and says so when missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from fedprompt.config import DataConfig
+from fedprompt.data.loading import DataError, _cap_per_class, _encode_labels, _split_off
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@dataclass
+class ImageClassificationData:
+    """An image classification task: owns its train and test splits and its class names.
+
+    Both splits have exactly the columns ``image`` and ``label`` (ints over 0..C-1, in
+    `label_names` order).
+    """
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    label_names: list[str]
+
+
+@dataclass
+class BaseNovelSplit:
+    """Base-to-novel classes: train on base classes, test on base and on novel classes apart.
+
+    ``train`` and ``base_test`` keep the base labels 0..B-1; ``novel_test``'s labels are
+    renumbered 0..N-1 in ``novel_names`` order.
+    """
+
+    train: datasets.Dataset
+    base_test: datasets.Dataset
+    novel_test: datasets.Dataset
+    base_names: list[str]
+    novel_names: list[str]
+
+
+def load_digits(seed: int) -> datasets.Dataset:
+    """scikit-learn's bundled digits as 8×8 greyscale images (0..16 scaled to 0..255)."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "the builtin image dataset 'digits' needs scikit-learn: pip install scikit-learn"
+        ) from exc
+    bunch = sklearn_digits()
+    pixels = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(DIGIT_NAMES))}
+    )
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": bunch.target.tolist()},
+        features=features,
+    )
+
+
+IMAGE_BUILTINS: dict[str, Callable[[int], datasets.Dataset]] = {"digits": load_digits}
+
+
+def load_image_classification(config: DataConfig, seed: int) -> ImageClassificationData:
+    """Load the configured images, standardise them to ``image``/``label`` and split off a test set.
+
+    As for text: labels become class indices (`config.label_names` order when given); without a
+    test split a seeded stratified `test_fraction` of train is held out; then `max_per_class`
+    (few-shot) and `max_test_examples` caps, both seeded. Raises DataError.
+    """
+    splits = _load_splits(config, seed)
+    if config.train_split not in splits:
+        raise DataError(
+            f"data.train_split {config.train_split!r} is not in the data; its splits are {sorted(splits)}"
+        )
+    wanted = {config.train_split: splits[config.train_split]}
+    test_split = config.test_split if config.test_split != config.train_split else None
+    if test_split is not None and test_split in splits:
+        wanted[test_split] = splits[test_split]
+    label_names, encoded = _encode_labels(
+        {split: _select_columns(ds, split, config) for split, ds in wanted.items()}, config
+    )
+    train = encoded[config.train_split]
+    if len(train) == 0:
+        raise DataError(f"split {config.train_split!r} has no examples")
+    if test_split is not None and test_split in encoded:
+        test = encoded[test_split]
+    else:
+        train, test = _split_off(train, config.test_fraction, seed, f"a {config.test_fraction} test share")
+    if config.max_per_class is not None:
+        train = _cap_per_class(train, config.max_per_class, seed)
+    if config.max_test_examples is not None and len(test) > config.max_test_examples:
+        _, test = _split_off(
+            test, config.max_test_examples, seed, f"{config.max_test_examples} test examples"
+        )
+    return ImageClassificationData(train=train, test=test, label_names=label_names)
+
+
+def split_base_novel(data: ImageClassificationData, novel_fraction: float) -> BaseNovelSplit:
+    """Split the classes in label order: the last floor(C · novel_fraction) are novel, the rest
+    base (CoOp's and FedTPG's protocol at 0.5: base = the first ceil(C / 2) classes).
+
+    Raises DataError when either side would be empty.
+    """
+    count = len(data.label_names)
+    novel = int(count * novel_fraction)
+    base = count - novel
+    if novel < 1 or base < 1:
+        raise DataError(
+            f"data.novel_class_fraction {novel_fraction} of {count} classes leaves "
+            f"{base} base and {novel} novel classes; both need at least one"
+        )
+
+    names = data.label_names
+
+    def keep(ds: datasets.Dataset, novel_side: bool) -> datasets.Dataset:
+        labels = np.asarray(ds.with_format("arrow")["label"].to_numpy(), dtype=np.int64)
+        rows = np.flatnonzero(labels >= base if novel_side else labels < base)
+        kept_names, offset = (names[base:], base) if novel_side else (names[:base], 0)
+        feature = datasets.ClassLabel(names=list(kept_names))
+        return (
+            ds.select(rows)
+            .remove_columns("label")
+            .add_column("label", labels[rows] - offset, feature=feature)
+        )
+
+    return BaseNovelSplit(
+        train=keep(data.train, False),
+        base_test=keep(data.test, False),
+        novel_test=keep(data.test, True),
+        base_names=list(names[:base]),
+        novel_names=list(names[base:]),
+    )
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _load_splits(config: DataConfig, seed: int) -> dict[str, datasets.Dataset]:
+    assert config.name is not None  # DataConfig guarantees a name for these sources
+    if config.source == "builtin":
+        if config.name not in IMAGE_BUILTINS:
+            raise DataError(
+                f"{config.name!r} is not a builtin image dataset; choose one of {sorted(IMAGE_BUILTINS)}"
+            )
+        try:
+            return {"train": IMAGE_BUILTINS[config.name](seed)}
+        except ImportError as exc:
+            raise DataError(str(exc)) from exc
+    if config.source == "image-folder":
+        folder = Path(config.name).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"data.name {str(folder)!r} is not a folder (source: image-folder)")
+        return _load(("imagefolder",), {"data_dir": str(folder)}, f"the image folder {str(folder)!r}")
+    if config.source == "hub":
+        args = (config.name, config.subset) if config.subset else (config.name,)
+        return _load(args, {}, f"the dataset {config.name!r}")
+    raise DataError(f"data.source {config.source!r} does not hold images; use builtin, hub or image-folder")
+
+
+def _load(args: tuple, kwargs: dict, what: str) -> dict[str, datasets.Dataset]:
+    try:
+        return dict(datasets.load_dataset(*args, **kwargs))
+    except Exception as exc:
+        raise DataError(
+            f"could not load {what}: {exc}. Without network access, point data.source: image-folder at "
+            "a local folder with one subfolder of images per class, or load the dataset once online so the "
+            "Hugging Face cache holds it (HF_HUB_OFFLINE=1 then reads the cache)."
+        ) from exc
+
+
+def _select_columns(ds: datasets.Dataset, split: str, config: DataConfig) -> datasets.Dataset:
+    """Keep the image and label columns only, renamed to ``image`` and ``label``."""
+    for field, column in (("image_column", config.image_column), ("label_column", config.label_column)):
+        if column not in ds.column_names:
+            raise DataError(
+                f"data.{field} {column!r} is not a column of split {split!r}; "
+                f"its columns are {ds.column_names}"
+            )
+    if config.image_column == config.label_column:
+        raise DataError(f"data.image_column and data.label_column are both {config.image_column!r}")
+    if not isinstance(ds.features[config.image_column], datasets.Image):
+        raise DataError(
+            f"data.image_column {config.image_column!r} of split {split!r} holds "
+            f"{ds.features[config.image_column]}, not images"
+        )
+    ds = ds.select_columns([config.image_column, config.label_column])
+    renames = {config.image_column: "image", config.label_column: "label"}
+    return ds.rename_columns({old: new for old, new in renames.items() if old != new})

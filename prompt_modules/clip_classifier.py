@@ -1,0 +1,121 @@
+"""Image classification through a frozen CLIP with prompts on the text side, the image side, or both."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prompt_modules.base import Batch, PromptModule
+from prompt_modules.clip_backbone import OpenCLIPBackbone
+from prompt_modules.visual_prompts import ImageInput
+
+PARTS = ("text", "image")
+
+
+class CLIPPromptClassifier(PromptModule):
+    """Owns a text side and an image side of prompts; logits are CLIP's scaled cosine similarities.
+
+    p(y = c | x) ∝ exp(s · cos(g_c, f(x)) + b): g_c from the text side (``FixedClassText``,
+    ``TextContext``, ``PromptGenerator``), f(x) from the image side (``FrozenImage``,
+    ``VisualTokenPrompt``, ``PixelPrompt``, ``CoupledVisualPrompt``), s = CLIP's logit scale (b
+    its bias, SigLIP-style models only). The state_dict holds the two sides' prompt state under
+    ``text.`` and ``image.``. ``part_settings`` gives each side its own optimiser settings
+    (``lr``, ``weight_decay``, ``momentum``), read by the trainer through ``param_groups``.
+
+    The class set scored is the training classes, or another one inside ``scoring(names)``
+    (base-to-novel evaluation). Without gradients, the class features of an unchanged prompt
+    state are computed once and reused across batches.
+    """
+
+    def __init__(
+        self,
+        backbone: OpenCLIPBackbone,
+        text: nn.Module,
+        image: nn.Module,
+        class_names: Sequence[str],
+        part_settings: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> None:
+        super().__init__(backbone)
+        if not class_names:
+            raise ValueError("a CLIP classifier needs at least one class name")
+        unknown = sorted(set(part_settings or {}) - set(PARTS))
+        if unknown:
+            raise ValueError(f"part_settings has unknown parts {unknown}; the parts are {list(PARTS)}")
+        self.text = text
+        self.image = image
+        self._classes = tuple(class_names)
+        self._part_settings = {part: dict(values) for part, values in (part_settings or {}).items()}
+        self._memo: tuple[Any, torch.Tensor] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._classes)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self._classes
+
+    @property
+    def image_input(self) -> ImageInput:
+        """What the image side reads from a batch (and what is worth caching for it)."""
+        return self.image.input
+
+    @torch.no_grad()
+    def prepare_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The image side's batch input for preprocessed images: prompt-independent, so cacheable."""
+        return self.image.prepare(self.backbone, pixels)
+
+    @contextmanager
+    def scoring(self, class_names: Sequence[str]) -> Iterator[None]:
+        """Score against ``class_names`` (e.g. novel classes) inside the block, then go back."""
+        previous = self._classes
+        self._classes = tuple(class_names)
+        try:
+            yield
+        finally:
+            self._classes = previous
+
+    def class_features(self, full_length: bool = False) -> torch.Tensor:
+        """Normalised text features [C, D] of the classes scored now."""
+        key = (
+            self._classes,
+            full_length,
+            str(self.backbone.device),
+            tuple((id(p), p._version) for p in self.parameters()),
+        )
+        if not torch.is_grad_enabled() and self._memo is not None and self._memo[0] == key:
+            return self._memo[1]
+        features = F.normalize(self.text.class_features(self.backbone, self._classes, full_length), dim=-1)
+        self._memo = (key, features) if not torch.is_grad_enabled() else None
+        return features
+
+    def image_features(self, batch: Batch) -> torch.Tensor:
+        """Normalised image features [B, D] of a batch (from its cached input or its pixels)."""
+        return F.normalize(self.image.features(self.backbone, batch, self.text), dim=-1)
+
+    def logits_from(self, image_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
+        logits = self.backbone.logit_scale.to(image_features.device) * image_features @ class_features.T
+        bias = self.backbone.logit_bias
+        return logits if bias is None else logits + bias.to(logits.device)
+
+    def forward_with_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, C] and the normalised image features [B, D] they came from."""
+        image = self.image_features(batch)
+        return self.logits_from(image, self.class_features()), image
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.forward_with_features(batch)[0]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One optimiser parameter group per side that has trainable parameters, with its settings."""
+        groups = []
+        for part in PARTS:
+            params = [p for p in getattr(self, part).parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, **self._part_settings.get(part, {})})
+        return groups
