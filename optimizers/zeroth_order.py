@@ -1,0 +1,126 @@
+"""Zeroth-order local optimisation: SPSA with seeded perturbations (MeZO-style, FedKSeed-replayable).
+
+Each step draws u ~ N(0, I) from a seed derived from (run seed, step), scores θ + εu and θ − εu
+through one population call (two candidates on the same examples), estimates the directional
+derivative ĝ = (L(θ + εu) − L(θ − εu)) / (2ε) and steps θ ← θ − η·ĝ·u. Two forward passes per
+step, no backward pass. Because u is a function of its seed, the trajectory is the list of
+projected gradients ĝ: ``replay`` rebuilds θ from θ_0, the seed and the ĝ alone.
+
+Budget: in model queries (one candidate on one example), so a step on a batch of B examples
+costs 2·B queries and a run does ``budget // (2·B)`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from optimizers.base import OptimizationStats
+
+PopulationLoss = Callable[[torch.Tensor], torch.Tensor]
+"""Maps candidates ``[P, d]`` (float32) to their losses ``[P]``, all on the same examples."""
+
+
+@dataclass(frozen=True)
+class SPSASettings:
+    """SPSA knobs: learning rate η, perturbation size ε, budget in model queries."""
+
+    lr: float = 0.1
+    epsilon: float = 1e-2
+    budget: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "epsilon"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"SPSA {name} must be a positive number, got {value}")
+        if self.budget < 1:
+            raise ValueError(f"SPSA budget must be a positive number of queries, got {self.budget}")
+
+    def steps(self, examples_per_candidate: int) -> int:
+        """Steps the budget pays for when each candidate is scored on that many examples."""
+        if examples_per_candidate < 1:
+            raise ValueError(f"examples_per_candidate must be >= 1, got {examples_per_candidate}")
+        if self.budget < 2 * examples_per_candidate:
+            raise ValueError(
+                f"a budget of {self.budget} queries is less than one SPSA step: 2 × {examples_per_candidate} "
+                "examples; raise the budget or lower the batch size"
+            )
+        return self.budget // (2 * examples_per_candidate)
+
+
+@dataclass
+class SPSAResult:
+    """The final parameters, the projected gradient ĝ of every step (with the seed, all it takes to
+    replay the run), and stats."""
+
+    params: torch.Tensor
+    projected_grads: torch.Tensor
+    stats: OptimizationStats
+
+
+def perturbation(seed: int, step: int, dim: int) -> torch.Tensor:
+    """The direction u_step ~ N(0, I_dim) of one step, a pure function of (seed, step)."""
+    words = np.random.SeedSequence([seed % 2**63, step]).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator().manual_seed((int(words[0]) << 32) | int(words[1]))
+    return torch.randn(dim, generator=generator, dtype=torch.float64)
+
+
+def replay(x0: torch.Tensor, seed: int, projected_grads: torch.Tensor, lr: float) -> torch.Tensor:
+    """θ after the steps whose projected gradients are given: θ_0 − η Σ_t ĝ_t u_t (u_t from the seed)."""
+    theta = x0.detach().to("cpu", torch.float64).clone()
+    for step, grad in enumerate(projected_grads.tolist()):
+        theta -= lr * grad * perturbation(seed, step, theta.numel())
+    return theta.to(torch.float32)
+
+
+class SPSAOptimizer:
+    """Owns a seeded SPSA run: two-point estimates along seeded Gaussian directions.
+
+    Errors surface: an exception of the loss, a loss of the wrong shape, or a non-finite one.
+    """
+
+    def __init__(self, settings: SPSASettings) -> None:
+        self.settings = settings
+
+    def run(
+        self,
+        x0: torch.Tensor,
+        population_loss: PopulationLoss,
+        *,
+        examples_per_candidate: int,
+        seed: int,
+    ) -> SPSAResult:
+        """Minimise from ``x0`` [d]; the parameters are kept in float64 between steps."""
+        if x0.dim() != 1 or x0.numel() < 1:
+            raise ValueError(f"SPSA needs a non-empty vector, got shape {tuple(x0.shape)}")
+        lr, eps = self.settings.lr, self.settings.epsilon
+        theta = x0.detach().to("cpu", torch.float64).clone()
+        grads: list[float] = []
+        stats = OptimizationStats()
+        loss_sum = 0.0
+        for step in range(self.settings.steps(examples_per_candidate)):
+            u = perturbation(seed, step, theta.numel())
+            pair = torch.stack([theta + eps * u, theta - eps * u]).to(torch.float32)
+            losses = population_loss(pair)
+            if not isinstance(losses, torch.Tensor) or losses.shape != (2,):
+                raise ValueError(
+                    f"the population loss returned {getattr(losses, 'shape', losses)!r}, expected (2,)"
+                )
+            plus, minus = (float(v) for v in losses.detach().cpu())
+            if not (math.isfinite(plus) and math.isfinite(minus)):
+                raise FloatingPointError(f"SPSA losses at step {step} are not finite: {plus}, {minus}")
+            grad = (plus - minus) / (2 * eps)
+            theta -= lr * grad * u
+            grads.append(grad)
+            stats.steps += 1
+            stats.examples += examples_per_candidate
+            stats.queries += 2 * examples_per_candidate
+            loss_sum += (plus + minus) / 2
+            stats.final_loss = (plus + minus) / 2
+        stats.mean_loss = loss_sum / stats.steps
+        return SPSAResult(theta.to(torch.float32), torch.tensor(grads, dtype=torch.float64), stats)
