@@ -1,0 +1,70 @@
+"""What a fedprompt Flower app reads at run time: the fedprompt configuration and Flower's run config.
+
+The fedprompt configuration is the YAML file that ships inside the Flower app (``fedprompt.yaml``,
+beside the app's ``pyproject.toml``), so the ServerApp and every ClientApp build the same
+experiment. Flower's run config (``[tool.flwr.app.config]``, overridable with
+``flwr run --run-config``) holds what only the Flower runtime needs:
+
+- ``fedprompt-overrides``: fedprompt ``key=value`` overrides separated by spaces, applied by the
+  ServerApp and every ClientApp (e.g. ``"federation.rounds=3 seed=1"``);
+- ``round-timeout``: seconds the ServerApp waits for the replies of one round (train or evaluate);
+- ``node-wait-timeout``: seconds it waits at the start for one SuperNode per partition;
+- ``results-dir``: the folder that receives the run folder (as ``fedprompt run`` writes it);
+- ``resume``: a run folder to continue from its last complete round ("" for a new run).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedprompt.config import ConfigError, RunConfig, load_config
+
+CONFIG_FILE_NAME = "fedprompt.yaml"
+"""The fedprompt configuration's file name inside a Flower app."""
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The Flower run-config values of a fedprompt app, validated."""
+
+    overrides: tuple[str, ...] = ()
+    round_timeout: float = 600.0
+    node_wait_timeout: float = 300.0
+    results_dir: Path = Path("runs")
+    resume: Path | None = None
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> AppSettings:
+        """Read and check the known keys; a bad value raises ConfigError naming the key."""
+        overrides = _typed(run_config, "fedprompt-overrides", str, "")
+        resume = _typed(run_config, "resume", str, "")
+        return cls(
+            overrides=tuple(shlex.split(overrides)),
+            round_timeout=_positive(run_config, "round-timeout", cls.round_timeout),
+            node_wait_timeout=_positive(run_config, "node-wait-timeout", cls.node_wait_timeout),
+            results_dir=Path(_typed(run_config, "results-dir", str, str(cls.results_dir))),
+            resume=Path(resume) if resume else None,
+        )
+
+
+def load_app_config(config_file: str | Path, settings: AppSettings) -> RunConfig:
+    """The fedprompt configuration of an app: its YAML file with the run's overrides applied."""
+    return load_config(Path(config_file), settings.overrides)
+
+
+def _typed(run_config: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = run_config.get(key, default)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise ConfigError(f"run config {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _positive(run_config: Mapping[str, Any], key: str, default: float) -> float:
+    value = run_config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"run config {key!r} must be a positive number of seconds, got {value!r}")
+    return float(value)

@@ -1,0 +1,117 @@
+"""The fedprompt ServerApp: the in-process runtime's rounds, with Flower carrying the bytes.
+
+``run_server`` is ``run_in_process`` with the clients in other processes: the same Server
+(seeded sampling, downlink, validation, aggregation in client-id order, checkpoint), the same
+global evaluation on the server's held-out data, the same results folder, so a configuration
+and seed give the same global prompt on either runtime. Before the first round the ServerApp
+asks every SuperNode which partition it hosts and waits (``node-wait-timeout``) until each
+partition of the run has one; nodes that join later are asked at the start of each round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedprompt.config import RunConfig
+from fedprompt.experiment import Experiment, build_experiment
+from fedprompt.flower.app_config import AppSettings, load_app_config
+from fedprompt.flower.strategy import FedPromptStrategy
+from fedprompt.metrics import RunRecorder, client_rows, evaluate_round, round_metrics
+from fedprompt.results import RunDirectory, RunResult
+from fedprompt.simulation import make_server
+
+log = logging.getLogger("fedprompt.flower")
+
+
+def build_server_app(config_file: str | Path) -> ServerApp:
+    """A Flower ServerApp that runs the fedprompt job configured by ``config_file`` (YAML)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        settings = AppSettings.from_run_config(context.run_config)
+        config = load_app_config(config_file, settings)
+        result = run_server(grid, config, settings)
+        log.warning("fedprompt run finished: %s (results: %s)", result.summary, result.run_dir)
+
+    return app
+
+
+def run_server(
+    grid: Grid, config: RunConfig, settings: AppSettings, experiment: Experiment | None = None
+) -> RunResult:
+    """Run every round through ``grid``; write the run folder under ``settings.results_dir``.
+
+    ``experiment`` (built here when None, with no clients: the backbone and the server's test
+    data) serves the global evaluation. ``settings.resume`` continues that run folder.
+    """
+    if experiment is None:
+        experiment = build_experiment(config, client_ids=[])
+    server = make_server(experiment, config, range(config.partition.num_clients))
+    rounds = config.federation.rounds
+    strategy = FedPromptStrategy(
+        server,
+        num_rounds=rounds,
+        evaluate_every=config.federation.evaluate_every,
+        local_evaluation=config.federation.local_evaluation,
+        message_ttl=settings.round_timeout,
+    )
+    strategy.summary()
+    strategy.map_nodes(
+        grid,
+        wait_for=config.partition.num_clients,
+        timeout=settings.node_wait_timeout,
+        reply_timeout=settings.round_timeout,
+    )
+
+    if settings.resume is not None:
+        recorder = RunRecorder(config, RunDirectory(settings.resume))
+        if not recorder.resume(server):
+            raise FileNotFoundError(f"resume: {settings.resume} holds no checkpoint to continue from")
+        log.info("resuming %s after round %d", settings.resume, server.completed_rounds)
+    else:
+        run_dir = RunDirectory.create(settings.results_dir, config.name)
+        run_dir.write_config(config)
+        recorder = RunRecorder(config, run_dir)
+        recorder.record_initial(_evaluate(grid, experiment, strategy, config, settings, 0))
+
+    for round_num in range(server.completed_rounds + 1, rounds + 1):
+        start = time.perf_counter()
+        strategy.map_nodes(grid, wait_for=0, timeout=0, reply_timeout=settings.round_timeout)  # new nodes
+        messages = strategy.configure_train(round_num, strategy.global_arrays(), ConfigRecord(), grid)
+        strategy.aggregate_train(round_num, grid.send_and_receive(messages, timeout=settings.round_timeout))
+        record = strategy.last_record
+        assert record is not None
+        row: dict[str, Any] = {"round": round_num, **round_metrics(server, record)}
+        if strategy.evaluation_due(round_num):
+            row.update(_evaluate(grid, experiment, strategy, config, settings, round_num))
+        row["time_s"] = time.perf_counter() - start
+        recorder.record_round(row, client_rows(server, record), server)
+        log.info("round %d: %s", round_num, row)
+    return recorder.finish(server, experiment.backbone_bytes)
+
+
+def _evaluate(
+    grid: Grid,
+    experiment: Experiment,
+    strategy: FedPromptStrategy,
+    config: RunConfig,
+    settings: AppSettings,
+    round_num: int,
+) -> dict[str, float]:
+    """Global metrics on the server's test data, then the clients' local metrics through Flower."""
+    row = evaluate_round(experiment, strategy.server, config)
+    messages = strategy.configure_evaluate(round_num, strategy.global_arrays(), ConfigRecord(), grid)
+    if messages:
+        local = strategy.aggregate_evaluate(
+            round_num, grid.send_and_receive(messages, timeout=settings.round_timeout)
+        )
+        if local is not None:
+            row.update({key: float(value) for key, value in local.items()})
+    return row

@@ -1,0 +1,314 @@
+"""The server side of fedprompt as a Flower message strategy: Flower carries the bytes, fedprompt decides.
+
+Every decision a round needs is made by fedprompt's :class:`~fedprompt.server.Server`, exactly as
+in the in-process runtime: which clients take part (``Server.sample``, seeded by the run, never
+Flower's unseeded node sampling), the downlink bytes and fit instructions, the validation of
+every uplink payload, aggregation by the configured strategy in client-id order, and the
+checkpoint. This module only maps fedprompt client ids (data partitions) to Flower node ids,
+wraps the bytes in messages, and turns replies, errors and missing replies into accepted or
+rejected updates.
+
+A client that fails (an error reply), sends a bad payload, or does not answer before the round
+timeout is logged and left out. The round is aggregated when at least ``federation.min_clients``
+valid updates arrived ("enough"); with fewer, :class:`NotEnoughClientsError` stops the run and
+the checkpoint of the last complete round stays on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedprompt.flower.records import (
+    EVAL_RECORD,
+    INSTRUCTIONS_RECORD,
+    instructions_record,
+    payload_content,
+    payload_record,
+    read_partition_id,
+    read_payload,
+)
+from fedprompt.metrics import round_metrics
+from fedprompt.payload import PayloadError, encode_state
+from fedprompt.server import RoundRecord, Server
+
+log = logging.getLogger("fedprompt.flower")
+
+EVAL_WIRE_DTYPE = "float32"
+"""Local evaluation gets the global state in fp32, as the in-process runtime evaluates it."""
+
+
+class NotEnoughClientsError(RuntimeError):
+    """A round ended with fewer valid updates than ``federation.min_clients``."""
+
+
+class FedPromptStrategy(Strategy):
+    """A Flower ``Strategy`` whose server-side logic is a fedprompt :class:`Server`.
+
+    Owns the map from fedprompt client ids (data partitions) to the Flower nodes that host them,
+    learnt by asking each new node for its ``partition-id`` (a query message), and the messages
+    of the round in progress. ``configure_train``/``aggregate_train`` and
+    ``configure_evaluate``/``aggregate_evaluate`` follow Flower's strategy interface, so once
+    ``map_nodes`` has run the strategy also runs under Flower's own ``Strategy.start`` loop (the
+    fedprompt ServerApp uses its own loop, which also writes the run folder and can resume). The
+    ``arrays`` Flower passes around hold the global prompt as fp32 payload bytes; the
+    authoritative global state is the Server's.
+    """
+
+    def __init__(
+        self,
+        server: Server,
+        *,
+        num_rounds: int,
+        evaluate_every: int = 1,
+        local_evaluation: bool = True,
+        message_ttl: float | None = None,
+    ) -> None:
+        self.server = server
+        self.num_rounds = num_rounds
+        self.evaluate_every = evaluate_every
+        self.local_evaluation = local_evaluation
+        self.message_ttl = message_ttl
+        self.nodes: dict[int, int] = {}
+        """fedprompt client id -> Flower node id of the SuperNode hosting that partition."""
+        self.last_record: RoundRecord | None = None
+        """What happened to each sampled client in the last aggregated round."""
+        self._answered: set[int] = set()
+        self._train: tuple[RoundRecord, dict[int, Message]] | None = None
+        self._evaluate: dict[int, Message] = {}
+
+    # ------------------------------------------------------------------ nodes <-> partitions
+
+    def configure_query(self, grid: Grid) -> list[Message]:
+        """Query messages asking each connected node not yet mapped which partition it hosts.
+
+        Mappings of nodes that left the grid are dropped first, so a restarted SuperNode can take
+        its partition back.
+        """
+        connected = set(grid.get_node_ids())
+        for cid, node in list(self.nodes.items()):
+            if node not in connected:
+                log.warning("node %d (client %d) left the federation", node, cid)
+                del self.nodes[cid]
+        self._answered &= connected
+        return [
+            Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY, ttl=self.message_ttl)
+            for node in sorted(connected - self._answered)
+        ]
+
+    def aggregate_query(self, replies: Iterable[Message]) -> None:
+        """Record the partition each replying node hosts; refuse unknown and already-hosted ones."""
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %d did not say which partition it hosts: %s", node, reply.error.reason)
+                continue
+            self._answered.add(node)
+            try:
+                cid = read_partition_id(reply.content)
+            except PayloadError as exc:
+                log.warning("node %d sent a bad partition reply: %s", node, exc)
+                continue
+            if cid not in self.server.client_ids:
+                log.warning(
+                    "node %d hosts partition %d, which this run does not have (ids %d..%d); ignored",
+                    node,
+                    cid,
+                    self.server.client_ids[0],
+                    self.server.client_ids[-1],
+                )
+            elif self.nodes.get(cid, node) != node:
+                log.warning(
+                    "node %d also claims partition %d, hosted by node %d; ignored", node, cid, self.nodes[cid]
+                )
+            else:
+                self.nodes[cid] = node
+
+    def map_nodes(self, grid: Grid, *, wait_for: int, timeout: float, reply_timeout: float) -> None:
+        """Query new nodes until ``wait_for`` partitions are hosted or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while True:
+            messages = self.configure_query(grid)
+            if messages:
+                self.aggregate_query(grid.send_and_receive(messages, timeout=reply_timeout))
+            if len(self.nodes) >= wait_for or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        log.info("partitions hosted: %s", dict(sorted(self.nodes.items())))
+        if len(self.nodes) < self.server.min_clients:
+            raise NotEnoughClientsError(
+                f"after {timeout:.0f} s only {len(self.nodes)} SuperNodes name a partition of this run, "
+                f"fewer than federation.min_clients={self.server.min_clients}; start one SuperNode per "
+                "partition with --node-config 'partition-id=<id>'"
+            )
+
+    # ------------------------------------------------------------------ training
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One train message per sampled client: the downlink bytes and its fit instructions.
+
+        A sampled client whose partition no node hosts is rejected at once.
+        """
+        record = RoundRecord(server_round, self.server.sample(server_round))
+        messages: dict[int, Message] = {}
+        for cid in record.sampled:
+            node = self.nodes.get(cid)
+            if node is None:
+                self.server.reject(record, cid, f"no SuperNode hosts partition {cid}")
+                continue
+            content = payload_content(
+                self.server.downlink(server_round, cid),
+                {INSTRUCTIONS_RECORD: instructions_record(cid, self.server.instructions(server_round, cid))},
+            )
+            messages[cid] = Message(
+                content,
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+                group_id=str(server_round),
+                ttl=self.message_ttl,
+            )
+        self._train = (record, messages)
+        return list(messages.values())
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply's bytes with the Server, reject failures, aggregate when enough remain.
+
+        Raises NotEnoughClientsError when fewer than ``federation.min_clients`` updates are valid.
+        """
+        if self._train is None or self._train[0].round != server_round:
+            raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
+        record, messages = self._train
+        self._train = None
+        for cid, reply in sorted(_match_replies(messages, replies).items()):
+            if reply is None:
+                self.server.reject(record, cid, "no reply before the round timeout")
+            elif reply.has_error():
+                self.server.reject(record, cid, f"client failed: {reply.error.reason}")
+            else:
+                try:
+                    data = read_payload(reply.content, self.server.max_bytes)
+                except PayloadError as exc:
+                    self.server.reject(record, cid, f"invalid payload: {exc}")
+                else:
+                    self.server.receive(record, cid, data)
+        self.last_record = record
+        if len(record.accepted) < self.server.min_clients:
+            raise NotEnoughClientsError(
+                f"round {server_round}: {len(record.accepted)} valid updates from {len(record.sampled)} "
+                f"sampled clients, fewer than federation.min_clients={self.server.min_clients}; "
+                f"rejected: {record.rejected}"
+            )
+        self.server.aggregate(record)
+        return self.global_arrays(), MetricRecord(round_metrics(self.server, record))
+
+    def global_arrays(self) -> ArrayRecord:
+        """The global prompt state as an ArrayRecord of fp32 safetensors bytes."""
+        return payload_record(encode_state(self.server.global_state, EVAL_WIRE_DTYPE))
+
+    # ------------------------------------------------------------------ local evaluation
+
+    def evaluation_due(self, server_round: int) -> bool:
+        """Whether round ``server_round`` ends with an evaluation (round 0: the initial prompt)."""
+        return server_round == 0 or server_round % self.evaluate_every == 0 or server_round == self.num_rounds
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """When local evaluation is due: the fp32 global state to every node that hosts a partition."""
+        self._evaluate = {}
+        if not (self.local_evaluation and self.evaluation_due(server_round)):
+            return []
+        data = encode_state(self.server.global_state, EVAL_WIRE_DTYPE)
+        self._evaluate = {
+            cid: Message(
+                payload_content(data),
+                dst_node_id=node,
+                message_type=MessageType.EVALUATE,
+                group_id=str(server_round),
+                ttl=self.message_ttl,
+            )
+            for cid, node in sorted(self.nodes.items())
+        }
+        return list(self._evaluate.values())
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted local accuracy and loss over the clients that answered, in client-id order."""
+        messages, self._evaluate = self._evaluate, {}
+        local = []
+        for cid, reply in sorted(_match_replies(messages, replies).items()):
+            if reply is None or reply.has_error():
+                reason = "no reply" if reply is None else reply.error.reason
+                log.warning("round %d: local evaluation of client %d failed: %s", server_round, cid, reason)
+                continue
+            try:
+                metrics = _read_eval_metrics(reply.content)
+            except PayloadError as exc:
+                log.warning("round %d: client %d sent bad evaluation metrics: %s", server_round, cid, exc)
+                continue
+            if metrics is not None:
+                local.append(metrics)
+        if not local:
+            return None
+        total = sum(m["num-examples"] for m in local)
+        return MetricRecord(
+            {
+                "local_accuracy": sum(m["accuracy"] * m["num-examples"] for m in local) / total,
+                "local_loss": sum(m["loss"] * m["num-examples"] for m in local) / total,
+            }
+        )
+
+    def summary(self) -> None:
+        """Log what this strategy runs."""
+        log.info(
+            "fedprompt strategy %s over %d clients (fraction %g, min_clients %d, seed %d), %d rounds",
+            type(self.server.strategy).__name__,
+            len(self.server.client_ids),
+            self.server.fraction,
+            self.server.min_clients,
+            self.server.seed,
+            self.num_rounds,
+        )
+
+
+def _match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> dict[int, Message | None]:
+    """Client id -> its reply (None when none came), matched on the id of the message replied to.
+
+    Matching on the message id, not the sender, also places the errors the SuperLink writes for
+    nodes that went offline (they come from the SuperLink's own node id).
+    """
+    by_message = {message.metadata.message_id: cid for cid, message in messages.items()}
+    matched: dict[int, Message | None] = dict.fromkeys(messages)
+    for reply in replies:
+        cid = by_message.get(reply.metadata.reply_to_message_id)
+        if cid is None or matched[cid] is not None:
+            log.warning("ignoring a reply to unknown message %r", reply.metadata.reply_to_message_id)
+            continue
+        matched[cid] = reply
+    return matched
+
+
+def _read_eval_metrics(content: RecordDict) -> dict[str, float] | None:
+    """Accuracy, loss and example count of a local evaluation; None when the client has no split."""
+    if EVAL_RECORD not in content.metric_records:
+        raise PayloadError(f"message has no {EVAL_RECORD!r} MetricRecord")
+    record = content.metric_records[EVAL_RECORD]
+    if not record:
+        return None
+    keys = ("accuracy", "loss", "num-examples")
+    if sorted(record) != sorted(keys):
+        raise PayloadError(f"{EVAL_RECORD!r} must hold {list(keys)}, got {sorted(record)}")
+    values = {key: record[key] for key in keys}
+    bad = [k for k, v in values.items() if not isinstance(v, int | float) or not math.isfinite(v)]
+    if bad or values["num-examples"] <= 0:
+        raise PayloadError(f"{EVAL_RECORD!r} values must be finite with num-examples > 0, got {values}")
+    return {key: float(value) for key, value in values.items()}

@@ -1,0 +1,1 @@
+"""A Flower app that runs a fedprompt job: the configuration is ``fedprompt.yaml`` beside this package."""

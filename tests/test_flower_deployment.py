@@ -1,0 +1,379 @@
+"""Flower's deployment engine for real: a flower-superlink and two or three flower-supernode processes
+on 127.0.0.1 run a tiny fedprompt job; its global prompt must equal the in-process run's.
+
+Every process a test starts gets its own session; the fixture kills each of them, and every
+process they started, by process id when the test ends, passed or failed. Telemetry, Flower's
+update check and run-time dependency installation are off, and nothing leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from flower_support import tiny_config, write_app, write_dataset
+from safetensors.torch import load_file
+
+import fedprompt
+from fedprompt.config import load_config
+from fedprompt.experiment import build_experiment
+from fedprompt.results import CLIENTS_FILE, FINAL_PROMPT_FILE
+from fedprompt.simulation import run_in_process
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+"""The virtual environment's scripts: flower-superlink, flower-supernode, flwr."""
+RUN_TIMEOUT = 420.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Certificates:
+    """A CA, a server certificate for 127.0.0.1/localhost signed by it, and the server's key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def generate(cls, folder: Path) -> Certificates:
+        folder.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedprompt test CA")])
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        out = cls(folder / "ca.crt", folder / "server.pem", folder / "server.key")
+        out.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out.key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+        return out
+
+
+def _node_key_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's EC P-384 key pair in OpenSSH format (private key, public key)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return private, public
+
+
+class Cluster:
+    """Owns the Flower processes of one test: their logs, ports and shutdown.
+
+    Each process is started in its own session; ``stop`` and ``stop_all`` find it and every
+    process below it by process id and end them (SIGTERM, then SIGKILL).
+    """
+
+    def __init__(self, folder: Path, certs: Certificates | None = None, node_auth: bool = False) -> None:
+        self.folder = folder
+        self.certs = certs
+        self.node_auth = node_auth
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.port = _free_port()
+        home = folder / "flwr-home"
+        home.mkdir(parents=True)
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+        connection = [f'address = "127.0.0.1:{self.port}"']
+        connection.append(f'root-certificates = "{certs.ca}"' if certs else "insecure = true")
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "test"\n\n[superlink.test]\n' + "\n".join(connection) + "\n"
+        )
+
+    def log(self, name: str) -> Path:
+        return self.folder / f"{name}.log"
+
+    def start(self, name: str, args: Sequence[str]) -> subprocess.Popen:
+        with self.log(name).open("w") as log:
+            process = subprocess.Popen(
+                [str(BIN / args[0]), *args[1:]],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.folder,
+                env=self.env,
+                start_new_session=True,
+            )
+        self.processes[name] = process
+        return process
+
+    def tls_args(self) -> list[str]:
+        if self.certs is None:
+            return ["--insecure"]
+        return [
+            "--ssl-ca-certfile",
+            str(self.certs.ca),
+            "--ssl-certfile",
+            str(self.certs.cert),
+            "--ssl-keyfile",
+            str(self.certs.key),
+        ]
+
+    def start_superlink(self) -> None:
+        args = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port), *self.tls_args()]
+        args.append("--disable-runtime-dependency-installation")
+        if self.node_auth:
+            args.append("--enable-supernode-auth")
+        process = self.start("superlink", args)
+        scheme = "https" if self.certs else "http"
+        context = ssl.create_default_context(cafile=str(self.certs.ca)) if self.certs else None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited: {self.tail('superlink')}")
+            try:
+                with urllib.request.urlopen(
+                    f"{scheme}://127.0.0.1:{self.port}/health", timeout=2, context=context
+                ) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"flower-superlink not ready in 120 s: {self.tail('superlink')}")
+
+    def start_supernode(self, partition: int) -> None:
+        args = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port())]
+        args += ["--root-certificates", str(self.certs.ca)] if self.certs else ["--insecure"]
+        args += ["--node-config", f"partition-id={partition}"]
+        if self.node_auth:
+            private, public = _node_key_pair(self.folder, f"node{partition}")
+            self.flwr(["supernode", "register", str(public), "test"], timeout=120)
+            args += ["--auth-supernode-private-key", str(private)]
+        self.start(f"supernode{partition}", args)
+
+    def flwr(self, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=self.folder,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        assert done.returncode == 0, f"flwr {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+        return done
+
+    def run_app(self, app: Path, results: Path, round_timeout: float) -> subprocess.Popen:
+        run_config = f"results-dir='{results}' round-timeout={round_timeout} node-wait-timeout=240.0"
+        return self.start(
+            "flwr-run", ["flwr", "run", str(app), "test", "--stream", "--run-config", run_config]
+        )
+
+    def wait_for_results(self, run: subprocess.Popen, results: Path) -> Path:
+        """The run folder, once the ServerApp has written its final prompt (or fail with the logs)."""
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            finals = list(results.glob(f"*/{FINAL_PROMPT_FILE}"))
+            if finals:
+                return finals[0].parent
+            if run.poll() is not None and run.returncode != 0:
+                break
+            time.sleep(1.0)
+        pytest.fail(f"no final prompt in {results}\n{self.all_tails()}")
+
+    def wait_for_line(self, name: str, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log(name).read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        pytest.fail(f"{name} never logged {text!r}\n{self.all_tails()}")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """End a started process and every process below it, each by its id."""
+        process = self.processes.pop(name)
+        try:
+            tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=15)
+        process.wait(timeout=15)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.stop(name)
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        path = self.log(name)
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def all_tails(self) -> str:
+        names = sorted(p.stem for p in self.folder.glob("*.log"))
+        return "\n".join(f"--- {name} ---\n{self.tail(name)}" for name in names)
+
+
+@pytest.fixture
+def make_cluster(tmp_path) -> Iterator:
+    clusters: list[Cluster] = []
+
+    def make(**kwargs) -> Cluster:
+        clusters.append(Cluster(tmp_path / "cluster", **kwargs))
+        return clusters[-1]
+
+    try:
+        yield make
+    finally:
+        for cluster in clusters:
+            cluster.stop_all()
+
+
+def _assert_same_prompt(run_dir: Path, expected: dict[str, torch.Tensor]) -> None:
+    got = load_file(str(run_dir / FINAL_PROMPT_FILE))
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), (
+            f"{name} differs: max |diff| {(got[name] - tensor).abs().max()}"
+        )
+
+
+def test_tls_deployment_with_node_auth_gives_the_in_process_global_prompt(tmp_path, make_cluster):
+    # Three sites, two sampled per round by fedprompt's seeded sampling, FedAdam on the server.
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=3, rounds=2)
+    config["federation"]["fraction"] = 0.6
+    app = write_app(tmp_path / "app", config)
+    expected = fedprompt.run(load_config(app / "fedprompt.yaml"), write=False)
+
+    cluster = make_cluster(certs=Certificates.generate(tmp_path / "certs"), node_auth=True)
+    cluster.start_superlink()
+    for partition in range(3):
+        cluster.start_supernode(partition)
+    run = cluster.run_app(app, tmp_path / "results", round_timeout=240.0)
+    run_dir = cluster.wait_for_results(run, tmp_path / "results")
+
+    _assert_same_prompt(run_dir, expected.final_state)
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("clients_accepted") for r in history] == [None, 2, 2]
+    for got, want in zip(history, expected.history, strict=True):
+        assert {k: v for k, v in got.items() if k != "time_s"} == {
+            k: v for k, v in want.items() if k != "time_s"
+        }
+
+
+def test_a_site_that_dies_mid_round_does_not_stop_the_run(tmp_path, make_cluster):
+    # Insecure this time; three sites, min_clients 2, and site 2 is killed (SIGKILL) mid-round.
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=3, rounds=2)
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+
+    # In process, the same job in which client 2 fails every round from the first on.
+    experiment = build_experiment(cfg)
+
+    def dead(*args, **kwargs):
+        raise ConnectionError("the site went down")
+
+    experiment.clients[2].fit_payload = dead
+    expected = run_in_process(experiment, cfg)
+
+    cluster = make_cluster()
+    cluster.start_superlink()
+    for partition in range(3):
+        cluster.start_supernode(partition)
+    run = cluster.run_app(app, tmp_path / "results", round_timeout=240.0)
+    cluster.wait_for_line("supernode2", "Receiving: train message", timeout=RUN_TIMEOUT)
+    cluster.stop("supernode2", signal.SIGKILL)  # the site dies while its ClientApp trains
+    run_dir = cluster.wait_for_results(run, tmp_path / "results")
+
+    _assert_same_prompt(run_dir, expected.final_state)
+    rows = [json.loads(line) for line in (run_dir / CLIENTS_FILE).read_text().splitlines()]
+    assert {(r["round"], r["client_id"]) for r in rows if not r["accepted"]} == {(1, 2), (2, 2)}
+    assert all(r["reason"] for r in rows if not r["accepted"])

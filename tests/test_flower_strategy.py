@@ -1,0 +1,297 @@
+"""The Flower runtime without processes: the ServerApp strategy on mock replies (as Flower tests its
+own strategies), the ClientApp called directly, and whole runs through an in-memory grid."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from flower_support import InMemoryGrid, client_app_nodes, tiny_config, write_app, write_dataset
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import fedprompt
+import fedprompt.flower.client_app as client_app_module
+from fedprompt.config import ConfigError, load_config
+from fedprompt.experiment import build_experiment
+from fedprompt.flower import FedPromptStrategy, NotEnoughClientsError, build_client_app, run_server
+from fedprompt.flower.app_config import AppSettings
+from fedprompt.flower.records import (
+    EVAL_RECORD,
+    INSTRUCTIONS_RECORD,
+    NODE_RECORD,
+    PAYLOAD_RECORD,
+    instructions_record,
+    node_record,
+    payload_content,
+    read_instructions,
+    read_payload,
+)
+from fedprompt.payload import decode_state, encode_update
+from fedprompt.sampling import sample_clients
+from fedprompt.server import Server
+from fedprompt.state import Update
+from fedprompt.strategies import FedAvg
+from fedprompt.training import FitInstructions
+
+STATE = {"prompt": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """What a ServerApp process has set before it builds messages."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def make_server() -> Server:
+    return Server(
+        STATE,
+        FedAvg(),
+        range(5),
+        fraction=0.6,
+        min_clients=2,
+        seed=7,
+        wire_dtype="float32",
+        max_bytes=1 << 20,
+    )
+
+
+def make_strategy(nodes: dict[int, int] | None = None) -> FedPromptStrategy:
+    strategy = FedPromptStrategy(make_server(), num_rounds=3, local_evaluation=True)
+    strategy.nodes = dict(nodes if nodes is not None else {cid: 100 + cid for cid in range(5)})
+    return strategy
+
+
+def configured(strategy: FedPromptStrategy, round_num: int = 1) -> dict[int, Message]:
+    """Client id -> train message, with ids as a grid gives them when it pushes."""
+    grid = InMemoryGrid({node: lambda m, n: None for node in strategy.nodes.values()})
+    messages = list(strategy.configure_train(round_num, ArrayRecord(), ConfigRecord(), grid))
+    grid.push_messages(messages)
+    by_node = {node: cid for cid, node in strategy.nodes.items()}
+    return {by_node[m.metadata.dst_node_id]: m for m in messages}
+
+
+def update_reply(message: Message, cid: int, value: float, n: int) -> Message:
+    update = Update(cid, {"prompt": torch.full((2, 3), value)}, n, {"train_loss": 0.5})
+    return Message(payload_content(encode_update(update, "float32")), reply_to=message)
+
+
+def test_configure_train_samples_with_the_run_seed_and_carries_the_servers_bytes():
+    strategy = make_strategy()
+    messages = configured(strategy)
+    twin = make_server()
+    assert sorted(messages) == sample_clients(range(5), 0.6, 2, 7, 1) == twin.sample(1)
+    # sampling is fedprompt's over client ids: the nodes' ids and their order play no part
+    other = make_strategy({cid: 999 - 3 * cid for cid in reversed(range(5))})
+    assert sorted(configured(other)) == sorted(messages)
+    for cid, message in messages.items():
+        assert message.metadata.dst_node_id == 100 + cid
+        assert message.metadata.message_type == "train"
+        assert read_payload(message.content, 1 << 20) == twin.downlink(1, cid)
+        assert read_instructions(message.content) == (cid, twin.instructions(1, cid))
+
+
+def test_aggregate_train_on_mock_replies_validates_and_averages_in_client_order():
+    strategy = make_strategy()
+    messages = configured(strategy)
+    a, b, c = sorted(messages)
+    replies = [
+        update_reply(messages[a], a, 1.0, 1),
+        update_reply(messages[b], b, 4.0, 3),
+        Message(Error(code=0, reason="CUDA out of memory"), reply_to=messages[c]),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert torch.equal(strategy.server.global_state["prompt"], torch.full((2, 3), (1.0 * 1 + 4.0 * 3) / 4))
+    record = strategy.last_record
+    assert [u.client_id for u in record.accepted] == [a, b]
+    assert "CUDA out of memory" in record.rejected[c]
+    assert metrics["clients_accepted"] == 2 and metrics["clients_rejected"] == 1
+    assert read_payload(RecordDict({PAYLOAD_RECORD: arrays}), 1 << 20)  # the new global prompt, as bytes
+    assert strategy.server.completed_rounds == 1
+
+
+def test_reply_order_does_not_change_the_global_prompt():
+    results = []
+    for seed in range(3):
+        strategy = make_strategy()
+        messages = configured(strategy)
+        replies = [update_reply(m, cid, 0.1 * cid + 0.37, 2 + cid) for cid, m in messages.items()]
+        random.Random(seed).shuffle(replies)
+        strategy.aggregate_train(1, replies)
+        results.append(strategy.server.global_state["prompt"])
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+def test_bad_payloads_and_missing_replies_are_rejected_and_too_few_stop_the_round():
+    strategy = make_strategy()
+    messages = configured(strategy)
+    a, b, c = sorted(messages)
+    garbage = RecordDict({PAYLOAD_RECORD: ArrayRecord()})
+    wrong_client = update_reply(messages[a], b, 1.0, 1)  # a's reply claims to be client b
+    replies = [wrong_client, Message(garbage, reply_to=messages[b])]  # and c never answers
+    with pytest.raises(NotEnoughClientsError, match="min_clients=2"):
+        strategy.aggregate_train(1, replies)
+    rejected = strategy.last_record.rejected
+    assert "expected" in rejected[a] and "safetensors" in rejected[b] and "timeout" in rejected[c]
+    assert torch.equal(strategy.server.global_state["prompt"], STATE["prompt"])  # not aggregated
+    assert strategy.server.completed_rounds == 0
+
+
+def test_a_sampled_partition_without_a_node_is_left_out_and_the_round_goes_on():
+    strategy = make_strategy()
+    sampled = strategy.server.sample(1)
+    del strategy.nodes[sampled[0]]
+    messages = configured(strategy)
+    assert sorted(messages) == sampled[1:]
+    strategy.aggregate_train(1, [update_reply(m, cid, 2.0, 1) for cid, m in messages.items()])
+    assert "no SuperNode hosts partition" in strategy.last_record.rejected[sampled[0]]
+    assert torch.equal(strategy.server.global_state["prompt"], torch.full((2, 3), 2.0))
+
+
+def test_query_maps_partitions_to_nodes_and_forgets_nodes_that_leave():
+    strategy = make_strategy({})
+    grid = InMemoryGrid({node: lambda m, n: None for node in (11, 12, 13, 14)})
+    queries = {m.metadata.dst_node_id: m for m in strategy.configure_query(grid)}
+    assert sorted(queries) == [11, 12, 13, 14]
+    grid.push_messages(queries.values())
+    replies = [
+        Message(RecordDict({NODE_RECORD: node_record(0)}), reply_to=queries[11]),
+        Message(RecordDict({NODE_RECORD: node_record(0)}), reply_to=queries[12]),  # claims 0 too
+        Message(RecordDict({NODE_RECORD: node_record(9)}), reply_to=queries[13]),  # no partition 9
+        Message(Error(code=0, reason="no partition-id"), reply_to=queries[14]),
+    ]
+    strategy.aggregate_query(replies)
+    assert strategy.nodes == {0: 11}
+    assert [m.metadata.dst_node_id for m in strategy.configure_query(grid)] == [14]  # asked again
+    del grid.nodes[11]
+    strategy.configure_query(grid)
+    assert strategy.nodes == {}
+
+
+def test_flowers_own_strategy_loop_runs_the_strategy():
+    # Nodes that host partitions 0..4 and answer every train message with state + 1.
+    def node(message: Message, node_id: int) -> Message:
+        if message.metadata.message_type == "query":
+            return Message(RecordDict({NODE_RECORD: node_record(node_id - 100)}), reply_to=message)
+        cid, _ = read_instructions(message.content)
+        state, _ = decode_state(read_payload(message.content, 1 << 20), make_server().downlink_spec)
+        return update_reply(message, cid, float(state["prompt"][0, 0]) + 1, 1)
+
+    grid = InMemoryGrid({100 + cid: node for cid in range(5)})
+    strategy = make_strategy({})
+    strategy.local_evaluation = False
+    strategy.map_nodes(grid, wait_for=5, timeout=5, reply_timeout=5)
+    result = strategy.start(grid, strategy.global_arrays(), num_rounds=3, timeout=5)
+    assert strategy.server.completed_rounds == 3
+    assert torch.equal(strategy.server.global_state["prompt"], torch.full((2, 3), 3.0))  # 0 + 1 + 1 + 1
+    assert result.arrays.object_id == strategy.global_arrays().object_id
+
+
+def test_aggregate_evaluate_weights_local_metrics_by_examples():
+    strategy = make_strategy({0: 100, 1: 101, 2: 102})
+    strategy.evaluate_every = 2
+    assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), InMemoryGrid({}))) == []
+    messages = list(strategy.configure_evaluate(2, ArrayRecord(), ConfigRecord(), InMemoryGrid({})))
+    InMemoryGrid({}).push_messages(messages)
+    metrics = [
+        {"accuracy": 0.5, "loss": 1.0, "num-examples": 10.0},
+        {"accuracy": 1.0, "loss": 0.0, "num-examples": 30.0},
+        {},  # a client without a held-out split
+    ]
+    replies = [
+        Message(RecordDict({EVAL_RECORD: MetricRecord(m)}), reply_to=msg)
+        for msg, m in zip(messages, metrics, strict=True)
+    ]
+    local = strategy.aggregate_evaluate(2, replies)
+    assert local["local_accuracy"] == pytest.approx(0.875) and local["local_loss"] == pytest.approx(0.25)
+    assert strategy.evaluation_due(0) and strategy.evaluation_due(3)  # the initial and the last round
+
+
+def test_flower_runtime_in_memory_gives_the_in_process_run(tmp_path, monkeypatch):
+    # Sampling 2 of 3, FedAdam, local evaluation through evaluate messages: every number the
+    # in-process run writes must come out the same, and each "process" builds its backbone once.
+    config = tiny_config(
+        write_dataset(tmp_path / "data.jsonl"), num_clients=3, rounds=2, federation={"fraction": 0.6}
+    )
+    config["federation"]["local_evaluation"] = True
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    expected = fedprompt.run(cfg, write=False)
+
+    builds = []
+
+    def counting_build(*args, **kwargs):
+        builds.append(args)
+        return build_experiment(*args, **kwargs)
+
+    monkeypatch.setattr(client_app_module, "build_experiment", counting_build)
+    monkeypatch.setattr(client_app_module, "_CACHE", {})
+    client_app = build_client_app(app / "fedprompt.yaml")
+    grid = InMemoryGrid(client_app_nodes(client_app, range(3), {}))
+    result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
+
+    assert torch.equal(result.final_state["prompt.embeddings"], expected.final_state["prompt.embeddings"])
+    for got, want in zip(result.history, expected.history, strict=True):
+        assert {k: v for k, v in got.items() if k != "time_s"} == {
+            k: v for k, v in want.items() if k != "time_s"
+        }
+    assert len(builds) == 1  # one backbone for every message of the run
+    kinds = [m.metadata.message_type for m in grid.sent]
+    assert kinds.count("train") == 4 and kinds.count("evaluate") == 9 and kinds.count("query") == 3
+    assert (result.run_dir / "final_prompt.safetensors").is_file()
+
+
+def test_resume_continues_a_flower_run_from_its_checkpoint(tmp_path):
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=2, rounds=2)
+    cfg = load_config(config)
+    client_app = build_client_app(write_app(tmp_path / "app", config) / "fedprompt.yaml")
+    full = run_server(
+        InMemoryGrid(client_app_nodes(client_app, range(2), {})), cfg, AppSettings(results_dir=tmp_path)
+    )
+
+    stopped = load_config(config, ["federation.rounds=1"])
+    first = run_server(
+        InMemoryGrid(client_app_nodes(client_app, range(2), {})), stopped, AppSettings(results_dir=tmp_path)
+    )
+    resumed = run_server(
+        InMemoryGrid(client_app_nodes(client_app, range(2), {})), cfg, AppSettings(resume=first.run_dir)
+    )
+    assert torch.equal(resumed.final_state["prompt.embeddings"], full.final_state["prompt.embeddings"])
+    assert [row["round"] for row in resumed.history] == [0, 1, 2]
+
+
+def test_client_app_names_the_fix_for_a_node_without_a_partition(tmp_path):
+    app = write_app(tmp_path / "app", tiny_config(write_dataset(tmp_path / "data.jsonl")))
+    client_app = build_client_app(app / "fedprompt.yaml")
+    query = Message(RecordDict(), dst_node_id=5, message_type="query")
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match="--node-config 'partition-id="):
+        client_app(query, context)
+    context.node_config = {"partition-id": 1, "num-partitions": 10}
+    with pytest.raises(ConfigError, match=r"num-partitions=10 but partition\.num_clients is 3"):
+        client_app(query, context)
+    context.node_config = {"partition-id": 2}
+    reply = client_app(query, context)
+    assert reply.content.config_records[NODE_RECORD]["partition-id"] == 2
+    train = Message(
+        payload_content(
+            b"not safetensors", {INSTRUCTIONS_RECORD: instructions_record(1, FitInstructions(1, 5))}
+        ),
+        dst_node_id=5,
+        message_type="train",
+    )
+    with pytest.raises(ValueError, match="client 1; this node hosts partition 2"):
+        client_app(train, context)
+
+
+def test_run_config_values_are_checked():
+    settings = AppSettings.from_run_config(
+        {"fedprompt-overrides": "federation.rounds=3 seed=1", "round-timeout": 30, "results-dir": "out"}
+    )
+    assert settings.overrides == ("federation.rounds=3", "seed=1") and settings.round_timeout == 30.0
+    with pytest.raises(ConfigError, match="round-timeout"):
+        AppSettings.from_run_config({"round-timeout": -1})
+    with pytest.raises(ConfigError, match="results-dir"):
+        AppSettings.from_run_config({"results-dir": 3})
