@@ -141,22 +141,50 @@ def flower_new_app(
     typer.echo(f"Flower app written to {path}; see {path / 'README.md'} to run it")
 
 
+@flower_cli.command("site-worker")
+def flower_site_worker(
+    socket_path: Annotated[
+        Path, typer.Option("--socket", help="Unix socket path; name it in the SuperNode's node config.")
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(help="The app's fedprompt.yaml: build its experiment now, before the first round."),
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field (repeatable).")] = None,
+) -> None:
+    """Keep one site's backbone and data loaded across rounds for Flower's per-message ClientApp processes.
+
+    Start the SuperNode with --node-config "partition-id=<id> site-worker='<socket>'".
+    """
+    from fedprompt.flower.site_worker import serve as serve_site
+
+    logging.getLogger("fedprompt.flower").setLevel(logging.INFO)  # builds and rejections, always
+    try:
+        resolved = load_config(config, list(set_ or [])) if config is not None else None
+        serve_site(socket_path, resolved)
+    except (ConfigError, FileExistsError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        pass
+
+
+_BASE_NOVEL = (("base acc", "base_accuracy"), ("novel acc", "novel_accuracy"), ("HM", "harmonic_mean"))
+"""Columns of base-to-novel runs: (header, history key)."""
+
+
 def _print_summary(result: RunResult) -> None:
     table = Table(title=f"fedprompt run: {result.config.name}")
-    for column in (
-        "round",
-        "global acc",
-        "local acc",
-        "train loss",
-        "clients ok",
-        "bytes up/client",
-        "time s",
-    ):
+    extra = [(header, key) for header, key in _BASE_NOVEL if any(key in row for row in result.history)]
+    for column in ("round", "global acc", *(h for h, _ in extra), "local acc", "train loss", "clients ok"):
+        table.add_column(column, justify="right")
+    for column in ("bytes up/client", "time s"):
         table.add_column(column, justify="right")
     for row in result.history:
         table.add_row(
             str(row["round"]),
             _fmt(row.get("global_accuracy")),
+            *(_fmt(row.get(key)) for _, key in extra),
             _fmt(row.get("local_accuracy")),
             _fmt(row.get("train_loss")),
             f"{row['clients_accepted']}/{row['clients_sampled']}" if "clients_sampled" in row else "",

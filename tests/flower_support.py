@@ -134,16 +134,20 @@ class InMemoryGrid(Grid):
 
 
 def client_app_nodes(
-    client_app: Any, partitions: Iterable[int], run_config: dict[str, Any]
+    client_app: Any,
+    partitions: Iterable[int],
+    run_config: dict[str, Any],
+    node_config: dict[str, Any] | None = None,
 ) -> dict[int, Handler]:
-    """Node id -> a handler that runs ``client_app`` as the SuperNode hosting that partition."""
+    """Node id -> a handler that runs ``client_app`` as the SuperNode hosting that partition
+    (with ``node_config`` added to each node's config)."""
     node_ids = itertools.count(1001, 7)
     nodes: dict[int, Handler] = {}
     for pid in partitions:
         context = Context(
             run_id=1,
             node_id=next(node_ids),
-            node_config={"partition-id": pid},
+            node_config={"partition-id": pid, **(node_config or {})},
             state=RecordDict(),
             run_config=run_config,
         )

@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,7 @@ from safetensors.torch import load_file
 import fedprompt
 from fedprompt.config import load_config
 from fedprompt.experiment import build_experiment
+from fedprompt.flower.site_worker import SiteWorkerClient, SiteWorkerError
 from fedprompt.results import CLIENTS_FILE, FINAL_PROMPT_FILE
 from fedprompt.simulation import run_in_process
 
@@ -221,15 +223,35 @@ class Cluster:
                 time.sleep(0.5)
         raise TimeoutError(f"flower-superlink not ready in 120 s: {self.tail('superlink')}")
 
-    def start_supernode(self, partition: int) -> None:
+    def start_supernode(self, partition: int, site_worker: Path | None = None) -> None:
         args = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port())]
         args += ["--root-certificates", str(self.certs.ca)] if self.certs else ["--insecure"]
-        args += ["--node-config", f"partition-id={partition}"]
+        node_config = f"partition-id={partition}"
+        if site_worker is not None:
+            node_config += f" site-worker='{site_worker}'"
+        args += ["--node-config", node_config]
         if self.node_auth:
             private, public = _node_key_pair(self.folder, f"node{partition}")
             self.flwr(["supernode", "register", str(public), "test"], timeout=120)
             args += ["--auth-supernode-private-key", str(private)]
         self.start(f"supernode{partition}", args)
+
+    def start_site_worker(self, partition: int, socket_path: Path, app_config: Path) -> None:
+        """Start `fedprompt flower site-worker` for a site, warmed with the app config; wait for it."""
+        name = f"site-worker{partition}"
+        process = self.start(
+            name,
+            ["fedprompt", "flower", "site-worker", "--socket", str(socket_path), "--config", str(app_config)],
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited: {self.tail(name)}")
+            with contextlib.suppress(SiteWorkerError):
+                SiteWorkerClient(socket_path, timeout=5).status()
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{name} not ready in 180 s: {self.tail(name)}")
 
     def flwr(self, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess:
         done = subprocess.run(
@@ -377,3 +399,27 @@ def test_a_site_that_dies_mid_round_does_not_stop_the_run(tmp_path, make_cluster
     rows = [json.loads(line) for line in (run_dir / CLIENTS_FILE).read_text().splitlines()]
     assert {(r["round"], r["client_id"]) for r in rows if not r["accepted"]} == {(1, 2), (2, 2)}
     assert all(r["reason"] for r in rows if not r["accepted"])
+
+
+def test_site_workers_keep_each_sites_backbone_for_the_whole_run(tmp_path, make_cluster):
+    # Two sites, each with a long-lived site worker that its per-message ClientApp processes use.
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=2, rounds=2)
+    app = write_app(tmp_path / "app", config)
+    expected = fedprompt.run(load_config(app / "fedprompt.yaml"), write=False)
+
+    cluster = make_cluster()
+    with tempfile.TemporaryDirectory(prefix="fpsw") as sockets:  # short: socket paths are limited
+        paths = [Path(sockets) / f"site{p}.sock" for p in range(2)]
+        cluster.start_superlink()
+        for partition, path in enumerate(paths):
+            cluster.start_site_worker(partition, path, app / "fedprompt.yaml")
+            cluster.start_supernode(partition, site_worker=path)
+        run = cluster.run_app(app, tmp_path / "results", round_timeout=240.0)
+        run_dir = cluster.wait_for_results(run, tmp_path / "results")
+
+        _assert_same_prompt(run_dir, expected.final_state)
+        for path in paths:
+            status = SiteWorkerClient(path, timeout=30).status()
+            # Built once at start (the ClientApp's config equals the app's), then two rounds of training.
+            assert status["experiments_built"] == 1, status
+            assert status["requests"] == 2 + 2 and status["failed"] == 0, status  # + 2 status calls

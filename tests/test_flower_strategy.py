@@ -14,7 +14,6 @@ from flwr.supercore.task_identity import TaskIdentity
 import fedprompt
 import fedprompt.flower.client_app as client_app_module
 from fedprompt.config import ConfigError, load_config
-from fedprompt.experiment import build_experiment
 from fedprompt.flower import FedPromptStrategy, NotEnoughClientsError, build_client_app, run_server
 from fedprompt.flower.app_config import AppSettings
 from fedprompt.flower.records import (
@@ -28,6 +27,7 @@ from fedprompt.flower.records import (
     read_instructions,
     read_payload,
 )
+from fedprompt.flower.site import ExperimentCache
 from fedprompt.payload import decode_state, encode_update
 from fedprompt.sampling import sample_clients
 from fedprompt.server import Server
@@ -220,14 +220,8 @@ def test_flower_runtime_in_memory_gives_the_in_process_run(tmp_path, monkeypatch
     cfg = load_config(app / "fedprompt.yaml")
     expected = fedprompt.run(cfg, write=False)
 
-    builds = []
-
-    def counting_build(*args, **kwargs):
-        builds.append(args)
-        return build_experiment(*args, **kwargs)
-
-    monkeypatch.setattr(client_app_module, "build_experiment", counting_build)
-    monkeypatch.setattr(client_app_module, "_CACHE", {})
+    cache = ExperimentCache()
+    monkeypatch.setattr(client_app_module, "PROCESS_CACHE", cache)
     client_app = build_client_app(app / "fedprompt.yaml")
     grid = InMemoryGrid(client_app_nodes(client_app, range(3), {}))
     result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
@@ -237,7 +231,7 @@ def test_flower_runtime_in_memory_gives_the_in_process_run(tmp_path, monkeypatch
         assert {k: v for k, v in got.items() if k != "time_s"} == {
             k: v for k, v in want.items() if k != "time_s"
         }
-    assert len(builds) == 1  # one backbone for every message of the run
+    assert cache.builds == 1  # one backbone for every message of the run
     kinds = [m.metadata.message_type for m in grid.sent]
     assert kinds.count("train") == 4 and kinds.count("evaluate") == 9 and kinds.count("query") == 3
     assert (result.run_dir / "final_prompt.safetensors").is_file()

@@ -8,25 +8,23 @@ Each SuperNode hosts one data partition, named by its ``--node-config "partition
   update's safetensors bytes;
 - evaluate: the global prompt's accuracy and loss on the partition's held-out split.
 
-The experiment (frozen backbone, tokenised data, clients) is built once per process and kept in
-a module-level cache keyed by the configuration, so a process that serves many messages (a
-simulation worker, or any long-lived process) loads the backbone once. Flower's deployment
-engine starts a fresh ``flwr-clientapp`` process for every message, in both SuperNode isolation
-modes, so there the cache lives as long as one message (the README of an app that
-``fedprompt flower new-app`` writes says what that costs).
+The experiment (frozen backbone, tokenised data, clients) is built once per process and kept
+(``fedprompt.flower.site``), so a process that serves many messages (a simulation worker) loads
+the backbone once. Flower's deployment engine starts a fresh ``flwr-clientapp`` process for every
+message, in both SuperNode isolation modes; a SuperNode whose node config names a site worker
+(``site-worker='<socket path>'``, see ``fedprompt.flower.site_worker``) has its ClientApp hand
+train and evaluate messages to that long-lived process instead, so the site loads its backbone
+once per run.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedprompt.config import ConfigError, RunConfig
-from fedprompt.experiment import Experiment, build_experiment
 from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.records import (
     EVAL_RECORD,
@@ -38,49 +36,12 @@ from fedprompt.flower.records import (
     read_instructions,
     read_payload,
 )
-from fedprompt.flower.strategy import EVAL_WIRE_DTYPE
-from fedprompt.payload import PayloadError, PayloadSpec, decode_state
-from fedprompt.simulation import make_server
+from fedprompt.flower.site import ExperimentCache, evaluate_partition, fit_partition
+from fedprompt.flower.site_worker import SITE_WORKER, SiteWorkerClient
+from fedprompt.payload import PayloadError
 
-log = logging.getLogger("fedprompt.flower")
-
-
-@dataclass
-class HostedExperiment:
-    """What a client process keeps between messages: the experiment and the specs payloads meet."""
-
-    config: RunConfig
-    experiment: Experiment
-    downlink_spec: PayloadSpec
-    eval_spec: PayloadSpec
-
-
-_CACHE: dict[str, HostedExperiment] = {}
-
-
-def hosted_experiment(config: RunConfig) -> HostedExperiment:
-    """The experiment for ``config``, built on first use in this process and reused afterwards.
-
-    Every client of the partitioning is built (they share the one backbone, and the data are
-    loaded and tokenised whole either way), so a process that serves several partitions, such
-    as a simulation worker, still holds one backbone. A new configuration replaces the cached one.
-    """
-    key = config.model_dump_json()
-    hosted = _CACHE.get(key)
-    if hosted is None:
-        _CACHE.clear()
-        log.info("building the experiment (backbone %s) for this process", config.backbone.model)
-        experiment = build_experiment(config)
-        hosted = HostedExperiment(
-            config=config,
-            experiment=experiment,
-            downlink_spec=make_server(experiment, config).downlink_spec,
-            eval_spec=PayloadSpec.for_state(
-                experiment.model.prompt_state(), EVAL_WIRE_DTYPE, config.payload.max_bytes
-            ),
-        )
-        _CACHE[key] = hosted
-    return hosted
+PROCESS_CACHE = ExperimentCache()
+"""This process's experiment, shared by every message it serves."""
 
 
 def partition_id(context: Context, config: RunConfig) -> int:
@@ -103,49 +64,54 @@ def partition_id(context: Context, config: RunConfig) -> int:
     return pid
 
 
+def site_worker(context: Context, settings: AppSettings) -> SiteWorkerClient | None:
+    """The site worker the node config names, or None when the ClientApp does the work itself."""
+    path = context.node_config.get(SITE_WORKER)
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path:
+        raise ConfigError(
+            f"node config {SITE_WORKER!r} is {path!r}; give the worker's socket path as a quoted string, "
+            f"e.g. --node-config \"{PARTITION_ID}=0 {SITE_WORKER}='/run/fedprompt/site.sock'\""
+        )
+    return SiteWorkerClient(path, timeout=settings.round_timeout)
+
+
 def build_client_app(config_file: str | Path) -> ClientApp:
     """A Flower ClientApp that runs fedprompt clients configured by ``config_file`` (YAML)."""
     app = ClientApp()
 
-    def setup(context: Context) -> tuple[RunConfig, int]:
-        config = load_app_config(config_file, AppSettings.from_run_config(context.run_config))
-        return config, partition_id(context, config)
+    def setup(context: Context) -> tuple[RunConfig, int, SiteWorkerClient | None]:
+        settings = AppSettings.from_run_config(context.run_config)
+        config = load_app_config(config_file, settings)
+        return config, partition_id(context, config), site_worker(context, settings)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        _, pid = setup(context)
+        _, pid, _ = setup(context)
         return Message(RecordDict({NODE_RECORD: node_record(pid)}), reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        config, pid = setup(context)
+        config, pid, worker = setup(context)
         client_id, instructions = read_instructions(message.content)
         if client_id != pid:
             raise PayloadError(f"train message is for client {client_id}; this node hosts partition {pid}")
-        hosted = hosted_experiment(config)
-        uplink = hosted.experiment.clients[pid].fit_payload(
-            read_payload(message.content, config.payload.max_bytes),
-            hosted.downlink_spec,
-            instructions,
-            config.payload.wire_dtype,
-        )
+        downlink = read_payload(message.content, config.payload.max_bytes)
+        if worker is None:
+            uplink = fit_partition(PROCESS_CACHE.get(config), pid, instructions, downlink)
+        else:
+            uplink = worker.fit(config, pid, instructions, downlink)
         return Message(payload_content(uplink), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        config, pid = setup(context)
-        hosted = hosted_experiment(config)
-        state, _ = decode_state(read_payload(message.content, config.payload.max_bytes), hosted.eval_spec)
-        metrics = hosted.experiment.clients[pid].evaluate(state)
-        record = MetricRecord(
-            {}
-            if metrics is None
-            else {
-                "accuracy": metrics["accuracy"],
-                "loss": metrics["loss"],
-                "num-examples": metrics["num_examples"],
-            }
-        )
-        return Message(RecordDict({EVAL_RECORD: record}), reply_to=message)
+        config, pid, worker = setup(context)
+        state = read_payload(message.content, config.payload.max_bytes)
+        if worker is None:
+            metrics = evaluate_partition(PROCESS_CACHE.get(config), pid, state)
+        else:
+            metrics = worker.evaluate(config, pid, state)
+        return Message(RecordDict({EVAL_RECORD: MetricRecord(metrics or {})}), reply_to=message)
 
     return app

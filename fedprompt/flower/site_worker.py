@@ -1,0 +1,294 @@
+"""A long-lived process per site that keeps the experiment (frozen backbone, tokenised data) for
+the short-lived ClientApp processes of Flower's deployment engine.
+
+Flower 1.42 runs every message a SuperNode receives in a fresh ``flwr-clientapp`` process, so
+without help each message loads the backbone and tokenises the site's data again. A site that
+runs ``fedprompt flower site-worker --socket PATH`` and names that socket in its SuperNode's node
+config (``--node-config "partition-id=0 site-worker='PATH'"``) has its ClientApp hand each train
+and evaluate message to this process instead: the backbone is loaded once per site and reused by
+every round, and the ClientApp process only relays bytes.
+
+The ClientApp still checks everything Flower delivered (records, payload size, instructions)
+before it relays; the worker checks every request again, since it trusts no peer: the
+configuration is validated by pydantic, the instructions by the same reader as a Flower record,
+the payload by fedprompt's decoders against the experiment's specs. Work runs one request at a
+time (the experiment is not thread-safe), and a failure is answered with its message, which the
+ClientApp raises so the ServerApp logs the client as failed and the round goes on.
+
+Wire format, both directions: a 4-byte big-endian header length, the header as UTF-8 JSON, an
+8-byte big-endian body length, and the body (safetensors bytes, or nothing). Nothing is pickled.
+The socket is a Unix domain socket that only its owner may open (mode 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import socketserver
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, RecordDict
+from pydantic import ValidationError
+
+from fedprompt.config import RunConfig
+from fedprompt.flower.records import INSTRUCTIONS_RECORD, instructions_record, read_instructions
+from fedprompt.flower.site import ExperimentCache, evaluate_partition, fit_partition
+from fedprompt.payload import PayloadError
+from fedprompt.training import FitInstructions
+
+log = logging.getLogger("fedprompt.flower")
+
+SITE_WORKER = "site-worker"
+"""The SuperNode's ``--node-config`` key naming the site worker's socket."""
+MAX_HEADER_BYTES = 4 * 2**20
+"""Largest JSON header accepted (a resolved configuration is a few kilobytes)."""
+_HEADER_LENGTH = struct.Struct(">I")
+_BODY_LENGTH = struct.Struct(">Q")
+
+
+class SiteWorkerError(RuntimeError):
+    """The site worker could not be reached, or answered that a request failed (with why)."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One message on the socket: a JSON header and a body of bytes."""
+
+    header: dict[str, Any]
+    body: bytes = b""
+
+    def send(self, sock: socket.socket) -> None:
+        header = json.dumps(self.header).encode()
+        sock.sendall(_HEADER_LENGTH.pack(len(header)) + header + _BODY_LENGTH.pack(len(self.body)))
+        if self.body:
+            sock.sendall(self.body)
+
+    @classmethod
+    def receive(cls, sock: socket.socket, max_body: int | None = None) -> Frame:
+        """Read one frame; PayloadError when a length is over its limit or the header is not JSON.
+
+        ``max_body`` None reads the header only and leaves the body length to :meth:`receive_body`.
+        """
+        (size,) = _HEADER_LENGTH.unpack(_read_exactly(sock, _HEADER_LENGTH.size))
+        if size > MAX_HEADER_BYTES:
+            raise PayloadError(f"frame header is {size} bytes, over the limit of {MAX_HEADER_BYTES}")
+        try:
+            header = json.loads(_read_exactly(sock, size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PayloadError(f"frame header is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise PayloadError(f"frame header must be a JSON object, got {type(header).__name__}")
+        frame = cls(header)
+        return frame if max_body is None else frame.receive_body(sock, max_body)
+
+    def receive_body(self, sock: socket.socket, max_body: int) -> Frame:
+        (size,) = _BODY_LENGTH.unpack(_read_exactly(sock, _BODY_LENGTH.size))
+        if size > max_body:
+            raise PayloadError(f"frame body is {size} bytes, over the limit of {max_body} bytes")
+        return Frame(self.header, _read_exactly(sock, size))
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(min(left, 2**20))
+        if not chunk:
+            raise ConnectionError(f"the peer closed the connection with {left} of {n} bytes unread")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+class SiteWorkerClient:
+    """The ClientApp's side: one request per connection to the site worker at ``socket_path``."""
+
+    def __init__(self, socket_path: str | Path, timeout: float) -> None:
+        self.socket_path = Path(socket_path)
+        self.timeout = timeout
+
+    def fit(self, config: RunConfig, partition: int, instructions: FitInstructions, downlink: bytes) -> bytes:
+        """The update's safetensors bytes for the global state ``downlink``."""
+        record = instructions_record(partition, instructions)
+        reply = self._request(
+            {"op": "train", "config": config.model_dump_json(), "instructions": dict(record)},
+            downlink,
+            config.payload.max_bytes,
+        )
+        return reply.body
+
+    def evaluate(self, config: RunConfig, partition: int, state: bytes) -> dict[str, float] | None:
+        """The partition's local accuracy, loss and example count for ``state``, or None (no split)."""
+        reply = self._request(
+            {"op": "evaluate", "config": config.model_dump_json(), "partition": partition},
+            state,
+            0,
+        )
+        return reply.header.get("metrics")
+
+    def status(self) -> dict[str, Any]:
+        """The worker's counters: experiments built, requests served and failed, its process id."""
+        return self._request({"op": "status"}, b"", 0).header["status"]
+
+    def _request(self, header: dict[str, Any], body: bytes, max_reply_body: int) -> Frame:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(str(self.socket_path))
+            except OSError as exc:
+                raise SiteWorkerError(
+                    f"cannot reach the site worker at {self.socket_path} ({exc}); start it on this "
+                    f"site with `fedprompt flower site-worker --socket {self.socket_path}`, or drop "
+                    f"{SITE_WORKER!r} from the SuperNode's --node-config"
+                ) from None
+            try:
+                with contextlib.suppress(OSError):  # a worker that rejects a request stops reading;
+                    Frame(header, body).send(sock)  # its reply says why
+                reply = Frame.receive(sock, max_reply_body)
+            except (OSError, PayloadError) as exc:
+                raise SiteWorkerError(f"site worker at {self.socket_path}: {exc}") from None
+        if not reply.header.get("ok"):
+            raise SiteWorkerError(f"site worker at {self.socket_path}: {reply.header.get('error')}")
+        return reply
+
+
+class SiteWorker:
+    """Owns one site's long-lived experiment cache, the Unix socket it serves on and its counters.
+
+    ``serve_forever`` answers requests one at a time until ``shutdown`` (from another thread) or a
+    signal ends it; ``warm_up`` builds an experiment before the first request.
+    """
+
+    def __init__(self, socket_path: str | Path) -> None:
+        self.socket_path = Path(socket_path)
+        self.cache = ExperimentCache()
+        self.counters = {"requests": 0, "failed": 0}
+        self._server = _UnixServer(self.socket_path, self)
+
+    def warm_up(self, config: RunConfig) -> None:
+        """Build ``config``'s experiment now, so the first round does not wait for it."""
+        self.cache.get(config)
+
+    def serve_forever(self) -> None:
+        log.info("site worker serving on %s (pid %d)", self.socket_path, os.getpid())
+        try:
+            self._server.serve_forever()
+        finally:
+            self._server.server_close()
+            self.socket_path.unlink(missing_ok=True)
+
+    def shutdown(self) -> None:
+        self._server.shutdown()
+
+    def handle(self, sock: socket.socket) -> None:
+        """Answer one request on ``sock``; every failure becomes an error reply, never a crash."""
+        self.counters["requests"] += 1
+        try:
+            request = Frame.receive(sock)
+            reply = self._answer(request, sock)
+        except (PayloadError, ValidationError, ValueError, KeyError, TypeError) as exc:
+            reply = self._failure(exc)
+        except Exception as exc:  # a failing fit must not end the worker: report it to the client
+            log.exception("site worker request failed")
+            reply = self._failure(exc)
+        reply.send(sock)
+
+    def _failure(self, exc: BaseException) -> Frame:
+        self.counters["failed"] += 1
+        log.warning("site worker rejected a request: %s", exc)
+        return Frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+    def _answer(self, request: Frame, sock: socket.socket) -> Frame:
+        op = request.header.get("op")
+        if op == "status":
+            request.receive_body(sock, 0)
+            status = {**self.counters, "experiments_built": self.cache.builds, "pid": os.getpid()}
+            return Frame({"ok": True, "status": status})
+        if op not in ("train", "evaluate"):
+            raise PayloadError(f"unknown op {op!r}; expected 'train', 'evaluate' or 'status'")
+        config = RunConfig.model_validate_json(_field(request.header, "config", str))
+        body = request.receive_body(sock, config.payload.max_bytes).body  # cheap checks first
+        hosted = self.cache.get(config)
+        if op == "train":
+            fields = _field(request.header, "instructions", dict)
+            partition, instructions = read_instructions(
+                RecordDict({INSTRUCTIONS_RECORD: ConfigRecord(fields)})
+            )
+            _check_partition(partition, config)
+            return Frame({"ok": True}, fit_partition(hosted, partition, instructions, body))
+        partition = _field(request.header, "partition", int)
+        _check_partition(partition, config)
+        return Frame({"ok": True, "metrics": evaluate_partition(hosted, partition, body)})
+
+
+def _field(header: Mapping[str, Any], name: str, kind: type) -> Any:
+    value = header.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise PayloadError(f"request field {name!r} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _check_partition(partition: int, config: RunConfig) -> None:
+    if not 0 <= partition < config.partition.num_clients:
+        raise PayloadError(
+            f"partition {partition} is outside 0..{config.partition.num_clients - 1} of this configuration"
+        )
+
+
+class _UnixServer(socketserver.UnixStreamServer):
+    """A Unix stream server (owner-only socket) that hands each connection to its SiteWorker."""
+
+    def __init__(self, path: Path, worker: SiteWorker) -> None:
+        if path.exists():
+            if not path.is_socket():
+                raise FileExistsError(f"{path} exists and is not a socket; choose another --socket path")
+            if _listening(path):
+                raise FileExistsError(f"a site worker already serves on {path}")
+            path.unlink()  # left behind by a worker that was killed
+        self.worker = worker
+        old_umask = os.umask(0o177)
+        try:
+            super().__init__(str(path), _Handler)
+        finally:
+            os.umask(old_umask)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.settimeout(None)
+        try:
+            self.server.worker.handle(self.request)
+        except OSError as exc:
+            log.warning("site worker lost a client: %s", exc)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def serve(socket_path: str | Path, config: RunConfig | None = None) -> None:
+    """Run a site worker on ``socket_path`` until SIGINT or SIGTERM, warmed with ``config`` if given.
+
+    Either signal ends it cleanly: the request in progress is abandoned and the socket removed.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    worker = SiteWorker(socket_path)
+    if config is not None:
+        worker.warm_up(config)
+    worker.serve_forever()

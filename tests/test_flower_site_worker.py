@@ -1,0 +1,146 @@
+"""The site worker: a long-lived per-site process that keeps the experiment for Flower's
+per-message ClientApp processes. Served here from a thread of the test process."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flower_support import InMemoryGrid, client_app_nodes, tiny_config, write_app, write_dataset
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import fedprompt
+import fedprompt.flower.client_app as client_app_module
+from fedprompt.config import ConfigError, load_config
+from fedprompt.flower import build_client_app, run_server
+from fedprompt.flower.app_config import AppSettings
+from fedprompt.flower.records import INSTRUCTIONS_RECORD, instructions_record, payload_content
+from fedprompt.flower.site import ExperimentCache
+from fedprompt.flower.site_worker import Frame, SiteWorker, SiteWorkerClient, SiteWorkerError
+from fedprompt.training import FitInstructions
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """What a ServerApp process has set before it builds messages."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture
+def socket_path() -> Iterator[Path]:
+    # Unix socket paths are limited to about 100 bytes: a short folder, not pytest's tmp_path.
+    with tempfile.TemporaryDirectory(prefix="fpsw") as folder:
+        yield Path(folder) / "site.sock"
+
+
+@pytest.fixture
+def worker(socket_path) -> Iterator[SiteWorker]:
+    site = SiteWorker(socket_path)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield site
+    finally:
+        site.shutdown()
+        thread.join(timeout=10)
+
+
+def _raw_request(path: Path, header: dict, body: bytes = b"") -> Frame:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        Frame(header, body).send(sock)
+        return Frame.receive(sock, 1 << 20)
+
+
+def test_a_run_through_the_site_worker_gives_the_in_process_prompt_and_builds_once(
+    tmp_path, socket_path, worker, monkeypatch
+):
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=3, rounds=2)
+    config["federation"]["local_evaluation"] = True
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    expected = fedprompt.run(cfg, write=False)
+
+    process_cache = ExperimentCache()
+    monkeypatch.setattr(client_app_module, "PROCESS_CACHE", process_cache)
+    client_app = build_client_app(app / "fedprompt.yaml")
+    nodes = client_app_nodes(client_app, range(3), {}, {"site-worker": str(socket_path)})
+    grid = InMemoryGrid(nodes)
+    result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
+
+    assert torch.equal(result.final_state["prompt.embeddings"], expected.final_state["prompt.embeddings"])
+    for got, want in zip(result.history, expected.history, strict=True):
+        assert {k: v for k, v in got.items() if k != "time_s"} == {
+            k: v for k, v in want.items() if k != "time_s"
+        }
+    kinds = [m.metadata.message_type for m in grid.sent]
+    status = SiteWorkerClient(socket_path, timeout=30).status()
+    assert status["experiments_built"] == 1  # one backbone for every round and every message
+    assert status["requests"] == kinds.count("train") + kinds.count("evaluate") + 1  # + this status
+    assert status["failed"] == 0
+    assert process_cache.builds == 0  # the ClientApp only relayed
+
+
+def test_the_socket_is_private_and_a_second_worker_on_it_is_refused(socket_path, worker):
+    assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError, match="already serves"):
+        SiteWorker(socket_path)
+
+
+def test_bad_requests_get_error_replies_and_the_worker_goes_on(tmp_path, socket_path, worker):
+    cfg = load_config(tiny_config(write_dataset(tmp_path / "data.jsonl")))
+    config_json = cfg.model_dump_json()
+    record = dict(instructions_record(1, FitInstructions(1, 5)))
+
+    reply = _raw_request(socket_path, {"op": "delete-everything"})
+    assert not reply.header["ok"] and "unknown op 'delete-everything'" in reply.header["error"]
+    reply = _raw_request(socket_path, {"op": "train", "config": '{"partition": {"alpah": 1}}'})
+    assert not reply.header["ok"] and "alpah" in reply.header["error"]
+    reply = _raw_request(socket_path, {"op": "train", "config": config_json, "instructions": record})
+    assert not reply.header["ok"] and "safetensors" in reply.header["error"].lower()
+    reply = _raw_request(socket_path, {"op": "evaluate", "config": config_json, "partition": 7}, b"x")
+    assert not reply.header["ok"] and "partition 7 is outside 0..2" in reply.header["error"]
+    bad = {**record, "round": -1}
+    reply = _raw_request(socket_path, {"op": "train", "config": config_json, "instructions": bad})
+    assert not reply.header["ok"] and "'round' must be a non-negative integer" in reply.header["error"]
+
+    client = SiteWorkerClient(socket_path, timeout=30)
+    too_big = load_config(tiny_config(write_dataset(tmp_path / "data.jsonl")), ["payload.max_bytes=2048"])
+    with pytest.raises(SiteWorkerError, match="frame body is 4096 bytes, over the limit of 2048"):
+        client.fit(too_big, 1, FitInstructions(1, 5), b"\0" * 4096)
+    with pytest.raises(SiteWorkerError, match="payload is not valid safetensors"):
+        client.evaluate(cfg, 1, b"\0" * 16)
+    status = client.status()
+    # Rejected before any model loads: the op, the config, the body's size; the rest after one build.
+    assert status["failed"] == 7 and status["requests"] == 8 and status["experiments_built"] == 1
+
+
+def test_an_unreachable_worker_and_a_bad_node_config_name_the_fix(tmp_path, socket_path):
+    app = write_app(tmp_path / "app", tiny_config(write_dataset(tmp_path / "data.jsonl")))
+    client_app = build_client_app(app / "fedprompt.yaml")
+    train = Message(
+        payload_content(b"\0" * 16, {INSTRUCTIONS_RECORD: instructions_record(0, FitInstructions(1, 5))}),
+        dst_node_id=5,
+        message_type="train",
+    )
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 0, "site-worker": str(socket_path)},
+        state=RecordDict(),
+        run_config={},
+    )
+    with pytest.raises(SiteWorkerError, match=f"fedprompt flower site-worker --socket {socket_path}"):
+        client_app(train, context)
+    context.node_config = {"partition-id": 0, "site-worker": 3}
+    with pytest.raises(ConfigError, match=r"site-worker.*quoted string"):
+        client_app(train, context)
