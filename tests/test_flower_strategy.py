@@ -289,3 +289,26 @@ def test_run_config_values_are_checked():
         AppSettings.from_run_config({"round-timeout": -1})
     with pytest.raises(ConfigError, match="results-dir"):
         AppSettings.from_run_config({"results-dir": 3})
+
+
+def test_fedbpt_runs_on_the_flower_runtime_as_in_process(tmp_path):
+    # Black-box clients (CMA-ES on an intrinsic prompt) and the FedBPT server: sigma and the
+    # global CMA-ES state travel as extras in the same payloads; the result must not change.
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=3, rounds=2)
+    config["prompt"] = {"kind": "intrinsic", "dim": 20, "num_tokens": 4}
+    config["optimizer"] = {"kind": "cmaes", "popsize": 6, "budget": 6 * 16 * 2, "batch_size": 16}
+    config["strategy"] = {"kind": "fedbpt"}
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    expected = fedprompt.run(cfg, write=False)
+
+    client_app = build_client_app(app / "fedprompt.yaml")
+    grid = InMemoryGrid(client_app_nodes(client_app, range(3), {}))
+    result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
+
+    assert sorted(result.final_state) == sorted(expected.final_state)
+    for name, tensor in expected.final_state.items():
+        assert torch.equal(result.final_state[name], tensor), name
+    assert [r.get("clients_accepted") for r in result.history] == [None, 3, 3]
+    down = [r["bytes_down_per_client"] for r in result.history[1:]]
+    assert down == [r["bytes_down_per_client"] for r in expected.history[1:]]
