@@ -201,9 +201,12 @@ class Cluster:
             str(self.certs.key),
         ]
 
-    def start_superlink(self) -> None:
+    def start_superlink(self, simulation: bool = False) -> None:
+        """A SuperLink on 127.0.0.1; with ``simulation`` it runs Flower's simulation engine itself."""
         args = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port), *self.tls_args()]
         args.append("--disable-runtime-dependency-installation")
+        if simulation:
+            args.append("--simulation")
         if self.node_auth:
             args.append("--enable-supernode-auth")
         process = self.start("superlink", args)
@@ -267,11 +270,15 @@ class Cluster:
         assert done.returncode == 0, f"flwr {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
         return done
 
-    def run_app(self, app: Path, results: Path, round_timeout: float) -> subprocess.Popen:
+    def run_app(
+        self, app: Path, results: Path, round_timeout: float, supernodes: int | None = None
+    ) -> subprocess.Popen:
+        """``flwr run`` the app; ``supernodes`` sets the simulation's federation size."""
         run_config = f"results-dir='{results}' round-timeout={round_timeout} node-wait-timeout=240.0"
-        return self.start(
-            "flwr-run", ["flwr", "run", str(app), "test", "--stream", "--run-config", run_config]
-        )
+        args = ["flwr", "run", str(app), "test", "--stream", "--run-config", run_config]
+        if supernodes is not None:
+            args += ["--federation-config", f"num-supernodes={supernodes}"]
+        return self.start("flwr-run", args)
 
     def wait_for_results(self, run: subprocess.Popen, results: Path) -> Path:
         """The run folder, once the ServerApp has written its final prompt (or fail with the logs)."""
@@ -423,3 +430,19 @@ def test_site_workers_keep_each_sites_backbone_for_the_whole_run(tmp_path, make_
             # Built once at start (the ClientApp's config equals the app's), then two rounds of training.
             assert status["experiments_built"] == 1, status
             assert status["requests"] == 2 + 2 and status["failed"] == 0, status  # + 2 status calls
+
+
+def test_flowers_simulation_engine_gives_the_in_process_global_prompt(tmp_path, make_cluster):
+    # `flwr run` on Flower's simulation engine (Ray), against a SuperLink this test owns.
+    pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (Ray)")
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=3, rounds=2)
+    config["federation"]["fraction"] = 0.6
+    app = write_app(tmp_path / "app", config)
+    expected = fedprompt.run(load_config(app / "fedprompt.yaml"), write=False)
+
+    cluster = make_cluster()
+    cluster.start_superlink(simulation=True)
+    run = cluster.run_app(app, tmp_path / "results", round_timeout=240.0, supernodes=3)
+    run_dir = cluster.wait_for_results(run, tmp_path / "results")
+
+    _assert_same_prompt(run_dir, expected.final_state)
