@@ -44,7 +44,11 @@ def build_experiment(config: RunConfig, client_ids: Collection[int] | None = Non
 
     ``client_ids`` limits the clients built to those ids (a process that hosts some clients
     only, e.g. one Flower SuperNode); the partition is the same whichever ids are built.
+    The layer-dependent fields are checked from the model's configuration before anything loads.
     """
+    from fedprompt.preflight import check_model_fields
+
+    check_model_fields(config)
     if config.backbone.kind in ("hf-text", "remote"):
         from fedprompt.text_task import build_text_experiment
 

@@ -26,6 +26,7 @@ from fedprompt.config import (
 from fedprompt.data import load_text_classification, partition_indices, split_local
 from fedprompt.device import make_accelerator
 from fedprompt.experiment import Experiment
+from fedprompt.preflight import check_deep_start_layer
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
 from fedprompt.training import GradientTrainer, LocalTrainer
@@ -106,11 +107,7 @@ def build_prompt(
 
     if isinstance(config, SoftPromptConfig):
         return SoftPrompt(init())
-    if config.start_layer >= backbone.num_layers:
-        raise ConfigError(
-            f"prompt.start_layer: {config.start_layer} is past the last layer; the model has "
-            f"{backbone.num_layers} layers (0..{backbone.num_layers - 1})"
-        )
+    check_deep_start_layer(config.start_layer, backbone.num_layers)
     layers = backbone.num_layers - config.start_layer
     return DeepPrompt(torch.stack([init() for _ in range(layers)]), config.start_layer)
 

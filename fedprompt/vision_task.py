@@ -35,6 +35,7 @@ from fedprompt.data.images import load_image_classification, split_base_novel
 from fedprompt.device import make_accelerator
 from fedprompt.experiment import EvalSet, Experiment
 from fedprompt.feature_cache import FeatureCache, image_fingerprint
+from fedprompt.preflight import check_coupled_depth, vpt_layers
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
 from fedprompt.training import GradientTrainer, LocalTrainer
@@ -97,23 +98,6 @@ def build_text_context(
     )
 
 
-def _vpt_layers(config: VPTPromptConfig, backbone: OpenCLIPBackbone, field: str) -> int:
-    """How many vision layers get their own tokens (checked against the tower)."""
-    total = backbone.num_vision_layers
-    if config.start_layer >= total:
-        raise ConfigError(
-            f"{field}.start_layer: {config.start_layer} is past the last vision layer (0..{total - 1})"
-        )
-    if not config.deep:
-        return 1
-    layers = config.depth if config.depth is not None else total - config.start_layer
-    if config.start_layer + layers > total:
-        raise ConfigError(
-            f"{field}.depth: {layers} layers from {config.start_layer} pass the tower's {total} layers"
-        )
-    return layers
-
-
 def _visual_side(
     config: VPTPromptConfig | PixelPromptConfig, backbone: OpenCLIPBackbone, seed: int, field: str
 ) -> VisualTokenPrompt | PixelPrompt:
@@ -124,7 +108,7 @@ def _visual_side(
             )
         except ValueError as exc:
             raise ConfigError(f"{field}.size: {exc}") from None
-    layers = _vpt_layers(config, backbone, field)
+    layers = vpt_layers(config, backbone.num_vision_layers, field)
     generator = torch_generator(derive_seed(seed, "prompt-init", "vpt"))
     return VisualTokenPrompt(vpt_init(backbone, layers, config.num_tokens, generator), config.start_layer)
 
@@ -161,14 +145,8 @@ def build_clip_model(
         text = build_text_context(prompt.text, backbone, class_names, seed, "prompt.text")
         if prompt.coupled:
             assert isinstance(prompt.visual, VPTPromptConfig)  # TwinPromptConfig guarantees it
-            layers = _vpt_layers(prompt.visual, backbone, "prompt.visual")
-            if prompt.visual.start_layer + layers > text.depth:
-                raise ConfigError(
-                    "prompt.text.depth: coupled visual prompts in vision layers "
-                    f"{prompt.visual.start_layer}..{prompt.visual.start_layer + layers - 1} need text "
-                    "prompts in those layers; "
-                    f"raise prompt.text.depth to {prompt.visual.start_layer + layers}"
-                )
+            layers = vpt_layers(prompt.visual, backbone.num_vision_layers, "prompt.visual")
+            check_coupled_depth(prompt.visual.start_layer, layers, text.depth)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(seed, "prompt-init", "coupling"))
                 image = CoupledVisualPrompt(

@@ -78,7 +78,7 @@ class OpenCLIPBackbone:
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        name = _register_model_config(model_name)
+        name = register_model_config(model_name)
         if name not in open_clip.list_models():
             raise BackboneLoadError(
                 f"open_clip has no model {name!r}; use one of open_clip.list_models() "
@@ -303,7 +303,7 @@ def constant_tensors() -> Iterator[None]:
         yield
 
 
-def _register_model_config(model_name: str) -> str:
+def register_model_config(model_name: str) -> str:
     """A model config file is registered with open_clip under its stem; a name passes through."""
     path = Path(model_name).expanduser()
     if path.suffix == ".json":

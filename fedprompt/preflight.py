@@ -1,0 +1,114 @@
+"""The configuration fields that depend on the model's shape, checked from its configuration alone.
+
+pydantic validates a RunConfig without touching a model, but a few fields can only be checked
+against the model's layer count: the first layer of a deep text prompt, the first layer and depth
+of visual prompt tokens. ``check_model_fields`` reads the model's configuration (a Hugging Face
+``config.json`` or GGUF header, an open_clip model config) without loading any weights, so these
+errors too come before a model loads. When the configuration cannot be read here (a Hub model not
+in the local cache, say), the check is left to the builder, and the loader's own error comes first.
+The builders call the same check functions with the loaded model's layer counts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fedprompt.config import (
+    ConfigError,
+    DeepPromptConfig,
+    HFTextBackboneConfig,
+    OpenCLIPBackboneConfig,
+    RunConfig,
+    TwinPromptConfig,
+    VPTPromptConfig,
+)
+
+log = logging.getLogger(__name__)
+
+
+def check_deep_start_layer(start_layer: int, num_layers: int) -> None:
+    """A deep text prompt's first layer must be one of the model's layers."""
+    if start_layer >= num_layers:
+        raise ConfigError(
+            f"prompt.start_layer: {start_layer} is past the last layer; the model has "
+            f"{num_layers} layers (0..{num_layers - 1})"
+        )
+
+
+def vpt_layers(config: VPTPromptConfig, total: int, field: str) -> int:
+    """How many of a vision tower's ``total`` layers get their own visual prompt tokens (checked)."""
+    if config.start_layer >= total:
+        raise ConfigError(
+            f"{field}.start_layer: {config.start_layer} is past the last vision layer (0..{total - 1})"
+        )
+    if not config.deep:
+        return 1
+    layers = config.depth if config.depth is not None else total - config.start_layer
+    if config.start_layer + layers > total:
+        raise ConfigError(
+            f"{field}.depth: {layers} layers from {config.start_layer} pass the tower's {total} layers"
+        )
+    return layers
+
+
+def check_coupled_depth(start_layer: int, layers: int, text_depth: int) -> None:
+    """Coupled (MaPLe-style) visual prompts are functions of text prompts in the same layers."""
+    if start_layer + layers > text_depth:
+        raise ConfigError(
+            "prompt.text.depth: coupled visual prompts in vision layers "
+            f"{start_layer}..{start_layer + layers - 1} need text prompts in those layers; "
+            f"raise prompt.text.depth to {start_layer + layers}"
+        )
+
+
+def check_model_fields(config: RunConfig) -> None:
+    """Check the layer-dependent fields of ``config`` against the model's configuration file."""
+    prompt, backbone = config.prompt, config.backbone
+    if isinstance(prompt, DeepPromptConfig) and isinstance(backbone, HFTextBackboneConfig):
+        num_layers = text_layer_count(backbone)
+        if num_layers is not None:
+            check_deep_start_layer(prompt.start_layer, num_layers)
+    if isinstance(backbone, OpenCLIPBackboneConfig):
+        visual = prompt.visual if isinstance(prompt, TwinPromptConfig) else prompt
+        if isinstance(visual, VPTPromptConfig):
+            total = vision_layer_count(backbone)
+            if total is None:
+                return
+            field = "prompt.visual" if isinstance(prompt, TwinPromptConfig) else "prompt"
+            layers = vpt_layers(visual, total, field)
+            if isinstance(prompt, TwinPromptConfig) and prompt.coupled:
+                check_coupled_depth(visual.start_layer, layers, prompt.text.depth)
+
+
+def text_layer_count(config: HFTextBackboneConfig) -> int | None:
+    """The layer count of a Hugging Face text model from its configuration (None: not readable here)."""
+    from transformers import AutoConfig
+
+    from prompt_modules.bundled import resolve_model_name
+
+    try:
+        if config.random_config is not None:
+            model_config = AutoConfig.for_model(**config.random_config)
+        else:
+            path, gguf = resolve_model_name(config.model, config.gguf_file)
+            kwargs = {"revision": config.revision, **({"gguf_file": gguf} if gguf else {})}
+            model_config = AutoConfig.from_pretrained(path, **kwargs)
+        return int(model_config.num_hidden_layers)
+    except Exception as exc:  # unreadable here: the builder checks against the loaded model
+        log.debug("layer count of %s not read before loading: %s", config.model, exc)
+        return None
+
+
+def vision_layer_count(config: OpenCLIPBackboneConfig) -> int | None:
+    """The layer count of an open_clip ViT vision tower from its model config (None: not a ViT, or
+    not readable here)."""
+    import open_clip
+
+    from prompt_modules.clip_backbone import BackboneLoadError, register_model_config
+
+    try:
+        model_config = open_clip.get_model_config(register_model_config(config.model))
+    except BackboneLoadError:
+        return None
+    layers = (model_config or {}).get("vision_cfg", {}).get("layers")
+    return layers if isinstance(layers, int) else None
