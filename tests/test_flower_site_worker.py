@@ -96,6 +96,23 @@ def test_the_socket_is_private_and_a_second_worker_on_it_is_refused(socket_path,
         SiteWorker(socket_path)
 
 
+def test_a_socket_left_by_a_killed_worker_is_replaced_and_a_plain_file_is_not(socket_path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(socket_path))  # bound, never listening: what a SIGKILLed worker leaves
+    site = SiteWorker(socket_path)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert SiteWorkerClient(socket_path, timeout=30).status()["requests"] == 1
+    finally:
+        site.shutdown()
+        thread.join(timeout=10)
+    assert not socket_path.exists()  # removed on shutdown
+    socket_path.write_text("not a socket")
+    with pytest.raises(FileExistsError, match="is not a socket"):
+        SiteWorker(socket_path)
+
+
 def test_bad_requests_get_error_replies_and_the_worker_goes_on(tmp_path, socket_path, worker):
     cfg = load_config(tiny_config(write_dataset(tmp_path / "data.jsonl")))
     config_json = cfg.model_dump_json()
