@@ -7,6 +7,7 @@ federated/centralised, and the bytes each client sends per round against the bac
 (fp16 wire). Reads SST-2 from ../shared/data/sst2 (or --data-dir).
 
     python benchmarks/federated_vs_centralised.py [--train-examples 2000] [--rounds 6]
+    python benchmarks/federated_vs_centralised.py --server-lr 0.03     # FedAdam on the server
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--federated-lr",
+        type=float,
+        default=None,
+        help="client learning rate of the federated runs (default --lr)",
+    )
+    parser.add_argument(
+        "--server-lr",
+        type=float,
+        default=None,
+        help="federated runs use FedAdam with this server lr (default FedAvg)",
+    )
     args = parser.parse_args()
     if not args.data_dir.is_dir():
         raise SystemExit(f"SST-2 not found at {args.data_dir}; pass --data-dir")
@@ -84,6 +97,10 @@ def main() -> None:
         cfg = base_config(files, args)
         cfg["partition"] = partition
         cfg["federation"]["min_clients"] = 1
+        if name != "centralised":
+            cfg["optimizer"]["lr"] = args.federated_lr or args.lr
+            if args.server_lr is not None:
+                cfg["strategy"] = {"kind": "fedadam", "server_lr": args.server_lr}
         start = time.perf_counter()
         result = fedprompt.run(cfg, write=False)
         seen = sum(r.get("examples_seen", 0) for r in result.client_history)
