@@ -4,7 +4,9 @@
 ``ServerApp`` and ``ClientApp`` (Flower's Message API) that run the fedprompt job that
 ``config_file`` describes, on Flower's simulation engine or its deployment engine (one SuperLink,
 one SuperNode per data partition). ``fedprompt flower new-app DIR --config CONFIG`` writes a
-ready Flower app around them. Needs the ``flower`` extra (``pip install 'fedprompt[flower]'``);
+ready Flower app around them; ``fedprompt flower site-worker`` keeps a site's backbone loaded
+across the per-message ClientApp processes of the deployment engine
+(``fedprompt.flower.site_worker``). Needs the ``flower`` extra (``pip install 'fedprompt[flower]'``);
 ``fedprompt.flower.template`` alone does not import Flower.
 """
 
