@@ -41,7 +41,7 @@ MESSAGE = textwrap.dedent(
     from fedprompt.flower import build_client_app
     from fedprompt.flower.records import INSTRUCTIONS_RECORD, instructions_record
     from fedprompt.flower.records import payload_content, read_payload
-    from fedprompt.training import FitInstructions
+    from fedprompt.instructions import FitInstructions
     config_file, downlink_file, round_num, worker = sys.argv[1:5]
     for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
         setattr(TaskIdentity, name, value)

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, deserialize
 from safetensors.torch import save
 
+from fedprompt.errors import PayloadError
 from fedprompt.state import EXTRA_PREFIX, State, Update, pack, unpack
 
 WIRE_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
@@ -40,10 +41,6 @@ _INTEGER = re.compile(r"[0-9]{1,20}")  # at most 20 digits: every u64, and int()
 
 Direction = Literal["up", "down"]
 DIRECTIONS: tuple[Direction, ...] = ("up", "down")
-
-
-class PayloadError(ValueError):
-    """A payload that was rejected on arrival; the message says which part is wrong and how."""
 
 
 def _torch_dtype(wire_dtype: str) -> torch.dtype:

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from fedprompt.batching import TensorData
+from fedprompt.instructions import FitInstructions
 from fedprompt.seeding import torch_generator
-from fedprompt.state import State
 from optimizers.base import OptimizationStats
 from optimizers.gradient import GradientOptimizer
 from prompt_modules.base import PromptModule
-
-
-@dataclass(frozen=True)
-class FitInstructions:
-    """What the server tells a client for one round: the round, the client's seed, strategy values,
-    and the extra tensors the strategy sent down with the global state (e.g. a CMA-ES step size)."""
-
-    round: int
-    seed: int
-    client_config: Mapping[str, float] = field(default_factory=dict)
-    extras: State = field(default_factory=dict)
 
 
 class LocalTrainer(ABC):

@@ -25,17 +25,21 @@ def test_new_app_writes_an_app_flower_builds_with_the_resolved_config(tmp_path):
     pyproject = tomli.loads((target / "pyproject.toml").read_text())
     assert pyproject["project"]["name"] == "fedprompt-sst2-run-v1"
     assert pyproject["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "fedprompt_app.apps:server_app",
-        "clientapp": "fedprompt_app.apps:client_app",
+        "serverapp": "fedprompt_app.server:server_app",
+        "clientapp": "fedprompt_app.client:client_app",
     }
     assert pyproject["tool"]["flwr"]["app"]["config"]["round-timeout"] == 600.0
     written = load_config(target / "fedprompt.yaml")
     assert written == load_config(None, ["federation.rounds=3", "name=SST2_run.v1"])
 
     fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(target)))  # Flower validates the app here
-    assert {"fedprompt.yaml", "fedprompt_app/apps.py", "fedprompt_app/__init__.py", "README.md"} <= set(
-        fab.namelist()
-    )
+    assert {
+        "fedprompt.yaml",
+        "fedprompt_app/server.py",
+        "fedprompt_app/client.py",
+        "fedprompt_app/__init__.py",
+        "README.md",
+    } <= set(fab.namelist())
     readme = (target / "README.md").read_text()
     assert "flower-supernode" in readme and "--node-config" in readme and "$name" not in readme
     assert "flower.ai" not in readme and "supergrid" not in readme  # no remote Flower service

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -71,7 +73,7 @@ def test_a_run_through_the_site_worker_gives_the_in_process_prompt_and_builds_on
     expected = fedprompt.run(cfg, write=False)
 
     process_cache = ExperimentCache()
-    monkeypatch.setattr(client_app_module, "PROCESS_CACHE", process_cache)
+    monkeypatch.setattr(client_app_module, "_process_cache", process_cache)
     client_app = build_client_app(app / "fedprompt.yaml")
     nodes = client_app_nodes(client_app, range(3), {}, {"site-worker": str(socket_path)})
     grid = InMemoryGrid(nodes)
@@ -161,3 +163,13 @@ def test_an_unreachable_worker_and_a_bad_node_config_name_the_fix(tmp_path, sock
     context.node_config = {"partition-id": 0, "site-worker": 3}
     with pytest.raises(ConfigError, match=r"site-worker.*quoted string"):
         client_app(train, context)
+
+
+def test_the_apps_client_module_imports_no_torch(tmp_path):
+    # Flower imports the ClientApp's module in every per-message process: with a site worker that
+    # process only relays bytes, so importing it must not pull in torch (about 1.5 s a message).
+    app = write_app(tmp_path / "app", tiny_config(write_dataset(tmp_path / "data.jsonl")))
+    probe = "import sys, fedprompt_app.client; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=app, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

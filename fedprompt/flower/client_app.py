@@ -20,11 +20,16 @@ once per run.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedprompt.config import ConfigError, RunConfig
+from fedprompt.errors import PayloadError
+
+if TYPE_CHECKING:
+    from fedprompt.flower.site import ExperimentCache
 from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.records import (
     EVAL_RECORD,
@@ -36,12 +41,22 @@ from fedprompt.flower.records import (
     read_instructions,
     read_payload,
 )
-from fedprompt.flower.site import ExperimentCache, evaluate_partition, fit_partition
 from fedprompt.flower.site_worker import SITE_WORKER, SiteWorkerClient
-from fedprompt.payload import PayloadError
 
-PROCESS_CACHE = ExperimentCache()
-"""This process's experiment, shared by every message it serves."""
+_process_cache: ExperimentCache | None = None
+
+
+def process_cache() -> ExperimentCache:
+    """This process's experiment cache, shared by every message it serves.
+
+    Imported on first use: a ClientApp that relays to a site worker never imports torch.
+    """
+    global _process_cache
+    if _process_cache is None:
+        from fedprompt.flower.site import ExperimentCache
+
+        _process_cache = ExperimentCache()
+    return _process_cache
 
 
 def partition_id(context: Context, config: RunConfig) -> int:
@@ -99,7 +114,9 @@ def build_client_app(config_file: str | Path) -> ClientApp:
             raise PayloadError(f"train message is for client {client_id}; this node hosts partition {pid}")
         downlink = read_payload(message.content, config.payload.max_bytes)
         if worker is None:
-            uplink = fit_partition(PROCESS_CACHE.get(config), pid, instructions, downlink)
+            from fedprompt.flower.site import fit_partition
+
+            uplink = fit_partition(process_cache().get(config), pid, instructions, downlink)
         else:
             uplink = worker.fit(config, pid, instructions, downlink)
         return Message(payload_content(uplink), reply_to=message)
@@ -109,7 +126,9 @@ def build_client_app(config_file: str | Path) -> ClientApp:
         config, pid, worker = setup(context)
         state = read_payload(message.content, config.payload.max_bytes)
         if worker is None:
-            metrics = evaluate_partition(PROCESS_CACHE.get(config), pid, state)
+            from fedprompt.flower.site import evaluate_partition
+
+            metrics = evaluate_partition(process_cache().get(config), pid, state)
         else:
             metrics = worker.evaluate(config, pid, state)
         return Message(RecordDict({EVAL_RECORD: MetricRecord(metrics or {})}), reply_to=message)

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedprompt.payload import PayloadError
-from fedprompt.training import FitInstructions
+from fedprompt.errors import PayloadError
+from fedprompt.instructions import FitInstructions
 
 PAYLOAD_RECORD = "fedprompt.payload"
 """RecordDict key of the ArrayRecord that carries a payload."""

@@ -39,10 +39,9 @@ from flwr.app import ConfigRecord, RecordDict
 from pydantic import ValidationError
 
 from fedprompt.config import RunConfig
+from fedprompt.errors import PayloadError
 from fedprompt.flower.records import INSTRUCTIONS_RECORD, instructions_record, read_instructions
-from fedprompt.flower.site import ExperimentCache, evaluate_partition, fit_partition
-from fedprompt.payload import PayloadError
-from fedprompt.training import FitInstructions
+from fedprompt.instructions import FitInstructions
 
 log = logging.getLogger("fedprompt.flower")
 
@@ -167,6 +166,8 @@ class SiteWorker:
     """
 
     def __init__(self, socket_path: str | Path) -> None:
+        from fedprompt.flower.site import ExperimentCache  # torch: the worker's side only
+
         self.socket_path = Path(socket_path)
         self.cache = ExperimentCache()
         self.counters = {"requests": 0, "failed": 0}
@@ -206,6 +207,8 @@ class SiteWorker:
         return Frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
     def _answer(self, request: Frame, sock: socket.socket) -> Frame:
+        from fedprompt.flower.site import evaluate_partition, fit_partition  # torch: worker side only
+
         op = request.header.get("op")
         if op == "status":
             request.receive_body(sock, 0)

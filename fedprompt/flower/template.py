@@ -19,7 +19,13 @@ import yaml
 from fedprompt.config import load_config
 from fedprompt.flower.app_config import CONFIG_FILE_NAME
 
-_FILES = ("pyproject.toml", "README.md", "fedprompt_app/__init__.py", "fedprompt_app/apps.py")
+_FILES = (
+    "pyproject.toml",
+    "README.md",
+    "fedprompt_app/__init__.py",
+    "fedprompt_app/server.py",
+    "fedprompt_app/client.py",
+)
 
 
 def app_name(run_name: str) -> str:

@@ -1,4 +1,4 @@
-"""The ServerApp and ClientApp of this Flower app, built by fedprompt from ``fedprompt.yaml``.
+"""The ServerApp of this Flower app, built by fedprompt from ``fedprompt.yaml``.
 
 The YAML ships inside the app (Flower copies it to the SuperLink and every SuperNode), so every
 process runs the same configuration; ``--run-config "fedprompt-overrides='key=value ...'"``
@@ -7,9 +7,8 @@ changes it for one run.
 
 from pathlib import Path
 
-from fedprompt.flower import build_client_app, build_server_app
+from fedprompt.flower import build_server_app
 
 CONFIG_FILE = Path(__file__).resolve().parent.parent / "fedprompt.yaml"
 
 server_app = build_server_app(CONFIG_FILE)
-client_app = build_client_app(CONFIG_FILE)
