@@ -236,7 +236,8 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
     cache = FeatureCache(config.backbone.feature_cache_dir)
     batch = config.runtime.eval_batch_size
     subset = train_split if len(needed) == len(train_split) else train_split.select(needed)
-    train = image_tensors(model, subset, cache, batch)
+    # a process with no clients (a Flower ServerApp) encodes no training images at all
+    train = image_tensors(model, subset, cache, batch) if built else None
     test = image_tensors(model, test_split, cache, batch)
     if config.data.novel_class_fraction is not None:
         eval_sets["base"] = EvalSet(test, list(split.base_names))

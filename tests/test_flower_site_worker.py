@@ -173,3 +173,51 @@ def test_the_apps_client_module_imports_no_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], cwd=app, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+class _FreshEachMessage(ExperimentCache):
+    """The deployment engine without a site worker: every message builds the experiment anew."""
+
+    def get(self, config):
+        from fedprompt.flower.site import HostedExperiment
+
+        self.builds += 1
+        return HostedExperiment.build(config)
+
+
+def test_client_state_across_rounds_survives_in_the_site_worker(
+    tmp_path, socket_path, worker, monkeypatch, tiny_clip
+):
+    # ATPFL contrasts with the client's own prompt of its previous round, state that lives in the
+    # client's process: the site worker keeps it as the in-process run does; a fresh process per
+    # message loses it, and the global prompt comes out different.
+    from clip_support import clip_run_config
+
+    prompt = {
+        "kind": "twin",
+        "text": {"num_tokens": 4},
+        "visual": {"kind": "pixel", "size": 8},
+        "contrastive": True,
+    }
+    data = {"source": "image-folder", "name": str(tiny_clip.generated)}
+    config = clip_run_config(tiny_clip, prompt, data, federation={"rounds": 3, "min_clients": 2})
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    expected = fedprompt.run(cfg, write=False)
+    client_app = build_client_app(app / "fedprompt.yaml")
+
+    relayed = run_server(
+        InMemoryGrid(client_app_nodes(client_app, range(3), {}, {"site-worker": str(socket_path)})),
+        cfg,
+        AppSettings(results_dir=tmp_path / "relayed"),
+    )
+    monkeypatch.setattr(client_app_module, "_process_cache", _FreshEachMessage())
+    fresh = run_server(
+        InMemoryGrid(client_app_nodes(client_app, range(3), {})),
+        cfg,
+        AppSettings(results_dir=tmp_path / "fresh"),
+    )
+
+    for name, tensor in expected.final_state.items():
+        assert torch.equal(relayed.final_state[name], tensor), name
+    assert any(not torch.equal(fresh.final_state[n], t) for n, t in expected.final_state.items())
