@@ -73,7 +73,7 @@ def test_a_run_through_the_site_worker_gives_the_in_process_prompt_and_builds_on
     expected = fedprompt.run(cfg, write=False)
 
     process_cache = ExperimentCache()
-    monkeypatch.setattr(client_app_module, "_process_cache", process_cache)
+    monkeypatch.setattr(client_app_module.InProcessSite, "_cache", process_cache)
     client_app = build_client_app(app / "fedprompt.yaml")
     nodes = client_app_nodes(client_app, range(3), {}, {"site-worker": str(socket_path)})
     grid = InMemoryGrid(nodes)
@@ -211,7 +211,7 @@ def test_client_state_across_rounds_survives_in_the_site_worker(
         cfg,
         AppSettings(results_dir=tmp_path / "relayed"),
     )
-    monkeypatch.setattr(client_app_module, "_process_cache", _FreshEachMessage())
+    monkeypatch.setattr(client_app_module.InProcessSite, "_cache", _FreshEachMessage())
     fresh = run_server(
         InMemoryGrid(client_app_nodes(client_app, range(3), {})),
         cfg,

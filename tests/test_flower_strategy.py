@@ -221,7 +221,7 @@ def test_flower_runtime_in_memory_gives_the_in_process_run(tmp_path, monkeypatch
     expected = fedprompt.run(cfg, write=False)
 
     cache = ExperimentCache()
-    monkeypatch.setattr(client_app_module, "_process_cache", cache)
+    monkeypatch.setattr(client_app_module.InProcessSite, "_cache", cache)
     client_app = build_client_app(app / "fedprompt.yaml")
     grid = InMemoryGrid(client_app_nodes(client_app, range(3), {}))
     result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))

@@ -27,9 +27,6 @@ from flwr.clientapp import ClientApp
 
 from fedprompt.config import ConfigError, RunConfig
 from fedprompt.errors import PayloadError
-
-if TYPE_CHECKING:
-    from fedprompt.flower.site import ExperimentCache
 from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.records import (
     EVAL_RECORD,
@@ -42,21 +39,39 @@ from fedprompt.flower.records import (
     read_payload,
 )
 from fedprompt.flower.site_worker import SITE_WORKER, SiteWorkerClient
+from fedprompt.instructions import FitInstructions
 
-_process_cache: ExperimentCache | None = None
+if TYPE_CHECKING:
+    from fedprompt.flower.site import ExperimentCache
 
 
-def process_cache() -> ExperimentCache:
-    """This process's experiment cache, shared by every message it serves.
+class InProcessSite:
+    """Does a site's work in this process, on the process's experiment cache (built on first use).
 
-    Imported on first use: a ClientApp that relays to a site worker never imports torch.
+    The same two calls as :class:`SiteWorkerClient`, so the ClientApp does not care which it has.
+    torch and the model code are imported on first use: a ClientApp that relays never imports them.
     """
-    global _process_cache
-    if _process_cache is None:
-        from fedprompt.flower.site import ExperimentCache
 
-        _process_cache = ExperimentCache()
-    return _process_cache
+    _cache: ExperimentCache | None = None
+
+    @classmethod
+    def cache(cls) -> ExperimentCache:
+        """The experiment cache this process shares between messages."""
+        if InProcessSite._cache is None:
+            from fedprompt.flower.site import ExperimentCache
+
+            InProcessSite._cache = ExperimentCache()
+        return InProcessSite._cache
+
+    def fit(self, config: RunConfig, partition: int, instructions: FitInstructions, downlink: bytes) -> bytes:
+        from fedprompt.flower.site import fit_partition
+
+        return fit_partition(self.cache().get(config), partition, instructions, downlink)
+
+    def evaluate(self, config: RunConfig, partition: int, state: bytes) -> dict[str, float] | None:
+        from fedprompt.flower.site import evaluate_partition
+
+        return evaluate_partition(self.cache().get(config), partition, state)
 
 
 def partition_id(context: Context, config: RunConfig) -> int:
@@ -79,11 +94,11 @@ def partition_id(context: Context, config: RunConfig) -> int:
     return pid
 
 
-def site_worker(context: Context, settings: AppSettings) -> SiteWorkerClient | None:
-    """The site worker the node config names, or None when the ClientApp does the work itself."""
+def site_for(context: Context, settings: AppSettings) -> SiteWorkerClient | InProcessSite:
+    """The site worker the node config names, or this process when it names none."""
     path = context.node_config.get(SITE_WORKER)
     if path is None:
-        return None
+        return InProcessSite()
     if not isinstance(path, str) or not path:
         raise ConfigError(
             f"node config {SITE_WORKER!r} is {path!r}; give the worker's socket path as a quoted string, "
@@ -96,10 +111,10 @@ def build_client_app(config_file: str | Path) -> ClientApp:
     """A Flower ClientApp that runs fedprompt clients configured by ``config_file`` (YAML)."""
     app = ClientApp()
 
-    def setup(context: Context) -> tuple[RunConfig, int, SiteWorkerClient | None]:
+    def setup(context: Context) -> tuple[RunConfig, int, SiteWorkerClient | InProcessSite]:
         settings = AppSettings.from_run_config(context.run_config)
         config = load_app_config(config_file, settings)
-        return config, partition_id(context, config), site_worker(context, settings)
+        return config, partition_id(context, config), site_for(context, settings)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
@@ -108,29 +123,17 @@ def build_client_app(config_file: str | Path) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        config, pid, worker = setup(context)
+        config, pid, site = setup(context)
         client_id, instructions = read_instructions(message.content)
         if client_id != pid:
             raise PayloadError(f"train message is for client {client_id}; this node hosts partition {pid}")
-        downlink = read_payload(message.content, config.payload.max_bytes)
-        if worker is None:
-            from fedprompt.flower.site import fit_partition
-
-            uplink = fit_partition(process_cache().get(config), pid, instructions, downlink)
-        else:
-            uplink = worker.fit(config, pid, instructions, downlink)
+        uplink = site.fit(config, pid, instructions, read_payload(message.content, config.payload.max_bytes))
         return Message(payload_content(uplink), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        config, pid, worker = setup(context)
-        state = read_payload(message.content, config.payload.max_bytes)
-        if worker is None:
-            from fedprompt.flower.site import evaluate_partition
-
-            metrics = evaluate_partition(process_cache().get(config), pid, state)
-        else:
-            metrics = worker.evaluate(config, pid, state)
+        config, pid, site = setup(context)
+        metrics = site.evaluate(config, pid, read_payload(message.content, config.payload.max_bytes))
         return Message(RecordDict({EVAL_RECORD: MetricRecord(metrics or {})}), reply_to=message)
 
     return app
