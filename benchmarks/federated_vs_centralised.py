@@ -44,7 +44,7 @@ def base_config(files: dict[str, str], args: argparse.Namespace) -> dict:
         "prompt": {"kind": "soft", "num_tokens": 8, "init": "vocab"},
         "data": {"source": "files", "files": files, "label_names": ["negative", "positive"]},
         "federation": {"rounds": args.rounds, "fraction": 1.0, "local_evaluation": False},
-        "optimizer": {"lr": args.lr, "epochs": args.epochs, "batch_size": 16},
+        "optimizer": {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size},
         "payload": {"wire_dtype": "float16"},
         "runtime": {"progress": False},
     }
@@ -66,6 +66,13 @@ def main() -> None:
         type=float,
         default=None,
         help="client learning rate of the federated runs (default --lr)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--federated-batch-size",
+        type=int,
+        default=None,
+        help="batch size of the federated runs (default --batch-size)",
     )
     parser.add_argument(
         "--server-lr",
@@ -99,6 +106,7 @@ def main() -> None:
         cfg["federation"]["min_clients"] = 1
         if name != "centralised":
             cfg["optimizer"]["lr"] = args.federated_lr or args.lr
+            cfg["optimizer"]["batch_size"] = args.federated_batch_size or args.batch_size
             if args.server_lr is not None:
                 cfg["strategy"] = {"kind": "fedadam", "server_lr": args.server_lr}
         start = time.perf_counter()
