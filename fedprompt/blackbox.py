@@ -8,6 +8,7 @@ trainer runs against a backbone in this process or one behind HTTP.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -71,10 +72,24 @@ class _BlackBoxTrainer(LocalTrainer):
         name, z = next(iter(state.items()))
         return model, name, z.detach().to("cpu", torch.float32)
 
-    def _batch(self, data: TensorData, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """``size`` distinct random local examples (a fresh draw each call), trimmed to their width."""
-        index = torch.randperm(len(data), generator=generator)[:size]
-        return next(data.subset(index.numpy()).batches(size, device=self.device))
+    def _fresh_batch_loss(
+        self, module: PopulationModule, data: TensorData, seed: int
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+        """(the population loss on a fresh draw of local examples per call, the examples per draw).
+
+        Each call scores all candidates on the same ``batch_size`` distinct random examples (seeded
+        by the round's seed), trimmed to their width.
+        """
+        generator = torch_generator(seed)
+        size = min(self.batch_size, len(data))
+
+        def loss(candidates: torch.Tensor) -> torch.Tensor:
+            index = torch.randperm(len(data), generator=generator)[:size]
+            return module.population_losses(
+                candidates, next(data.subset(index.numpy()).batches(size, device=self.device))
+            )
+
+        return loss, size
 
 
 class CMAESTrainer(_BlackBoxTrainer):
@@ -106,14 +121,9 @@ class CMAESTrainer(_BlackBoxTrainer):
         sigma = float(instructions.extras[SIGMA].reshape(-1)[0]) if SIGMA in instructions.extras else None
         if self.report_search_state and sigma is None:
             raise ValueError("this client reports a FedBPT search state but the server sent no 'sigma'")
-        generator = torch_generator(instructions.seed)
-        size = min(self.batch_size, len(data))
+        loss, size = self._fresh_batch_loss(module, data, instructions.seed)
         result = self.optimizer.run(
-            z0,
-            lambda candidates: module.population_losses(candidates, self._batch(data, size, generator)),
-            examples_per_candidate=size,
-            seed=instructions.seed,
-            sigma=sigma,
+            z0, loss, examples_per_candidate=size, seed=instructions.seed, sigma=sigma
         )
         if result.stopped:
             log.info("local CMA-ES stopped after %d generations: %s", result.stats.steps, result.stopped)
@@ -152,14 +162,8 @@ class SPSATrainer(_BlackBoxTrainer):
         self, model: PromptModule, data: TensorData, instructions: FitInstructions
     ) -> OptimizationStats:
         module, name, z0 = self._vector(model)
-        generator = torch_generator(instructions.seed)
-        size = min(self.batch_size, len(data))
-        result = self.optimizer.run(
-            z0,
-            lambda candidates: module.population_losses(candidates, self._batch(data, size, generator)),
-            examples_per_candidate=size,
-            seed=instructions.seed,
-        )
+        loss, size = self._fresh_batch_loss(module, data, instructions.seed)
+        result = self.optimizer.run(z0, loss, examples_per_candidate=size, seed=instructions.seed)
         model.load_state_dict({name: result.params}, strict=True)
         result.stats.extra["mean_abs_projected_grad"] = float(result.projected_grads.abs().mean())
         return result.stats

@@ -29,8 +29,7 @@ from fedprompt.experiment import Experiment
 from fedprompt.preflight import check_deep_start_layer
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
-from fedprompt.training import GradientTrainer, LocalTrainer
-from optimizers.gradient import GradientOptimizer, GradientSettings
+from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer
 from prompt_modules.heads import HeadSpec, SimilarityHeadSpec, VerbalizerHeadSpec
 from prompt_modules.heads import build_head as build_head_from_spec
 from prompt_modules.hf_text import HFTextBackbone
@@ -179,18 +178,7 @@ def _trainer(config: RunConfig, accelerator: Accelerator) -> LocalTrainer:
     if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig):
         return build_blackbox_trainer(opt, config.strategy, accelerator.device)
     return GradientTrainer(
-        GradientOptimizer(
-            GradientSettings(
-                algorithm=opt.algorithm,
-                lr=opt.lr,
-                weight_decay=opt.weight_decay,
-                momentum=opt.momentum,
-                epochs=opt.epochs,
-                max_steps=opt.max_steps,
-                grad_clip=opt.grad_clip,
-            ),
-            accelerator,
-        ),
+        gradient_optimizer(opt, accelerator),
         batch_size=opt.batch_size,
         device=accelerator.device,
     )

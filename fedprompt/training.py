@@ -3,16 +3,40 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from fedprompt.batching import TensorData
+from fedprompt.config import GradientOptimizerConfig
 from fedprompt.instructions import FitInstructions
 from fedprompt.seeding import torch_generator
 from optimizers.base import OptimizationStats
-from optimizers.gradient import GradientOptimizer
+from optimizers.gradient import GradientOptimizer, GradientSettings
 from prompt_modules.base import PromptModule
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def gradient_optimizer(
+    config: GradientOptimizerConfig, accelerator: Accelerator | None = None
+) -> GradientOptimizer:
+    """The gradient optimiser the config's optimizer section describes (devices and precision
+    through ``accelerator``)."""
+    return GradientOptimizer(
+        GradientSettings(
+            algorithm=config.algorithm,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
+            epochs=config.epochs,
+            max_steps=config.max_steps,
+            grad_clip=config.grad_clip,
+        ),
+        accelerator,
+    )
 
 
 class LocalTrainer(ABC):

@@ -38,8 +38,8 @@ from fedprompt.feature_cache import FeatureCache, image_fingerprint
 from fedprompt.preflight import check_coupled_depth, vpt_layers
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
-from fedprompt.training import GradientTrainer, LocalTrainer
-from optimizers.gradient import GradientOptimizer, GradientSettings
+from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer
+from optimizers.gradient import GradientOptimizer
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
 from prompt_modules.clip_text_context import FixedClassText, TextContext
@@ -245,19 +245,7 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
             image_tensors(model, split.novel_test, cache, batch), list(split.novel_names)
         )
 
-    opt = config.optimizer
-    optimizer = GradientOptimizer(
-        GradientSettings(
-            algorithm=opt.algorithm,
-            lr=opt.lr,
-            weight_decay=opt.weight_decay,
-            momentum=opt.momentum,
-            epochs=opt.epochs,
-            max_steps=opt.max_steps,
-            grad_clip=opt.grad_clip,
-        ),
-        accelerator,
-    )
+    optimizer = gradient_optimizer(config.optimizer, accelerator)
     clients = {}
     for cid in built:
         local_train, local_val = split_local(

@@ -29,3 +29,16 @@ class OptimizationStats:
             "final_loss": self.final_loss,
             **self.extra,
         }
+
+
+def checked_losses(losses: torch.Tensor, count: int, where: str) -> torch.Tensor:
+    """A population loss's answer for ``count`` candidates as a float64 CPU vector, or an error
+    saying what is wrong with it (``where``: the generation or step, for the message)."""
+    if not isinstance(losses, torch.Tensor) or losses.shape != (count,):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"the population loss returned {shape} at {where}, expected ({count},)")
+    losses = losses.detach().to("cpu", torch.float64)
+    bad = int((~torch.isfinite(losses)).sum())
+    if bad:
+        raise FloatingPointError(f"{bad} of {count} candidate losses are not finite at {where}")
+    return losses

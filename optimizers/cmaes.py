@@ -18,7 +18,7 @@ import nevergrad as ng
 import numpy as np
 import torch
 
-from optimizers.base import OptimizationStats
+from optimizers.base import OptimizationStats, checked_losses
 
 PopulationLoss = Callable[[torch.Tensor], torch.Tensor]
 """Maps candidates ``[P, d]`` (float32) to their losses ``[P]``, all on the same examples."""
@@ -122,7 +122,7 @@ class CMAESOptimizer:
                 raise RuntimeError("nevergrad restarted CMA-ES mid-run; the warm start would be lost")
             sigmas.append(float(es.sigma))
             population = torch.from_numpy(np.stack([c.value for c in candidates])).to(torch.float32)
-            losses = _checked_losses(population_loss(population), popsize, generation)
+            losses = checked_losses(population_loss(population), popsize, f"generation {generation}")
             for candidate, loss in zip(candidates, losses.tolist(), strict=True):
                 optimizer.tell(candidate, loss)
             if es.countiter != generation + 1:
@@ -152,19 +152,3 @@ class CMAESOptimizer:
             stopped=stopped,
             stats=stats,
         )
-
-
-def _checked_losses(losses: torch.Tensor, popsize: int, generation: int) -> torch.Tensor:
-    """The population's losses as a float64 CPU vector, or an error saying what is wrong with them."""
-    if not isinstance(losses, torch.Tensor) or losses.shape != (popsize,):
-        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(
-            f"the population loss returned {shape} at generation {generation}, expected ({popsize},)"
-        )
-    losses = losses.detach().to("cpu", torch.float64)
-    bad = int((~torch.isfinite(losses)).sum())
-    if bad:
-        raise FloatingPointError(
-            f"{bad} of {popsize} candidate losses are not finite at generation {generation}"
-        )
-    return losses

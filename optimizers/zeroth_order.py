@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optimizers.base import OptimizationStats
+from optimizers.base import OptimizationStats, checked_losses
 
 PopulationLoss = Callable[[torch.Tensor], torch.Tensor]
 """Maps candidates ``[P, d]`` (float32) to their losses ``[P]``, all on the same examples."""
@@ -106,14 +106,7 @@ class SPSAOptimizer:
         for step in range(self.settings.steps(examples_per_candidate)):
             u = perturbation(seed, step, theta.numel())
             pair = torch.stack([theta + eps * u, theta - eps * u]).to(torch.float32)
-            losses = population_loss(pair)
-            if not isinstance(losses, torch.Tensor) or losses.shape != (2,):
-                raise ValueError(
-                    f"the population loss returned {getattr(losses, 'shape', losses)!r}, expected (2,)"
-                )
-            plus, minus = (float(v) for v in losses.detach().cpu())
-            if not (math.isfinite(plus) and math.isfinite(minus)):
-                raise FloatingPointError(f"SPSA losses at step {step} are not finite: {plus}, {minus}")
+            plus, minus = checked_losses(population_loss(pair), 2, f"SPSA step {step}").tolist()
             grad = (plus - minus) / (2 * eps)
             theta -= lr * grad * u
             grads.append(grad)

@@ -120,6 +120,19 @@ def tiny_run_config(data_file: Path, **sections) -> dict:
     return config
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Small forward passes on a busy 2-core machine run many times faster on one intra-op thread
+    (two OpenMP threads spin at every barrier when the cores are shared); restored afterwards.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """The tiny open_clip model's config and checkpoint files and a generated image folder

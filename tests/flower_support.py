@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
-import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -13,53 +11,42 @@ import yaml
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
-from conftest import TINY_BERT
+from conftest import tiny_run_config, write_keyword_dataset
 
-WORDS = {
-    "fruit": ["apple", "banana", "cherry"],
-    "nature": ["river", "mountain", "forest"],
-    "transport": ["car", "train", "plane"],
+
+def write_dataset(path: Path) -> Path:
+    """The keyword task of the other tests at 240 examples: enough for seconds-long Flower jobs."""
+    return write_keyword_dataset(path, n=240)
+
+
+FLOWER_SECTIONS: dict[str, dict[str, Any]] = {
+    "prompt": {"num_tokens": 4},
+    "data": {"test_fraction": 0.2},
+    "federation": {"fraction": 1.0, "local_evaluation": False},
+    "optimizer": {"lr": 0.05, "epochs": 1, "batch_size": 16, "max_steps": 2},
+    "strategy": {"kind": "fedadam", "server_lr": 0.1},
+    "runtime": {"device": "cpu"},
 }
-
-
-def write_dataset(path: Path, n: int = 240, seed: int = 0) -> Path:
-    """A jsonl file of short keyword texts whose label the keywords name."""
-    rng = random.Random(seed)
-    labels = list(WORDS)
-    with path.open("w") as out:
-        for i in range(n):
-            label = labels[i % len(labels)]
-            words = rng.choices(WORDS[label], k=rng.randint(1, 3))
-            out.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
-    return path
+"""How the Flower jobs differ from the other tests' tiny run: smaller, all sampled, FedAdam."""
 
 
 def tiny_config(data_file: Path, num_clients: int = 3, rounds: int = 2, **sections: dict) -> dict[str, Any]:
-    """A seconds-long job on a tiny random BERT: Dirichlet partitions, fraction < 1, FedAdam."""
-    config: dict[str, Any] = {
-        "name": "flower-tiny",
-        "seed": 3,
-        "backbone": {
-            "model": "random",
-            "random_config": {**TINY_BERT, "initializer_range": 0.3},
-            "max_length": 16,
-        },
-        "head": {
-            "kind": "verbalizer",
-            "template": "{text} [MASK]",
-            "label_words": {"fruit": ["red"], "nature": ["green"], "transport": ["blue"]},
-        },
-        "prompt": {"kind": "soft", "num_tokens": 4, "init": "random", "init_std": 0.9},
-        "data": {"source": "files", "files": {"train": str(data_file)}, "test_split": None},
-        "partition": {"kind": "iid", "num_clients": num_clients, "local_val_fraction": 0.2},
-        "federation": {"rounds": rounds, "fraction": 1.0, "min_clients": 2, "local_evaluation": False},
-        "optimizer": {"lr": 0.05, "epochs": 1, "batch_size": 16, "max_steps": 2},
-        "strategy": {"kind": "fedadam", "server_lr": 0.1},
-        "runtime": {"progress": False, "device": "cpu"},
-    }
+    """The tiny run of the other tests as a seconds-long Flower job (``FLOWER_SECTIONS``), with
+    ``num_clients`` partitions, ``rounds`` rounds and ``sections`` merged on top."""
+    merged = {name: dict(values) for name, values in FLOWER_SECTIONS.items()}
+    merged["partition"] = {"num_clients": num_clients}
+    merged["federation"]["rounds"] = rounds
     for name, values in sections.items():
-        config[name] = {**config.get(name, {}), **values}
-    return config
+        merged[name] = {**merged.get(name, {}), **values}
+    return {**tiny_run_config(data_file, **merged), "name": "flower-tiny", "seed": 3}
+
+
+def assert_same_history(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    """Every per-round number of two runs is the same, but the wall-clock time."""
+    for row, expected in zip(got, want, strict=True):
+        assert {k: v for k, v in row.items() if k != "time_s"} == {
+            k: v for k, v in expected.items() if k != "time_s"
+        }
 
 
 def write_app(directory: Path, config: dict[str, Any]) -> Path:

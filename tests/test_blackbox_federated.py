@@ -18,14 +18,7 @@ from conftest import shared_dataset, tiny_run_config, write_keyword_dataset
 TOKEN = "simulation-token-0123456789"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Small forward passes on a busy 2-core machine run many times faster on one intra-op thread
-    (two OpenMP threads spin at every barrier when the cores are shared); restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from flower_support import tiny_config, write_app, write_dataset
+from flower_support import assert_same_history, tiny_config, write_app, write_dataset
 from safetensors.torch import load_file
 
 import fedprompt
@@ -372,10 +372,7 @@ def test_tls_deployment_with_node_auth_gives_the_in_process_global_prompt(tmp_pa
     _assert_same_prompt(run_dir, expected.final_state)
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("clients_accepted") for r in history] == [None, 2, 2]
-    for got, want in zip(history, expected.history, strict=True):
-        assert {k: v for k, v in got.items() if k != "time_s"} == {
-            k: v for k, v in want.items() if k != "time_s"
-        }
+    assert_same_history(history, expected.history)
 
 
 def test_a_site_that_dies_mid_round_does_not_stop_the_run(tmp_path, make_cluster):

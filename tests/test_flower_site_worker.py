@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_support import InMemoryGrid, client_app_nodes, tiny_config, write_app, write_dataset
+from flower_support import (
+    InMemoryGrid,
+    assert_same_history,
+    client_app_nodes,
+    tiny_config,
+    write_app,
+    write_dataset,
+)
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -80,10 +87,7 @@ def test_a_run_through_the_site_worker_gives_the_in_process_prompt_and_builds_on
     result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
 
     assert torch.equal(result.final_state["prompt.embeddings"], expected.final_state["prompt.embeddings"])
-    for got, want in zip(result.history, expected.history, strict=True):
-        assert {k: v for k, v in got.items() if k != "time_s"} == {
-            k: v for k, v in want.items() if k != "time_s"
-        }
+    assert_same_history(result.history, expected.history)
     kinds = [m.metadata.message_type for m in grid.sent]
     status = SiteWorkerClient(socket_path, timeout=30).status()
     assert status["experiments_built"] == 1  # one backbone for every round and every message

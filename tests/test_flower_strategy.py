@@ -7,7 +7,14 @@ import random
 
 import pytest
 import torch
-from flower_support import InMemoryGrid, client_app_nodes, tiny_config, write_app, write_dataset
+from flower_support import (
+    InMemoryGrid,
+    assert_same_history,
+    client_app_nodes,
+    tiny_config,
+    write_app,
+    write_dataset,
+)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -227,10 +234,7 @@ def test_flower_runtime_in_memory_gives_the_in_process_run(tmp_path, monkeypatch
     result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
 
     assert torch.equal(result.final_state["prompt.embeddings"], expected.final_state["prompt.embeddings"])
-    for got, want in zip(result.history, expected.history, strict=True):
-        assert {k: v for k, v in got.items() if k != "time_s"} == {
-            k: v for k, v in want.items() if k != "time_s"
-        }
+    assert_same_history(result.history, expected.history)
     assert cache.builds == 1  # one backbone for every message of the run
     kinds = [m.metadata.message_type for m in grid.sent]
     assert kinds.count("train") == 4 and kinds.count("evaluate") == 9 and kinds.count("query") == 3

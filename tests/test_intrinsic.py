@@ -20,14 +20,7 @@ TEXTS = ["a fine film", "awful", "what a movie it was", "the plot"]
 SPEC = ProjectionSpec(seed=11, dim=40, num_tokens=3, scale=1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Small forward passes on a busy 2-core machine run many times faster on one intra-op thread
-    (two OpenMP threads spin at every barrier when the cores are shared); restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _classifier(backbone, head_kind: str = "verbalizer", chunk_size: int = 2, spec: ProjectionSpec = SPEC):

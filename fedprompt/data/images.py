@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from fedprompt.config import DataConfig
-from fedprompt.data.loading import DataError, _cap_per_class, _encode_labels, _split_off
+from fedprompt.data.loading import DataError, prepare_splits
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -82,31 +82,7 @@ def load_image_classification(config: DataConfig, seed: int) -> ImageClassificat
     test split a seeded stratified `test_fraction` of train is held out; then `max_per_class`
     (few-shot) and `max_test_examples` caps, both seeded. Raises DataError.
     """
-    splits = _load_splits(config, seed)
-    if config.train_split not in splits:
-        raise DataError(
-            f"data.train_split {config.train_split!r} is not in the data; its splits are {sorted(splits)}"
-        )
-    wanted = {config.train_split: splits[config.train_split]}
-    test_split = config.test_split if config.test_split != config.train_split else None
-    if test_split is not None and test_split in splits:
-        wanted[test_split] = splits[test_split]
-    label_names, encoded = _encode_labels(
-        {split: _select_columns(ds, split, config) for split, ds in wanted.items()}, config
-    )
-    train = encoded[config.train_split]
-    if len(train) == 0:
-        raise DataError(f"split {config.train_split!r} has no examples")
-    if test_split is not None and test_split in encoded:
-        test = encoded[test_split]
-    else:
-        train, test = _split_off(train, config.test_fraction, seed, f"a {config.test_fraction} test share")
-    if config.max_per_class is not None:
-        train = _cap_per_class(train, config.max_per_class, seed)
-    if config.max_test_examples is not None and len(test) > config.max_test_examples:
-        _, test = _split_off(
-            test, config.max_test_examples, seed, f"{config.max_test_examples} test examples"
-        )
+    train, test, label_names = prepare_splits(_load_splits(config, seed), config, seed, _select_columns)
     return ImageClassificationData(train=train, test=test, label_names=label_names)
 
 

@@ -8,6 +8,7 @@ Every source ends in the same shape (`TextClassificationData`): a train and a te
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,21 @@ def load_text_classification(config: DataConfig, seed: int) -> TextClassificatio
     Then `max_per_class` caps train per class and `max_test_examples` caps test, both seeded.
     Raises DataError.
     """
-    splits = _load_splits(config, seed)
+    train, test, label_names = prepare_splits(_load_splits(config, seed), config, seed, _select_columns)
+    return TextClassificationData(train=train, test=test, label_names=label_names)
+
+
+def prepare_splits(
+    splits: dict[str, datasets.Dataset],
+    config: DataConfig,
+    seed: int,
+    select_columns: Callable[[datasets.Dataset, str, DataConfig], datasets.Dataset],
+) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """(train, test, label names) from loaded splits, for text and images alike.
+
+    ``select_columns`` standardises a split's columns (``text`` or ``image``, and ``label``); then
+    labels are encoded, a test set is held out when there is none, and the caps are applied.
+    """
     if config.train_split not in splits:
         raise DataError(
             f"data.train_split {config.train_split!r} is not in the data; its splits are {sorted(splits)}"
@@ -69,7 +84,7 @@ def load_text_classification(config: DataConfig, seed: int) -> TextClassificatio
             "no %r split: holding out %.0f%% of train as test", config.test_split, 100 * config.test_fraction
         )
     label_names, encoded = _encode_labels(
-        {split: _select_columns(ds, split, config) for split, ds in wanted.items()}, config
+        {split: select_columns(ds, split, config) for split, ds in wanted.items()}, config
     )
     train = encoded[config.train_split]
     if len(train) == 0:
@@ -86,7 +101,7 @@ def load_text_classification(config: DataConfig, seed: int) -> TextClassificatio
         _, test = _split_off(
             test, config.max_test_examples, seed, f"{config.max_test_examples} test examples"
         )
-    return TextClassificationData(train=train, test=test, label_names=label_names)
+    return train, test, label_names
 
 
 # --------------------------------------------------------------------------- sources
