@@ -33,11 +33,6 @@ def clone_state(state: State) -> State:
     return {name: t.detach().to("cpu", torch.float32).clone() for name, t in state.items()}
 
 
-def state_bytes(state: State) -> int:
-    """Bytes the tensors of a state occupy in their own dtypes."""
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
 def pack(state: State, extras: State) -> State:
     """One flat tensor mapping for the wire: the state's names, then ``extra/<name>`` for extras."""
     return {**state, **{EXTRA_PREFIX + name: t for name, t in extras.items()}}
