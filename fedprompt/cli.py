@@ -162,7 +162,7 @@ def flower_site_worker(
     try:
         resolved = load_config(config, list(set_ or [])) if config is not None else None
         serve_site(socket_path, resolved)
-    except (ConfigError, FileExistsError) as exc:
+    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:

@@ -117,6 +117,8 @@ def test_a_socket_left_by_a_killed_worker_is_replaced_and_a_plain_file_is_not(so
     socket_path.write_text("not a socket")
     with pytest.raises(FileExistsError, match="is not a socket"):
         SiteWorker(socket_path)
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
+        SiteWorker(socket_path.parent / "missing" / "site.sock")
 
 
 def test_bad_requests_get_error_replies_and_the_worker_goes_on(tmp_path, socket_path, worker):

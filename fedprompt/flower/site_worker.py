@@ -255,6 +255,8 @@ class _UnixServer(socketserver.UnixStreamServer):
             if _listening(path):
                 raise FileExistsError(f"a site worker already serves on {path}")
             path.unlink()  # left behind by a worker that was killed
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"the folder of --socket {path} does not exist; create it first")
         self.worker = worker
         old_umask = os.umask(0o177)
         try:
