@@ -8,7 +8,7 @@ from typing import Any
 
 from fedprompt.config import RunConfig, load_config
 from fedprompt.experiment import build_experiment
-from fedprompt.results import RunDirectory, RunResult
+from fedprompt.results import CONFIG_HASH_KEY, RunDirectory, RunResult
 from fedprompt.simulation import run_in_process
 
 
@@ -29,7 +29,10 @@ def run(
     """
     if resume is not None:
         run_dir: RunDirectory | None = RunDirectory(Path(resume))
-        cfg = load_config(run_dir.read_config(), overrides)
+        stored = load_config(run_dir.read_config())
+        cfg = load_config(stored, overrides)
+        metadata = run_dir.checkpoint_metadata() or {}
+        run_dir.check_resume(stored, cfg, metadata.get(CONFIG_HASH_KEY))
     else:
         cfg = load_config(config, overrides)
         if output_dir is not None:

@@ -23,7 +23,7 @@ from fedprompt.config import (
 )
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies.fedbpt import FINAL_SIGMA, LOSS, PARENTS, SIGMA, SIGMA_SQ_SUM
-from fedprompt.training import FitInstructions, LocalTrainer
+from fedprompt.training import FitInstructions, LocalContext, LocalTrainer
 from optimizers.base import OptimizationStats
 from optimizers.cmaes import CMAESOptimizer, CMAESSettings
 from optimizers.zeroth_order import SPSAOptimizer, SPSASettings
@@ -115,8 +115,13 @@ class CMAESTrainer(_BlackBoxTrainer):
         self.report_search_state = report_search_state
 
     def train(
-        self, model: PromptModule, data: TensorData, instructions: FitInstructions
+        self,
+        model: PromptModule,
+        data: TensorData,
+        instructions: FitInstructions,
+        context: LocalContext | None = None,
     ) -> OptimizationStats:
+        _no_penalty(context)
         module, name, z0 = self._vector(model)
         sigma = float(instructions.extras[SIGMA].reshape(-1)[0]) if SIGMA in instructions.extras else None
         if self.report_search_state and sigma is None:
@@ -159,14 +164,24 @@ class SPSATrainer(_BlackBoxTrainer):
         self.optimizer = optimizer
 
     def train(
-        self, model: PromptModule, data: TensorData, instructions: FitInstructions
+        self,
+        model: PromptModule,
+        data: TensorData,
+        instructions: FitInstructions,
+        context: LocalContext | None = None,
     ) -> OptimizationStats:
+        _no_penalty(context)
         module, name, z0 = self._vector(model)
         loss, size = self._fresh_batch_loss(module, data, instructions.seed)
         result = self.optimizer.run(z0, loss, examples_per_candidate=size, seed=instructions.seed)
         model.load_state_dict({name: result.params}, strict=True)
         result.stats.extra["mean_abs_projected_grad"] = float(result.projected_grads.abs().mean())
         return result.stats
+
+
+def _no_penalty(context: LocalContext | None) -> None:
+    if context is not None and context.penalty is not None:
+        raise ValueError("black-box optimisers cannot add a gradient term to the local loss")
 
 
 def build_blackbox_trainer(

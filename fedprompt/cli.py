@@ -151,6 +151,10 @@ def flower_site_worker(
         typer.Option(help="The app's fedprompt.yaml: build its experiment now, before the first round."),
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field (repeatable).")] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="Keep the clients' carried state (personal prompts, ...) here, across restarts."),
+    ] = None,
 ) -> None:
     """Keep one site's backbone and data loaded across rounds for Flower's per-message ClientApp processes.
 
@@ -161,7 +165,7 @@ def flower_site_worker(
     logging.getLogger("fedprompt.flower").setLevel(logging.INFO)  # builds and rejections, always
     try:
         resolved = load_config(config, list(set_ or [])) if config is not None else None
-        serve_site(socket_path, resolved)
+        serve_site(socket_path, resolved, state_dir)
     except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

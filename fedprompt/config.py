@@ -498,6 +498,20 @@ class FedBPTConfig(StrictModel):
     sigma_floor: float = Field(0.5, gt=0, description="Lowest step size sent to clients (reference: 0.5).")
 
 
+class ReliabilityConfig(StrictModel):
+    """Reliability-weighted personalised aggregation (prompt-based personalised FL for medical VQA).
+
+    Each client keeps its own prompt p_t. The server sends client t the shared prompt
+    p_t^s = Σ_{i≠t} η_i p_i, η_i ∝ acc_i · max(0, cos(p_i, p_t)) over the other clients' last
+    prompts (acc_i: their reported validation accuracy), and the client adds
+    α · (1 − cos(p_t, p_t^s)) to its loss. The global prompt (the server's evaluation) is the
+    mean of the clients' prompts weighted by acc_i · (mean clipped cosine to the others).
+    """
+
+    kind: Literal["reliability"] = "reliability"
+    alpha: float = Field(1.0, ge=0, description="α, the weight of the pull toward the shared prompt.")
+
+
 StrategyConfig = Annotated[
     FedAvgConfig
     | FedProxConfig
@@ -505,9 +519,55 @@ StrategyConfig = Annotated[
     | MedianConfig
     | TrimmedMeanConfig
     | KrumConfig
-    | FedBPTConfig,
+    | FedBPTConfig
+    | ReliabilityConfig,
     Field(discriminator="kind"),
 ]
+
+
+class RobustnessConfig(StrictModel):
+    """Bounds the server puts on every client update before any strategy sees it."""
+
+    max_update_norm: float | None = Field(
+        None,
+        gt=0,
+        description="Clip each client's delta from the global prompt to this L2 norm (over all sent "
+        "tensors); null: no bound. Differential privacy sets its own clipping norm.",
+    )
+    max_examples: int | None = Field(
+        None,
+        ge=1,
+        description="Cap on the example count (aggregation weight) a client may claim. In-process runs "
+        "also bound each client by its known training-set size; on Flower this cap (and the size a "
+        "site declared when it registered) is all the server knows.",
+    )
+
+
+class PersonalizationConfig(StrictModel):
+    """Personal prompts: a split prompt whose local part never leaves its client, and the
+    fine-tune-after-federation baseline."""
+
+    local: list[str] = Field(
+        default_factory=list,
+        description="Prompt tensors kept whole on each client (shell patterns over the prompt state's "
+        "names, e.g. 'image.*' for a twin prompt's visual side).",
+    )
+    shared_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Token tensors (soft/deep prompts, CoOp context, VPT tokens) share their first k "
+        "vectors and keep the rest on each client.",
+    )
+    finetune_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Also report each client's accuracy after this many local steps from the global "
+        "prompt (fine-tune-after-federation), at every evaluation.",
+    )
+
+    @property
+    def splits(self) -> bool:
+        return bool(self.local) or self.shared_tokens is not None
 
 
 class PayloadConfig(StrictModel):
@@ -546,6 +606,8 @@ class RunConfig(StrictModel):
     optimizer: OptimizerConfig = Field(default_factory=GradientOptimizerConfig)
     strategy: StrategyConfig = Field(default_factory=FedAvgConfig)
     payload: PayloadConfig = Field(default_factory=PayloadConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -570,6 +632,39 @@ class RunConfig(StrictModel):
             raise ValueError(
                 f"federation.min_clients ({self.federation.min_clients}) exceeds partition.num_clients "
                 f"({self.partition.num_clients}); lower it or add clients"
+            )
+        if isinstance(self.strategy, KrumConfig):
+            need = 2 * self.strategy.num_byzantine + 3
+            if self.federation.min_clients < need:
+                raise ValueError(
+                    f"strategy.kind krum with num_byzantine={self.strategy.num_byzantine} needs at least "
+                    f"2f + 3 = {need} updates a round; set federation.min_clients >= {need}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _personal_fits(self) -> RunConfig:
+        """Personal prompts need gradients and held-out splits to report on."""
+        black_box = isinstance(self.optimizer, CMAESOptimizerConfig | SPSAOptimizerConfig)
+        personal = self.personalization.splits or isinstance(self.strategy, ReliabilityConfig)
+        if personal and black_box:
+            raise ValueError(
+                "personal prompts (personalization.local/shared_tokens, strategy.kind reliability) train by "
+                "gradient; black-box optimisers search one shared vector"
+            )
+        if personal and self.partition.local_val_fraction == 0:
+            raise ValueError(
+                "personal prompts are evaluated on each client's held-out split; set "
+                "partition.local_val_fraction > 0"
+            )
+        if self.personalization.finetune_steps is not None and black_box:
+            raise ValueError(
+                "personalization.finetune_steps fine-tunes by gradient; use optimizer.kind gradient"
+            )
+        if isinstance(self.strategy, ReliabilityConfig) and self.personalization.splits:
+            raise ValueError(
+                "strategy.kind reliability keeps a whole personal prompt per client; remove "
+                "personalization.local/shared_tokens"
             )
         return self
 

@@ -6,14 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from fedprompt.batching import TensorData
-from fedprompt.state import State
-from fedprompt.training import FitInstructions, GradientTrainer
+from fedprompt.training import FitInstructions, GradientTrainer, LocalContext
 from optimizers.base import OptimizationStats
 from optimizers.gradient import GradientOptimizer
 from prompt_modules.base import PromptModule
 
 POSITIVE = "contrast_global_features"
 NEGATIVE = "contrast_previous_features"
+PREVIOUS = "previous/"
+"""Carried-state prefix of the client's prompt state at the end of its previous round."""
 
 
 class ContrastiveTrainer(GradientTrainer):
@@ -27,10 +28,10 @@ class ContrastiveTrainer(GradientTrainer):
     round (the negative). z_g and z_p are constant during a round: they are computed once per
     round, in one pass without gradients over the local data.
 
-    The previous local prompt state lives in this object, in the client's process: build one
-    trainer per client (the in-process runtime keeps it for the whole run). It never crosses the
-    wire. In a client's first round (or after its process restarts) there is no previous state and
-    the global prompts stand in, so z_p = z_g and the term is the constant log 2.
+    The previous local prompt state is the client's carried state (``previous/<name>``): kept by
+    the runtime's client-state store, committed only when the server used the update, and
+    checkpointed with the run. It never crosses the wire. In a client's first round there is no
+    previous state and the global prompts stand in, so z_p = z_g and the term is the constant log 2.
     """
 
     def __init__(
@@ -48,23 +49,30 @@ class ContrastiveTrainer(GradientTrainer):
         self.ce_weight = ce_weight
         self.temperature = temperature
         self.eval_batch_size = eval_batch_size
-        self.previous_state: State | None = None
 
     def train(
-        self, model: PromptModule, data: TensorData, instructions: FitInstructions
+        self,
+        model: PromptModule,
+        data: TensorData,
+        instructions: FitInstructions,
+        context: LocalContext | None = None,
     ) -> OptimizationStats:
+        context = context if context is not None else LocalContext()
         global_state = model.prompt_state()
+        previous = {
+            k.removeprefix(PREVIOUS): v for k, v in context.carried.items() if k.startswith(PREVIOUS)
+        }
         positive = self._features(model, data)
         negative = positive
-        if self.previous_state is not None:
-            model.load_state_dict(self.previous_state, strict=True)
+        if previous:
+            model.load_state_dict(previous, strict=True)
             try:
                 negative = self._features(model, data)
             finally:
                 model.load_state_dict(global_state, strict=True)
         augmented = TensorData({**data.tensors, POSITIVE: positive, NEGATIVE: negative})
-        stats = super().train(model, augmented, instructions)
-        self.previous_state = model.prompt_state()
+        stats = super().train(model, augmented, instructions, context)
+        context.carry_out.update({PREVIOUS + k: v for k, v in model.prompt_state().items()})
         return stats
 
     def objective(self, model: PromptModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:

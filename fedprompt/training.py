@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,6 +14,7 @@ from fedprompt.batching import TensorData
 from fedprompt.config import GradientOptimizerConfig
 from fedprompt.instructions import FitInstructions
 from fedprompt.seeding import torch_generator
+from fedprompt.state import State
 from optimizers.base import OptimizationStats
 from optimizers.gradient import GradientOptimizer, GradientSettings
 from prompt_modules.base import PromptModule
@@ -39,19 +42,36 @@ def gradient_optimizer(
     )
 
 
+@dataclass
+class LocalContext:
+    """What a local round sees beyond its data and instructions: the state the client carries
+    from earlier rounds (read-only), a term the strategy's client side adds to the loss (on the
+    module's named trainable parameters), and ``carry_out``, where a trainer puts state of its own
+    to carry into the next round (e.g. ATPFL's previous local prompt)."""
+
+    carried: State = field(default_factory=dict)
+    penalty: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None
+    carry_out: State = field(default_factory=dict)
+
+
 class LocalTrainer(ABC):
     """Trains the prompt state of a module in place on one client's data."""
 
     @abstractmethod
     def train(
-        self, model: PromptModule, data: TensorData, instructions: FitInstructions
+        self,
+        model: PromptModule,
+        data: TensorData,
+        instructions: FitInstructions,
+        context: LocalContext | None = None,
     ) -> OptimizationStats:
         """Update ``model``'s prompt state; return what the optimisation did."""
 
 
 class GradientTrainer(LocalTrainer):
-    """Owns the gradient local objective: cross-entropy on shuffled local batches, plus FedProx's
-    (mu/2)·||θ − θ_global||² when the strategy asks for it, minimised by a ``GradientOptimizer``.
+    """Owns the gradient local objective: cross-entropy on shuffled local batches, plus the term the
+    strategy's client side adds (``context.penalty``: FedProx's proximal term, SCAFFOLD's
+    correction, ...), minimised by a ``GradientOptimizer``.
 
     A module with a ``param_groups()`` method (e.g. twin prompts, one group per part with its own
     learning rate) is optimised in those groups; subclasses change the loss through ``objective``.
@@ -63,16 +83,19 @@ class GradientTrainer(LocalTrainer):
         self.device = device
 
     def train(
-        self, model: PromptModule, data: TensorData, instructions: FitInstructions
+        self,
+        model: PromptModule,
+        data: TensorData,
+        instructions: FitInstructions,
+        context: LocalContext | None = None,
     ) -> OptimizationStats:
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        mu = float(instructions.client_config.get("proximal_mu", 0.0))
-        anchor = {name: p.detach().clone() for name, p in params.items()} if mu > 0 else {}
+        penalty = context.penalty if context is not None else None
 
         def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
             loss = self.objective(model, batch)
-            if anchor:
-                loss = loss + mu / 2 * sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
+            if penalty is not None:
+                loss = loss + penalty(params)
             return loss, len(batch["labels"])
 
         generator = torch_generator(instructions.seed)

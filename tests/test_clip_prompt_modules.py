@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fedprompt.batching import TensorData
-from fedprompt.contrastive import NEGATIVE, POSITIVE, ContrastiveTrainer
-from fedprompt.training import FitInstructions, GradientTrainer
+from fedprompt.contrastive import NEGATIVE, POSITIVE, PREVIOUS, ContrastiveTrainer
+from fedprompt.training import FitInstructions, GradientTrainer, LocalContext
 from optimizers.gradient import GradientOptimizer, GradientSettings
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
@@ -234,12 +234,19 @@ def test_contrastive_objective_and_the_previous_prompts_it_keeps(backbone):
         flipped = {**batch, POSITIVE: -features, NEGATIVE: features}  # closer to the negative: larger loss
         assert trainer.objective(model, flipped) > trainer.objective(model, same)
 
-    assert trainer.previous_state is None
     global_state = model.prompt_state()
-    trainer.train(model, data, FitInstructions(round=1, seed=0))
-    local = trainer.previous_state
-    assert local is not None and local.keys() == global_state.keys()
+    first = LocalContext()  # the first round: no previous prompt, the global one stands in
+    trainer.train(model, data, FitInstructions(round=1, seed=0), first)
+    local = {k.removeprefix(PREVIOUS): v for k, v in first.carry_out.items()}
+    assert set(first.carry_out) == {PREVIOUS + k for k in global_state}  # carried as previous/<name>
     assert all(torch.equal(local[k], v) for k, v in model.prompt_state().items())
     model.load_state_dict(global_state)
-    trainer.train(model, data, FitInstructions(round=2, seed=0))  # now the negative is the round-1 prompt
-    assert not torch.equal(trainer.previous_state["image.patch"], local["image.patch"])
+    second = LocalContext(carried=first.carry_out)  # now the negative is the round-1 prompt
+    trainer.train(model, data, FitInstructions(round=2, seed=0), second)
+    assert not torch.equal(second.carry_out[PREVIOUS + "image.patch"], local["image.patch"])
+    replay = LocalContext()  # without the carried prompt the same round trains differently
+    model.load_state_dict(global_state)
+    trainer.train(model, data, FitInstructions(round=2, seed=0), replay)
+    assert not torch.equal(
+        replay.carry_out[PREVIOUS + "text.context"], second.carry_out[PREVIOUS + "text.context"]
+    )

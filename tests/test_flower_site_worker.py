@@ -143,7 +143,7 @@ def test_bad_requests_get_error_replies_and_the_worker_goes_on(tmp_path, socket_
     with pytest.raises(SiteWorkerError, match="frame body is 4096 bytes, over the limit of 2048"):
         client.fit(too_big, 1, FitInstructions(1, 5), b"\0" * 4096)
     with pytest.raises(SiteWorkerError, match="payload is not valid safetensors"):
-        client.evaluate(cfg, 1, b"\0" * 16)
+        client.evaluate(cfg, 1, 0, b"\0" * 16)
     status = client.status()
     # Rejected before any model loads: the op, the config, the body's size; the rest after one build.
     assert status["failed"] == 7 and status["requests"] == 8 and status["experiments_built"] == 1
@@ -194,9 +194,10 @@ class _FreshEachMessage(ExperimentCache):
 def test_client_state_across_rounds_survives_in_the_site_worker(
     tmp_path, socket_path, worker, monkeypatch, tiny_clip
 ):
-    # ATPFL contrasts with the client's own prompt of its previous round, state that lives in the
-    # client's process: the site worker keeps it as the in-process run does; a fresh process per
-    # message loses it, and the global prompt comes out different.
+    # ATPFL contrasts with the client's own prompt of its previous round, carried client state: the
+    # site worker keeps it as the in-process run does, and so does a fresh process per message
+    # (the state rides in the node's Flower context); a node that loses its context each message
+    # starts afresh every round (the update says so) and the global prompt comes out different.
     from clip_support import clip_run_config
 
     prompt = {
@@ -223,7 +224,27 @@ def test_client_state_across_rounds_survives_in_the_site_worker(
         cfg,
         AppSettings(results_dir=tmp_path / "fresh"),
     )
+    forgetful_nodes = client_app_nodes(client_app, range(3), {})
+    forgetful = run_server(
+        InMemoryGrid({node: _forgetting(handler) for node, handler in forgetful_nodes.items()}),
+        cfg,
+        AppSettings(results_dir=tmp_path / "forgetful"),
+    )
 
     for name, tensor in expected.final_state.items():
         assert torch.equal(relayed.final_state[name], tensor), name
-    assert any(not torch.equal(fresh.final_state[n], t) for n, t in expected.final_state.items())
+        assert torch.equal(fresh.final_state[name], tensor), name
+    assert any(not torch.equal(forgetful.final_state[n], t) for n, t in expected.final_state.items())
+    resets = [r for r in forgetful.client_history if r.get("client_state_reset") == 1.0]
+    assert {r["round"] for r in resets} == {2, 3}  # from the second round on, every client noticed
+
+
+def _forgetting(handler):
+    """A node handler whose Flower context loses its state before every message."""
+
+    def handle(message, node):
+        context = handler.__defaults__[0]
+        context.state = RecordDict()
+        return handler(message, node)
+
+    return handle

@@ -465,9 +465,20 @@ def test_build_strategy_for_every_kind() -> None:
 
 
 def test_build_strategy_covers_the_whole_config_union() -> None:
-    kinds = ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed-mean", "krum"]
+    kinds = [
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "median",
+        "trimmed-mean",
+        "krum",
+        "reliability",
+    ]
     for kind in kinds:
-        config = RunConfig.model_validate({"strategy": {"kind": kind}}).strategy
+        raw = {"strategy": {"kind": kind}, "federation": {"min_clients": 3}}
+        config = RunConfig.model_validate(raw).strategy
         assert isinstance(build_strategy(config), Strategy)
 
 

@@ -35,6 +35,7 @@ from fedprompt.flower.records import (
     PARTITION_ID,
     node_record,
     payload_content,
+    read_evaluation_record,
     read_instructions,
     read_payload,
 )
@@ -42,17 +43,25 @@ from fedprompt.flower.site_worker import SITE_WORKER, SiteWorkerClient
 from fedprompt.instructions import FitInstructions
 
 if TYPE_CHECKING:
+    from fedprompt.client_state import ClientStateStore
     from fedprompt.flower.site import ExperimentCache
+
+CLIENT_STATE_DIR = "client-state-dir"
+"""``--node-config`` key of a folder where the node keeps its clients' carried states across runs."""
 
 
 class InProcessSite:
-    """Does a site's work in this process, on the process's experiment cache (built on first use).
+    """Does a site's work in this process, on the process's experiment cache (built on first use),
+    with the clients' carried states in ``states`` (the node's Flower context, or a folder).
 
     The same two calls as :class:`SiteWorkerClient`, so the ClientApp does not care which it has.
     torch and the model code are imported on first use: a ClientApp that relays never imports them.
     """
 
     _cache: ExperimentCache | None = None
+
+    def __init__(self, states: ClientStateStore) -> None:
+        self.states = states
 
     @classmethod
     def cache(cls) -> ExperimentCache:
@@ -66,12 +75,14 @@ class InProcessSite:
     def fit(self, config: RunConfig, partition: int, instructions: FitInstructions, downlink: bytes) -> bytes:
         from fedprompt.flower.site import fit_partition
 
-        return fit_partition(self.cache().get(config), partition, instructions, downlink)
+        return fit_partition(self.cache().get(config), partition, instructions, downlink, self.states)
 
-    def evaluate(self, config: RunConfig, partition: int, state: bytes) -> dict[str, float] | None:
+    def evaluate(
+        self, config: RunConfig, partition: int, accepted_round: int, state: bytes
+    ) -> dict[str, float] | None:
         from fedprompt.flower.site import evaluate_partition
 
-        return evaluate_partition(self.cache().get(config), partition, state)
+        return evaluate_partition(self.cache().get(config), partition, accepted_round, state, self.states)
 
 
 def partition_id(context: Context, config: RunConfig) -> int:
@@ -95,10 +106,22 @@ def partition_id(context: Context, config: RunConfig) -> int:
 
 
 def site_for(context: Context, settings: AppSettings) -> SiteWorkerClient | InProcessSite:
-    """The site worker the node config names, or this process when it names none."""
+    """The site worker the node config names, or this process when it names none (its clients'
+    carried states then live in the node's Flower context, or in ``client-state-dir``)."""
     path = context.node_config.get(SITE_WORKER)
     if path is None:
-        return InProcessSite()
+        folder = context.node_config.get(CLIENT_STATE_DIR)
+        if folder is None:
+            from fedprompt.flower.context_states import ContextClientStates
+
+            return InProcessSite(ContextClientStates(context.state))
+        if not isinstance(folder, str) or not folder:
+            raise ConfigError(
+                f"node config {CLIENT_STATE_DIR!r} is {folder!r}; give a folder path as a string"
+            )
+        from fedprompt.client_state import DirectoryClientStates
+
+        return InProcessSite(DirectoryClientStates(folder))
     if not isinstance(path, str) or not path:
         raise ConfigError(
             f"node config {SITE_WORKER!r} is {path!r}; give the worker's socket path as a quoted string, "
@@ -133,7 +156,11 @@ def build_client_app(config_file: str | Path) -> ClientApp:
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         config, pid, site = setup(context)
-        metrics = site.evaluate(config, pid, read_payload(message.content, config.payload.max_bytes))
+        client_id, accepted_round = read_evaluation_record(message.content)
+        if client_id != pid:
+            raise PayloadError(f"evaluate message is for client {client_id}; this node hosts partition {pid}")
+        state = read_payload(message.content, config.payload.max_bytes)
+        metrics = site.evaluate(config, pid, accepted_round, state)
         return Message(RecordDict({EVAL_RECORD: MetricRecord(metrics or {})}), reply_to=message)
 
     return app

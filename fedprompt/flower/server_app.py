@@ -22,7 +22,7 @@ from fedprompt.config import RunConfig
 from fedprompt.experiment import Experiment, build_experiment
 from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.strategy import FedPromptStrategy
-from fedprompt.metrics import RunRecorder, client_rows, evaluate_round, round_metrics
+from fedprompt.metrics import RunRecorder, client_rows, evaluate_global, round_metrics
 from fedprompt.results import RunDirectory, RunResult
 from fedprompt.simulation import make_server
 
@@ -79,7 +79,7 @@ def run_server(
         run_dir = RunDirectory.create(settings.results_dir, config.name)
         run_dir.write_config(config)
         recorder = RunRecorder(config, run_dir)
-        recorder.record_initial(_evaluate(grid, experiment, strategy, config, settings, 0))
+        recorder.record_initial(*_evaluate(grid, experiment, strategy, config, settings, 0))
 
     for round_num in range(server.completed_rounds + 1, rounds + 1):
         start = time.perf_counter()
@@ -89,10 +89,13 @@ def run_server(
         record = strategy.last_record
         assert record is not None
         row: dict[str, Any] = {"round": round_num, **round_metrics(server, record)}
+        clients = client_rows(server, record)
         if strategy.evaluation_due(round_num):
-            row.update(_evaluate(grid, experiment, strategy, config, settings, round_num))
+            evaluated, evaluations = _evaluate(grid, experiment, strategy, config, settings, round_num)
+            row.update(evaluated)
+            clients += evaluations
         row["time_s"] = time.perf_counter() - start
-        recorder.record_round(row, client_rows(server, record), server)
+        recorder.record_round(row, clients, server)
         log.info("round %d: %s", round_num, row)
     return recorder.finish(server, experiment.backbone_bytes)
 
@@ -104,14 +107,15 @@ def _evaluate(
     config: RunConfig,
     settings: AppSettings,
     round_num: int,
-) -> dict[str, float]:
-    """Global metrics on the server's test data, then the clients' local metrics through Flower."""
-    row = evaluate_round(experiment, strategy.server, config)
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Global metrics on the server's test data, then the clients' local metrics through Flower:
+    (the round's row, one row per client evaluated)."""
+    row = evaluate_global(experiment, strategy.server.global_state, config)
     messages = strategy.configure_evaluate(round_num, strategy.global_arrays(), ConfigRecord(), grid)
-    if messages:
-        local = strategy.aggregate_evaluate(
-            round_num, grid.send_and_receive(messages, timeout=settings.round_timeout)
-        )
-        if local is not None:
-            row.update({key: float(value) for key, value in local.items()})
-    return row
+    if not messages:
+        return row, []
+    replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+    local = strategy.aggregate_evaluate(round_num, replies)
+    if local is not None:
+        row.update({key: float(value) for key, value in local.items()})
+    return row, strategy.last_evaluations

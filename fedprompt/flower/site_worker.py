@@ -123,13 +123,18 @@ class SiteWorkerClient:
         )
         return reply.body
 
-    def evaluate(self, config: RunConfig, partition: int, state: bytes) -> dict[str, float] | None:
-        """The partition's local accuracy, loss and example count for ``state``, or None (no split)."""
-        reply = self._request(
-            {"op": "evaluate", "config": config.model_dump_json(), "partition": partition},
-            state,
-            0,
-        )
+    def evaluate(
+        self, config: RunConfig, partition: int, accepted_round: int, state: bytes
+    ) -> dict[str, float] | None:
+        """The partition's local metrics for ``state`` (accuracy, loss, example count, personal
+        accuracies), or None (no held-out split)."""
+        header = {
+            "op": "evaluate",
+            "config": config.model_dump_json(),
+            "partition": partition,
+            "accepted_round": accepted_round,
+        }
+        reply = self._request(header, state, 0)
         return reply.header.get("metrics")
 
     def status(self) -> dict[str, Any]:
@@ -159,17 +164,21 @@ class SiteWorkerClient:
 
 
 class SiteWorker:
-    """Owns one site's long-lived experiment cache, the Unix socket it serves on and its counters.
+    """Owns one site's long-lived experiment cache, its clients' carried states (in memory, or in
+    ``state_dir`` so they survive a restart of the worker), the Unix socket it serves on and its
+    counters.
 
     ``serve_forever`` answers requests one at a time until ``shutdown`` (from another thread) or a
     signal ends it; ``warm_up`` builds an experiment before the first request.
     """
 
-    def __init__(self, socket_path: str | Path) -> None:
-        from fedprompt.flower.site import ExperimentCache  # torch: the worker's side only
+    def __init__(self, socket_path: str | Path, state_dir: str | Path | None = None) -> None:
+        from fedprompt.client_state import DirectoryClientStates, MemoryClientStates  # worker side only
+        from fedprompt.flower.site import ExperimentCache
 
         self.socket_path = Path(socket_path)
         self.cache = ExperimentCache()
+        self.states = DirectoryClientStates(state_dir) if state_dir is not None else MemoryClientStates()
         self.counters = {"requests": 0, "failed": 0}
         self._server = _UnixServer(self.socket_path, self)
 
@@ -225,10 +234,14 @@ class SiteWorker:
                 RecordDict({INSTRUCTIONS_RECORD: ConfigRecord(fields)})
             )
             _check_partition(partition, config)
-            return Frame({"ok": True}, fit_partition(hosted, partition, instructions, body))
+            return Frame({"ok": True}, fit_partition(hosted, partition, instructions, body, self.states))
         partition = _field(request.header, "partition", int)
+        accepted_round = _field(request.header, "accepted_round", int)
         _check_partition(partition, config)
-        return Frame({"ok": True, "metrics": evaluate_partition(hosted, partition, body)})
+        if accepted_round < 0:
+            raise PayloadError(f"request field 'accepted_round' must be >= 0, got {accepted_round}")
+        metrics = evaluate_partition(hosted, partition, accepted_round, body, self.states)
+        return Frame({"ok": True, "metrics": metrics})
 
 
 def _field(header: Mapping[str, Any], name: str, kind: type) -> Any:
@@ -287,13 +300,16 @@ def _listening(path: Path) -> bool:
     return True
 
 
-def serve(socket_path: str | Path, config: RunConfig | None = None) -> None:
-    """Run a site worker on ``socket_path`` until SIGINT or SIGTERM, warmed with ``config`` if given.
+def serve(
+    socket_path: str | Path, config: RunConfig | None = None, state_dir: str | Path | None = None
+) -> None:
+    """Run a site worker on ``socket_path`` until SIGINT or SIGTERM, warmed with ``config`` if given,
+    keeping its clients' carried states in ``state_dir`` (or in memory).
 
     Either signal ends it cleanly: the request in progress is abandoned and the socket removed.
     """
     signal.signal(signal.SIGTERM, _interrupt)
-    worker = SiteWorker(socket_path)
+    worker = SiteWorker(socket_path, state_dir)
     if config is not None:
         worker.warm_up(config)
     worker.serve_forever()

@@ -20,21 +20,24 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedprompt.flower.records import (
+    EVAL_INSTRUCTIONS_RECORD,
     EVAL_RECORD,
     INSTRUCTIONS_RECORD,
+    evaluation_record,
     instructions_record,
     payload_content,
     payload_record,
     read_partition_id,
     read_payload,
 )
-from fedprompt.metrics import round_metrics
+from fedprompt.metrics import client_evaluation_row, round_metrics, summarize_client_evaluations
 from fedprompt.payload import PayloadError, encode_state
 from fedprompt.server import RoundRecord, Server
 
@@ -79,6 +82,8 @@ class FedPromptStrategy(Strategy):
         """fedprompt client id -> Flower node id of the SuperNode hosting that partition."""
         self.last_record: RoundRecord | None = None
         """What happened to each sampled client in the last aggregated round."""
+        self.last_evaluations: list[dict[str, Any]] = []
+        """One clients.jsonl row per client evaluated in the last ``aggregate_evaluate``."""
         self._answered: set[int] = set()
         self._train: tuple[RoundRecord, dict[int, Message]] | None = None
         self._evaluate: dict[int, Message] = {}
@@ -157,7 +162,7 @@ class FedPromptStrategy(Strategy):
 
         A sampled client whose partition no node hosts is rejected at once.
         """
-        record = RoundRecord(server_round, self.server.sample(server_round))
+        record = self.server.begin_round(server_round)
         messages: dict[int, Message] = {}
         for cid in record.sampled:
             node = self.nodes.get(cid)
@@ -231,7 +236,9 @@ class FedPromptStrategy(Strategy):
         data = encode_state(self.server.global_state, EVAL_WIRE_DTYPE)
         self._evaluate = {
             cid: Message(
-                payload_content(data),
+                payload_content(
+                    data, {EVAL_INSTRUCTIONS_RECORD: evaluation_record(cid, self.server.accepted_round(cid))}
+                ),
                 dst_node_id=node,
                 message_type=MessageType.EVALUATE,
                 group_id=str(server_round),
@@ -242,9 +249,11 @@ class FedPromptStrategy(Strategy):
         return list(self._evaluate.values())
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted local accuracy and loss over the clients that answered, in client-id order."""
+        """The clients' evaluations summarised as the in-process runtime does (example-weighted
+        local accuracy and loss, mean and worst client of each per-client accuracy), in client-id
+        order; each client's row is kept in ``last_evaluations``."""
         messages, self._evaluate = self._evaluate, {}
-        local = []
+        rows = []
         for cid, reply in sorted(_match_replies(messages, replies).items()):
             if reply is None or reply.has_error():
                 reason = "no reply" if reply is None else reply.error.reason
@@ -256,16 +265,10 @@ class FedPromptStrategy(Strategy):
                 log.warning("round %d: client %d sent bad evaluation metrics: %s", server_round, cid, exc)
                 continue
             if metrics is not None:
-                local.append(metrics)
-        if not local:
-            return None
-        total = sum(m["num-examples"] for m in local)
-        return MetricRecord(
-            {
-                "local_accuracy": sum(m["accuracy"] * m["num-examples"] for m in local) / total,
-                "local_loss": sum(m["loss"] * m["num-examples"] for m in local) / total,
-            }
-        )
+                rows.append(client_evaluation_row(server_round, cid, metrics))
+        self.last_evaluations = rows
+        summary = summarize_client_evaluations(rows)
+        return MetricRecord(summary) if summary else None
 
     def summary(self) -> None:
         """Log what this strategy runs."""
@@ -297,18 +300,27 @@ def _match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> 
     return matched
 
 
+_EVAL_KEYS = ("accuracy", "loss", "num-examples")
+_OPTIONAL_EVAL_KEYS = ("personal-accuracy", "finetuned-accuracy")
+
+
 def _read_eval_metrics(content: RecordDict) -> dict[str, float] | None:
-    """Accuracy, loss and example count of a local evaluation; None when the client has no split."""
+    """A local evaluation's accuracy, loss, example count and, when present, personal and fine-tuned
+    accuracies (as ``personal_accuracy``, ...); None when the client has no held-out split."""
     if EVAL_RECORD not in content.metric_records:
         raise PayloadError(f"message has no {EVAL_RECORD!r} MetricRecord")
     record = content.metric_records[EVAL_RECORD]
     if not record:
         return None
-    keys = ("accuracy", "loss", "num-examples")
-    if sorted(record) != sorted(keys):
-        raise PayloadError(f"{EVAL_RECORD!r} must hold {list(keys)}, got {sorted(record)}")
-    values = {key: record[key] for key in keys}
+    missing = [key for key in _EVAL_KEYS if key not in record]
+    unexpected = sorted(set(record) - set(_EVAL_KEYS) - set(_OPTIONAL_EVAL_KEYS))
+    if missing or unexpected:
+        raise PayloadError(f"{EVAL_RECORD!r} misses {missing} or has unexpected keys {unexpected}")
+    values = dict(record.items())
     bad = [k for k, v in values.items() if not isinstance(v, int | float) or not math.isfinite(v)]
     if bad or values["num-examples"] <= 0:
         raise PayloadError(f"{EVAL_RECORD!r} values must be finite with num-examples > 0, got {values}")
-    return {key: float(value) for key, value in values.items()}
+    accuracies = [k for k in values if k.endswith("accuracy") and not 0 <= values[k] <= 1]
+    if accuracies:
+        raise PayloadError(f"{EVAL_RECORD!r}: {accuracies} must lie in [0, 1]")
+    return {key.replace("-", "_"): float(value) for key, value in values.items()}

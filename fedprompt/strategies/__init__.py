@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedprompt.client_rules import ClientRule, ProximalRule
 from fedprompt.config import (
     FedAvgConfig,
     FedBPTConfig,
@@ -9,6 +10,7 @@ from fedprompt.config import (
     FedProxConfig,
     KrumConfig,
     MedianConfig,
+    ReliabilityConfig,
     StrategyConfig,
     TrimmedMeanConfig,
 )
@@ -16,6 +18,7 @@ from fedprompt.strategies.base import Strategy
 from fedprompt.strategies.fedavg import FedAvg, FedProx
 from fedprompt.strategies.fedbpt import FedBPT
 from fedprompt.strategies.fedopt import FedOpt, FedOptVariant
+from fedprompt.strategies.reliability import ReliabilityRule, ReliabilityWeighted
 from fedprompt.strategies.robust import CoordinateMedian, Krum, TrimmedMean
 
 __all__ = [
@@ -26,8 +29,10 @@ __all__ = [
     "FedOptVariant",
     "FedProx",
     "Krum",
+    "ReliabilityWeighted",
     "Strategy",
     "TrimmedMean",
+    "build_client_rule",
     "build_strategy",
 ]
 
@@ -58,8 +63,19 @@ def build_strategy(config: StrategyConfig, search_sigma: float | None = None) ->
         return TrimmedMean(beta=config.beta)
     if isinstance(config, KrumConfig):
         return Krum(num_byzantine=config.num_byzantine)
+    if isinstance(config, ReliabilityConfig):
+        return ReliabilityWeighted()
     if isinstance(config, FedBPTConfig):
         if search_sigma is None:
             raise ValueError("FedBPT needs search_sigma, the clients' initial CMA-ES step (optimizer.sigma)")
         return FedBPT(initial_sigma=search_sigma, sigma_floor=config.sigma_floor, rule=config.rule)
     raise TypeError(f"build_strategy got {type(config).__name__}, which is not a strategy configuration")
+
+
+def build_client_rule(config: StrategyConfig) -> ClientRule:
+    """The client side of the configured strategy (FedAvg's plain one for server-only rules)."""
+    if isinstance(config, FedProxConfig):
+        return ProximalRule()
+    if isinstance(config, ReliabilityConfig):
+        return ReliabilityRule(alpha=config.alpha)
+    return ClientRule()
