@@ -18,12 +18,12 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedprompt.config import RunConfig
+from fedprompt.config import RunConfig, load_config
 from fedprompt.experiment import Experiment, build_experiment
 from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.strategy import FedPromptStrategy
 from fedprompt.metrics import RunRecorder, client_rows, evaluate_global, round_metrics
-from fedprompt.results import RunDirectory, RunResult
+from fedprompt.results import CONFIG_HASH_KEY, RunDirectory, RunResult
 from fedprompt.simulation import make_server
 
 log = logging.getLogger("fedprompt.flower")
@@ -51,6 +51,10 @@ def run_server(
     ``experiment`` (built here when None, with no clients: the backbone and the server's test
     data) serves the global evaluation. ``settings.resume`` continues that run folder.
     """
+    if settings.resume is not None:  # before anything loads: a resume may not change the run
+        folder = RunDirectory(settings.resume)
+        metadata = folder.checkpoint_metadata() or {}
+        folder.check_resume(load_config(folder.read_config()), config, metadata.get(CONFIG_HASH_KEY))
     if experiment is None:
         experiment = build_experiment(config, client_ids=[])
     server = make_server(experiment, config, range(config.partition.num_clients))
