@@ -479,10 +479,12 @@ class TrimmedMeanConfig(StrictModel):
 
 
 class KrumConfig(StrictModel):
-    """Krum: the update closest to its n - f - 2 nearest neighbours."""
+    """Krum: the update closest to its n - f - 2 nearest neighbours; Multi-Krum: the mean of the
+    `keep` closest."""
 
     kind: Literal["krum"] = "krum"
     num_byzantine: int = Field(0, ge=0, description="f, the number of clients that may be adversarial.")
+    keep: int = Field(1, ge=1, description="m: 1 is Krum; more averages the m best-scored (Multi-Krum).")
 
 
 class FedBPTConfig(StrictModel):
@@ -634,11 +636,12 @@ class RunConfig(StrictModel):
                 f"({self.partition.num_clients}); lower it or add clients"
             )
         if isinstance(self.strategy, KrumConfig):
-            need = 2 * self.strategy.num_byzantine + 3
+            f = self.strategy.num_byzantine
+            need = max(2 * f + 3, self.strategy.keep + f)
             if self.federation.min_clients < need:
                 raise ValueError(
-                    f"strategy.kind krum with num_byzantine={self.strategy.num_byzantine} needs at least "
-                    f"2f + 3 = {need} updates a round; set federation.min_clients >= {need}"
+                    f"strategy.kind krum with num_byzantine={f} and keep={self.strategy.keep} needs at least "
+                    f"max(2f + 3, keep + f) = {need} updates a round; set federation.min_clients >= {need}"
                 )
         return self
 

@@ -367,6 +367,14 @@ def test_krum_breaks_ties_by_lowest_client_id() -> None:
     assert out["p"] is not updates[1].state["p"] and out["p"] is not updates[3].state["p"]
 
 
+def test_multi_krum_averages_the_m_best_scored_updates() -> None:
+    # scores (see krum_updates): b 2, a 3, d 3, c 6, e 258 -> keep b, a, d: mean of (1,0) (0,0) (1,1)
+    out = Krum(num_byzantine=1, keep=3).aggregate({"x": t(0), "y": t(0)}, krum_updates())
+    assert_state(out, {"x": [2 / 3], "y": [1 / 3]})
+    with pytest.raises(ValueError, match="keeps 5 updates, more than n − f = 4"):
+        Krum(num_byzantine=1, keep=5).aggregate({"x": t(0), "y": t(0)}, krum_updates())
+
+
 def test_krum_needs_2f_plus_3_updates() -> None:
     with pytest.raises(ValueError, match=r"num_byzantine=1 needs at least 2f \+ 3 = 5 updates, got 4"):
         Krum(num_byzantine=1).aggregate({"x": t(0), "y": t(0)}, krum_updates()[:4])

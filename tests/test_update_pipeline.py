@@ -208,7 +208,9 @@ def test_krum_with_too_few_updates_skips_the_round_with_a_reason():
 
 
 def test_krum_ties_min_clients_to_its_guarantee_at_config_time():
-    with pytest.raises(ConfigError, match=r"2f \+ 3 = 5 updates a round; set federation.min_clients >= 5"):
+    with pytest.raises(
+        ConfigError, match=r"max\(2f \+ 3, keep \+ f\) = 5 updates a round; set federation.min_clients >= 5"
+    ):
         load_config(None, ["strategy.kind=krum", "strategy.num_byzantine=1", "federation.min_clients=4"])
     assert load_config(None, ["strategy.kind=krum", "strategy.num_byzantine=1", "federation.min_clients=5"])
 

@@ -62,7 +62,7 @@ def build_strategy(config: StrategyConfig, search_sigma: float | None = None) ->
     if isinstance(config, TrimmedMeanConfig):
         return TrimmedMean(beta=config.beta)
     if isinstance(config, KrumConfig):
-        return Krum(num_byzantine=config.num_byzantine)
+        return Krum(num_byzantine=config.num_byzantine, keep=config.keep)
     if isinstance(config, ReliabilityConfig):
         return ReliabilityWeighted()
     if isinstance(config, FedBPTConfig):
