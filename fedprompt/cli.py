@@ -2,26 +2,53 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
-from fedprompt.config import ConfigError, load_config
+from fedprompt.config import load_config
+from fedprompt.errors import UserError
 from fedprompt.results import RunResult
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=False, help="Federated prompt learning on frozen backbones."
+    add_completion=False,
+    no_args_is_help=False,
+    help="Federated prompt learning on frozen backbones.",
+    pretty_exceptions_show_locals=False,  # locals can hold tokens and paths
 )
 console = Console(stderr=True)
 
+_BACKBONE_ERRORS = (
+    ("prompt_modules.hf_text", "BackboneLoadError"),
+    ("prompt_modules.remote", "RemoteBackboneError"),
+)
+"""A model that cannot be loaded, a service that cannot be reached or refuses: user mistakes too
+(looked up where already imported, so that `fedprompt --help` does not import torch's stack)."""
+
+_debug = {"on": False}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every round.")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every round.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar="FEDPROMPT_DEBUG", help="Show a user mistake's full traceback."),
+    ] = False,
+) -> None:
+    _debug["on"] = debug
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -29,7 +56,41 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log eve
     )
 
 
+def fail(message: str) -> typer.Exit:
+    """Print ``error: <message>`` (never wrapped, never read as markup); the Exit(2) to raise."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    return typer.Exit(2)
+
+
+def user_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """A command whose user mistakes print one `error:` line and exit 2 (a traceback with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except Exception as exc:
+            if _debug["on"] or not is_user_error(exc):
+                raise
+            raise fail(str(exc)) from None
+
+    return wrapper
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A user's mistake (configuration, data, model name, folder, an unreachable service), which
+    gets one `error:` line and exit status 2; anything else is a bug and keeps its traceback."""
+    if isinstance(exc, UserError):
+        return True
+    for module, name in _BACKBONE_ERRORS:
+        kind = getattr(sys.modules.get(module), name, None)
+        if kind is not None and isinstance(exc, kind):
+            return True
+    return False
+
+
 @app.command()
+@user_errors
 def run(
     config: Annotated[
         Path | None, typer.Argument(help="YAML config; the embedded default when left out.")
@@ -50,17 +111,11 @@ def run(
     overrides = list(set_ or [])
     if no_progress:
         overrides.append("runtime.progress=false")
-    try:
-        if resume is None:
-            load_config(config, overrides)  # fail on a bad config before anything loads
-        result = run_job(config, overrides, output_dir=output_dir, resume=resume)
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    _print_summary(result)
+    _print_summary(run_job(config, overrides, output_dir=output_dir, resume=resume))
 
 
 @app.command("show-config")
+@user_errors
 def show_config(
     config: Annotated[
         Path | None, typer.Argument(help="YAML config; the embedded default when left out.")
@@ -70,11 +125,7 @@ def show_config(
     """Print the resolved configuration (defaults filled in) as YAML."""
     import yaml
 
-    try:
-        cfg = load_config(config, list(set_ or []))
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    cfg = load_config(config, list(set_ or []))
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
@@ -122,6 +173,7 @@ app.add_typer(flower_cli, name="flower")
 
 
 @flower_cli.command("new-app")
+@user_errors
 def flower_new_app(
     directory: Annotated[Path, typer.Argument(help="New (or empty) folder for the Flower app.")],
     config: Annotated[
@@ -135,13 +187,13 @@ def flower_new_app(
 
     try:
         path = new_app(directory, config, list(set_ or []), name=name)
-    except (ConfigError, FileExistsError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    except (FileExistsError, ValueError) as exc:
+        raise fail(str(exc)) from None
     typer.echo(f"Flower app written to {path}; see {path / 'README.md'} to run it")
 
 
 @flower_cli.command("site-worker")
+@user_errors
 def flower_site_worker(
     socket_path: Annotated[
         Path, typer.Option("--socket", help="Unix socket path; name it in the SuperNode's node config.")
@@ -162,9 +214,8 @@ def flower_site_worker(
     try:
         resolved = load_config(config, list(set_ or [])) if config is not None else None
         serve_site(socket_path, resolved)
-    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    except (FileExistsError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
     except KeyboardInterrupt:
         pass
 

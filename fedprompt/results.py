@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fedprompt.config import RunConfig
+from fedprompt.errors import RunFolderError
 from fedprompt.state import State
 
 CONFIG_FILE = "config.yaml"
@@ -41,15 +42,27 @@ class RunDirectory:
         path.mkdir(parents=True)
         return cls(path)
 
+    @classmethod
+    def existing(cls, path: Path) -> RunDirectory:
+        """A results folder that a run wrote (it holds the run's config); RunFolderError otherwise."""
+        folder = cls(path)
+        folder.check_is_run()
+        return folder
+
+    def check_is_run(self) -> None:
+        """RunFolderError unless this folder holds a run's config."""
+        if not (self.path / CONFIG_FILE).is_file():
+            what = "does not exist" if not self.path.exists() else f"has no {CONFIG_FILE}"
+            raise RunFolderError(f"{str(self.path)!r} is not a fedprompt run folder: it {what}")
+
     def write_config(self, config: RunConfig) -> None:
         text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
         (self.path / CONFIG_FILE).write_text(text)
 
     def read_config(self) -> dict[str, Any]:
-        file = self.path / CONFIG_FILE
-        if not file.is_file():
-            raise FileNotFoundError(f"{self.path} is not a fedprompt run folder: it has no {CONFIG_FILE}")
-        return yaml.safe_load(file.read_text())
+        """The resolved configuration the run wrote; RunFolderError when the folder is not a run's."""
+        self.check_is_run()
+        return yaml.safe_load((self.path / CONFIG_FILE).read_text())
 
     def append(self, file: str, rows: list[dict[str, Any]]) -> None:
         with (self.path / file).open("a") as out:
