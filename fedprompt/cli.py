@@ -168,6 +168,53 @@ def serve(
         raise typer.Exit(2) from None
 
 
+RunFolders = Annotated[list[Path], typer.Argument(help="Results folders of runs (runs/<name>-<time>).")]
+
+
+@app.command()
+@user_errors
+def plot(
+    run_dirs: RunFolders,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="PNG file (default: the run's plot.png; plot.png for several)."),
+    ] = None,
+) -> None:
+    """Plot accuracy per round and against cumulative bytes (personalised curves and ε when present)."""
+    from fedprompt.plots import plot_runs
+    from fedprompt.results import PLOT_FILE
+    from fedprompt.run_report import load_run
+
+    runs = [load_run(path) for path in run_dirs]
+    if output is None:
+        output = run_dirs[0] / PLOT_FILE if len(run_dirs) == 1 else Path(PLOT_FILE)
+    typer.echo(f"plot written to {plot_runs(runs, output)}")
+
+
+@app.command()
+@user_errors
+def report(
+    run_dirs: RunFolders,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Write the table to OUTPUT.md and OUTPUT.csv.")
+    ] = Path("report"),
+) -> None:
+    """Compare runs in one table: accuracy (final, best, base/novel/HM, personalised), bytes, time, ε."""
+    from fedprompt.run_report import comparison_rows, format_value, load_run, write_csv, write_markdown
+
+    rows = comparison_rows([load_run(path) for path in run_dirs])
+    table = Table(title="fedprompt runs")
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for row in rows:
+        table.add_row(*(format_value(column, value) for column, value in row.items()))
+    Console().print(table)
+    markdown, csv_file = output.with_name(output.name + ".md"), output.with_name(output.name + ".csv")
+    write_markdown(rows, markdown)
+    write_csv(rows, csv_file)
+    typer.echo(f"table written to {markdown} and {csv_file}")
+
+
 flower_cli = typer.Typer(no_args_is_help=True, help="Run fedprompt jobs on Flower (the `flower` extra).")
 app.add_typer(flower_cli, name="flower")
 

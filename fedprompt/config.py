@@ -549,9 +549,12 @@ class RuntimeConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
-    """Where a run writes its results folder."""
+    """Where a run writes its results folder, and whether it plots its curves there."""
 
     dir: Path = Path("runs")
+    plot: bool = Field(
+        True, description="Write plot.png (accuracy per round and per byte) at the end (needs matplotlib)."
+    )
 
 
 class RunConfig(StrictModel):

@@ -159,4 +159,10 @@ class RunRecorder:
         if self.run_dir:
             self.run_dir.save_final(server.global_state)
             self.run_dir.write_summary(result.summary)
+            if self.config.output.plot:
+                from fedprompt.plots import save_run_plot
+                from fedprompt.run_report import RunRecord
+
+                record = RunRecord(self.run_dir.path.name, self.history, result.summary, self.run_dir.path)
+                save_run_plot(record, self.run_dir.path)
         return result

@@ -22,6 +22,7 @@ CLIENTS_FILE = "clients.jsonl"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FINAL_PROMPT_FILE = "final_prompt.safetensors"
 SUMMARY_FILE = "summary.json"
+PLOT_FILE = "plot.png"
 
 
 class RunDirectory:

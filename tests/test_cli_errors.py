@@ -106,8 +106,18 @@ def test_a_mistake_in_a_run_is_one_error_line_and_leaves_no_run_folder(
         (["run", "--resume", "{plain}"], ["is not a fedprompt run folder: it has no config.yaml"]),
         (["run", "--resume", "{missing}"], ["is not a fedprompt run folder: it does not exist"]),
         (["show-config", "--set", "head.description_template=about {{lbl}}"], ["description_template"]),
+        (["plot", "{missing}"], ["is not a fedprompt run folder: it does not exist"]),
+        (["report", "{plain}"], ["is not a fedprompt run folder: it has no config.yaml"]),
     ],
-    ids=["yaml-syntax", "override-yaml", "resume-not-a-run", "resume-missing", "description-template"],
+    ids=[
+        "yaml-syntax",
+        "override-yaml",
+        "resume-not-a-run",
+        "resume-missing",
+        "description-template",
+        "plot-missing",
+        "report-not-a-run",
+    ],
 )
 def test_mistakes_before_anything_loads_are_one_error_line(arguments, fragments, tmp_path, monkeypatch):
     bad_yaml = tmp_path / "bad.yaml"
