@@ -6,6 +6,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, ParamSpec, TypeVar
 
@@ -166,6 +167,27 @@ def serve(
     except (BackboneLoadError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+class ExportFormat(str, Enum):
+    """Formats ``fedprompt export`` writes."""
+
+    peft = "peft"
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Results folder of a finished run.")],
+    out: Annotated[Path, typer.Argument(help="New (or empty) folder for the exported prompt.")],
+    format_: Annotated[
+        ExportFormat, typer.Option("--format", help="peft: a PEFT prompt-tuning adapter.")
+    ] = ExportFormat.peft,
+) -> None:
+    """Export a run's trained prompt: a text soft prompt as a PEFT prompt-tuning adapter."""
+    from fedprompt.peft_export import export_peft
+
+    typer.echo(export_peft(run_dir, out).instructions())
 
 
 RunFolders = Annotated[list[Path], typer.Argument(help="Results folders of runs (runs/<name>-<time>).")]

@@ -187,6 +187,12 @@ class SoftPromptConfig(_PromptInit):
     """Prompt tuning: `num_tokens` virtual token embeddings placed in the input."""
 
     kind: Literal["soft"] = "soft"
+    placement: Literal["after-cls", "before-all"] = Field(
+        "after-cls",
+        description="Encoders: after the leading special token(s) such as [CLS], or before everything as "
+        "PEFT places virtual tokens (needed to export to PEFT with the same logits). Decoders put the "
+        "prompt before everything either way.",
+    )
 
 
 class DeepPromptConfig(_PromptInit):

@@ -5,6 +5,7 @@ Shared by every runtime (in-process, Flower), so their metrics files are the sam
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fedprompt.config import RunConfig
@@ -145,8 +146,9 @@ class RunRecorder:
             self.run_dir.append(CLIENTS_FILE, clients)
             self.run_dir.save_checkpoint(*server.checkpoint())
 
-    def finish(self, server: Server, backbone_bytes: int) -> RunResult:
-        """The run's result, with the final prompt and summary written to the folder."""
+    def finish(self, server: Server, backbone_bytes: int, label_names: Sequence[str] = ()) -> RunResult:
+        """The run's result, with the final prompt and summary written to the folder (the summary
+        names the classes in logit order, which an exported prompt's head needs)."""
         result = RunResult(
             config=self.config,
             history=self.history,
@@ -156,6 +158,8 @@ class RunRecorder:
             backbone_bytes=backbone_bytes,
         )
         result.summary = summarize(result)
+        if label_names:
+            result.summary["label_names"] = list(label_names)
         if self.run_dir:
             self.run_dir.save_final(server.global_state)
             self.run_dir.write_summary(result.summary)

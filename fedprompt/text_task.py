@@ -171,7 +171,10 @@ def _local_model(
         prompt = build_prompt(config.prompt, backbone, config.seed, search_sigma(config.optimizer))
     with _checked_against_the_model("head.template"):
         if not isinstance(prompt, IntrinsicPrompt):
-            model = TextPromptClassifier(backbone, prompt, head, config.head.template)
+            placement = (
+                config.prompt.placement if isinstance(config.prompt, SoftPromptConfig) else "after-cls"
+            )
+            model = TextPromptClassifier(backbone, prompt, head, config.head.template, placement)
             return model, backbone.num_bytes()
         opt = config.optimizer
         chunk = opt.chunk_size if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig) else 1

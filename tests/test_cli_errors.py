@@ -108,6 +108,7 @@ def test_a_mistake_in_a_run_is_one_error_line_and_leaves_no_run_folder(
         (["show-config", "--set", "head.description_template=about {{lbl}}"], ["description_template"]),
         (["plot", "{missing}"], ["is not a fedprompt run folder: it does not exist"]),
         (["report", "{plain}"], ["is not a fedprompt run folder: it has no config.yaml"]),
+        (["export", "{missing}", "{plain}/adapter"], ["is not a fedprompt run folder: it does not exist"]),
     ],
     ids=[
         "yaml-syntax",
@@ -117,6 +118,7 @@ def test_a_mistake_in_a_run_is_one_error_line_and_leaves_no_run_folder(
         "description-template",
         "plot-missing",
         "report-not-a-run",
+        "export-missing",
     ],
 )
 def test_mistakes_before_anything_loads_are_one_error_line(arguments, fragments, tmp_path, monkeypatch):
