@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,7 +18,9 @@ from rich.table import Table
 
 from fedprompt.config import load_config
 from fedprompt.errors import UserError
-from fedprompt.results import RunResult
+
+if TYPE_CHECKING:
+    from fedprompt.results import RunResult
 
 app = typer.Typer(
     add_completion=False,

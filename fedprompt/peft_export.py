@@ -8,7 +8,9 @@ gives the same hidden states and LM logits in PEFT as in fedprompt. The class he
 a PEFT adapter: its label descriptions or label words go to ``fedprompt_head.json`` beside it.
 
 Refused, with the reason: encoder prompts trained after ``[CLS]``, deep prompts, intrinsic prompts
-and CLIP prompts, none of which PEFT's prompt tuning holds as they were trained.
+and CLIP prompts, none of which PEFT's prompt tuning holds as they were trained. A GGUF backbone
+exports too: transformers loads it as the base model with ``gguf_file=...``, dequantised as
+fedprompt loads it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file, save_file
 
@@ -29,6 +31,9 @@ from fedprompt.config import (
 )
 from fedprompt.errors import RunFolderError, UserError
 from fedprompt.results import FINAL_PROMPT_FILE, SUMMARY_FILE, RunDirectory
+
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -57,6 +62,7 @@ class PeftExport:
         """What the user must keep and do, for the command's output."""
         base = self.base_model or "the same randomly initialised model (no name to load it by)"
         head = self.head
+        gguf = f", gguf_file={head['gguf_file']!r}" if "gguf_file" in head else ""
         if head["kind"] == "similarity":
             kept = (
                 f"the {len(head['labels'])} label descriptions, temperature {head['temperature']} and "
@@ -71,7 +77,7 @@ class PeftExport:
         return (
             f"PEFT prompt-tuning adapter written to {self.folder}: {self.num_tokens} virtual tokens of "
             f"width {self.hidden_size}, task type {self.task_type}; load it with "
-            f"PeftModel.from_pretrained({self.auto_class}.from_pretrained(<base>), '{self.folder}') "
+            f"PeftModel.from_pretrained({self.auto_class}.from_pretrained(<base>{gguf}), '{self.folder}') "
             f"on {base}.\n"
             f"Keep {self.folder / HEAD_FILE} with it: the class head is not part of a PEFT adapter, "
             f"and it holds {kept}."
@@ -99,7 +105,7 @@ def export_peft(run_dir: Path, out: Path) -> PeftExport:
     auto_class = (
         "AutoModel" if not verbalizer else "AutoModelForCausalLM" if decoder else "AutoModelForMaskedLM"
     )
-    base_model = _base_model_name(backbone)
+    base_model, gguf_file = _base_model(backbone)
 
     _prepare_folder(out)
     adapter_config = {
@@ -125,6 +131,8 @@ def export_peft(run_dir: Path, out: Path) -> PeftExport:
         {"prompt_embeddings": prompt.float().contiguous()}, str(out / ADAPTER_WEIGHTS_FILE), {"format": "pt"}
     )
     head = _head_description(config, backbone, labels, decoder, prompt.shape[0], auto_class)
+    if gguf_file:
+        head["gguf_file"] = gguf_file
     (out / HEAD_FILE).write_text(json.dumps(head, indent=2, ensure_ascii=False) + "\n")
     return PeftExport(out, prompt.shape[0], prompt.shape[1], task_type, base_model, auto_class, head)
 
@@ -149,13 +157,6 @@ def _exportable_parts(config: RunConfig) -> tuple[HFTextBackboneConfig, SoftProm
             f"prompt.kind {kind!r} on a {backbone.kind} backbone has no PEFT counterpart; "
             "PEFT export takes text soft prompts (prompt.kind: soft) on Hugging Face models"
         )
-    from prompt_modules.bundled import resolve_model_name
-
-    if backbone.random_config is None and resolve_model_name(backbone.model, backbone.gguf_file)[1]:
-        raise ExportError(
-            "the backbone is a GGUF file, which fedprompt dequantises on loading and PEFT does not load "
-            "as such; PEFT export needs a transformers model folder or Hub name"
-        )
     return backbone, prompt
 
 
@@ -177,7 +178,7 @@ def _is_decoder(model_config: Any) -> bool:
     return is_decoder_config(model_config)
 
 
-def _final_prompt(folder: RunDirectory) -> Any:
+def _final_prompt(folder: RunDirectory) -> torch.Tensor:
     file = folder.path / FINAL_PROMPT_FILE
     if not file.is_file():
         raise RunFolderError(
@@ -203,13 +204,14 @@ def _label_names(folder: RunDirectory) -> list[str]:
     return list(labels)
 
 
-def _base_model_name(backbone: HFTextBackboneConfig) -> str | None:
-    """The name PEFT records as the base model: a Hub name or folder (a bundled model's folder)."""
+def _base_model(backbone: HFTextBackboneConfig) -> tuple[str | None, str | None]:
+    """The name PEFT records as the base model (a Hub name or folder; a bundled model's folder) and
+    the GGUF file in it that transformers loads (``from_pretrained(name, gguf_file=...)``)."""
     if backbone.random_config is not None:
-        return None
+        return None, None
     from prompt_modules.bundled import resolve_model_name
 
-    return resolve_model_name(backbone.model, backbone.gguf_file)[0]
+    return resolve_model_name(backbone.model, backbone.gguf_file)
 
 
 def _head_description(
