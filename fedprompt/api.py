@@ -28,16 +28,17 @@ def run(
     The configuration is validated before any data or model loads.
     """
     if resume is not None:
-        run_dir: RunDirectory | None = RunDirectory(Path(resume))
-        stored = load_config(run_dir.read_config())
+        folder = RunDirectory.existing(Path(resume))
+        stored = load_config(folder.read_config())
         cfg = load_config(stored, overrides)
-        metadata = run_dir.checkpoint_metadata() or {}
-        run_dir.check_resume(stored, cfg, metadata.get(CONFIG_HASH_KEY))
-    else:
-        cfg = load_config(config, overrides)
-        if output_dir is not None:
-            cfg.output.dir = Path(output_dir)
-        run_dir = RunDirectory.create(cfg.output.dir, cfg.name) if write else None
-        if run_dir:
-            run_dir.write_config(cfg)
-    return run_in_process(build_experiment(cfg), cfg, run_dir)
+        metadata = folder.checkpoint_metadata() or {}
+        folder.check_resume(stored, cfg, metadata.get(CONFIG_HASH_KEY))
+        return run_in_process(build_experiment(cfg), cfg, folder)
+    cfg = load_config(config, overrides)
+    if output_dir is not None:
+        cfg.output.dir = Path(output_dir)
+    experiment = build_experiment(cfg)  # a start that fails (data, model) leaves no results folder
+    run_dir = RunDirectory.create(cfg.output.dir, cfg.name) if write else None
+    if run_dir:
+        run_dir.write_config(cfg)
+    return run_in_process(experiment, cfg, run_dir)

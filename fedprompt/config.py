@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedprompt.errors import UserError
 
 BUILTIN_DATASETS = ("chatterbot-corpus",)
 BUILTIN_IMAGE_DATASETS = ("digits",)
@@ -21,7 +23,7 @@ CLIP_PROMPT_KINDS = ("coop", "vpt", "pixel", "twin", "generator")
 WireDtype = Literal["float32", "float16", "bfloat16"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names each bad field and what is allowed."""
 
 
@@ -113,6 +115,13 @@ BackboneConfig = Annotated[
 # --------------------------------------------------------------------------- classification head
 
 
+def _one_text_slot(template: str) -> str:
+    """An input template holds ``{text}`` exactly once."""
+    if template.count("{text}") != 1:
+        raise ValueError("the template must contain '{text}' exactly once, e.g. 'Review: {text}'")
+    return template
+
+
 class VerbalizerHeadConfig(StrictModel):
     """Classify with the backbone's language-model head: the logit of each class's label words."""
 
@@ -126,6 +135,8 @@ class VerbalizerHeadConfig(StrictModel):
         None, description="Label name -> words whose logits score the class; defaults to the label's name."
     )
 
+    _template = field_validator("template")(_one_text_slot)
+
 
 class SimilarityHeadConfig(StrictModel):
     """Classify with a sentence encoder: cosine similarity to encoded label descriptions."""
@@ -138,6 +149,17 @@ class SimilarityHeadConfig(StrictModel):
     )
     temperature: float = Field(0.05, gt=0)
     pooling: Literal["mean", "cls"] = "mean"
+
+    _template = field_validator("template")(_one_text_slot)
+
+    @field_validator("description_template")
+    @classmethod
+    def _label_slot(cls, template: str) -> str:
+        try:
+            template.format(label="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"the description template may hold '{{label}}' only ({exc!r})") from None
+        return template
 
 
 HeadConfig = Annotated[VerbalizerHeadConfig | SimilarityHeadConfig, Field(discriminator="kind")]
@@ -165,6 +187,12 @@ class SoftPromptConfig(_PromptInit):
     """Prompt tuning: `num_tokens` virtual token embeddings placed in the input."""
 
     kind: Literal["soft"] = "soft"
+    placement: Literal["after-cls", "before-all"] = Field(
+        "after-cls",
+        description="Encoders: after the leading special token(s) such as [CLS], or before everything as "
+        "PEFT places virtual tokens (needed to export to PEFT with the same logits). Decoders put the "
+        "prompt before everything either way.",
+    )
 
 
 class DeepPromptConfig(_PromptInit):
@@ -589,9 +617,12 @@ class RuntimeConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
-    """Where a run writes its results folder."""
+    """Where a run writes its results folder, and whether it plots its curves there."""
 
     dir: Path = Path("runs")
+    plot: bool = Field(
+        True, description="Write plot.png (accuracy per round and per byte) at the end (needs matplotlib)."
+    )
 
 
 class RunConfig(StrictModel):
@@ -769,7 +800,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: not valid YAML: {_yaml_problem(exc)}") from None
     return out
 
 
@@ -782,8 +816,10 @@ def _format_errors(error: ValidationError) -> str:
             msg = "is not a known field" + _allowed_fields_hint(err["loc"])
         elif "input" in err and not isinstance(err["input"], dict | list):
             msg += f" (got {err['input']!r})"
-        lines.append(f"  {where or '<root>'}: {msg}")
-    return "invalid configuration:\n" + "\n".join(lines)
+        lines.append(f"{where or '<root>'}: {msg}")
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0]}"
+    return "invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _allowed_fields_hint(loc: tuple[Any, ...]) -> str:
@@ -822,6 +858,16 @@ def validate_config(raw: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(_format_errors(exc)) from None
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: where, and what the parser expected there."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return " ".join(str(error).split())
+    mark = error.context_mark or error.problem_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    parts = [part for part in (error.context, error.problem) if part]
+    return where + ": ".join(parts)
+
+
 def load_config(
     source: str | Path | Mapping[str, Any] | RunConfig | None = None, overrides: Sequence[str] = ()
 ) -> RunConfig:
@@ -839,7 +885,7 @@ def load_config(
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return validate_config(apply_overrides(raw, overrides))

@@ -6,6 +6,7 @@ Shared by every runtime (in-process, Flower), so their metrics files are the sam
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from fedprompt.client_state import MemoryClientStates
@@ -245,8 +246,9 @@ class RunRecorder:
             tensors, metadata = {**tensors, **client_tensors}, {**metadata, **client_metadata}
         return tensors, {**metadata, CONFIG_HASH_KEY: config_fingerprint(self.config)}
 
-    def finish(self, server: Server, backbone_bytes: int) -> RunResult:
-        """The run's result, with the final prompt and summary written to the folder."""
+    def finish(self, server: Server, backbone_bytes: int, label_names: Sequence[str] = ()) -> RunResult:
+        """The run's result, with the final prompt and summary written to the folder (the summary
+        names the classes in logit order, which an exported prompt's head needs)."""
         result = RunResult(
             config=self.config,
             history=self.history,
@@ -256,7 +258,15 @@ class RunRecorder:
             backbone_bytes=backbone_bytes,
         )
         result.summary = summarize(result)
+        if label_names:
+            result.summary["label_names"] = list(label_names)
         if self.run_dir:
             self.run_dir.save_final(server.global_state)
             self.run_dir.write_summary(result.summary)
+            if self.config.output.plot:
+                from fedprompt.plots import save_run_plot
+                from fedprompt.run_report import RunRecord
+
+                record = RunRecord(self.run_dir.path.name, self.history, result.summary, self.run_dir.path)
+                save_run_plot(record, self.run_dir.path)
         return result

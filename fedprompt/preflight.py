@@ -12,6 +12,7 @@ The builders call the same check functions with the loaded model's layer counts.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from fedprompt.config import (
     ConfigError,
@@ -22,6 +23,9 @@ from fedprompt.config import (
     TwinPromptConfig,
     VPTPromptConfig,
 )
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +86,25 @@ def check_model_fields(config: RunConfig) -> None:
 
 def text_layer_count(config: HFTextBackboneConfig) -> int | None:
     """The layer count of a Hugging Face text model from its configuration (None: not readable here)."""
+    model_config = text_model_config(config)
+    return None if model_config is None else int(model_config.num_hidden_layers)
+
+
+def text_model_config(config: HFTextBackboneConfig) -> PretrainedConfig | None:
+    """A Hugging Face text model's configuration, read without its weights (None: not readable here,
+    e.g. a Hub model not in the local cache)."""
     from transformers import AutoConfig
 
     from prompt_modules.bundled import resolve_model_name
 
     try:
         if config.random_config is not None:
-            model_config = AutoConfig.for_model(**config.random_config)
-        else:
-            path, gguf = resolve_model_name(config.model, config.gguf_file)
-            kwargs = {"revision": config.revision, **({"gguf_file": gguf} if gguf else {})}
-            model_config = AutoConfig.from_pretrained(path, **kwargs)
-        return int(model_config.num_hidden_layers)
+            return AutoConfig.for_model(**config.random_config)
+        path, gguf = resolve_model_name(config.model, config.gguf_file)
+        kwargs = {"revision": config.revision, **({"gguf_file": gguf} if gguf else {})}
+        return AutoConfig.from_pretrained(path, **kwargs)
     except Exception as exc:  # unreadable here: the builder checks against the loaded model
-        log.debug("layer count of %s not read before loading: %s", config.model, exc)
+        log.debug("configuration of %s not read before loading: %s", config.model, exc)
         return None
 
 

@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fedprompt.config import ConfigError, RunConfig
+from fedprompt.errors import RunFolderError
 from fedprompt.files import (
     append_json_lines,
     read_json_lines,
@@ -28,6 +29,7 @@ CLIENTS_FILE = "clients.jsonl"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FINAL_PROMPT_FILE = "final_prompt.safetensors"
 SUMMARY_FILE = "summary.json"
+PLOT_FILE = "plot.png"
 RESUMES_FILE = "resumes.jsonl"
 CONFIG_HASH_KEY = "fedprompt.config_hash"
 
@@ -75,6 +77,19 @@ class RunDirectory:
         path.mkdir(parents=True)
         return cls(path)
 
+    @classmethod
+    def existing(cls, path: Path) -> RunDirectory:
+        """A results folder that a run wrote (it holds the run's config); RunFolderError otherwise."""
+        folder = cls(path)
+        folder.check_is_run()
+        return folder
+
+    def check_is_run(self) -> None:
+        """RunFolderError unless this folder holds a run's config."""
+        if not (self.path / CONFIG_FILE).is_file():
+            what = "does not exist" if not self.path.exists() else f"has no {CONFIG_FILE}"
+            raise RunFolderError(f"{str(self.path)!r} is not a fedprompt run folder: it {what}")
+
     def write_config(self, config: RunConfig) -> None:
         text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
         write_text_atomically(self.path / CONFIG_FILE, text)
@@ -103,10 +118,9 @@ class RunDirectory:
             append_json_lines(self.path / RESUMES_FILE, [entry])
 
     def read_config(self) -> dict[str, Any]:
-        file = self.path / CONFIG_FILE
-        if not file.is_file():
-            raise FileNotFoundError(f"{self.path} is not a fedprompt run folder: it has no {CONFIG_FILE}")
-        return yaml.safe_load(file.read_text())
+        """The resolved configuration the run wrote; RunFolderError when the folder is not a run's."""
+        self.check_is_run()
+        return yaml.safe_load((self.path / CONFIG_FILE).read_text())
 
     def append(self, file: str, rows: list[dict[str, Any]]) -> None:
         """Append rows and fsync them."""

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedprompt.client_state import MemoryClientStates
 from fedprompt.config import RunConfig
+from fedprompt.errors import NoClientTrainedError
 from fedprompt.experiment import Experiment
 from fedprompt.metrics import RunRecorder, client_rows, evaluate_round, round_metrics
 from fedprompt.results import RunDirectory, RunResult
@@ -69,7 +70,7 @@ def run_in_process(
                 _fit_client(experiment, server, record, cid)
                 progress.advance(client_task)
             if len(record.rejected) == len(record.sampled):
-                raise RuntimeError(
+                raise NoClientTrainedError(
                     f"round {round_num}: every sampled client failed; first reason: "
                     f"{next(iter(record.rejected.values()))}"
                 )
@@ -86,7 +87,7 @@ def run_in_process(
             recorder.record_round(row, clients, server)
             progress.advance(round_task)
             log.info("round %d: %s", round_num, _brief(row))
-    return recorder.finish(server, experiment.backbone_bytes)
+    return recorder.finish(server, experiment.backbone_bytes, experiment.label_names)
 
 
 def _fit_client(experiment: Experiment, server: Server, record: RoundRecord, cid: int) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
@@ -127,7 +128,8 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         encoded = model.encode_texts(dataset["text"])
         return TensorData({**encoded, "labels": torch.tensor(dataset["label"], dtype=torch.long)})
 
-    train, test = tensors(data.train), tensors(data.test)
+    with _checked_against_the_model("head.template"):
+        train, test = tensors(data.train), tensors(data.test)
     parts = partition_indices(
         train.labels.numpy(), config.partition, seed=derive_seed(config.seed, "partition")
     )
@@ -163,13 +165,33 @@ def _local_model(
 ) -> tuple[TextPromptClassifier, int]:
     """The prompt module on a backbone loaded in this process, and the backbone's size in bytes."""
     backbone = load_backbone(backbone_config, config.head.kind, config.seed).to(device)
-    head = build_head(config.head, backbone, label_names)
-    prompt = build_prompt(config.prompt, backbone, config.seed, search_sigma(config.optimizer))
-    if not isinstance(prompt, IntrinsicPrompt):
-        return TextPromptClassifier(backbone, prompt, head, config.head.template), backbone.num_bytes()
-    opt = config.optimizer
-    chunk = opt.chunk_size if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig) else 1
-    return IntrinsicTextClassifier(backbone, prompt, head, config.head.template, chunk), backbone.num_bytes()
+    with _checked_against_the_model("head"):
+        head = build_head(config.head, backbone, label_names)
+    with _checked_against_the_model("prompt"):
+        prompt = build_prompt(config.prompt, backbone, config.seed, search_sigma(config.optimizer))
+    with _checked_against_the_model("head.template"):
+        if not isinstance(prompt, IntrinsicPrompt):
+            placement = (
+                config.prompt.placement if isinstance(config.prompt, SoftPromptConfig) else "after-cls"
+            )
+            model = TextPromptClassifier(backbone, prompt, head, config.head.template, placement)
+            return model, backbone.num_bytes()
+        opt = config.optimizer
+        chunk = opt.chunk_size if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig) else 1
+        model = IntrinsicTextClassifier(backbone, prompt, head, config.head.template, chunk)
+        return model, backbone.num_bytes()
+
+
+@contextmanager
+def _checked_against_the_model(field: str) -> Iterator[None]:
+    """Report a setting that only the loaded model could check (a [MASK]-less masked-LM template,
+    label words sharing a first token, an init phrase of no tokens) as a ConfigError on ``field``."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc
 
 
 def _trainer(config: RunConfig, accelerator: Accelerator) -> LocalTrainer:

@@ -44,7 +44,7 @@ class HFTextBackbone:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.is_decoder = _is_decoder(model.config)
+        self.is_decoder = is_decoder_config(model.config)
         self.has_lm_head = model.get_output_embeddings() is not None
         self._mlm_head = None if self.is_decoder else _single_head_module(model)
         if tokenizer.pad_token is None:
@@ -189,7 +189,8 @@ class HFTextBackbone:
         return logits[rows, positions]
 
 
-def _is_decoder(config: PretrainedConfig) -> bool:
+def is_decoder_config(config: PretrainedConfig) -> bool:
+    """Whether a model configuration describes a decoder (causal LM), read before any weights load."""
     if getattr(config, "is_decoder", False):
         return True
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) not in MODEL_FOR_MASKED_LM_MAPPING
@@ -198,7 +199,7 @@ def _is_decoder(config: PretrainedConfig) -> bool:
 def _model_class(config: PretrainedConfig, head: Head) -> type:
     if head == "none":
         return AutoModel
-    if _is_decoder(config):
+    if is_decoder_config(config):
         return AutoModelForCausalLM
     if type(config) in MODEL_FOR_MASKED_LM_MAPPING:
         return AutoModelForMaskedLM

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from prompt_modules.hf_text import HFTextBackbone
 from prompt_modules.soft_prompt import TextPrompt
 
 MASK_PLACEHOLDER = "[MASK]"
+Placement = Literal["after-cls", "before-all"]
 
 
 class SimilarityHead(nn.Module):
@@ -48,8 +50,9 @@ class SimilarityHead(nn.Module):
     def num_classes(self) -> int:
         return self.class_embeddings.shape[0]
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        sentence = F.normalize(pool(hidden, attention_mask, self.pooling).float(), dim=-1)
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, cls_index: int = 0) -> torch.Tensor:
+        """Class logits [B, C]; ``cls_index``: where the [CLS] token sits (for ``cls`` pooling)."""
+        sentence = F.normalize(pool(hidden, attention_mask, self.pooling, cls_index).float(), dim=-1)
         return sentence @ self.class_embeddings.T / self.temperature
 
 
@@ -107,9 +110,10 @@ class TextPromptClassifier(PromptModule):
     """Owns a text prompt (soft, deep, or any module returning a ``TextPrompt``) and a class head.
 
     Input layout: the prompt's m positions go right after the leading special token(s) of an
-    encoder ([CLS] P x [SEP]) and before everything for a decoder (P x, left-padded, with
-    position ids that skip the padding). Deep prompts overwrite those positions at the input of
-    each prompted layer through forward pre-hooks that live only for one forward pass.
+    encoder ([CLS] P x [SEP]; with ``placement="before-all"``, P [CLS] x [SEP] as PEFT lays out
+    virtual tokens) and before everything for a decoder (P x, left-padded, with position ids that
+    skip the padding). Deep prompts overwrite those positions at the input of each prompted layer
+    through forward pre-hooks that live only for one forward pass.
     """
 
     def __init__(
@@ -118,14 +122,19 @@ class TextPromptClassifier(PromptModule):
         prompt: nn.Module,
         head: SimilarityHead | VerbalizerHead,
         template: str = "{text}",
+        placement: Placement = "after-cls",
     ) -> None:
         super().__init__(backbone)
+        if placement not in ("after-cls", "before-all"):
+            raise ValueError(f"placement must be 'after-cls' or 'before-all', got {placement!r}")
         self.prompt = prompt
         self.head = head
         self._uses_mask = isinstance(head, VerbalizerHead) and not backbone.is_decoder
         mask_token = backbone.tokenizer.mask_token if self._uses_mask else None
         self._prefix, self._suffix = template_affixes(template, self._uses_mask, mask_token)
-        self.prompt_position = 0 if backbone.is_decoder else len(backbone.prefix_special_ids)
+        before_all = backbone.is_decoder or placement == "before-all"
+        self.prompt_position = 0 if before_all else len(backbone.prefix_special_ids)
+        self._cls_after_prompt = placement == "before-all" and not backbone.is_decoder
 
     @property
     def num_classes(self) -> int:
@@ -196,7 +205,8 @@ class TextPromptClassifier(PromptModule):
 
         with self._layer_prompts(prompt):
             if isinstance(self.head, SimilarityHead):
-                return self.head(backbone.hidden_states(embeds, mask, position_ids), mask)
+                cls_index = m if self._cls_after_prompt else 0
+                return self.head(backbone.hidden_states(embeds, mask, position_ids), mask, cls_index)
             if self._uses_mask:
                 hits = input_ids == backbone.tokenizer.mask_token_id
                 if not bool(hits.any(1).all()):
@@ -276,10 +286,12 @@ def template_affixes(template: str, masked_lm_verbalizer: bool, mask_token: str 
     return prefix, suffix
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Mean over attended positions, or the first position (CLS)."""
+def pool(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str, cls_index: int = 0
+) -> torch.Tensor:
+    """Mean over attended positions, or the [CLS] position (``cls_index``, the first by default)."""
     if pooling == "cls":
-        return hidden[:, 0]
+        return hidden[:, cls_index]
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
