@@ -132,7 +132,8 @@ def test_bad_requests_get_error_replies_and_the_worker_goes_on(tmp_path, socket_
     assert not reply.header["ok"] and "alpah" in reply.header["error"]
     reply = _raw_request(socket_path, {"op": "train", "config": config_json, "instructions": record})
     assert not reply.header["ok"] and "safetensors" in reply.header["error"].lower()
-    reply = _raw_request(socket_path, {"op": "evaluate", "config": config_json, "partition": 7}, b"x")
+    evaluate = {"op": "evaluate", "config": config_json, "partition": 7, "accepted_round": 0}
+    reply = _raw_request(socket_path, evaluate, b"x")
     assert not reply.header["ok"] and "partition 7 is outside 0..2" in reply.header["error"]
     bad = {**record, "round": -1}
     reply = _raw_request(socket_path, {"op": "train", "config": config_json, "instructions": bad})
