@@ -443,9 +443,14 @@ OptimizerConfig = Annotated[
 
 
 class FedAvgConfig(StrictModel):
-    """Example-weighted average of client states."""
+    """Average of client states, weighted by their example counts or uniform."""
 
     kind: Literal["fedavg"] = "fedavg"
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples",
+        description="examples: w_k = n_k (FedAvg); uniform: every client counts once (FedTPG's and "
+        "PromptFL's reference code).",
+    )
 
 
 class FedProxConfig(StrictModel):
