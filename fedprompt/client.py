@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 
 from fedprompt.batching import TensorData
@@ -16,7 +18,9 @@ class Client:
 
     The prompt module (and its frozen backbone) is shared by every client of a process; a client
     loads the global prompt state into it before each fit or evaluation, so memory grows by one
-    data partition per client, not by one model.
+    data partition per client, not by one model. ``class_names``, when given, are the classes this
+    client scores (its labels index them): it trains and evaluates inside the model's
+    ``scoring(class_names)`` (FedTPG: each client's softmax over its own classes).
     """
 
     def __init__(
@@ -27,20 +31,31 @@ class Client:
         model: PromptModule,
         trainer: LocalTrainer,
         eval_batch_size: int = 64,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         if len(train_data) == 0:
             raise ValueError(f"client {client_id} has no training examples")
+        if class_names is not None and not callable(getattr(model, "scoring", None)):
+            raise ValueError(
+                f"client {client_id} has its own class names, but the model cannot score a class set"
+            )
         self.client_id = client_id
         self.train_data = train_data
         self.val_data = val_data
         self.model = model
         self.trainer = trainer
         self.eval_batch_size = eval_batch_size
+        self.class_names = tuple(class_names) if class_names is not None else None
+
+    def _own_classes(self) -> AbstractContextManager:
+        """The model scores this client's classes inside (no change without ``class_names``)."""
+        return nullcontext() if self.class_names is None else self.model.scoring(self.class_names)
 
     def fit(self, global_state: State, instructions: FitInstructions) -> Update:
         """Train from the global state on local data; return the new state and what it took."""
         self.model.load_state_dict(global_state, strict=True)
-        stats = self.trainer.train(self.model, self.train_data, instructions)
+        with self._own_classes():
+            stats = self.trainer.train(self.model, self.train_data, instructions)
         return Update(
             self.client_id, self.model.prompt_state(), len(self.train_data), stats.as_metrics(), stats.tensors
         )
@@ -51,7 +66,8 @@ class Client:
             return None
         self.model.load_state_dict(global_state, strict=True)
         device = next(iter(self.model.state_dict().values())).device
-        return evaluate(self.model, self.val_data, self.eval_batch_size, device)
+        with self._own_classes():
+            return evaluate(self.model, self.val_data, self.eval_batch_size, device)
 
     def fit_payload(
         self, downlink: bytes, spec: PayloadSpec, instructions: FitInstructions, wire_dtype: str

@@ -25,12 +25,16 @@ def evaluate_round(experiment: Experiment, server: Server, config: RunConfig) ->
             total = sum(m["num_examples"] for m in local)
             row["local_accuracy"] = sum(m["accuracy"] * m["num_examples"] for m in local) / total
             row["local_loss"] = sum(m["loss"] * m["num_examples"] for m in local) / total
+    groups: dict[str, list[float]] = {}
     for name, eval_set in experiment.eval_sets.items():
         with experiment.model.scoring(eval_set.class_names):
             metrics = evaluate(
                 experiment.model, eval_set.data, config.runtime.eval_batch_size, experiment.device
             )
         row[f"{name}_accuracy"] = metrics["accuracy"]
+        if eval_set.group is not None:
+            groups.setdefault(eval_set.group, []).append(metrics["accuracy"])
+    row.update({f"{group}_accuracy": sum(values) / len(values) for group, values in groups.items()})
     if "base_accuracy" in row and "novel_accuracy" in row:  # base-to-novel: HM = 2·B·N / (B + N)
         base, novel = row["base_accuracy"], row["novel_accuracy"]
         row["harmonic_mean"] = 2 * base * novel / (base + novel) if base + novel else 0.0
