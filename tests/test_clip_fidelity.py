@@ -439,3 +439,22 @@ def test_text_prompts_train_on_cached_views_and_visual_prompts_augment_on_the_fl
     update = vpt.clients[0].fit(state, FitInstructions(round=1, seed=1))
     assert not torch.equal(update.state["image.prompts"], state["image.prompts"])
     assert np.isfinite(update.metrics["train_loss"])
+
+
+def test_one_dataset_reports_base_and_novel_against_their_own_class_names(tiny_clip):
+    from fedprompt.api import run
+
+    config = clip_run_config(
+        tiny_clip,
+        {"kind": "generator", "num_tokens": 4, "heads": 2},
+        {**DIGITS, "novel_class_fraction": 0.5},
+        federation={"rounds": 1},
+        optimizer={"max_steps": 1},
+    )
+    experiment = build_experiment(load_config(config))
+    assert experiment.eval_sets["base"].class_names == ["zero", "one", "two", "three", "four"]
+    assert experiment.eval_sets["novel"].class_names == ["five", "six", "seven", "eight", "nine"]
+    assert experiment.eval_sets["base"].group is None
+    row = run(config, write=False).history[-1]
+    assert row["global_accuracy"] == row["base_accuracy"]  # the server's test set is the base classes'
+    assert "dataset_mean_accuracy" not in row

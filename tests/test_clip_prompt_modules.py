@@ -216,7 +216,10 @@ def test_pixel_prompts_cover_their_region_only():
     corners = torch.tensor([[0, 0], [12, 5]])
     placed = moving.prompt_image(corners)
     assert placed.shape == (2, 3, 16, 16)
-    assert torch.equal(placed[1, :, 12:16, 5:9], moving.patch) and placed[1].abs().sum() == moving.patch.abs().sum()
+    assert (
+        torch.equal(placed[1, :, 12:16, 5:9], moving.patch)
+        and placed[1].abs().sum() == moving.patch.abs().sum()
+    )
     assert moving.prompt_image()[0, 0].nonzero()[0].tolist() == [6, 6]  # no positions: the centre
     with pytest.raises(ValueError, match="a frame prompt of size 9 does not fit 16x16 images"):
         PixelPrompt("frame", 9, (16, 16))
