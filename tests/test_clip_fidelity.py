@@ -109,6 +109,7 @@ def test_client_classes_all_keeps_one_shared_class_set(tiny_clip):
     assert load_config(coop).client_classes == "all"
 
 
+@pytest.mark.slow
 def test_pooled_datasets_report_each_dataset_and_their_mean(tiny_clip):
     generated = {"source": "image-folder", "name": str(tiny_clip.generated)}
     config = clip_run_config(
@@ -441,6 +442,7 @@ def test_text_prompts_train_on_cached_views_and_visual_prompts_augment_on_the_fl
     assert np.isfinite(update.metrics["train_loss"])
 
 
+@pytest.mark.slow
 def test_one_dataset_reports_base_and_novel_against_their_own_class_names(tiny_clip):
     from fedprompt.api import run
 
