@@ -49,15 +49,20 @@ def phrase_token_ids(tokenizer: Any, text: str) -> list[int]:
     return ids[first:end]
 
 
+def _placeholders_before(num_context: int, position: ClassPosition) -> int:
+    """How many of the context vectors come before the class name."""
+    if position not in CLASS_POSITIONS:
+        raise ValueError(f"unknown class position {position!r}; use one of {list(CLASS_POSITIONS)}")
+    return {"end": num_context, "front": 0, "middle": num_context // 2}[position]
+
+
 def class_layout(name: str, num_context: int, position: ClassPosition) -> str:
     """The class prompt text with ``num_context`` placeholders: CoOp's ``CLASS_TOKEN_POSITION``.
 
     end: ``X X X X name.``; front: ``name X X X X.``; middle: ``X X name X X.`` (the first
     ``num_context // 2`` placeholders before the name, the rest after it).
     """
-    if position not in CLASS_POSITIONS:
-        raise ValueError(f"unknown class position {position!r}; use one of {list(CLASS_POSITIONS)}")
-    before = {"end": num_context, "front": 0, "middle": num_context // 2}[position]
+    before = _placeholders_before(num_context, position)
     parts = [" ".join([PLACEHOLDER] * before), name, " ".join([PLACEHOLDER] * (num_context - before))]
     return " ".join(part for part in parts if part) + "."
 
@@ -85,7 +90,7 @@ def _tokenize_classes(
     empty, only_placeholder = backbone.tokenize(["", PLACEHOLDER])
     differs = (empty != only_placeholder).nonzero()
     start = int(differs[0]) if len(differs) else 0
-    before = {"end": num_context, "front": 0, "middle": num_context // 2}[position]
+    before = _placeholders_before(num_context, position)
     after = torch.arange(num_context - before)
     if position == "end":
         name_lengths = torch.zeros(len(names), dtype=torch.long)
