@@ -428,7 +428,12 @@ class DataConfig(StrictModel):
             return self
         if not self.datasets:
             raise ValueError("source: datasets needs `datasets`, a list of data sections, one per dataset")
-        own = sorted(self.model_fields_set - {"source", "datasets", "novel_class_fraction"})
+        shared = {"source", "datasets", "novel_class_fraction"}
+        own = sorted(
+            name  # set and not the default (a resolved configuration repeats every default)
+            for name, field in type(self).model_fields.items()
+            if name not in shared and getattr(self, name) != field.get_default(call_default_factory=True)
+        )
         if own:
             raise ValueError(
                 f"with source: datasets, {own} belong in each entry of `datasets` (only novel_class_fraction "

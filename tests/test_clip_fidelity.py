@@ -139,6 +139,8 @@ def test_pooled_datasets_report_each_dataset_and_their_mean(tiny_clip):
     assert row["harmonic_mean"] == pytest.approx(2 * base * novel / (base + novel))
     assert result.summary["final_generated_novel_accuracy"] == row["generated_novel_accuracy"]
 
+    resolved = load_config(config).model_dump(mode="json")  # as a run folder or a Flower app keeps it
+    assert load_config(resolved) == load_config(config)
     wrong = copy.deepcopy(config)
     wrong["partition"]["num_clients"] = 3
     with pytest.raises(ConfigError, match=r"make 2 clients .* set partition.num_clients: 2"):
