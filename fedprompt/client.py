@@ -3,6 +3,8 @@ it carries from round to round."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -44,7 +46,9 @@ class Client:
     partition per client, not by one model. What a client keeps between rounds (the local part of
     a split prompt, a personal prompt, control variates) is its *carried* state: ``fit`` takes it
     and returns the next one, and the runtime keeps it in a client-state store, committed only
-    when the server used the update.
+    when the server used the update. ``class_names``, when given, are the classes this client
+    scores (its labels index them): it trains and evaluates inside the model's
+    ``scoring(class_names)`` (FedTPG: each client's softmax over its own classes).
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class Client:
         eval_batch_size: int = 64,
         rule: ClientRule | None = None,
         split: PromptSplit | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         if len(train_data) == 0:
             raise ValueError(f"client {client_id} has no training examples")
@@ -68,6 +73,11 @@ class Client:
         self.eval_batch_size = eval_batch_size
         self.rule = rule or ClientRule()
         self.split = split or PromptSplit(model.prompt_state())
+        self.class_names = tuple(class_names) if class_names is not None else None
+
+    def _own_classes(self) -> AbstractContextManager:
+        """The model scores this client's classes inside (no change without ``class_names``)."""
+        return nullcontext() if self.class_names is None else self.model.scoring(self.class_names)
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +90,8 @@ class Client:
         start = self.rule.start(downlink, carried, instructions)
         self.model.load_state_dict(self.split.join(start, carried), strict=True)
         context = LocalContext(carried=carried, penalty=self._penalty(downlink, carried, instructions))
-        stats = self.trainer.train(self.model, self.train_data, instructions, context)
+        with self._own_classes():
+            stats = self.trainer.train(self.model, self.train_data, instructions, context)
         full = self.model.prompt_state()
         output = self.rule.finish(self.split.wire(full), downlink, carried, instructions, stats)
         metrics = stats.as_metrics()
@@ -90,9 +101,7 @@ class Client:
                     f"client {self.client_id} has no held-out split to report val_accuracy on; "
                     "set partition.local_val_fraction > 0"
                 )
-            metrics["val_accuracy"] = evaluate(self.model, self.val_data, self.eval_batch_size, self.device)[
-                "accuracy"
-            ]
+            metrics["val_accuracy"] = self._accuracy()
         update = Update(
             self.client_id,
             {name: t.detach().clone() for name, t in output.state.items()},
@@ -117,7 +126,8 @@ class Client:
         if self.val_data is None or len(self.val_data) == 0:
             return None
         self.model.load_state_dict(self.split.join(global_state, {}), strict=True)
-        metrics = evaluate(self.model, self.val_data, self.eval_batch_size, self.device)
+        with self._own_classes():
+            metrics = evaluate(self.model, self.val_data, self.eval_batch_size, self.device)
         personal = self.personal_state(global_state, carried or {})
         if personal is not None:
             self.model.load_state_dict(personal, strict=True)
@@ -142,11 +152,14 @@ class Client:
             return None
         self.model.load_state_dict(self.split.join(global_state, carried), strict=True)
         instructions = FitInstructions(round=0, seed=tuning.seed)
-        tuning.trainer.train(self.model, self.train_data, instructions, LocalContext(carried=carried))
+        with self._own_classes():
+            tuning.trainer.train(self.model, self.train_data, instructions, LocalContext(carried=carried))
         return self._accuracy()
 
     def _accuracy(self) -> float:
-        return evaluate(self.model, self.val_data, self.eval_batch_size, self.device)["accuracy"]
+        """Accuracy of the loaded prompt on the held-out split, over this client's classes."""
+        with self._own_classes():
+            return evaluate(self.model, self.val_data, self.eval_batch_size, self.device)["accuracy"]
 
     def fit_payload(
         self,

@@ -20,6 +20,7 @@ from fedprompt.errors import UserError
 BUILTIN_DATASETS = ("chatterbot-corpus",)
 BUILTIN_IMAGE_DATASETS = ("digits",)
 CLIP_PROMPT_KINDS = ("coop", "vpt", "pixel", "twin", "generator")
+DEFAULT_COOP_TOKENS = 16
 WireDtype = Literal["float32", "float16", "bfloat16"]
 
 
@@ -203,17 +204,49 @@ class DeepPromptConfig(_PromptInit):
 
 
 class CoOpPromptConfig(_PromptInit):
-    """CLIP learned context (CoOp, as PromptFL trains it): M vectors before the class-name tokens."""
+    """CLIP learned context (CoOp, as PromptFL trains it): M vectors around the class-name tokens.
+
+    M (``num_tokens``) is 16 by default; with ``init: text`` it is the token count of
+    ``init_text``, as CoOp takes it from its ``CTX_INIT`` phrase (each vector starts as one of the
+    phrase's token embeddings, none repeated or cut). A ``num_tokens`` given beside ``init: text``
+    must equal that count.
+    """
 
     kind: Literal["coop"] = "coop"
-    num_tokens: int = Field(16, ge=1, le=64, description="M, the context vectors.")
+    num_tokens: int | None = Field(  # type: ignore[assignment]  # None: from init_text, or 16
+        None,
+        ge=1,
+        le=64,
+        description="M, the context vectors: 16 when null, or the token count of init_text with init: text.",
+    )
     init: Literal["text", "vocab", "random"] = Field(
         "random", description="text: from `init_text` (e.g. 'a photo of a'); random: N(0, init_std²)."
     )
     class_specific: bool = Field(False, description="One context per class instead of one shared by all.")
+    class_position: Literal["end", "middle", "front"] = Field(
+        "end",
+        description="Where the class name sits (CoOp's CLASS_TOKEN_POSITION): after the context, between "
+        "its halves, or before it.",
+    )
     depth: int = Field(
         1, ge=1, description="Text layers with prompts: 1 is CoOp; more adds MaPLe-style deep text prompts."
     )
+
+    @model_validator(mode="after")
+    def _phrase_is_used(self) -> CoOpPromptConfig:
+        if self.init_text and self.init != "text":
+            raise ValueError(
+                f"init_text is given but init is {self.init!r}; set init: text to start the context from "
+                "the phrase (CoOp), or remove init_text"
+            )
+        return self
+
+    @property
+    def default_num_tokens(self) -> int | None:
+        """M when it does not depend on the tokenizer (None: the token count of init_text)."""
+        if self.num_tokens is not None:
+            return self.num_tokens
+        return None if self.init == "text" else DEFAULT_COOP_TOKENS
 
 
 class VPTPromptConfig(StrictModel):
@@ -227,11 +260,24 @@ class VPTPromptConfig(StrictModel):
         None, ge=1, description="Deep only: prompted layers from `start_layer` (null: up to the last)."
     )
     class_template: str = Field("a photo of a {}.", description="Fixed class text when VPT is used alone.")
+    placement: Literal["after-ln-pre", "before-ln-pre"] = Field(
+        "after-ln-pre",
+        description="Where the first prompts enter the sequence: after the tower's ln_pre (VPT) or before "
+        "it, so ln_pre normalises them too (MaPLe; start_layer 0 only).",
+    )
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="VPT's prompt dropout while training (its paper: 0.1); 0: none."
+    )
 
     @model_validator(mode="after")
     def _depth_is_deep(self) -> VPTPromptConfig:
         if self.depth is not None and not self.deep:
             raise ValueError("depth applies to deep VPT only; set deep: true or remove depth")
+        if self.placement == "before-ln-pre" and self.start_layer != 0:
+            raise ValueError(
+                f"placement: before-ln-pre puts the prompts in before the tower's first layer; it needs "
+                f"start_layer: 0 (got {self.start_layer})"
+            )
         return self
 
 
@@ -245,6 +291,17 @@ class PixelPromptConfig(StrictModel):
     size: int = Field(10, ge=1, description="Patch side or frame width in pixels (s).")
     init_std: float = Field(1.0, ge=0, description="Initial values N(0, init_std²) (visual prompting: 1).")
     class_template: str = Field("a photo of a {}.", description="Fixed class text when used alone.")
+    random_at_eval: bool = Field(
+        False,
+        description="random-patch only: random positions at evaluation too (fixed by the run seed, as "
+        "Bahng et al.'s random prompter), instead of the image centre.",
+    )
+
+    @model_validator(mode="after")
+    def _random_at_eval_is_random(self) -> PixelPromptConfig:
+        if self.random_at_eval and self.method != "random-patch":
+            raise ValueError(f"random_at_eval applies to method: random-patch, not {self.method!r}")
+        return self
 
 
 VisualPromptConfig = Annotated[VPTPromptConfig | PixelPromptConfig, Field(discriminator="kind")]
@@ -273,6 +330,11 @@ class TwinPromptConfig(StrictModel):
         False,
         description="ATPFL: loss = ce_weight·CE + contrast to the global and the previous local prompts.",
     )
+    contrast: Literal["image", "image-and-text"] = Field(
+        "image-and-text",
+        description="ATPFL's contrast on the image features only (the text context then learns from the "
+        "cross-entropy alone when the visual prompt is a pixel patch), or also on the class text features.",
+    )
     ce_weight: float = Field(0.2, gt=0, description="ATPFL's η, the weight of the cross-entropy.")
     temperature: float = Field(2.0, gt=0, description="ATPFL's contrastive temperature T.")
 
@@ -284,10 +346,11 @@ class TwinPromptConfig(StrictModel):
             raise ValueError(
                 "coupled: true needs visual.kind: vpt (token prompts made from the text prompts)"
             )
-        if self.visual.num_tokens != self.text.num_tokens:
+        text_tokens = self.text.default_num_tokens
+        if text_tokens is not None and self.visual.num_tokens != text_tokens:
             raise ValueError(
                 f"coupled: visual.num_tokens ({self.visual.num_tokens}) must equal text.num_tokens "
-                f"({self.text.num_tokens}): each visual token is made from one text token"
+                f"({text_tokens}): each visual token is made from one text token"
             )
         if self.text.class_specific:
             raise ValueError("coupled: needs text.class_specific: false (one text prompt to map per layer)")
@@ -341,9 +404,14 @@ PromptConfig = Annotated[
 
 
 class DataConfig(StrictModel):
-    """Where the labelled examples come from and which columns hold text and label."""
+    """Where the labelled examples come from and which columns hold text and label.
 
-    source: Literal["builtin", "hub", "files", "image-folder"] = "builtin"
+    ``source: datasets`` pools several image datasets (FedTPG's setting): each entry of
+    ``datasets`` is a data section of its own (source, name, columns, splits, caps), and
+    ``novel_class_fraction`` applies to each of them.
+    """
+
+    source: Literal["builtin", "hub", "files", "image-folder", "datasets"] = "builtin"
     name: str | None = Field(
         "chatterbot-corpus",
         description="builtin: one of "
@@ -374,8 +442,44 @@ class DataConfig(StrictModel):
         "is novel: kept out of training and reported as novel_accuracy beside base_accuracy (FedTPG: 0.5).",
     )
 
+    datasets: list[DataConfig] | None = Field(
+        None,
+        description="source: datasets: the image datasets pooled, each a data section (open-clip; partition "
+        "kind classes gives each client some classes of one of them).",
+    )
+
+    @model_validator(mode="after")
+    def _several_datasets(self) -> DataConfig:
+        if self.source != "datasets":
+            if self.datasets is not None:
+                raise ValueError("`datasets` goes with source: datasets; remove it or set source: datasets")
+            return self
+        if not self.datasets:
+            raise ValueError("source: datasets needs `datasets`, a list of data sections, one per dataset")
+        shared = {"source", "datasets", "novel_class_fraction"}
+        own = sorted(
+            name  # set and not the default (a resolved configuration repeats every default)
+            for name, field in type(self).model_fields.items()
+            if name not in shared and getattr(self, name) != field.get_default(call_default_factory=True)
+        )
+        if own:
+            raise ValueError(
+                f"with source: datasets, {own} belong in each entry of `datasets` (only novel_class_fraction "
+                "applies to all of them)"
+            )
+        for index, entry in enumerate(self.datasets):
+            if entry.source == "datasets":
+                raise ValueError(f"datasets.{index}: an entry cannot itself be source: datasets")
+            if entry.novel_class_fraction is not None:
+                raise ValueError(
+                    f"datasets.{index}.novel_class_fraction: set it once, beside `datasets`, for all of them"
+                )
+        return self
+
     @model_validator(mode="after")
     def _source_fields(self) -> DataConfig:
+        if self.source == "datasets":
+            return self
         if self.source == "builtin" and self.name not in BUILTIN_DATASETS + BUILTIN_IMAGE_DATASETS:
             raise ValueError(
                 f"builtin dataset {self.name!r} is unknown; choose one of "
@@ -405,6 +509,47 @@ class PartitionConfig(StrictModel):
     classes_per_client: int = Field(2, ge=1, description="classes: the classes each client sees.")
     local_val_fraction: float = Field(
         0.2, ge=0, lt=1, description="Share of each client's data kept for local eval."
+    )
+
+
+# --------------------------------------------------------------------------- vision (open-clip runs)
+
+
+class AugmentConfig(StrictModel):
+    """CoOp's training augmentation: a random resized crop (area share in ``crop_scale``, aspect
+    ratio in [3/4, 4/3]) resized to the model's input, then a horizontal flip with probability 1/2.
+
+    Text-side prompts (coop, generator) read cached image features: ``views`` augmented views of
+    each training image are encoded once and cached, and each training step draws one of them
+    per example. Visual prompts (vpt, pixel, twin), which run the image tower anyway, augment
+    each batch on the fly. Evaluation always sees the plain images.
+    """
+
+    views: int = Field(8, ge=1, le=64, description="K, the augmented views cached per training image.")
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="Range of the crop's share of the image area (CoOp: 0.08 to 1)."
+    )
+    flip: bool = Field(True, description="Flip horizontally with probability 1/2.")
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> AugmentConfig:
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale {list(self.crop_scale)} must satisfy 0 < low <= high <= 1")
+        return self
+
+
+class VisionConfig(StrictModel):
+    """Settings of image classification with CLIP prompts (open-clip backbones only)."""
+
+    client_classes: Literal["own", "all"] | None = Field(
+        None,
+        description="own: each client's softmax (and a prompt generator's input) runs over the classes in "
+        "its own data, its labels re-indexed within them (FedTPG); all: over every training class. "
+        "null: own for prompt.kind generator, all otherwise.",
+    )
+    augment: AugmentConfig | None = Field(
+        None, description="Training augmentation (CoOp's crops and flips); null: the plain images."
     )
 
 
@@ -471,9 +616,14 @@ OptimizerConfig = Annotated[
 
 
 class FedAvgConfig(StrictModel):
-    """Example-weighted average of client states."""
+    """Average of client states, weighted by their example counts or uniform."""
 
     kind: Literal["fedavg"] = "fedavg"
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples",
+        description="examples: w_k = n_k (FedAvg); uniform: every client counts once (FedTPG's and "
+        "PromptFL's reference code).",
+    )
 
 
 class FedProxConfig(StrictModel):
@@ -643,6 +793,14 @@ class RunConfig(StrictModel):
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+
+    @property
+    def client_classes(self) -> Literal["own", "all"]:
+        """What each client's softmax runs over (``vision.client_classes`` with its default filled in)."""
+        if self.vision.client_classes is not None:
+            return self.vision.client_classes
+        return "own" if self.prompt.kind == "generator" else "all"
 
     @model_validator(mode="before")
     @classmethod
@@ -733,6 +891,49 @@ class RunConfig(StrictModel):
         if not clip and self.data.novel_class_fraction is not None:
             raise ValueError(
                 "data.novel_class_fraction (base-to-novel evaluation) needs backbone.kind: open-clip"
+            )
+        if not clip and self.data.source == "datasets":
+            raise ValueError("data.source datasets pools image datasets; it needs backbone.kind: open-clip")
+        if not clip and self.vision != VisionConfig():
+            raise ValueError("vision: applies to open-clip backbones only; remove the vision section")
+        for index, entry in enumerate(self.data.datasets or []):
+            not_images = entry.source == "builtin" and entry.name not in BUILTIN_IMAGE_DATASETS
+            if entry.source == "files" or not_images:
+                raise ValueError(
+                    f"data.datasets.{index}: needs images; use source: builtin with name one of "
+                    f"{list(BUILTIN_IMAGE_DATASETS)}, source: hub, or source: image-folder"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _clip_class_sets(self) -> RunConfig:
+        """Class-specific CoOp context knows only its training classes; several datasets need
+        clients that hold classes of one dataset each."""
+        prompt = self.prompt
+        text = prompt.text if isinstance(prompt, TwinPromptConfig) else prompt
+        field = "prompt.text.class_specific" if text is not prompt else "prompt.class_specific"
+        if isinstance(text, CoOpPromptConfig) and text.class_specific:
+            if self.data.novel_class_fraction is not None:
+                raise ValueError(
+                    f"{field}: class-specific context (CSC) learns one context per training class and has "
+                    "none for novel classes, so it cannot be evaluated base-to-novel; set class_specific: "
+                    "false (one context shared by all classes) or remove data.novel_class_fraction"
+                )
+            if self.data.source == "datasets":
+                raise ValueError(
+                    f"{field}: class-specific context cannot score each dataset's own classes; set "
+                    "class_specific: false or use one dataset"
+                )
+            if self.client_classes == "own":
+                raise ValueError(
+                    f"{field}: class-specific context is learned for one class set; with "
+                    "vision.client_classes: own every client has another one. Set vision.client_classes: all "
+                    "or class_specific: false"
+                )
+        if self.data.source == "datasets" and self.partition.kind != "classes":
+            raise ValueError(
+                f"partition.kind: {self.partition.kind!r} with data.source datasets; use kind: classes, "
+                "which gives each client classes_per_client classes of one dataset (FedTPG)"
             )
         return self
 
@@ -889,3 +1090,6 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return validate_config(apply_overrides(raw, overrides))
+
+
+DataConfig.model_rebuild()

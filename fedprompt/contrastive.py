@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +44,7 @@ class ContrastiveTrainer(GradientTrainer):
         ce_weight: float = 0.2,
         temperature: float = 2.0,
         eval_batch_size: int = 64,
+        text_contrast: bool = False,
     ) -> None:
         super().__init__(optimizer, batch_size, device)
         if ce_weight <= 0 or temperature <= 0:
@@ -49,6 +52,8 @@ class ContrastiveTrainer(GradientTrainer):
         self.ce_weight = ce_weight
         self.temperature = temperature
         self.eval_batch_size = eval_batch_size
+        self.text_contrast = text_contrast
+        self._class_targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def train(
         self,
@@ -62,25 +67,39 @@ class ContrastiveTrainer(GradientTrainer):
         previous = {
             k.removeprefix(PREVIOUS): v for k, v in context.carried.items() if k.startswith(PREVIOUS)
         }
-        positive = self._features(model, data)
-        negative = positive
+        positive, positive_classes = self._features(model, data), self._class_features(model)
+        negative, negative_classes = positive, positive_classes
         if previous:
             model.load_state_dict(previous, strict=True)
             try:
-                negative = self._features(model, data)
+                negative, negative_classes = self._features(model, data), self._class_features(model)
             finally:
                 model.load_state_dict(global_state, strict=True)
-        augmented = TensorData({**data.tensors, POSITIVE: positive, NEGATIVE: negative})
+        if positive_classes is not None and negative_classes is not None:
+            self._class_targets = (positive_classes, negative_classes)
+        augmented = replace(data, tensors={**data.tensors, POSITIVE: positive, NEGATIVE: negative})
         stats = super().train(model, augmented, instructions, context)
         context.carry_out.update({PREVIOUS + k: v for k, v in model.prompt_state().items()})
         return stats
 
     def objective(self, model: PromptModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, features = model.forward_with_features(batch)
+        logits, features, classes = model.forward_with_all_features(batch)
         ce = F.cross_entropy(logits.float(), batch["labels"])
-        positive = (features * batch[POSITIVE]).sum(-1) / self.temperature
-        negative = (features * batch[NEGATIVE]).sum(-1) / self.temperature
-        return self.ce_weight * ce + F.softplus(negative - positive).mean()
+        loss = self.ce_weight * ce + self._contrast(features, batch[POSITIVE], batch[NEGATIVE])
+        if self.text_contrast:
+            if self._class_targets is None:
+                raise RuntimeError("the text contrast needs the class features that train() computes first")
+            positive, negative = (t.to(classes.device) for t in self._class_targets)
+            loss = loss + self._contrast(classes, positive, negative)
+        return loss
+
+    def _contrast(self, z: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """mean softplus((cos(z, negative) − cos(z, positive)) / T) over rows of unit vectors."""
+        return F.softplus(((z * negative).sum(-1) - (z * positive).sum(-1)) / self.temperature).mean()
+
+    @torch.no_grad()
+    def _class_features(self, model: PromptModule) -> torch.Tensor | None:
+        return model.class_features().detach().clone().cpu() if self.text_contrast else None
 
     @torch.no_grad()
     def _features(self, model: PromptModule, data: TensorData) -> torch.Tensor:

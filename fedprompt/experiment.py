@@ -21,10 +21,13 @@ from prompt_modules.base import PromptModule
 @dataclass
 class EvalSet:
     """A held-out set the server reports on beside the test set (e.g. base and novel classes):
-    its examples and the class names its labels index, which the model scores against."""
+    its examples and the class names its labels index, which the model scores against.
+    Sets of one ``group`` (e.g. each pooled dataset's base classes) are also reported as
+    ``<group>_accuracy``, the unweighted mean of their accuracies (FedTPG's average over datasets)."""
 
     data: TensorData
     class_names: list[str]
+    group: str | None = None
 
 
 @dataclass

@@ -30,12 +30,16 @@ def evaluate_global(experiment: Experiment, global_state: State, config: RunConf
     experiment.model.load_state_dict(experiment.full_state(global_state), strict=True)
     test = evaluate(experiment.model, experiment.test_data, config.runtime.eval_batch_size, experiment.device)
     row = {"global_accuracy": test["accuracy"], "global_loss": test["loss"]}
+    groups: dict[str, list[float]] = {}
     for name, eval_set in experiment.eval_sets.items():
         with experiment.model.scoring(eval_set.class_names):
             metrics = evaluate(
                 experiment.model, eval_set.data, config.runtime.eval_batch_size, experiment.device
             )
         row[f"{name}_accuracy"] = metrics["accuracy"]
+        if eval_set.group is not None:
+            groups.setdefault(eval_set.group, []).append(metrics["accuracy"])
+    row.update({f"{group}_accuracy": sum(values) / len(values) for group, values in groups.items()})
     if "base_accuracy" in row and "novel_accuracy" in row:  # base-to-novel: HM = 2·B·N / (B + N)
         base, novel = row["base_accuracy"], row["novel_accuracy"]
         row["harmonic_mean"] = 2 * base * novel / (base + novel) if base + novel else 0.0

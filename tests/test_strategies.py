@@ -493,3 +493,20 @@ def test_build_strategy_covers_the_whole_config_union() -> None:
 def test_build_strategy_rejects_other_objects() -> None:
     with pytest.raises(TypeError, match="not a strategy configuration"):
         build_strategy(RunConfig())  # type: ignore[arg-type]
+
+
+def test_fedavg_uniform_weighting_counts_each_client_once() -> None:
+    updates = [upd(0, 1, 1, 2), upd(1, 3, 3, 6)]  # 1 and 3 examples
+    assert_state(FedAvg(weighting="uniform").aggregate({"p": t(0, 0)}, updates), {"p": [2.0, 4.0]})
+    assert_state(FedAvg(weighting="examples").aggregate({"p": t(0, 0)}, updates), {"p": [2.5, 5.0]})
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        FedAvg(weighting="clients")  # type: ignore[arg-type]
+
+
+def test_fedavg_weighting_comes_from_config() -> None:
+    from fedprompt.config import FedAvgConfig
+    from fedprompt.strategies import build_strategy
+
+    assert FedAvgConfig().weighting == "examples"  # FedAvg's own rule stays the default
+    strategy = build_strategy(FedAvgConfig(weighting="uniform"))
+    assert isinstance(strategy, FedAvg) and strategy.weighting == "uniform"

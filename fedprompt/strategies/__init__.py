@@ -46,7 +46,7 @@ def build_strategy(config: StrategyConfig, search_sigma: float | None = None) ->
     sends down in its first round.
     """
     if isinstance(config, FedAvgConfig):
-        return FedAvg()
+        return FedAvg(weighting=config.weighting)
     if isinstance(config, FedProxConfig):
         return FedProx(mu=config.mu)
     if isinstance(config, FedOptConfig):
