@@ -22,7 +22,7 @@ import fedprompt
 import fedprompt.flower.client_app as client_app_module
 from fedprompt.config import ConfigError, load_config
 from fedprompt.flower import FedPromptStrategy, NotEnoughClientsError, build_client_app, run_server
-from fedprompt.flower.app_config import AppSettings
+from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.records import (
     EVAL_RECORD,
     INSTRUCTIONS_RECORD,
@@ -293,6 +293,51 @@ def test_run_config_values_are_checked():
         AppSettings.from_run_config({"round-timeout": -1})
     with pytest.raises(ConfigError, match="results-dir"):
         AppSettings.from_run_config({"results-dir": 3})
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "backbone.model=evil/model",
+        "backbone.url=http://attacker.example",
+        "backbone.token_env=AWS_SECRET_ACCESS_KEY",
+        "data.files.train=/etc/shadow",
+        "data={source: hub, name: attacker/data}",
+        "partition.num_clients=1",
+        "runtime.device=cuda",
+        "output.dir=/tmp/elsewhere",
+        "payload.max_bytes=99999999999",
+        "personalization.local=[]",
+    ],
+)
+def test_the_server_cannot_override_what_a_site_decides(tmp_path, monkeypatch, override):
+    # The ClientApp refuses the run config before it builds anything, naming the field.
+    app = write_app(tmp_path / "app", tiny_config(write_dataset(tmp_path / "data.jsonl")))
+    cache = ExperimentCache()
+    monkeypatch.setattr(client_app_module.InProcessSite, "_cache", cache)
+    client_app = build_client_app(app / "fedprompt.yaml")
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 0},
+        state=RecordDict(),
+        run_config={"fedprompt-overrides": f"federation.rounds=3 '{override}'"},
+    )
+    query = Message(RecordDict(), dst_node_id=5, message_type="query")
+    field = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"may not change {field!r}.*may override only name, seed"):
+        client_app(query, context)
+    assert cache.builds == 0
+
+
+def test_the_server_may_override_how_the_federation_learns(tmp_path):
+    app = write_app(tmp_path / "app", tiny_config(write_dataset(tmp_path / "data.jsonl")))
+    overrides = "name=other seed=9 federation.rounds=7 optimizer.lr=0.5 strategy={kind: fedprox} "
+    overrides += "robustness.max_examples=9"
+    settings = AppSettings.from_run_config({"fedprompt-overrides": overrides})
+    config = load_app_config(app / "fedprompt.yaml", settings)
+    assert (config.name, config.seed, config.federation.rounds, config.optimizer.lr) == ("other", 9, 7, 0.5)
+    assert config.strategy.kind == "fedprox" and config.robustness.max_examples == 9
 
 
 def test_fedbpt_runs_on_the_flower_runtime_as_in_process(tmp_path):
