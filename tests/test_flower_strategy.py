@@ -332,12 +332,12 @@ def test_the_server_cannot_override_what_a_site_decides(tmp_path, monkeypatch, o
 
 def test_the_server_may_override_how_the_federation_learns(tmp_path):
     app = write_app(tmp_path / "app", tiny_config(write_dataset(tmp_path / "data.jsonl")))
-    overrides = "name=other seed=9 federation.rounds=7 optimizer.lr=0.5 strategy={kind: fedprox} "
+    overrides = "name=other seed=9 federation.rounds=7 optimizer.lr=0.5 'strategy={kind: fedprox, mu: 0.2}' "
     overrides += "robustness.max_examples=9"
     settings = AppSettings.from_run_config({"fedprompt-overrides": overrides})
     config = load_app_config(app / "fedprompt.yaml", settings)
     assert (config.name, config.seed, config.federation.rounds, config.optimizer.lr) == ("other", 9, 7, 0.5)
-    assert config.strategy.kind == "fedprox" and config.robustness.max_examples == 9
+    assert config.strategy.mu == 0.2 and config.robustness.max_examples == 9
 
 
 def test_fedbpt_runs_on_the_flower_runtime_as_in_process(tmp_path):
