@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 from flwr.app import Context, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 
 from conftest import tiny_run_config, write_keyword_dataset
@@ -66,11 +67,14 @@ class InMemoryGrid(Grid):
     """A Grid whose nodes are functions in this process, as Flower's strategy tests fake one.
 
     ``push_messages`` gives each message its id as Flower's grids do; ``send_and_receive`` returns
-    the replies of the destination handlers (in reverse order, so no test relies on order).
+    the replies of the destination handlers (in reverse order, so no test relies on order);
+    ``get_nodes`` reports each node's public key from ``keys`` (as a SuperLink does).
     """
 
-    def __init__(self, nodes: dict[int, Handler]) -> None:
+    def __init__(self, nodes: dict[int, Handler], keys: dict[int, bytes] | None = None) -> None:
         self.nodes = nodes
+        self.keys = keys or {}
+        """Node id -> the public key the SuperLink knows it by (none: the grid reports no keys)."""
         self.sent: list[Message] = []
 
     def set_run(self, run: Any) -> None:
@@ -94,6 +98,9 @@ class InMemoryGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [NodeInfo(node_id=node, public_key=self.keys.get(node, b"")) for node in self.nodes]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
