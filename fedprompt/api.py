@@ -9,7 +9,7 @@ from typing import Any
 from fedprompt.config import RunConfig, load_config
 from fedprompt.experiment import build_experiment
 from fedprompt.results import CONFIG_HASH_KEY, RunDirectory, RunResult
-from fedprompt.simulation import run_in_process
+from fedprompt.simulation import check_in_process, run_in_process
 
 
 def run(
@@ -35,6 +35,7 @@ def run(
         run_dir.check_resume(stored, cfg, metadata.get(CONFIG_HASH_KEY))
     else:
         cfg = load_config(config, overrides)
+        check_in_process(cfg)  # before a run folder or a model
         if output_dir is not None:
             cfg.output.dir = Path(output_dir)
         run_dir = RunDirectory.create(cfg.output.dir, cfg.name) if write else None

@@ -132,16 +132,21 @@ def client_app_nodes(
     partitions: Iterable[int],
     run_config: dict[str, Any],
     node_config: dict[str, Any] | None = None,
+    partition_configs: dict[int, dict[str, Any]] | None = None,
 ) -> dict[int, Handler]:
     """Node id -> a handler that runs ``client_app`` as the SuperNode hosting that partition
-    (with ``node_config`` added to each node's config)."""
+    (with ``node_config``, and ``partition_configs[partition]``, added to each node's config)."""
     node_ids = itertools.count(1001, 7)
     nodes: dict[int, Handler] = {}
     for pid in partitions:
         context = Context(
             run_id=1,
             node_id=next(node_ids),
-            node_config={"partition-id": pid, **(node_config or {})},
+            node_config={
+                "partition-id": pid,
+                **(node_config or {}),
+                **(partition_configs or {}).get(pid, {}),
+            },
             state=RecordDict(),
             run_config=run_config,
         )

@@ -7,7 +7,8 @@ Each SuperNode hosts one data partition, named by its ``--node-config "partition
   many training examples it declares (the ServerApp binds the partition to this node for the run,
   and bounds the client's aggregation weight by the count);
 - train: validate the downlink bytes, fit with fedprompt's ``Client.fit_payload``, reply with the
-  update's safetensors bytes;
+  update's safetensors bytes; with secure aggregation, the four stages of a secure round instead
+  (``fedprompt.flower.secure_client``: only a masked, quantised update leaves the site);
 - evaluate: the global prompt's accuracy and loss on the partition's held-out split.
 
 The experiment (frozen backbone, tokenised data, clients) is built once per process and kept
@@ -42,6 +43,7 @@ from fedprompt.flower.records import (
     read_instructions,
     read_payload,
 )
+from fedprompt.flower.secure_records import SECAGG_RECORD
 from fedprompt.flower.site_worker import SITE_WORKER, SiteWorkerClient
 from fedprompt.instructions import FitInstructions
 
@@ -163,6 +165,15 @@ def build_client_app(config_file: str | Path) -> ClientApp:
     @app.train()
     def train(message: Message, context: Context) -> Message:
         config, pid, site = setup(context)
+        if SECAGG_RECORD in message.content.config_records:
+            from fedprompt.flower.secure_client import answer_stage
+
+            return Message(answer_stage(message.content, context, config, pid, site), reply_to=message)
+        if config.secure_aggregation.enabled:
+            raise PayloadError(
+                "this site sends its update only through secure aggregation (secure_aggregation.enabled "
+                "in its configuration); the server sent a plain train message"
+            )
         client_id, instructions = read_instructions(message.content)
         if client_id != pid:
             raise PayloadError(f"train message is for client {client_id}; this node hosts partition {pid}")

@@ -72,6 +72,7 @@ def run_server(
         local_evaluation=config.federation.local_evaluation,
         message_ttl=settings.round_timeout,
         bindings=bindings,
+        secure=config.secure_aggregation,
     )
     strategy.summary()
     strategy.map_nodes(
@@ -97,10 +98,7 @@ def run_server(
     for round_num in range(server.completed_rounds + 1, rounds + 1):
         start = time.perf_counter()
         strategy.map_nodes(grid, wait_for=0, timeout=0, reply_timeout=settings.round_timeout)  # new nodes
-        messages = strategy.configure_train(round_num, strategy.global_arrays(), ConfigRecord(), grid)
-        strategy.aggregate_train(round_num, grid.send_and_receive(messages, timeout=settings.round_timeout))
-        record = strategy.last_record
-        assert record is not None
+        record = strategy.train_round(grid, round_num, settings.round_timeout)
         row: dict[str, Any] = {"round": round_num, **round_metrics(server, record)}
         clients = client_rows(server, record)
         if strategy.evaluation_due(round_num):

@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedprompt.config import SecureAggregationConfig
 from fedprompt.flower.bindings import NodeIdentity, PartitionBindings
 from fedprompt.flower.records import (
     EVAL_INSTRUCTIONS_RECORD,
@@ -77,8 +78,11 @@ class FedPromptStrategy(Strategy):
         local_evaluation: bool = True,
         message_ttl: float | None = None,
         bindings: PartitionBindings | None = None,
+        secure: SecureAggregationConfig | None = None,
     ) -> None:
         self.server = server
+        self.secure = secure
+        """Secure aggregation's settings; when enabled, rounds run through ``train_round`` only."""
         self.num_rounds = num_rounds
         self.evaluate_every = evaluate_every
         self.local_evaluation = local_evaluation
@@ -167,13 +171,29 @@ class FedPromptStrategy(Strategy):
 
     # ------------------------------------------------------------------ training
 
+    def train_round(self, grid: Grid, server_round: int, timeout: float) -> RoundRecord:
+        """Run and aggregate one training round through ``grid``: one message per sampled client, or
+        the four stages of secure aggregation when it is enabled (``fedprompt.flower.secure_round``).
+        Raises NotEnoughClientsError when too few clients remain."""
+        if self.secure is not None and self.secure.enabled:
+            from fedprompt.flower.secure_round import secure_train_round
+
+            return secure_train_round(self, grid, server_round, self.secure, timeout)
+        messages = self.configure_train(server_round, self.global_arrays(), ConfigRecord(), grid)
+        self.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
+        assert self.last_record is not None
+        return self.last_record
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One train message per sampled client: the downlink bytes and its fit instructions.
 
-        A sampled client whose partition no node hosts is rejected at once.
+        A sampled client whose partition no node hosts is rejected at once. Not for rounds with
+        secure aggregation, which take several messages per client (``train_round``).
         """
+        if self.secure is not None and self.secure.enabled:
+            raise RuntimeError("a securely aggregated round has four stages; run it with train_round")
         record = self.server.begin_round(server_round)
         messages: dict[int, Message] = {}
         for cid in record.sampled:
@@ -206,7 +226,7 @@ class FedPromptStrategy(Strategy):
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
         record, messages = self._train
         self._train = None
-        for cid, reply in sorted(_match_replies(messages, replies).items()):
+        for cid, reply in sorted(match_replies(messages, replies).items()):
             if reply is None:
                 self.server.reject(record, cid, "no reply before the round timeout")
             elif reply.has_error():
@@ -266,7 +286,7 @@ class FedPromptStrategy(Strategy):
         order; each client's row is kept in ``last_evaluations``."""
         messages, self._evaluate = self._evaluate, {}
         rows = []
-        for cid, reply in sorted(_match_replies(messages, replies).items()):
+        for cid, reply in sorted(match_replies(messages, replies).items()):
             if reply is None or reply.has_error():
                 reason = "no reply" if reply is None else reply.error.reason
                 log.warning("round %d: local evaluation of client %d failed: %s", server_round, cid, reason)
@@ -295,7 +315,7 @@ class FedPromptStrategy(Strategy):
         )
 
 
-def _match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> dict[int, Message | None]:
+def match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> dict[int, Message | None]:
     """Client id -> its reply (None when none came), matched on the id of the message replied to.
 
     Matching on the message id, not the sender, also places the errors the SuperLink writes for
