@@ -470,3 +470,27 @@ def test_flowers_simulation_engine_gives_the_in_process_global_prompt(tmp_path, 
     run_dir = cluster.wait_for_results(run, tmp_path / "results")
 
     _assert_same_prompt(run_dir, expected.final_state)
+
+
+def test_secure_aggregation_on_real_supernodes_gives_the_plain_prompt(tmp_path, make_cluster):
+    # Every stage message runs in a fresh flwr-clientapp process, so a client's secrets for the
+    # round must ride in its node's Flower context from the key exchange to the unmasking.
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=3, rounds=2)
+    config["strategy"] = {"kind": "fedavg"}
+    config["secure_aggregation"] = {"enabled": True}
+    app = write_app(tmp_path / "app", config)
+    plain = load_config(app / "fedprompt.yaml", ["secure_aggregation.enabled=false"])
+    expected = fedprompt.run(plain, write=False)  # equal partitions: uniform weights are FedAvg's
+
+    cluster = make_cluster()
+    cluster.start_superlink()
+    for partition in range(3):
+        cluster.start_supernode(partition)
+    run = cluster.run_app(app, tmp_path / "results", round_timeout=240.0)
+    run_dir = cluster.wait_for_results(run, tmp_path / "results")
+
+    got = load_file(str(run_dir / FINAL_PROMPT_FILE))
+    for name, tensor in expected.final_state.items():
+        assert float((got[name] - tensor).abs().max()) <= 1e-6, name  # the stated quantisation error
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("clients_accepted") for r in history] == [None, 3, 3]

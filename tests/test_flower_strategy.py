@@ -398,6 +398,7 @@ def test_run_config_values_are_checked():
         "output.dir=/tmp/elsewhere",
         "payload.max_bytes=99999999999",
         "personalization.local=[]",
+        "secure_aggregation.enabled=false",
     ],
 )
 def test_the_server_cannot_override_what_a_site_decides(tmp_path, monkeypatch, override):
