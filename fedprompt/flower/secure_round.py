@@ -3,7 +3,7 @@ through the Flower grid, then fedprompt's Server and Strategy on what they revea
 
 Weights are public and fixed before masking: uniform, or the example count each site declared when
 it registered (``secure_aggregation.weights``); each client scales its clipped delta by
-p_k = w_k / max_j w_j over the round's participants. The unmasked ring sum gives the weighted mean
+p_k = w_k / max_j w_j over the clients left at the masked-input stage. The unmasked ring sum gives the weighted mean
 delta Σ p_k Δ_k / Σ p_k of the survivors, to the quantisation error ``RingQuantizer`` states; the
 server adds it to the global state as the clients received it (in the wire dtype), and each
 survivor's :class:`~fedprompt.state.Update` carries that same aggregate with its weight w_k — the
@@ -46,144 +46,187 @@ from fedprompt.update_pipeline import UpdateRejected, check_metrics
 log = logging.getLogger("fedprompt.flower")
 
 
-def secure_train_round(
-    strategy: FedPromptStrategy, grid: Grid, round_num: int, settings: SecureAggregationConfig, timeout: float
-) -> RoundRecord:
-    """Run round ``round_num`` with secure aggregation and aggregate it; the round's record."""
-    server = strategy.server
-    record = server.begin_round(round_num)
-    strategy.last_record = record
-    quantizer = RingQuantizer(settings.clip_range, settings.bits, len(record.sampled))
-    threshold = settings.threshold_for(len(record.sampled))
-    weights = _weights(strategy, record, settings)
-    shapes = server.strategy.uplink_shapes(server.global_state)
-    names = sorted(shapes)
-    length = sum(int(np.prod(shapes[n], dtype=np.int64)) for n in names)
+class SecureRound:
+    """Owns one secure round on the server: its record, the protocol session, the public weights,
+    the clients' reported metrics, and the message exchange of each stage through the grid."""
 
-    def fail(stage: str, cid: int, reason: str) -> None:
-        """Reject a client that failed a stage; a survivor failing to unmask stays in the sum (its
-        input is unmasked with the others' shares), so that is only logged."""
-        if stage == "unmask":
-            log.warning("round %d: client %d did not help unmask: %s", round_num, cid, reason)
-        else:
-            server.reject(record, cid, f"secure aggregation, stage {stage}: {reason}")
+    def __init__(
+        self,
+        strategy: FedPromptStrategy,
+        grid: Grid,
+        round_num: int,
+        settings: SecureAggregationConfig,
+        timeout: float,
+    ) -> None:
+        self.strategy, self.grid, self.round, self.timeout = strategy, grid, round_num, timeout
+        self.server = strategy.server
+        self.settings = settings
+        self.record = self.server.begin_round(round_num)
+        strategy.last_record = self.record
+        sampled = len(self.record.sampled)
+        self.quantizer = RingQuantizer(settings.clip_range, settings.bits, sampled)
+        self.threshold = settings.threshold_for(sampled)
+        self.weights = _weights(strategy, self.record, settings)
+        self.shapes = self.server.strategy.uplink_shapes(self.server.global_state)
+        self.length = sum(int(np.prod(shape, dtype=np.int64)) for shape in self.shapes.values())
+        self.metrics: dict[int, dict[str, float]] = {}
+        """Client id -> the metrics its masked input came with (in plain: they are not the update)."""
 
-    def send(stage: str, clients: Iterable[int], make: Callable[[int], RecordDict]) -> dict[int, Message]:
-        """The stage's messages to ``clients``; the valid replies (failures rejected with the stage)."""
-        messages = {
-            cid: Message(
-                make(cid),
-                dst_node_id=strategy.nodes[cid],
-                message_type=MessageType.TRAIN,
-                group_id=f"{round_num}",
-                ttl=strategy.message_ttl,
-            )
-            for cid in clients
-        }
-        replies = {}
-        answers = match_replies(messages, grid.send_and_receive(list(messages.values()), timeout=timeout))
-        for cid, reply in sorted(answers.items()):
-            if reply is None:
-                fail(stage, cid, "no reply before the round timeout")
-            elif reply.has_error():
-                fail(stage, cid, f"client failed: {reply.error.reason}")
-            else:
-                replies[cid] = reply
-        return replies
-
-    def accept(stage: str, cid: int, add: Callable[[], None]) -> None:
+    def run(self) -> RoundRecord:
+        """The four stages, then the strategy on the unmasked mean; NotEnoughClientsError when too
+        few clients remain."""
         try:
-            add()
-        except (PayloadError, SecAggError, UpdateRejected) as exc:
-            fail(stage, cid, str(exc))
-
-    try:
-        participants = sorted(weights)
-        session = ServerSession(round_num, participants, threshold, settings.bits, length)
-        common = {"participants": participants, "threshold": threshold, "bits": settings.bits}
-        replies = send(
-            "keys",
-            participants,
-            lambda cid: _request("keys", round_num, cid, **common, **{"clip-range": settings.clip_range}),
+            session = ServerSession(
+                self.round, sorted(self.weights), self.threshold, self.settings.bits, self.length
+            )
+            self._keys(session)
+            self._shares(session)
+            survivors, top = self._masked(session)
+            self._unmask(session, survivors)
+            ring_sum = session.result()
+        except SecAggError as exc:
+            raise NotEnoughClientsError(f"{exc}; rejected: {self.record.rejected}") from None
+        if len(survivors) < self.server.min_clients:
+            raise NotEnoughClientsError(
+                f"round {self.round}: {len(survivors)} clients' inputs were summed, fewer than "
+                f"federation.min_clients={self.server.min_clients}; rejected: {self.record.rejected}"
+            )
+        total = sum(self.weights[c] / top for c in survivors)
+        mean = self.quantizer.mean(ring_sum, total)
+        state = _aggregate_state(self.server.global_state, self.server.wire_dtype, self.shapes, mean)
+        self.record.accepted.extend(Update(c, state, self.weights[c], self.metrics[c]) for c in survivors)
+        log.info(
+            "round %d: securely summed %d clients' updates (quantisation error <= %.3g per coordinate)",
+            self.round,
+            len(survivors),
+            self.quantizer.max_error(len(survivors), total),
         )
-        for cid, reply in replies.items():
-            accept("keys", cid, lambda cid=cid, reply=reply: session.add_keys(cid, *_keys(reply)))
+        self.server.aggregate(self.record)
+        return self.record
+
+    # ------------------------------------------------------------------ the stages
+
+    def _keys(self, session: ServerSession) -> None:
+        fields = {
+            "participants": session.participants,
+            "threshold": self.threshold,
+            "bits": self.settings.bits,
+            "clip-range": self.settings.clip_range,
+        }
+        for cid, reply in self._send(
+            "keys", session.participants, lambda cid: self._request("keys", cid, fields)
+        ):
+            self._take("keys", cid, lambda cid=cid, reply=reply: session.add_keys(cid, *_read_keys(reply)))
+
+    def _shares(self, session: ServerSession) -> None:
         keys = session.keys_done()
-
         ids = sorted(keys)
-        listing = {"ids": ids, "c-pks": [keys[c][0] for c in ids], "s-pks": [keys[c][1] for c in ids]}
-        replies = send("shares", ids, lambda cid: _request("shares", round_num, cid, **listing))
-        for cid, reply in replies.items():
-            accept("shares", cid, lambda cid=cid, reply=reply: session.add_shares(cid, _shares(reply)))
+        fields = {"ids": ids, "c-pks": [keys[c][0] for c in ids], "s-pks": [keys[c][1] for c in ids]}
+        for cid, reply in self._send("shares", ids, lambda cid: self._request("shares", cid, fields)):
+            self._take(
+                "shares", cid, lambda cid=cid, reply=reply: session.add_shares(cid, _read_shares(reply))
+            )
+
+    def _masked(self, session: ServerSession) -> tuple[list[int], int]:
+        """(the survivors, the largest weight, which scales every weight into (0, 1])."""
         masked_with = session.shares_done()
+        top = max(self.weights[c] for c in masked_with)
 
-        top = max(weights[c] for c in masked_with)
-        updates: dict[int, dict[str, float]] = {}
-
-        def masked_request(cid: int) -> RecordDict:
+        def request(cid: int) -> RecordDict:
             forwarded = session.forwarded(cid)
             content = payload_content(
-                server.downlink(round_num, cid),
-                {INSTRUCTIONS_RECORD: instructions_record(cid, server.instructions(round_num, cid))},
+                self.server.downlink(self.round, cid),
+                {INSTRUCTIONS_RECORD: instructions_record(cid, self.server.instructions(self.round, cid))},
             )
             content[SECAGG_RECORD] = stage_record(
                 "masked",
-                round_num,
+                self.round,
                 cid,
-                weight=weights[cid] / top,
+                weight=self.weights[cid] / top,
                 sources=sorted(forwarded),
                 ciphertexts=[forwarded[s] for s in sorted(forwarded)],
             )
             return content
 
-        def take_masked(cid: int, reply: Message) -> None:
-            data = read_payload(reply.content, server.max_bytes)
-            server.bytes.record(round_num, cid, "up", len(data))
-            read_stage_reply(reply.content, "masked")
-            masked, sender, metrics_json = decode_masked(data, length, settings.bits, server.max_bytes)
-            if sender != cid:
-                raise PayloadError(f"masked input names client {sender}")
-            metrics = parse_metrics(metrics_json)
-            check_metrics(metrics)
-            session.add_masked(cid, masked)
-            updates[cid] = metrics
-
-        for cid, reply in send("masked", masked_with, masked_request).items():
-            accept("masked", cid, lambda cid=cid, reply=reply: take_masked(cid, reply))
+        for cid, reply in self._send("masked", masked_with, request):
+            self._take("masked", cid, lambda cid=cid, reply=reply: self._read_masked(session, cid, reply))
         survivors, dropped = session.masked_done()
         if dropped:
             log.warning(
                 "round %d: clients %s dropped after the key exchange; their masks come off",
-                round_num,
+                self.round,
                 dropped,
             )
+        return survivors, top
 
-        lists = {"survivors": survivors, "dropped": dropped}
-        for cid, reply in send(
-            "unmask", survivors, lambda cid: _request("unmask", round_num, cid, **lists)
-        ).items():
-            accept("unmask", cid, lambda cid=cid, reply=reply: session.add_unmask(cid, *_unmask(reply)))
-        ring_sum = session.result()
-    except SecAggError as exc:
-        raise NotEnoughClientsError(f"{exc}; rejected: {record.rejected}") from None
-
-    if len(survivors) < server.min_clients:
-        raise NotEnoughClientsError(
-            f"round {round_num}: {len(survivors)} clients' inputs were summed, fewer than "
-            f"federation.min_clients={server.min_clients}; rejected: {record.rejected}"
+    def _read_masked(self, session: ServerSession, cid: int, reply: Message) -> None:
+        data = read_payload(reply.content, self.server.max_bytes)
+        self.server.bytes.record(self.round, cid, "up", len(data))
+        read_stage_reply(reply.content, "masked")
+        masked, sender, metrics_json = decode_masked(
+            data, self.length, self.settings.bits, self.server.max_bytes
         )
-    total = sum(weights[c] / top for c in survivors)
-    mean = quantizer.mean(ring_sum, total)
-    state = _aggregate_state(server.global_state, server.wire_dtype, names, shapes, mean)
-    record.accepted.extend(Update(cid, state, weights[cid], updates[cid]) for cid in survivors)
-    log.info(
-        "round %d: securely summed %d clients' updates (quantisation error <= %.3g per coordinate)",
-        round_num,
-        len(survivors),
-        quantizer.max_error(len(survivors), total),
-    )
-    server.aggregate(record)
-    return record
+        if sender != cid:
+            raise PayloadError(f"masked input names client {sender}")
+        metrics = parse_metrics(metrics_json)
+        check_metrics(metrics)
+        session.add_masked(cid, masked)
+        self.metrics[cid] = metrics
+
+    def _unmask(self, session: ServerSession, survivors: list[int]) -> None:
+        fields = {"survivors": survivors, "dropped": session.dropped}
+        for cid, reply in self._send("unmask", survivors, lambda cid: self._request("unmask", cid, fields)):
+            self._take(
+                "unmask", cid, lambda cid=cid, reply=reply: session.add_unmask(cid, *_read_unmask(reply))
+            )
+
+    # ------------------------------------------------------------------ messages
+
+    def _request(self, stage: str, cid: int, fields: dict[str, object]) -> RecordDict:
+        return RecordDict({SECAGG_RECORD: stage_record(stage, self.round, cid, **fields)})
+
+    def _send(
+        self, stage: str, clients: Iterable[int], make: Callable[[int], RecordDict]
+    ) -> list[tuple[int, Message]]:
+        """The stage's messages to ``clients``; (client, reply) of the valid replies, in client order
+        (a missing or failed reply fails its client)."""
+        messages = {
+            cid: Message(
+                make(cid),
+                dst_node_id=self.strategy.nodes[cid],
+                message_type=MessageType.TRAIN,
+                group_id=str(self.round),
+                ttl=self.strategy.message_ttl,
+            )
+            for cid in clients
+        }
+        replies = []
+        answers = match_replies(
+            messages, self.grid.send_and_receive(list(messages.values()), timeout=self.timeout)
+        )
+        for cid, reply in sorted(answers.items()):
+            if reply is None:
+                self._fail(stage, cid, "no reply before the round timeout")
+            elif reply.has_error():
+                self._fail(stage, cid, f"client failed: {reply.error.reason}")
+            else:
+                replies.append((cid, reply))
+        return replies
+
+    def _take(self, stage: str, cid: int, read: Callable[[], None]) -> None:
+        """Read one client's reply into the session; a reply that breaks the protocol fails it."""
+        try:
+            read()
+        except (PayloadError, SecAggError, UpdateRejected) as exc:
+            self._fail(stage, cid, str(exc))
+
+    def _fail(self, stage: str, cid: int, reason: str) -> None:
+        """Reject a client that failed a stage; a survivor failing to unmask stays in the sum (its
+        input is unmasked with the others' shares), so that is only logged."""
+        if stage == "unmask":
+            log.warning("round %d: client %d did not help unmask: %s", self.round, cid, reason)
+        else:
+            self.server.reject(self.record, cid, f"secure aggregation, stage {stage}: {reason}")
 
 
 def _weights(
@@ -211,16 +254,12 @@ def _weights(
 
 
 def _aggregate_state(
-    global_state: State,
-    wire_dtype: str,
-    names: list[str],
-    shapes: dict[str, tuple[int, ...]],
-    mean: np.ndarray,
+    global_state: State, wire_dtype: str, shapes: dict[str, tuple[int, ...]], mean: np.ndarray
 ) -> State:
-    """The global state as the clients received it (cast through the wire dtype) plus the mean delta,
-    in float64."""
+    """The global state as the clients received it (cast through the wire dtype) plus the mean delta
+    (flat, in name order), in float64."""
     out, offset = {}, 0
-    for name in names:
+    for name in sorted(shapes):
         size = int(np.prod(shapes[name], dtype=np.int64))
         base = global_state[name].to(WIRE_DTYPES[wire_dtype]).to(torch.float64)
         delta = torch.from_numpy(mean[offset : offset + size].reshape(shapes[name]).copy())
@@ -229,21 +268,17 @@ def _aggregate_state(
     return out
 
 
-def _request(stage: str, round_num: int, cid: int, **fields: object) -> RecordDict:
-    return RecordDict({SECAGG_RECORD: stage_record(stage, round_num, cid, **fields)})
-
-
-def _keys(reply: Message) -> tuple[bytes, bytes, bytes]:
+def _read_keys(reply: Message) -> tuple[bytes, bytes, bytes]:
     fields = read_stage_reply(reply.content, "keys")
     return fields["c-pk"], fields["s-pk"], fields["seed-hash"]
 
 
-def _shares(reply: Message) -> dict[int, bytes]:
+def _read_shares(reply: Message) -> dict[int, bytes]:
     fields = read_stage_reply(reply.content, "shares")
     return paired(fields["destinations"], fields["ciphertexts"], "shares")
 
 
-def _unmask(reply: Message) -> tuple[dict[int, bytes], dict[int, bytes]]:
+def _read_unmask(reply: Message) -> tuple[dict[int, bytes], dict[int, bytes]]:
     fields = read_stage_reply(reply.content, "unmask")
     seeds = paired(fields["seed-owners"], fields["seed-shares"], "unmask: seed shares")
     keys = paired(fields["key-owners"], fields["key-shares"], "unmask: key shares")

@@ -176,9 +176,9 @@ class FedPromptStrategy(Strategy):
         the four stages of secure aggregation when it is enabled (``fedprompt.flower.secure_round``).
         Raises NotEnoughClientsError when too few clients remain."""
         if self.secure is not None and self.secure.enabled:
-            from fedprompt.flower.secure_round import secure_train_round
+            from fedprompt.flower.secure_round import SecureRound
 
-            return secure_train_round(self, grid, server_round, self.secure, timeout)
+            return SecureRound(self, grid, server_round, self.secure, timeout).run()
         messages = self.configure_train(server_round, self.global_arrays(), ConfigRecord(), grid)
         self.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
         assert self.last_record is not None
