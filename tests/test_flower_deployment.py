@@ -474,23 +474,29 @@ def test_flowers_simulation_engine_gives_the_in_process_global_prompt(tmp_path, 
 
 def test_secure_aggregation_on_real_supernodes_gives_the_plain_prompt(tmp_path, make_cluster):
     # Every stage message runs in a fresh flwr-clientapp process, so a client's secrets for the
-    # round must ride in its node's Flower context from the key exchange to the unmasking.
-    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=3, rounds=2)
+    # round must ride in its node's Flower context from the key exchange to the unmasking (the site
+    # workers only train: the ClientApp processes mask).
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=2, rounds=2)
     config["strategy"] = {"kind": "fedavg"}
     config["secure_aggregation"] = {"enabled": True}
     app = write_app(tmp_path / "app", config)
     plain = load_config(app / "fedprompt.yaml", ["secure_aggregation.enabled=false"])
-    expected = fedprompt.run(plain, write=False)  # equal partitions: uniform weights are FedAvg's
+    expected = fedprompt.run(plain, write=False)
+    # Equal partitions: the secure run's uniform weights are the plain run's example weights.
+    assert len({r["num_examples"] for r in expected.client_history if r["event"] == "fit"}) == 1
 
     cluster = make_cluster()
-    cluster.start_superlink()
-    for partition in range(3):
-        cluster.start_supernode(partition)
-    run = cluster.run_app(app, tmp_path / "results", round_timeout=240.0)
-    run_dir = cluster.wait_for_results(run, tmp_path / "results")
+    with tempfile.TemporaryDirectory(prefix="fpsw") as sockets:  # short: socket paths are limited
+        cluster.start_superlink()
+        for partition in range(2):
+            path = Path(sockets) / f"site{partition}.sock"
+            cluster.start_site_worker(partition, path, app / "fedprompt.yaml")
+            cluster.start_supernode(partition, site_worker=path)
+        run = cluster.run_app(app, tmp_path / "results", round_timeout=240.0)
+        run_dir = cluster.wait_for_results(run, tmp_path / "results")
 
     got = load_file(str(run_dir / FINAL_PROMPT_FILE))
     for name, tensor in expected.final_state.items():
         assert float((got[name] - tensor).abs().max()) <= 1e-6, name  # the stated quantisation error
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r.get("clients_accepted") for r in history] == [None, 3, 3]
+    assert [r.get("clients_accepted") for r in history] == [None, 2, 2]
