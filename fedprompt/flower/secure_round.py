@@ -3,8 +3,9 @@ through the Flower grid, then fedprompt's Server and Strategy on what they revea
 
 Weights are public and fixed before masking: uniform, or the example count each site declared when
 it registered (``secure_aggregation.weights``); each client scales its clipped delta by
-p_k = w_k / max_j w_j over the clients left at the masked-input stage. The unmasked ring sum gives the weighted mean
-delta Σ p_k Δ_k / Σ p_k of the survivors, to the quantisation error ``RingQuantizer`` states; the
+p_k = w_k / max_j w_j over the clients left at the masked-input stage. The unmasked ring sum
+gives the weighted mean delta Σ p_k Δ_k / Σ p_k of the survivors, to the quantisation error
+``RingQuantizer`` states; the
 server adds it to the global state as the clients received it (in the wire dtype), and each
 survivor's :class:`~fedprompt.state.Update` carries that same aggregate with its weight w_k — the
 server knows nothing else of any client's update — so a strategy whose step depends on the weighted
