@@ -9,7 +9,7 @@ from typing import Any
 from fedprompt.config import RunConfig, load_config
 from fedprompt.experiment import build_experiment
 from fedprompt.results import CONFIG_HASH_KEY, RunDirectory, RunResult
-from fedprompt.simulation import run_in_process
+from fedprompt.simulation import check_in_process, run_in_process
 
 
 def run(
@@ -33,8 +33,10 @@ def run(
         cfg = load_config(stored, overrides)
         metadata = folder.checkpoint_metadata() or {}
         folder.check_resume(stored, cfg, metadata.get(CONFIG_HASH_KEY))
+        check_in_process(cfg)
         return run_in_process(build_experiment(cfg), cfg, folder)
     cfg = load_config(config, overrides)
+    check_in_process(cfg)  # before a run folder or a model
     if output_dir is not None:
         cfg.output.dir = Path(output_dir)
     experiment = build_experiment(cfg)  # a start that fails (data, model) leaves no results folder

@@ -7,6 +7,7 @@ name and the fields that are allowed there.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -565,6 +566,11 @@ class FederationConfig(StrictModel):
     evaluate_every: int = Field(1, ge=1, description="Evaluate the global prompt every this many rounds.")
     local_evaluation: bool = Field(True, description="Also evaluate on each client's own held-out split.")
 
+    def clients_per_round(self, num_clients: int) -> int:
+        """How many of ``num_clients`` clients every round samples (``fedprompt.sampling.sample_clients``):
+        max(min_clients, ⌈fraction · N⌉), at most N."""
+        return min(num_clients, max(self.min_clients, math.ceil(self.fraction * num_clients)))
+
 
 class GradientOptimizerConfig(StrictModel):
     """Local training by gradient (torch optimisers; device and precision through accelerate)."""
@@ -750,6 +756,54 @@ class PersonalizationConfig(StrictModel):
         return bool(self.local) or self.shared_tokens is not None
 
 
+SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+"""Strategy kinds whose server step needs only the weighted mean of the updates (what secure
+aggregation gives the server)."""
+_NEEDS_EACH_UPDATE = {
+    "median": "the coordinate-wise median of the updates",
+    "trimmed-mean": "the coordinate-wise order of the updates",
+    "krum": "the distances between the updates",
+    "reliability": "each client's prompt and its agreement with the others",
+    "fedbpt": "each client's CMA-ES search state and losses (its CMA rule)",
+}
+
+
+class SecureAggregationConfig(StrictModel):
+    """Secure aggregation (Flower runtime): the server learns only the weighted sum of the sampled
+    clients' prompt updates, masked pairwise by the clients (``fedprompt.secagg``)."""
+
+    enabled: bool = False
+    threshold: int | None = Field(
+        None,
+        ge=2,
+        description="t: the fewest clients of a round whose shares unmask its sum (dropouts beyond n - t "
+        "fail the round). null: a majority of the clients sampled per round, floor(n/2) + 1; more than "
+        "n/2 either way.",
+    )
+    clip_range: float = Field(
+        1.0,
+        gt=0,
+        description="Each client clips every coordinate of its delta from the global prompt to [-c, c] "
+        "before quantisation (the server cannot clip what it never sees).",
+    )
+    bits: int = Field(
+        32,
+        ge=8,
+        le=48,
+        description="The ring Z_2^bits of the masked sums; each client's weighted delta gets "
+        "(2^(bits-1) - 1) / n levels per side of [-c, c] (quantisation error c / (2 L) per coordinate).",
+    )
+    weights: Literal["uniform", "declared"] = Field(
+        "uniform",
+        description="Client weights, public before masking: uniform, or the example count each site "
+        "declared when it registered (node config num-examples, capped by robustness.max_examples).",
+    )
+
+    def threshold_for(self, sampled: int) -> int:
+        """The threshold of a round that samples ``sampled`` clients."""
+        return self.threshold if self.threshold is not None else sampled // 2 + 1
+
+
 class PayloadConfig(StrictModel):
     """What crosses the wire: tensor dtype and the largest payload accepted."""
 
@@ -791,6 +845,7 @@ class RunConfig(StrictModel):
     payload: PayloadConfig = Field(default_factory=PayloadConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     vision: VisionConfig = Field(default_factory=VisionConfig)
@@ -832,6 +887,47 @@ class RunConfig(StrictModel):
                     f"strategy.kind krum with num_byzantine={f} and keep={self.strategy.keep} needs at least "
                     f"max(2f + 3, keep + f) = {need} updates a round; set federation.min_clients >= {need}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> RunConfig:
+        """Secure aggregation gives the server the weighted sum of the updates and nothing else:
+        refuse what needs single updates, and thresholds that are unsafe or cannot be met."""
+        secure = self.secure_aggregation
+        if not secure.enabled:
+            return self
+        kind = self.strategy.kind
+        if kind not in SECURE_STRATEGIES:
+            needs = _NEEDS_EACH_UPDATE.get(kind, "single client updates")
+            raise ValueError(
+                f"secure_aggregation: strategy.kind {kind} needs {needs}, but the server sees only the "
+                f"sum of the updates; use one of {', '.join(SECURE_STRATEGIES)}, or disable secure "
+                "aggregation"
+            )
+        if self.robustness.max_update_norm is not None:
+            raise ValueError(
+                "secure_aggregation: robustness.max_update_norm is a bound the server enforces on each "
+                "update, which it never sees; remove it (each client clips its own delta to "
+                "secure_aggregation.clip_range instead)"
+            )
+        sampled = self.federation.clients_per_round(self.partition.num_clients)
+        if sampled < 2:
+            raise ValueError(
+                f"secure_aggregation: rounds sample {sampled} client, whose 'sum' is its update; sample at "
+                "least 2 (federation.min_clients, federation.fraction)"
+            )
+        threshold = secure.threshold_for(sampled)
+        if not sampled // 2 < threshold <= sampled:
+            raise ValueError(
+                f"secure_aggregation.threshold {threshold} must lie in {sampled // 2 + 1}..{sampled}: more "
+                f"than half of the {sampled} clients sampled per round (fewer would let the server collect "
+                "both secrets of a client), and no more than are sampled"
+            )
+        if (2 ** (secure.bits - 1) - 1) // sampled < 2**7:
+            raise ValueError(
+                f"secure_aggregation.bits {secure.bits} leaves fewer than 128 quantisation levels for "
+                f"{sampled} clients a round; raise it"
+            )
         return self
 
     @model_validator(mode="after")

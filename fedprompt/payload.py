@@ -245,7 +245,7 @@ def decode_update(data: bytes, spec: PayloadSpec, expected_client_id: int | None
     num_examples = _metadata_integer(metadata, NUM_EXAMPLES_KEY)
     if num_examples < 1:
         raise PayloadError(f"{NUM_EXAMPLES_KEY} must be a positive integer, got {num_examples}")
-    return Update(client_id, state, num_examples, _metadata_metrics(metadata[METRICS_KEY]), extras)
+    return Update(client_id, state, num_examples, parse_metrics(metadata[METRICS_KEY]), extras)
 
 
 def _metadata_integer(metadata: Mapping[str, str], key: str) -> int:
@@ -268,7 +268,9 @@ def _check_metric_limits(metrics: Mapping[str, Any], size: int) -> None:
         )
 
 
-def _metadata_metrics(text: str) -> dict[str, float]:
+def parse_metrics(text: str) -> dict[str, float]:
+    """A client's metrics from their JSON text (an update's metadata), within the metric limits;
+    PayloadError names what is wrong."""
     size = len(text.encode())
     if size > MAX_METRICS_BYTES:  # before parsing: never parse an oversized text
         raise PayloadError(f"{METRICS_KEY} is {size} bytes, over the limit of {MAX_METRICS_BYTES}")

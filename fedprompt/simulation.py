@@ -11,7 +11,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedprompt.client_state import MemoryClientStates
-from fedprompt.config import RunConfig
+from fedprompt.config import ConfigError, RunConfig
 from fedprompt.errors import NoClientTrainedError
 from fedprompt.experiment import Experiment
 from fedprompt.metrics import RunRecorder, client_rows, evaluate_round, round_metrics
@@ -46,10 +46,21 @@ def make_server(experiment: Experiment, config: RunConfig, client_ids: Sequence[
     )
 
 
+def check_in_process(config: RunConfig) -> None:
+    """Refuse what only the Flower runtime does: secure aggregation (in one process the server
+    holds every client's update anyway)."""
+    if config.secure_aggregation.enabled:
+        raise ConfigError(
+            "secure_aggregation.enabled runs on the Flower runtime (fedprompt flower new-app); in one "
+            "process the server holds every update anyway. Disable it for an in-process run"
+        )
+
+
 def run_in_process(
     experiment: Experiment, config: RunConfig, run_dir: RunDirectory | None = None
 ) -> RunResult:
     """Run every round in this process; resume from ``run_dir``'s checkpoint when it holds one."""
+    check_in_process(config)
     server = make_server(experiment, config)
     states = experiment.client_states
     recorder = RunRecorder(config, run_dir, states if isinstance(states, MemoryClientStates) else None)

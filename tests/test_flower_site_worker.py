@@ -3,6 +3,8 @@ per-message ClientApp processes. Served here from a thread of the test process."
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import stat
 import subprocess
@@ -51,8 +53,8 @@ def socket_path() -> Iterator[Path]:
 
 
 @pytest.fixture
-def worker(socket_path) -> Iterator[SiteWorker]:
-    site = SiteWorker(socket_path)
+def worker(socket_path, request) -> Iterator[SiteWorker]:
+    site = SiteWorker(socket_path, read_timeout=getattr(request, "param", 60.0))
     thread = threading.Thread(target=site.serve_forever, daemon=True)
     thread.start()
     try:
@@ -91,7 +93,7 @@ def test_a_run_through_the_site_worker_gives_the_in_process_prompt_and_builds_on
     kinds = [m.metadata.message_type for m in grid.sent]
     status = SiteWorkerClient(socket_path, timeout=30).status()
     assert status["experiments_built"] == 1  # one backbone for every round and every message
-    assert status["requests"] == kinds.count("train") + kinds.count("evaluate") + 1  # + this status
+    assert status["train"] == kinds.count("train") and status["evaluate"] == kinds.count("evaluate")
     assert status["failed"] == 0
     assert process_cache.builds == 0  # the ClientApp only relayed
 
@@ -148,6 +150,52 @@ def test_bad_requests_get_error_replies_and_the_worker_goes_on(tmp_path, socket_
     status = client.status()
     # Rejected before any model loads: the op, the config, the body's size; the rest after one build.
     assert status["failed"] == 7 and status["requests"] == 8 and status["experiments_built"] == 1
+
+
+def test_a_peer_that_sends_nothing_does_not_block_the_site(socket_path, worker):
+    # A peer connects and sends two bytes of a header, then nothing: with the worker's 60 s read
+    # timeout it is still stalled while another client's requests come and go.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:
+        stalled.connect(str(socket_path))
+        stalled.sendall(b"\0\0")
+        client = SiteWorkerClient(socket_path, timeout=60)
+        assert client.status()["status"] == 1
+        assert client.status()["status"] == 2
+    status = client.status()
+    assert status["failed"] == 0 and status["timed_out"] == 0  # the stalled peer was never timed out
+
+
+@pytest.mark.parametrize("worker", [0.5], indirect=True)
+def test_a_peer_that_trickles_bytes_is_cut_off_with_an_error_and_the_site_goes_on(socket_path, worker):
+    # The read timeout bounds the whole request, not each read: a peer that sends a byte of an
+    # endless header every few milliseconds gets an error reply once its time is up.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+        slow.connect(str(socket_path))
+        slow.sendall((1000).to_bytes(4, "big"))
+        slow.settimeout(0.01)
+        reply = b""
+        for _ in range(100_000):  # at least 1000 s of trickling: the worker gives up long before
+            try:
+                slow.sendall(b" ")
+                reply += slow.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:  # the worker answered and closed
+                break
+            if len(reply) >= 4:
+                break
+        slow.settimeout(60)
+        with contextlib.suppress(OSError):
+            while True:
+                chunk = slow.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+    size = int.from_bytes(reply[:4], "big")
+    header = json.loads(reply[4 : 4 + size])
+    assert not header["ok"] and "RequestTimeout" in header["error"] and "read timeout" in header["error"]
+    status = SiteWorkerClient(socket_path, timeout=60).status()
+    assert status["timed_out"] == 1 and status["failed"] == 1 and status["status"] == 1
 
 
 def test_an_unreachable_worker_and_a_bad_node_config_name_the_fix(tmp_path, socket_path):

@@ -96,10 +96,10 @@ def test_a_client_cannot_overwrite_its_row_or_send_unbounded_metrics():
 
 
 def test_payload_metric_limits_are_checked_before_parsing():
-    from fedprompt.payload import _metadata_metrics
+    from fedprompt.payload import parse_metrics
 
     with pytest.raises(PayloadError, match="over the limit of 8192"):
-        _metadata_metrics('{"a": ' + "[" * 10_000 + "]" * 10_000 + "}")
+        parse_metrics('{"a": ' + "[" * 10_000 + "]" * 10_000 + "}")
 
 
 # --------------------------------------------------------------------------- example counts

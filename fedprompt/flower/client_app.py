@@ -3,9 +3,12 @@
 Each SuperNode hosts one data partition, named by its ``--node-config "partition-id=<id>"``
 (Flower's simulation sets it for each virtual node). The ClientApp answers three messages:
 
-- query: which partition this node hosts (the ServerApp maps partitions to nodes with it);
+- query: which partition this node hosts and, with ``--node-config "... num-examples=<n>"``, how
+  many training examples it declares (the ServerApp binds the partition to this node for the run,
+  and bounds the client's aggregation weight by the count);
 - train: validate the downlink bytes, fit with fedprompt's ``Client.fit_payload``, reply with the
-  update's safetensors bytes;
+  update's safetensors bytes; with secure aggregation, the four stages of a secure round instead
+  (``fedprompt.flower.secure_client``: only a masked, quantised update leaves the site);
 - evaluate: the global prompt's accuracy and loss on the partition's held-out split.
 
 The experiment (frozen backbone, tokenised data, clients) is built once per process and kept
@@ -31,6 +34,7 @@ from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.records import (
     EVAL_RECORD,
     NODE_RECORD,
+    NUM_EXAMPLES,
     NUM_PARTITIONS,
     PARTITION_ID,
     node_record,
@@ -39,6 +43,7 @@ from fedprompt.flower.records import (
     read_instructions,
     read_payload,
 )
+from fedprompt.flower.secure_records import SECAGG_RECORD
 from fedprompt.flower.site_worker import SITE_WORKER, SiteWorkerClient
 from fedprompt.instructions import FitInstructions
 
@@ -105,6 +110,18 @@ def partition_id(context: Context, config: RunConfig) -> int:
     return pid
 
 
+def declared_examples(context: Context) -> int | None:
+    """The training-example count the node config declares for its partition (``num-examples``),
+    or None; the server bounds the client's aggregation weight by it for the whole run."""
+    count = context.node_config.get(NUM_EXAMPLES)
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ConfigError(
+            f"node config {NUM_EXAMPLES!r} is {count!r}; give the partition's number of training "
+            f"examples as a positive integer, e.g. --node-config '{PARTITION_ID}=0 {NUM_EXAMPLES}=5000'"
+        )
+    return count
+
+
 def site_for(context: Context, settings: AppSettings) -> SiteWorkerClient | InProcessSite:
     """The site worker the node config names, or this process when it names none (its clients'
     carried states then live in the node's Flower context, or in ``client-state-dir``)."""
@@ -142,11 +159,21 @@ def build_client_app(config_file: str | Path) -> ClientApp:
     @app.query()
     def query(message: Message, context: Context) -> Message:
         _, pid, _ = setup(context)
-        return Message(RecordDict({NODE_RECORD: node_record(pid)}), reply_to=message)
+        record = node_record(pid, declared_examples(context))
+        return Message(RecordDict({NODE_RECORD: record}), reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
         config, pid, site = setup(context)
+        if SECAGG_RECORD in message.content.config_records:
+            from fedprompt.flower.secure_client import answer_stage
+
+            return Message(answer_stage(message.content, context, config, pid, site), reply_to=message)
+        if config.secure_aggregation.enabled:
+            raise PayloadError(
+                "this site sends its update only through secure aggregation (secure_aggregation.enabled "
+                "in its configuration); the server sent a plain train message"
+            )
         client_id, instructions = read_instructions(message.content)
         if client_id != pid:
             raise PayloadError(f"train message is for client {client_id}; this node hosts partition {pid}")

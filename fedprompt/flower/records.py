@@ -36,6 +36,9 @@ PARTITION_ID = "partition-id"
 """The SuperNode's ``--node-config`` key naming the data partition (fedprompt client id) it hosts."""
 NUM_PARTITIONS = "num-partitions"
 """Optional ``--node-config`` key (set by Flower's simulation) with the number of partitions."""
+NUM_EXAMPLES = "num-examples"
+"""Optional ``--node-config`` key: the training examples the partition holds, declared when the node
+first claims it; the server bounds that client's aggregation weight by it for the whole run."""
 
 _CLIENT_CONFIG_PREFIX = "client-config/"
 
@@ -131,16 +134,27 @@ def read_evaluation_record(content: RecordDict) -> tuple[int, int]:
     return _non_negative_int(record, "client-id"), _non_negative_int(record, "accepted-round")
 
 
-def node_record(partition_id: int) -> ConfigRecord:
-    """A SuperNode's answer to the partition query."""
-    return ConfigRecord({PARTITION_ID: partition_id})
+def node_record(partition_id: int, num_examples: int | None = None) -> ConfigRecord:
+    """A SuperNode's answer to the partition query: the partition it hosts and, when the site
+    declares it, the partition's training-example count."""
+    record = ConfigRecord({PARTITION_ID: partition_id})
+    if num_examples is not None:
+        record[NUM_EXAMPLES] = num_examples
+    return record
 
 
-def read_partition_id(content: RecordDict) -> int:
-    """The partition id in a query reply."""
+def read_node_reply(content: RecordDict) -> tuple[int, int | None]:
+    """(the partition id, the declared example count or None) in a query reply."""
     if NODE_RECORD not in content.config_records:
         raise PayloadError(f"message has no {NODE_RECORD!r} ConfigRecord")
-    return _non_negative_int(content.config_records[NODE_RECORD], PARTITION_ID)
+    record = content.config_records[NODE_RECORD]
+    unexpected = sorted(set(record) - {PARTITION_ID, NUM_EXAMPLES})
+    if unexpected:
+        raise PayloadError(f"{NODE_RECORD!r} has unexpected fields {unexpected}")
+    count = _non_negative_int(record, NUM_EXAMPLES) if NUM_EXAMPLES in record else None
+    if count == 0:
+        raise PayloadError(f"field {NUM_EXAMPLES!r} must be a positive integer, got 0")
+    return _non_negative_int(record, PARTITION_ID), count
 
 
 def _non_negative_int(record: ConfigRecord, key: str) -> int:

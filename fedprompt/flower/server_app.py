@@ -5,7 +5,9 @@
 global evaluation on the server's held-out data, the same results folder, so a configuration
 and seed give the same global prompt on either runtime. Before the first round the ServerApp
 asks every SuperNode which partition it hosts and waits (``node-wait-timeout``) until each
-partition of the run has one; nodes that join later are asked at the start of each round.
+partition of the run has one; nodes that join later are asked at the start of each round. Each
+partition stays bound to the node that first claimed it (``fedprompt.flower.bindings``), kept in
+the run folder so that a resumed run keeps the bindings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedprompt.config import RunConfig, load_config
 from fedprompt.experiment import Experiment, build_experiment
 from fedprompt.flower.app_config import AppSettings, load_app_config
+from fedprompt.flower.bindings import BINDINGS_FILE, PartitionBindings
 from fedprompt.flower.strategy import FedPromptStrategy
 from fedprompt.metrics import RunRecorder, client_rows, evaluate_global, round_metrics
 from fedprompt.results import CONFIG_HASH_KEY, RunDirectory, RunResult
@@ -59,12 +62,17 @@ def run_server(
         experiment = build_experiment(config, client_ids=[])
     server = make_server(experiment, config, range(config.partition.num_clients))
     rounds = config.federation.rounds
+    bindings = None
+    if settings.resume is not None and (settings.resume / BINDINGS_FILE).is_file():
+        bindings = PartitionBindings.load(settings.resume / BINDINGS_FILE, config.robustness.max_examples)
     strategy = FedPromptStrategy(
         server,
         num_rounds=rounds,
         evaluate_every=config.federation.evaluate_every,
         local_evaluation=config.federation.local_evaluation,
         message_ttl=settings.round_timeout,
+        bindings=bindings,
+        secure=config.secure_aggregation,
     )
     strategy.summary()
     strategy.map_nodes(
@@ -78,20 +86,19 @@ def run_server(
         recorder = RunRecorder(config, RunDirectory(settings.resume))
         if not recorder.resume(server):
             raise FileNotFoundError(f"resume: {settings.resume} holds no checkpoint to continue from")
+        strategy.bindings.attach(settings.resume / BINDINGS_FILE)
         log.info("resuming %s after round %d", settings.resume, server.completed_rounds)
     else:
         run_dir = RunDirectory.create(settings.results_dir, config.name)
         run_dir.write_config(config)
+        strategy.bindings.attach(run_dir.path / BINDINGS_FILE)
         recorder = RunRecorder(config, run_dir)
         recorder.record_initial(*_evaluate(grid, experiment, strategy, config, settings, 0))
 
     for round_num in range(server.completed_rounds + 1, rounds + 1):
         start = time.perf_counter()
         strategy.map_nodes(grid, wait_for=0, timeout=0, reply_timeout=settings.round_timeout)  # new nodes
-        messages = strategy.configure_train(round_num, strategy.global_arrays(), ConfigRecord(), grid)
-        strategy.aggregate_train(round_num, grid.send_and_receive(messages, timeout=settings.round_timeout))
-        record = strategy.last_record
-        assert record is not None
+        record = strategy.train_round(grid, round_num, settings.round_timeout)
         row: dict[str, Any] = {"round": round_num, **round_metrics(server, record)}
         clients = client_rows(server, record)
         if strategy.evaluation_due(round_num):
