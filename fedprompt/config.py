@@ -168,10 +168,26 @@ class SoftPromptConfig(_PromptInit):
 
 
 class DeepPromptConfig(_PromptInit):
-    """Deep prompt (P-tuning v2 style): its own prompt at every layer from `start_layer` up."""
+    """Deep prompt: its own prompt at every layer from `start_layer` up.
+
+    mode ``prefix`` (P-tuning v2): each layer's attention attends `num_tokens` trained key/value
+    vectors before the sequence; the sequence is unchanged. ``init`` vocab/text start the prefixes
+    at the frozen model's own keys and values of those tokens (Li & Liang), random at
+    N(0, init_std²). mode ``replace`` (VPT-deep style): `num_tokens` positions enter the sequence
+    at `start_layer` and each layer's prompt replaces them at its input. In both modes the layers
+    below `start_layer` compute the unprompted model, so their output is cached per dataset.
+    """
 
     kind: Literal["deep"] = "deep"
+    mode: Literal["prefix", "replace"] = Field(
+        "prefix", description="prefix: key/value prefixes in attention (P-tuning v2); replace: hidden states."
+    )
     start_layer: int = Field(0, ge=0, description="First layer that gets a prompt (0: the input layer).")
+    cache_frozen_layers: bool = Field(
+        True,
+        description="start_layer > 0: compute the states entering start_layer once per dataset (kept in "
+        "memory, N × length × hidden floats) and run only the layers from start_layer at each step.",
+    )
 
 
 class CoOpPromptConfig(_PromptInit):
