@@ -90,7 +90,8 @@ def main() -> None:
     model = experiment.model
     prompt = config.prompt
     data = experiment.clients[0].train_data
-    total = len(experiment.test_data) + sum(len(c.train_data) for c in experiment.clients.values())
+    sets = [experiment.test_data] + [c.train_data for c in experiment.clients.values()]
+    total = sum(len(d) for d in sets + [c.val_data for c in experiment.clients.values() if c.val_data])
     print(
         f"deep {prompt.mode} prompt from layer {prompt.start_layer} of {model.backbone.num_layers}, "
         f"{prompt.num_tokens} tokens; {total} examples cached "

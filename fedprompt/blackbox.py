@@ -229,10 +229,11 @@ class SPSATrainer(_BlackBoxTrainer):
             )
             return total / size
 
-        local_set = list(data.batches(self.batch_size, device=self.device)) if size == len(data) else []
+        whole = self.score_on == "local-set"
+        local_set = list(data.batches(self.batch_size, device=self.device)) if whole else []
 
         def step_loss(step: int) -> Callable[[], float]:
-            if self.score_on == "local-set":
+            if whole:
                 return lambda: mean_loss(local_set)
             index = torch.randperm(len(data), generator=generator)[:size]
             batch = next(data.subset(index.numpy()).batches(size, device=self.device))
