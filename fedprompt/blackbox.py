@@ -1,16 +1,25 @@
-"""Black-box local training of an intrinsic prompt's z: CMA-ES and SPSA through one population call.
+"""Black-box local training: CMA-ES and SPSA over an intrinsic prompt's z through one population
+call, and SPSA (MeZO) over any prompt module's parameters, perturbed in place.
 
-The trainers see a ``PopulationModule`` (local backbone or remote service alike) and a client's
-data; every model query goes through ``population_losses(Z [P, d], batch) -> [P]``, so the same
-trainer runs against a backbone in this process or one behind HTTP.
+The vector trainers see a ``PopulationModule`` (local backbone or remote service alike) and a
+client's data; every model query goes through ``population_losses(Z [P, d], batch) -> [P]``, so
+the same trainer runs against a backbone in this process or one behind HTTP. SPSA on any other
+prompt module (a soft prompt, a deep prompt) scores the module itself, twice per step, under
+``torch.inference_mode``.
+
+Each generation or step scores its candidates either on a fresh random batch of ``batch_size``
+local examples (``score_on: batch``) or on the whole local training set (``score_on: local-set``,
+as Black-Box Tuning and FedBPT do; then ``batch_size`` only splits the set into forward passes).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from fedprompt.batching import TensorData
 from fedprompt.config import (
@@ -26,7 +35,7 @@ from fedprompt.strategies.fedbpt import FINAL_SIGMA, LOSS, PARENTS, SIGMA, SIGMA
 from fedprompt.training import FitInstructions, LocalContext, LocalTrainer
 from optimizers.base import OptimizationStats
 from optimizers.cmaes import CMAESOptimizer, CMAESSettings
-from optimizers.zeroth_order import SPSAOptimizer, SPSASettings
+from optimizers.zeroth_order import InPlaceSPSA, SPSAOptimizer, SPSASettings
 from prompt_modules.base import PopulationModule, PromptModule
 from prompt_modules.intrinsic import ProjectionSpec
 
@@ -50,14 +59,21 @@ def projection_spec(prompt: IntrinsicPromptConfig, run_seed: int, sigma: float) 
     )
 
 
-class _BlackBoxTrainer(LocalTrainer):
-    """What both black-box trainers share: the one-vector prompt state and random local batches."""
+ScoreOn = Literal["batch", "local-set"]
 
-    def __init__(self, batch_size: int, device: torch.device | str) -> None:
+
+class _BlackBoxTrainer(LocalTrainer):
+    """What both black-box trainers share: the one-vector prompt state and the examples each
+    generation or step is scored on (a fresh random batch, or the whole local set)."""
+
+    def __init__(self, batch_size: int, device: torch.device | str, score_on: ScoreOn = "batch") -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if score_on not in ("batch", "local-set"):
+            raise ValueError(f"score_on must be 'batch' or 'local-set', got {score_on!r}")
         self.batch_size = batch_size
         self.device = device
+        self.score_on = score_on
 
     @staticmethod
     def _vector(model: PromptModule) -> tuple[PopulationModule, str, torch.Tensor]:
@@ -91,13 +107,29 @@ class _BlackBoxTrainer(LocalTrainer):
 
         return loss, size
 
+    def _population_loss(
+        self, module: PopulationModule, data: TensorData, seed: int
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+        """(the population loss each generation or step calls, the examples each candidate is scored on)."""
+        if self.score_on == "batch":
+            return self._fresh_batch_loss(module, data, seed)
+
+        def loss(candidates: torch.Tensor) -> torch.Tensor:
+            total = torch.zeros(candidates.shape[0], dtype=torch.float64)
+            for batch in data.batches(self.batch_size, device=self.device):
+                rows = len(batch["labels"])
+                total += module.population_losses(candidates, batch).detach().cpu().double() * rows
+            return total / len(data)
+
+        return loss, len(data)
+
 
 class CMAESTrainer(_BlackBoxTrainer):
     """Owns a client's local CMA-ES round: warm-started at the global z, with the σ the strategy
     sent down (``instructions.extras['sigma']``, FedBPT) or the optimiser's own.
 
-    Each generation scores the whole population on one fresh random batch of ``batch_size`` local
-    examples (all candidates on the same examples, so their ranking is fair). With
+    Each generation scores the whole population on the same examples (so their ranking is fair):
+    one fresh random batch of ``batch_size`` local examples, or the whole local set. With
     ``report_search_state`` (FedBPT) the client then scores its final mean on all of its training
     data (counted as queries) and returns FedBPT's uplink scalars through ``OptimizationStats.tensors``:
     that loss, Σ_t σ_t², the number of parents μ and the final σ.
@@ -109,8 +141,9 @@ class CMAESTrainer(_BlackBoxTrainer):
         batch_size: int,
         device: torch.device | str,
         report_search_state: bool = False,
+        score_on: ScoreOn = "batch",
     ) -> None:
-        super().__init__(batch_size, device)
+        super().__init__(batch_size, device, score_on)
         self.optimizer = optimizer
         self.report_search_state = report_search_state
 
@@ -126,7 +159,7 @@ class CMAESTrainer(_BlackBoxTrainer):
         sigma = float(instructions.extras[SIGMA].reshape(-1)[0]) if SIGMA in instructions.extras else None
         if self.report_search_state and sigma is None:
             raise ValueError("this client reports a FedBPT search state but the server sent no 'sigma'")
-        loss, size = self._fresh_batch_loss(module, data, instructions.seed)
+        loss, size = self._population_loss(module, data, instructions.seed)
         result = self.optimizer.run(
             z0, loss, examples_per_candidate=size, seed=instructions.seed, sigma=sigma
         )
@@ -156,11 +189,24 @@ class CMAESTrainer(_BlackBoxTrainer):
 
 
 class SPSATrainer(_BlackBoxTrainer):
-    """Owns a client's local SPSA round from the global z: each step scores z ± εu (u seeded by
-    the round's seed and the step) on one fresh random batch of ``batch_size`` local examples."""
+    """Owns a client's local SPSA round from the global prompt: each step scores θ ± εu (u seeded by
+    the round's seed and the step) on the same examples (a fresh random batch of ``batch_size``, or
+    the whole local set).
 
-    def __init__(self, optimizer: SPSAOptimizer, batch_size: int, device: torch.device | str) -> None:
-        super().__init__(batch_size, device)
+    An intrinsic prompt (one vector scored through ``population_losses``) runs ``SPSAOptimizer``;
+    any other prompt module (a soft or deep prompt: MeZO's case) has all its trainable tensors
+    perturbed in place by ``InPlaceSPSA``, scored by the module's own forward pass under
+    ``torch.inference_mode``: no gradient graph, no copy of the prompt.
+    """
+
+    def __init__(
+        self,
+        optimizer: SPSAOptimizer,
+        batch_size: int,
+        device: torch.device | str,
+        score_on: ScoreOn = "batch",
+    ) -> None:
+        super().__init__(batch_size, device, score_on)
         self.optimizer = optimizer
 
     def train(
@@ -171,12 +217,52 @@ class SPSATrainer(_BlackBoxTrainer):
         context: LocalContext | None = None,
     ) -> OptimizationStats:
         _no_penalty(context)
+        if not _is_one_vector(model):
+            return self._train_in_place(model, data, instructions)
         module, name, z0 = self._vector(model)
-        loss, size = self._fresh_batch_loss(module, data, instructions.seed)
+        loss, size = self._population_loss(module, data, instructions.seed)
         result = self.optimizer.run(z0, loss, examples_per_candidate=size, seed=instructions.seed)
         model.load_state_dict({name: result.params}, strict=True)
         result.stats.extra["mean_abs_projected_grad"] = float(result.projected_grads.abs().mean())
         return result.stats
+
+    def _train_in_place(
+        self, model: PromptModule, data: TensorData, instructions: FitInstructions
+    ) -> OptimizationStats:
+        tensors = [p for p in model.parameters() if p.requires_grad]
+        generator = torch_generator(instructions.seed)
+        size = len(data) if self.score_on == "local-set" else min(self.batch_size, len(data))
+
+        def mean_loss(batches: list[dict[str, torch.Tensor]]) -> float:
+            total = sum(
+                float(F.cross_entropy(model(b).float(), b["labels"], reduction="sum")) for b in batches
+            )
+            return total / size
+
+        whole = self.score_on == "local-set"
+        local_set = list(data.batches(self.batch_size, device=self.device)) if whole else []
+
+        def step_loss(step: int) -> Callable[[], float]:
+            if whole:
+                return lambda: mean_loss(local_set)
+            index = torch.randperm(len(data), generator=generator)[:size]
+            batch = next(data.subset(index.numpy()).batches(size, device=self.device))
+            return lambda: mean_loss([batch])
+
+        spsa = InPlaceSPSA(self.optimizer.settings)
+        model.eval()
+        with torch.inference_mode():
+            result = spsa.run(tensors, step_loss, examples_per_candidate=size, seed=instructions.seed)
+        result.stats.extra["mean_abs_projected_grad"] = float(result.projected_grads.abs().mean())
+        return result.stats
+
+
+def _is_one_vector(model: PromptModule) -> bool:
+    """Whether the module scores candidate vectors and its prompt state is that one vector."""
+    if not isinstance(model, PopulationModule):
+        return False
+    state = model.state_dict()
+    return len(state) == 1 and next(iter(state.values())).dim() == 1
 
 
 def _no_penalty(context: LocalContext | None) -> None:
@@ -191,12 +277,18 @@ def build_blackbox_trainer(
 ) -> LocalTrainer:
     """The black-box trainer an optimizer configuration describes (FedBPT's clients report their search)."""
     if isinstance(optimizer, CMAESOptimizerConfig):
-        settings = CMAESSettings(popsize=optimizer.popsize, sigma=optimizer.sigma, budget=optimizer.budget)
+        settings = CMAESSettings(
+            popsize=optimizer.popsize,
+            sigma=optimizer.sigma,
+            budget=optimizer.budget,
+            fixed_generations=optimizer.generations,
+        )
         return CMAESTrainer(
             CMAESOptimizer(settings),
             optimizer.batch_size,
             device,
             report_search_state=isinstance(strategy, FedBPTConfig),
+            score_on=optimizer.score_on,
         )
     settings = SPSASettings(lr=optimizer.lr, epsilon=optimizer.epsilon, budget=optimizer.budget)
-    return SPSATrainer(SPSAOptimizer(settings), optimizer.batch_size, device)
+    return SPSATrainer(SPSAOptimizer(settings), optimizer.batch_size, device, optimizer.score_on)

@@ -68,7 +68,13 @@ def build_strategy(config: StrategyConfig, search_sigma: float | None = None) ->
     if isinstance(config, FedBPTConfig):
         if search_sigma is None:
             raise ValueError("FedBPT needs search_sigma, the clients' initial CMA-ES step (optimizer.sigma)")
-        return FedBPT(initial_sigma=search_sigma, sigma_floor=config.sigma_floor, rule=config.rule)
+        return FedBPT(
+            initial_sigma=search_sigma,
+            sigma_floor=config.sigma_floor,
+            rule=config.rule,
+            max_loss=config.max_loss,
+            max_sigma_ratio=config.max_sigma_ratio,
+        )
     raise TypeError(f"build_strategy got {type(config).__name__}, which is not a strategy configuration")
 
 
