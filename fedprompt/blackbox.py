@@ -32,9 +32,11 @@ from fedprompt.config import (
 )
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies.fedbpt import FINAL_SIGMA, LOSS, PARENTS, SIGMA, SIGMA_SQ_SUM
+from fedprompt.strategies.fedkseed import PROJECTED_GRAD, SEED_INDEX, KSeedSetup
 from fedprompt.training import FitInstructions, LocalContext, LocalTrainer
-from optimizers.base import OptimizationStats
+from optimizers.base import OptimizationStats, checked_losses
 from optimizers.cmaes import CMAESOptimizer, CMAESSettings
+from optimizers.seed_pool import step_along_, step_coefficient
 from optimizers.zeroth_order import InPlaceSPSA, SPSAOptimizer, SPSASettings
 from prompt_modules.base import PopulationModule, PromptModule
 from prompt_modules.intrinsic import ProjectionSpec
@@ -257,6 +259,103 @@ class SPSATrainer(_BlackBoxTrainer):
         return result.stats
 
 
+class KSeedTrainer(_BlackBoxTrainer):
+    """Owns a client's FedKSeed round: S SPSA steps from the prompt it starts at, each along the
+    direction u of a seed drawn uniformly from the shared pool (``KSeedSetup.pool``; u in float64 on
+    the CPU), θ ± εu scored on the same fresh batch of ``batch_size`` local examples:
+    ĝ = (L(θ + εu) − L(θ − εu)) / 2ε, rounded to float32 (what travels), then θ ← θ − η·ĝ·u in
+    float64 (``optimizers.seed_pool``), the module finally set to θ in float32. The server's replay
+    of the pairs therefore gives this module's prompt bit for bit. A step whose |ĝ| exceeds
+    ``max_projected_grad`` is skipped and sent as ĝ = 0 (the reference's loss-gap clip).
+
+    Any prompt module: one whose state is a single vector it scores through ``population_losses``
+    (an intrinsic z, also behind a remote backbone) gets both candidates in one call; any other
+    (soft, deep) is loaded with each candidate and run forward under ``torch.inference_mode``.
+    The pairs go up as ``OptimizationStats.tensors`` (``seed_index``, ``projected_grad``).
+    """
+
+    def __init__(self, setup: KSeedSetup, batch_size: int, device: torch.device | str) -> None:
+        super().__init__(batch_size, device, "batch")
+        self.setup = setup
+
+    def train(
+        self,
+        model: PromptModule,
+        data: TensorData,
+        instructions: FitInstructions,
+        context: LocalContext | None = None,
+    ) -> OptimizationStats:
+        _no_penalty(context)
+        setup, pool = self.setup, self.setup.pool
+        state = model.state_dict()
+        names = sorted(state)
+        theta = [state[name].detach().to("cpu", torch.float64).clone() for name in names]
+        indices = pool.sample(setup.steps, torch_generator(derive_seed(instructions.seed, "kseed-seeds")))
+        batches = torch_generator(instructions.seed)
+        size = min(self.batch_size, len(data))
+        score = self._scorer(model, names)
+        grads: list[float] = []
+        stats = OptimizationStats()
+        loss_sum, skipped = 0.0, 0
+        model.eval()
+        with torch.inference_mode():
+            for step, index in enumerate(indices):
+                rows = torch.randperm(len(data), generator=batches)[:size]
+                batch = next(data.subset(rows.numpy()).batches(size, device=self.device))
+                u = pool.directions(index, theta)
+                plus = [t + setup.epsilon * d for t, d in zip(theta, u, strict=True)]
+                minus = [t - setup.epsilon * d for t, d in zip(theta, u, strict=True)]
+                losses = checked_losses(score([plus, minus], batch), 2, f"FedKSeed step {step}").tolist()
+                grad = float(torch.tensor((losses[0] - losses[1]) / (2 * setup.epsilon), dtype=torch.float32))
+                if abs(grad) > setup.max_projected_grad:
+                    grad, skipped = 0.0, skipped + 1
+                if grad != 0.0:
+                    step_along_(theta, u, step_coefficient(setup.lr, 1.0, grad))
+                grads.append(grad)
+                stats.steps += 1
+                stats.examples += size
+                stats.queries += 2 * size
+                stats.final_loss = (losses[0] + losses[1]) / 2
+                loss_sum += stats.final_loss
+        model.load_state_dict(
+            {n: t.to(torch.float32) for n, t in zip(names, theta, strict=True)}, strict=True
+        )
+        stats.mean_loss = loss_sum / max(stats.steps, 1)
+        stats.extra.update(
+            {"skipped_steps": float(skipped), "mean_abs_projected_grad": sum(map(abs, grads)) / len(grads)}
+        )
+        stats.tensors = {
+            SEED_INDEX: torch.tensor(indices, dtype=torch.float32),
+            PROJECTED_GRAD: torch.tensor(grads, dtype=torch.float32),
+        }
+        return stats
+
+    @staticmethod
+    def _scorer(
+        model: PromptModule, names: list[str]
+    ) -> Callable[[list[list[torch.Tensor]], dict[str, torch.Tensor]], torch.Tensor]:
+        """The mean cross-entropy [P] of candidate states (tensor lists in ``names`` order) on a batch."""
+        if _is_one_vector(model):
+            module = model  # one vector, scored for every candidate in one population call
+
+            def population(
+                candidates: list[list[torch.Tensor]], batch: dict[str, torch.Tensor]
+            ) -> torch.Tensor:
+                stacked = torch.stack([c[0] for c in candidates]).to(torch.float32)
+                return module.population_losses(stacked, batch).detach().cpu()
+
+            return population
+
+        def one_by_one(candidates: list[list[torch.Tensor]], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            losses = []
+            for candidate in candidates:
+                model.load_state_dict({n: t.to(torch.float32) for n, t in zip(names, candidate, strict=True)})
+                losses.append(float(F.cross_entropy(model(batch).float(), batch["labels"])))
+            return torch.tensor(losses, dtype=torch.float64)
+
+        return one_by_one
+
+
 def _is_one_vector(model: PromptModule) -> bool:
     """Whether the module scores candidate vectors and its prompt state is that one vector."""
     if not isinstance(model, PopulationModule):
@@ -274,8 +373,12 @@ def build_blackbox_trainer(
     optimizer: CMAESOptimizerConfig | SPSAOptimizerConfig,
     strategy: StrategyConfig,
     device: torch.device | str,
+    kseed: KSeedSetup | None = None,
 ) -> LocalTrainer:
-    """The black-box trainer an optimizer configuration describes (FedBPT's clients report their search)."""
+    """The black-box trainer an optimizer configuration describes (FedBPT's clients report their
+    search; FedKSeed's, given its ``kseed`` setup, step along the shared seed pool)."""
+    if kseed is not None:
+        return KSeedTrainer(kseed, optimizer.batch_size, device)
     if isinstance(optimizer, CMAESOptimizerConfig):
         settings = CMAESSettings(
             popsize=optimizer.popsize,

@@ -579,6 +579,35 @@ class ReliabilityConfig(StrictModel):
     alpha: float = Field(1.0, ge=0, description="α, the weight of the pull toward the shared prompt.")
 
 
+class FedKSeedConfig(StrictModel):
+    """FedKSeed (Qin et al. 2024): zeroth-order steps along a shared pool of K seeds; clients send
+    (seed index, projected gradient ĝ) pairs instead of the prompt, and every party rebuilds the
+    prompt by replaying them: θ ← θ − η·w_k·ĝ·u(seed), the clients' pairs in client-id order, each
+    client's in step order, w_k its aggregation weight. Needs optimizer.kind spsa (η = optimizer.lr,
+    ε = optimizer.epsilon; the paper's ε is 5e-4), a round of budget // (2·batch_size) steps.
+    """
+
+    kind: Literal["fedkseed"] = "fedkseed"
+    num_seeds: int = Field(
+        4096, ge=1, le=2**24, description="K, the seeds in the shared pool (the paper's 4096)."
+    )
+    weighting: Literal["examples", "equal"] = Field(
+        "examples", description="A client's weight w_k in the replay: by its example count, or 1/(clients)."
+    )
+    max_projected_grad: float = Field(
+        1000.0,
+        gt=0,
+        description="Largest |ĝ| the server accepts; a client skips (sends ĝ = 0 for) a step above it, as "
+        "the reference's loss-gap clip does.",
+    )
+    downlink: Literal["prompt", "seed-pool"] = Field(
+        "prompt",
+        description="What clients are sent: the global prompt, or the K accumulated ĝ per seed since "
+        "round 0, from which every client replays the prompt (the paper's downlink: 4·K bytes whatever "
+        "the prompt).",
+    )
+
+
 StrategyConfig = Annotated[
     FedAvgConfig
     | FedProxConfig
@@ -587,7 +616,8 @@ StrategyConfig = Annotated[
     | TrimmedMeanConfig
     | KrumConfig
     | FedBPTConfig
-    | ReliabilityConfig,
+    | ReliabilityConfig
+    | FedKSeedConfig,
     Field(discriminator="kind"),
 ]
 
@@ -807,6 +837,8 @@ class RunConfig(StrictModel):
                     f"strategy.sigma_floor ({strategy.sigma_floor}) exceeds optimizer.sigma ({opt.sigma}); "
                     "the floor must not lie above the initial step size"
                 )
+        if isinstance(strategy, FedKSeedConfig):
+            self._kseed_fits(strategy)
         if black_box and isinstance(strategy, FedProxConfig):
             raise ValueError("strategy.kind fedprox adds a gradient term; black-box optimisers ignore it")
         if black_box and opt.budget is not None and opt.score_on == "batch":
@@ -817,6 +849,30 @@ class RunConfig(StrictModel):
                     f"{candidates} candidates × batch_size {opt.batch_size} = {candidates * opt.batch_size}"
                 )
         return self
+
+    def _kseed_fits(self, strategy: FedKSeedConfig) -> None:
+        """FedKSeed's pairs come from SPSA steps, a fixed number per round, and travel exactly."""
+        opt = self.optimizer
+        if not isinstance(opt, SPSAOptimizerConfig):
+            raise ValueError(
+                f"strategy.kind fedkseed replays SPSA steps; set optimizer.kind: spsa (optimizer.kind is "
+                f"{opt.kind!r})"
+            )
+        if opt.score_on != "batch":
+            raise ValueError(
+                "strategy.kind fedkseed sends a fixed number of steps a round (budget // (2·batch_size)); "
+                "set optimizer.score_on: batch"
+            )
+        if self.payload.wire_dtype != "float32":
+            raise ValueError(
+                f"strategy.kind fedkseed sends seed indices and projected gradients that every party "
+                f"replays exactly; set payload.wire_dtype: float32 (it is {self.payload.wire_dtype!r})"
+            )
+        if self.robustness.max_update_norm is not None:
+            raise ValueError(
+                "strategy.kind fedkseed sends no prompt to clip; remove robustness.max_update_norm (the "
+                "server bounds each projected gradient by strategy.max_projected_grad instead)"
+            )
 
 
 # --------------------------------------------------------------------------- loading

@@ -29,6 +29,7 @@ from fedprompt.experiment import Experiment
 from fedprompt.preflight import check_deep_start_layer
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
+from fedprompt.strategies.fedkseed import kseed_setup
 from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer
 from prompt_modules.heads import HeadSpec, SimilarityHeadSpec, VerbalizerHeadSpec
 from prompt_modules.heads import build_head as build_head_from_spec
@@ -195,7 +196,7 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         model=model,
         clients=clients,
         test_data=test,
-        strategy=build_strategy(config.strategy, search_sigma(config.optimizer)),
+        strategy=build_strategy(config.strategy, search_sigma(config.optimizer), kseed_setup(config)),
         device=accelerator.device,
         backbone_bytes=backbone_bytes,
         label_names=list(data.label_names),
@@ -240,7 +241,7 @@ def _trainer(config: RunConfig, accelerator: Accelerator) -> LocalTrainer:
     """The local trainer the optimizer section describes: by gradient, or black-box over z."""
     opt = config.optimizer
     if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig):
-        return build_blackbox_trainer(opt, config.strategy, accelerator.device)
+        return build_blackbox_trainer(opt, config.strategy, accelerator.device, kseed_setup(config))
     return GradientTrainer(
         gradient_optimizer(opt, accelerator),
         batch_size=opt.batch_size,
