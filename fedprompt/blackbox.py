@@ -320,7 +320,7 @@ class KSeedTrainer(_BlackBoxTrainer):
         model.load_state_dict(
             {n: t.to(torch.float32) for n, t in zip(names, theta, strict=True)}, strict=True
         )
-        stats.mean_loss = loss_sum / max(stats.steps, 1)
+        stats.mean_loss = loss_sum / stats.steps
         stats.extra.update(
             {"skipped_steps": float(skipped), "mean_abs_projected_grad": sum(map(abs, grads)) / len(grads)}
         )

@@ -62,6 +62,14 @@ class KSeedSetup:
     weighting: Literal["examples", "equal"] = "examples"
     downlink: Literal["prompt", "seed-pool"] = "prompt"
 
+    def __post_init__(self) -> None:
+        if self.num_seeds < 1 or self.steps < 1:
+            raise ValueError(f"FedKSeed needs seeds and steps, got K={self.num_seeds}, S={self.steps}")
+        for name in ("lr", "epsilon", "max_projected_grad"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"FedKSeed {name} must be a positive number, got {value}")
+
     @property
     def pool(self) -> SeedPool:
         return SeedPool(self.pool_seed, self.num_seeds)
