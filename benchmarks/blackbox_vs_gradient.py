@@ -102,7 +102,7 @@ def run(config: dict[str, Any]) -> tuple[RunResult, float]:
 
 
 def summary(result: RunResult, seconds: float) -> dict[str, Any]:
-    rows = [row for row in result.client_history if row["accepted"]]
+    rows = [row for row in result.client_history if row.get("event") == "fit" and row["accepted"]]
     # black-box: model queries (one candidate on one example, forward only); gradient: examples seen
     # (each a forward and a backward pass)
     queries = [row["queries"] or row["examples_seen"] for row in rows]

@@ -22,6 +22,7 @@ BUILTIN_DATASETS = ("chatterbot-corpus",)
 BUILTIN_IMAGE_DATASETS = ("digits",)
 CLIP_PROMPT_KINDS = ("coop", "vpt", "pixel", "twin", "generator")
 DEFAULT_COOP_TOKENS = 16
+SPSA_PROMPT_KINDS = ("soft", "deep", "intrinsic")
 WireDtype = Literal["float32", "float16", "bfloat16"]
 
 
@@ -198,10 +199,26 @@ class SoftPromptConfig(_PromptInit):
 
 
 class DeepPromptConfig(_PromptInit):
-    """Deep prompt (P-tuning v2 style): its own prompt at every layer from `start_layer` up."""
+    """Deep prompt: its own prompt at every layer from `start_layer` up.
+
+    mode ``prefix`` (P-tuning v2): each layer's attention attends `num_tokens` trained key/value
+    vectors before the sequence; the sequence is unchanged. ``init`` vocab/text start the prefixes
+    at the frozen model's own keys and values of those tokens (Li & Liang), random at
+    N(0, init_std²). mode ``replace`` (VPT-deep style): `num_tokens` positions enter the sequence
+    at `start_layer` and each layer's prompt replaces them at its input. In both modes the layers
+    below `start_layer` compute the unprompted model, so their output is cached per dataset.
+    """
 
     kind: Literal["deep"] = "deep"
+    mode: Literal["prefix", "replace"] = Field(
+        "prefix", description="prefix: key/value prefixes in attention (P-tuning v2); replace: hidden states."
+    )
     start_layer: int = Field(0, ge=0, description="First layer that gets a prompt (0: the input layer).")
+    cache_frozen_layers: bool = Field(
+        True,
+        description="start_layer > 0: compute the states entering start_layer once per dataset (kept in "
+        "memory, N × length × hidden floats) and run only the layers from start_layer at each step.",
+    )
 
 
 class CoOpPromptConfig(_PromptInit):
@@ -586,34 +603,69 @@ class GradientOptimizerConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)
 
 
+ScoreOn = Literal["batch", "local-set"]
+SCORE_ON_HELP = (
+    "batch: each generation/step scores its candidates on a fresh random batch of batch_size local "
+    "examples; local-set: on the whole local training set (Black-Box Tuning, FedBPT), batch_size then "
+    "only splits it into forward passes"
+)
+
+
 class CMAESOptimizerConfig(StrictModel):
     """Black-box local search over an intrinsic prompt's z by CMA-ES (nevergrad ParametrizedCMA).
 
-    Budget in model queries per client per round, one query being one candidate scored on one
-    example: each generation scores ``popsize`` candidates on a fresh batch of ``batch_size``
-    local examples, so a round runs budget // (popsize · batch_size) generations.
+    A round's length: ``budget`` in model queries per client, one query being one candidate scored
+    on one example, so a round runs budget // (popsize · examples per candidate) generations; or a
+    fixed number of ``generations`` (FedBPT's 8 local iterations), whatever they cost.
     """
 
     kind: Literal["cmaes"] = "cmaes"
-    popsize: int = Field(10, ge=2, description="λ, candidates per generation (BBT: 20).")
+    popsize: int = Field(10, ge=2, description="λ, candidates per generation (BBT: 20; FedBPT: 5).")
     sigma: float = Field(1.0, gt=0, description="Initial step size σ; with strategy fedbpt, the server's.")
-    budget: int = Field(1280, ge=1, description="Model queries per client per round.")
+    budget: int | None = Field(
+        1280, ge=1, description="Model queries per client per round (null when `generations` is given)."
+    )
+    generations: int | None = Field(
+        None, ge=1, description="Local generations per round whatever they cost (FedBPT: 8); replaces budget."
+    )
+    score_on: ScoreOn = Field("batch", description=SCORE_ON_HELP)
     batch_size: int = Field(32, ge=1, description="Examples scored per candidate in each generation.")
     chunk_size: int = Field(10, ge=1, description="Candidates per forward pass (local backbones).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _generations_replace_the_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("generations") is not None and "budget" not in data:
+            return {**data, "budget": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_length(self) -> CMAESOptimizerConfig:
+        if (self.budget is None) == (self.generations is None):
+            raise ValueError(
+                "give the length of a local round as `budget` (model queries) or `generations`, not both"
+            )
+        return self
+
 
 class SPSAOptimizerConfig(StrictModel):
-    """Black-box local search over z by SPSA: two seeded-perturbation queries per step (MeZO-style).
+    """Zeroth-order local search by SPSA: two seeded-perturbation queries per step (MeZO-style).
 
-    Budget in model queries per client per round: each step scores 2 candidates on ``batch_size``.
+    Works on an intrinsic prompt's z (through one population call, also against a remote backbone)
+    and on any text prompt whose parameters can be perturbed in place (soft and deep prompts on a
+    local backbone: MeZO's case). Budget in model queries per client per round: each step scores
+    2 candidates on ``batch_size`` examples (or on the whole local set).
     """
 
     kind: Literal["spsa"] = "spsa"
-    lr: float = Field(1.0, gt=0, description="η in z ← z − η·ĝ·u.")
-    epsilon: float = Field(0.1, gt=0, description="ε, the perturbation size in units of z.")
+    lr: float = Field(1.0, gt=0, description="η in θ ← θ − η·ĝ·u.")
+    epsilon: float = Field(0.1, gt=0, description="ε, the perturbation size in units of the prompt entries.")
     budget: int = Field(1280, ge=1, description="Model queries per client per round.")
+    score_on: ScoreOn = Field("batch", description=SCORE_ON_HELP)
     batch_size: int = Field(32, ge=1, description="Examples scored per candidate in each step.")
-    chunk_size: int = Field(2, ge=1, le=2, description="Candidates per forward pass (1: a loop, 2: stacked).")
+    chunk_size: int = Field(
+        2, ge=1, le=2, description="Candidates per forward pass of an intrinsic z (1: a loop, 2: stacked)."
+    )
 
 
 OptimizerConfig = Annotated[
@@ -674,14 +726,29 @@ class KrumConfig(StrictModel):
 class FedBPTConfig(StrictModel):
     """FedBPT: clients search z by CMA-ES from the server's mean and σ; the server aggregates.
 
-    rule ``cma``: one global CMA-ES is told every client's final mean and its local loss, with σ
-    set from the clients' local step sizes; ``mean``: the example-weighted mean of the clients' z.
-    The σ sent down never grows and never drops below ``sigma_floor``.
+    rule ``cma`` (the reference's): one global CMA-ES is told every client's final mean and its local
+    loss as injected solutions (repaired as pycma repairs solutions it did not sample), from the
+    step size σ_g the clients' local step sizes give; the σ sent down is then scaled by the global
+    CMA-ES's step-size change, σ ← max(sigma_floor, σ · σ_after/σ_g). rule ``mean``: the
+    example-weighted mean of the clients' z; σ ← max(sigma_floor, min(σ, the clients' RMS final σ)).
+    A client's report is rejected when its loss is not in [0, max_loss] or its step sizes are not
+    within a factor max_sigma_ratio of the σ it was sent.
     """
 
     kind: Literal["fedbpt"] = "fedbpt"
     rule: Literal["cma", "mean"] = "cma"
-    sigma_floor: float = Field(0.5, gt=0, description="Lowest step size sent to clients (reference: 0.5).")
+    sigma_floor: float = Field(
+        0.5, ge=0, description="Lowest step size sent to clients (0.5 as the reference intends; 0: none)."
+    )
+    max_loss: float = Field(
+        100.0, gt=0, description="Largest local cross-entropy a client may report (p = e^-100 for its class)."
+    )
+    max_sigma_ratio: float = Field(
+        10.0,
+        gt=1,
+        description="A client's final σ and √(Σ_t σ_t²/μ) must lie within this factor of the σ it was sent "
+        "(honest: about √(generations/μ), 2 in the reference's setting).",
+    )
 
 
 class ReliabilityConfig(StrictModel):
@@ -698,6 +765,35 @@ class ReliabilityConfig(StrictModel):
     alpha: float = Field(1.0, ge=0, description="α, the weight of the pull toward the shared prompt.")
 
 
+class FedKSeedConfig(StrictModel):
+    """FedKSeed (Qin et al. 2024): zeroth-order steps along a shared pool of K seeds; clients send
+    (seed index, projected gradient ĝ) pairs instead of the prompt, and every party rebuilds the
+    prompt by replaying them: θ ← θ − η·w_k·ĝ·u(seed), the clients' pairs in client-id order, each
+    client's in step order, w_k its aggregation weight. Needs optimizer.kind spsa (η = optimizer.lr,
+    ε = optimizer.epsilon; the paper's ε is 5e-4), a round of budget // (2·batch_size) steps.
+    """
+
+    kind: Literal["fedkseed"] = "fedkseed"
+    num_seeds: int = Field(
+        4096, ge=1, le=2**24, description="K, the seeds in the shared pool (the paper's 4096)."
+    )
+    weighting: Literal["examples", "equal"] = Field(
+        "examples", description="A client's weight w_k in the replay: by its example count, or 1/(clients)."
+    )
+    max_projected_grad: float = Field(
+        1000.0,
+        gt=0,
+        description="Largest |ĝ| the server accepts; a client skips (sends ĝ = 0 for) a step above it, as "
+        "the reference's loss-gap clip does.",
+    )
+    downlink: Literal["prompt", "seed-pool"] = Field(
+        "prompt",
+        description="What clients are sent: the global prompt, or the K accumulated ĝ per seed since "
+        "round 0, from which every client replays the prompt (the paper's downlink: 4·K bytes whatever "
+        "the prompt).",
+    )
+
+
 StrategyConfig = Annotated[
     FedAvgConfig
     | FedProxConfig
@@ -706,7 +802,8 @@ StrategyConfig = Annotated[
     | TrimmedMeanConfig
     | KrumConfig
     | FedBPTConfig
-    | ReliabilityConfig,
+    | ReliabilityConfig
+    | FedKSeedConfig,
     Field(discriminator="kind"),
 ]
 
@@ -1035,19 +1132,30 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _black_box_fits(self) -> RunConfig:
-        """Black-box optimisers search an intrinsic prompt; FedBPT needs CMA-ES; a remote backbone
-        gives no gradients."""
+        """CMA-ES searches an intrinsic prompt; SPSA an intrinsic prompt or a text soft/deep prompt;
+        FedBPT needs CMA-ES; a remote backbone gives no gradients and scores intrinsic prompts only."""
         opt, strategy = self.optimizer, self.strategy
         black_box = isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig)
-        if black_box and self.prompt.kind != "intrinsic":
+        if isinstance(opt, CMAESOptimizerConfig) and self.prompt.kind != "intrinsic":
             raise ValueError(
-                f"optimizer.kind {opt.kind!r} searches an intrinsic prompt's z; set prompt.kind: intrinsic "
-                f"(prompt.kind is {self.prompt.kind!r})"
+                f"optimizer.kind 'cmaes' searches an intrinsic prompt's z; set prompt.kind: intrinsic "
+                f"(prompt.kind is {self.prompt.kind!r}), or use optimizer.kind: spsa for a "
+                f"{self.prompt.kind} prompt"
+            )
+        if isinstance(opt, SPSAOptimizerConfig) and self.prompt.kind not in SPSA_PROMPT_KINDS:
+            raise ValueError(
+                f"optimizer.kind spsa perturbs a text prompt ({', '.join(SPSA_PROMPT_KINDS)}); "
+                f"prompt.kind {self.prompt.kind!r} trains by gradient (optimizer.kind: gradient)"
             )
         if self.backbone.kind == "remote" and not black_box:
             raise ValueError(
                 "backbone.kind remote returns outputs only, never gradients; "
                 "set optimizer.kind: cmaes or spsa"
+            )
+        if self.backbone.kind == "remote" and self.prompt.kind != "intrinsic":
+            raise ValueError(
+                "backbone.kind remote scores intrinsic prompts only (the service rebuilds A z + p0); "
+                f"set prompt.kind: intrinsic (prompt.kind is {self.prompt.kind!r})"
             )
         if isinstance(strategy, FedBPTConfig):
             if not isinstance(opt, CMAESOptimizerConfig):
@@ -1060,9 +1168,11 @@ class RunConfig(StrictModel):
                     f"strategy.sigma_floor ({strategy.sigma_floor}) exceeds optimizer.sigma ({opt.sigma}); "
                     "the floor must not lie above the initial step size"
                 )
+        if isinstance(strategy, FedKSeedConfig):
+            self._kseed_fits(strategy)
         if black_box and isinstance(strategy, FedProxConfig):
             raise ValueError("strategy.kind fedprox adds a gradient term; black-box optimisers ignore it")
-        if black_box:
+        if black_box and opt.budget is not None and opt.score_on == "batch":
             candidates = opt.popsize if isinstance(opt, CMAESOptimizerConfig) else 2
             if opt.budget < candidates * opt.batch_size:
                 raise ValueError(
@@ -1070,6 +1180,30 @@ class RunConfig(StrictModel):
                     f"{candidates} candidates × batch_size {opt.batch_size} = {candidates * opt.batch_size}"
                 )
         return self
+
+    def _kseed_fits(self, strategy: FedKSeedConfig) -> None:
+        """FedKSeed's pairs come from SPSA steps, a fixed number per round, and travel exactly."""
+        opt = self.optimizer
+        if not isinstance(opt, SPSAOptimizerConfig):
+            raise ValueError(
+                f"strategy.kind fedkseed replays SPSA steps; set optimizer.kind: spsa (optimizer.kind is "
+                f"{opt.kind!r})"
+            )
+        if opt.score_on != "batch":
+            raise ValueError(
+                "strategy.kind fedkseed sends a fixed number of steps a round (budget // (2·batch_size)); "
+                "set optimizer.score_on: batch"
+            )
+        if self.payload.wire_dtype != "float32":
+            raise ValueError(
+                f"strategy.kind fedkseed sends seed indices and projected gradients that every party "
+                f"replays exactly; set payload.wire_dtype: float32 (it is {self.payload.wire_dtype!r})"
+            )
+        if self.robustness.max_update_norm is not None:
+            raise ValueError(
+                "strategy.kind fedkseed sends no prompt to clip; remove robustness.max_update_norm (the "
+                "server bounds each projected gradient by strategy.max_projected_grad instead)"
+            )
 
 
 # --------------------------------------------------------------------------- loading

@@ -95,13 +95,14 @@ def attach_client_side(experiment: Experiment, config: RunConfig) -> Experiment:
     ``personalization`` and the fine-tuning baseline (the same for every task kind)."""
     from fedprompt.config import ConfigError
     from fedprompt.strategies import build_client_rule
+    from fedprompt.strategies.fedkseed import kseed_setup
 
     try:
         split = prompt_split(config.personalization, experiment.model.prompt_state())
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    rule = build_client_rule(config.strategy)
     experiment.split = split
+    rule = build_client_rule(config.strategy, kseed_setup(config), experiment.initial_state())
     for client in experiment.clients.values():
         client.rule, client.split = rule, split
     steps = config.personalization.finetune_steps

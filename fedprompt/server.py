@@ -127,9 +127,11 @@ class Server:
 
     @property
     def downlink_spec(self) -> PayloadSpec:
-        """What a client checks the downlink against: the prompt state and the strategy's extras."""
-        extras = {name: tuple(t.shape) for name, t in self.strategy.downlink_extras().items()}
-        return PayloadSpec.for_state(self.global_state, self.wire_dtype, self.max_bytes, extras)
+        """What a client checks the downlink against: the strategy's downlink tensors (the prompt
+        state by default) and its extras."""
+        shapes = self.strategy.downlink_shapes(self.global_state)
+        extras = {f"extra/{name}": tuple(t.shape) for name, t in self.strategy.downlink_extras().items()}
+        return PayloadSpec({**shapes, **extras}, self.wire_dtype, self.max_bytes)
 
     def sample(self, round_num: int) -> list[int]:
         return sample_clients(self.client_ids, self.fraction, self.min_clients, self.seed, round_num)
@@ -298,4 +300,3 @@ def _check_finite(what: str, state: State) -> None:
     )
     if bad:
         raise AggregationFailed(f"{what} has non-finite values in {bad}")
-

@@ -6,6 +6,7 @@ from fedprompt.client_rules import ClientRule, ProximalRule
 from fedprompt.config import (
     FedAvgConfig,
     FedBPTConfig,
+    FedKSeedConfig,
     FedOptConfig,
     FedProxConfig,
     KrumConfig,
@@ -14,9 +15,11 @@ from fedprompt.config import (
     StrategyConfig,
     TrimmedMeanConfig,
 )
+from fedprompt.state import State
 from fedprompt.strategies.base import Strategy
 from fedprompt.strategies.fedavg import FedAvg, FedProx
 from fedprompt.strategies.fedbpt import FedBPT
+from fedprompt.strategies.fedkseed import FedKSeed, KSeedRule, KSeedSetup
 from fedprompt.strategies.fedopt import FedOpt, FedOptVariant
 from fedprompt.strategies.reliability import ReliabilityRule, ReliabilityWeighted
 from fedprompt.strategies.robust import CoordinateMedian, Krum, TrimmedMean
@@ -25,6 +28,7 @@ __all__ = [
     "CoordinateMedian",
     "FedAvg",
     "FedBPT",
+    "FedKSeed",
     "FedOpt",
     "FedOptVariant",
     "FedProx",
@@ -39,11 +43,13 @@ __all__ = [
 _FEDOPT_VARIANTS: dict[str, FedOptVariant] = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
 
 
-def build_strategy(config: StrategyConfig, search_sigma: float | None = None) -> Strategy:
+def build_strategy(
+    config: StrategyConfig, search_sigma: float | None = None, kseed: KSeedSetup | None = None
+) -> Strategy:
     """The strategy a validated strategy configuration describes, with its settings.
 
     ``search_sigma`` is the clients' initial CMA-ES step size (optimizer.sigma), which FedBPT
-    sends down in its first round.
+    sends down in its first round; ``kseed`` is FedKSeed's setup (``fedkseed.kseed_setup``).
     """
     if isinstance(config, FedAvgConfig):
         return FedAvg(weighting=config.weighting)
@@ -68,14 +74,33 @@ def build_strategy(config: StrategyConfig, search_sigma: float | None = None) ->
     if isinstance(config, FedBPTConfig):
         if search_sigma is None:
             raise ValueError("FedBPT needs search_sigma, the clients' initial CMA-ES step (optimizer.sigma)")
-        return FedBPT(initial_sigma=search_sigma, sigma_floor=config.sigma_floor, rule=config.rule)
+        return FedBPT(
+            initial_sigma=search_sigma,
+            sigma_floor=config.sigma_floor,
+            rule=config.rule,
+            max_loss=config.max_loss,
+            max_sigma_ratio=config.max_sigma_ratio,
+        )
+    if isinstance(config, FedKSeedConfig):
+        return FedKSeed(_need_kseed(kseed))
     raise TypeError(f"build_strategy got {type(config).__name__}, which is not a strategy configuration")
 
 
-def build_client_rule(config: StrategyConfig) -> ClientRule:
-    """The client side of the configured strategy (FedAvg's plain one for server-only rules)."""
+def build_client_rule(
+    config: StrategyConfig, kseed: KSeedSetup | None = None, initial_state: State | None = None
+) -> ClientRule:
+    """The client side of the configured strategy (FedAvg's plain one for server-only rules);
+    FedKSeed's needs its setup and, for its seed-pool downlink, the initial prompt."""
+    if isinstance(config, FedKSeedConfig):
+        return KSeedRule(_need_kseed(kseed), initial_state)
     if isinstance(config, FedProxConfig):
         return ProximalRule()
     if isinstance(config, ReliabilityConfig):
         return ReliabilityRule(alpha=config.alpha)
     return ClientRule()
+
+
+def _need_kseed(kseed: KSeedSetup | None) -> KSeedSetup:
+    if kseed is None:
+        raise ValueError("FedKSeed needs its setup (fedprompt.strategies.fedkseed.kseed_setup(config))")
+    return kseed

@@ -66,6 +66,12 @@ class Strategy(ABC):
         default (a rule whose clients send something else, e.g. seeds and scalars, overrides it)."""
         return {name: tuple(t.shape) for name, t in global_state.items()}
 
+    def downlink_shapes(self, global_state: State) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the prompt tensors every downlink carries (what ``downlink_state``
+        returns): the global state's by default (a rule that sends something else, e.g. FedKSeed's
+        seed pool, overrides it)."""
+        return {name: tuple(t.shape) for name, t in global_state.items()}
+
     def downlink_state(self, client_id: int, global_state: State) -> State:
         """The prompt state sent to ``client_id``: the global state by default (a personalised rule
         may send each client its own)."""
