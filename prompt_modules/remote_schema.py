@@ -84,11 +84,14 @@ class ServiceInfo(_Wire):
 
 
 class Usage(_Wire):
-    """One client's counters since the service started, and its query quota (None: no quota)."""
+    """One client's counters since the service started (requests and queries computed; the bytes of
+    the bodies of its answered POSTs, received and sent), and its query quota (None: no quota)."""
 
     client: str
     requests: int
     queries: int
     candidates: int
     examples: int
+    bytes_received: int = 0
+    bytes_sent: int = 0
     query_quota: int | None = None

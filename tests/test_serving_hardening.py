@@ -224,10 +224,12 @@ def test_a_replayed_post_is_answered_from_memory_and_counted_once(backbone, toke
     client = serve(create_app(service, TOKENS, admission))
     body = _request(tokenizer, 2, 3)
     headers = {**_auth(ALICE), "Idempotency-Key": "k-1"}
-    first = client.post("/v1/logits", json=body, headers=headers)
-    again = client.post("/v1/logits", json=body, headers=headers)
+    first = client.post("/v1/logits", content=json.dumps(body), headers=headers)
+    again = client.post("/v1/logits", content=json.dumps(body), headers=headers)
     assert first.status_code == again.status_code == 200 and first.json() == again.json()
-    assert (service.usage("alice").queries, service.usage("alice").requests) == (6, 1)
+    usage = service.usage("alice")
+    assert (usage.queries, usage.requests) == (6, 1)  # computed and counted once
+    assert usage.bytes_received == 2 * len(json.dumps(body)) and usage.bytes_sent == 2 * len(first.content)
     other = client.post("/v1/logits", json=_request(tokenizer, 1, 3), headers=headers)
     assert other.status_code == 422 and "already used with another request body" in other.json()["detail"]
     bob = client.post("/v1/logits", json=body, headers={**_auth(BOB), "Idempotency-Key": "k-1"})

@@ -72,6 +72,7 @@ def create_app(
     app = FastAPI(title="fedprompt inference service", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.auth = TokenAuth(tokens)
     app.state.admission = admission or Admission()
+    app.state.service = service
     limit = service.limits.max_request_bytes
 
     @app.get("/v1/health")
@@ -111,20 +112,22 @@ async def _answer(
         raise HTTPException(422, f"{IDEMPOTENCY_HEADER} must be 1 to {_MAX_KEY_LENGTH} characters")
     replays = request.app.state.admission.replays
     if key is None:
-        return JSONResponse(await _run(method, client, _parse(model, body)))
-    try:
-        stored = replays.begin(client, key, body)
-    except Refused as exc:
-        raise HTTPException(exc.status, exc.detail, headers=exc.headers()) from None
-    if stored is not None:
-        log.info("answered a replay of client %r from memory (key %s)", client, key)
-        return JSONResponse(stored)
-    answer = None
-    try:
         answer = await _run(method, client, _parse(model, body))
-    finally:
-        replays.finish(client, key, answer)
-    return JSONResponse(answer)
+    else:
+        try:
+            answer = replays.begin(client, key, body)
+        except Refused as exc:
+            raise HTTPException(exc.status, exc.detail, headers=exc.headers()) from None
+        if answer is not None:
+            log.info("answered a replay of client %r from memory (key %s)", client, key)
+        else:
+            try:
+                answer = await _run(method, client, _parse(model, body))
+            finally:
+                replays.finish(client, key, answer)
+    response = JSONResponse(answer)
+    request.app.state.service.record_transfer(client, len(body), len(response.body))
+    return response
 
 
 async def _body(request: Request, limit: int) -> bytes:

@@ -172,10 +172,23 @@ class InferenceService:
         with self._counters:
             return dict(sorted(self._usage.items()))
 
+    def record_transfer(self, client: str, received: int, sent: int) -> None:
+        """Count the bytes of an answered request's body (``received``) and its answer (``sent``)."""
+        with self._counters:
+            base = self._usage.get(client) or self._zero_usage(client)
+            totals = {"bytes_received": base.bytes_received + received, "bytes_sent": base.bytes_sent + sent}
+            self._usage[client] = base.model_copy(update=totals)
+            self._write_usage()
+
     def _zero_usage(self, client: str) -> Usage:
         return Usage(
             client=client, requests=0, queries=0, candidates=0, examples=0, query_quota=self.quotas.of(client)
         )
+
+    def _write_usage(self) -> None:
+        """Replace the usage file (if any) by every client's counters. Call with the counters lock held."""
+        if self.usage_file is not None:
+            _write_json(self.usage_file, {n: u.model_dump() for n, u in sorted(self._usage.items())})
 
     def _scored(
         self,
@@ -232,8 +245,7 @@ class InferenceService:
                     "examples": base.examples + examples,
                 }
             )
-            if self.usage_file is not None:
-                _write_json(self.usage_file, {n: u.model_dump() for n, u in sorted(self._usage.items())})
+            self._write_usage()
 
     def _checked(self, request: LogitsRequest) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The candidates [P, d] and the padded batch, after every check against model and limits."""
