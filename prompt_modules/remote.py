@@ -241,6 +241,14 @@ class RemoteIntrinsicClassifier(PromptModule):
                 f"the local tokenizer's vocabulary differs from that of the served model {info.model!r}; "
                 "set backbone.tokenizer to the served model's tokenizer"
             )
+        floats = projection.num_tokens * info.hidden_size * projection.dim
+        if info.max_projection_floats is not None and floats > info.max_projection_floats:
+            raise RemoteBackboneError(
+                f"the projection of {projection.num_tokens} prompt tokens × hidden {info.hidden_size} × dim "
+                f"{projection.dim} = {floats} floats is over the service's limit of "
+                f"{info.max_projection_floats}: lower prompt.num_tokens or prompt.dim, or ask the model "
+                "owner for a larger --max-projection-floats"
+            )
         masked = isinstance(head, VerbalizerHeadSpec) and not info.is_decoder
         mask_token = tokenizer.mask_token if masked else None
         self._prefix, self._suffix = template_affixes(template, masked, mask_token)

@@ -81,6 +81,7 @@ class ServiceInfo(_Wire):
     max_examples: int
     max_queries: int
     max_request_bytes: int
+    max_projection_floats: int | None = None
 
 
 class Usage(_Wire):

@@ -172,6 +172,8 @@ def test_service_server_and_clients_run_as_separate_processes(tmp_path, parties)
             str(certs.cert),
             "--ssl-keyfile",
             str(certs.key),
+            "--max-projection-floats",
+            str(50 * 384 * 500),  # BBT's reference prompt on MiniLM, exactly
             "--query-quota",
             "100000",
             "--rate-limit",

@@ -128,6 +128,7 @@ class InferenceService:
             max_examples=self.limits.max_examples,
             max_queries=self.limits.max_queries,
             max_request_bytes=self.limits.max_request_bytes,
+            max_projection_floats=self.limits.max_projection_floats,
         )
         self._classifiers: OrderedDict[tuple, IntrinsicTextClassifier] = OrderedDict()
         self._usage: dict[str, Usage] = {}
