@@ -4,6 +4,7 @@ deployed app (``server``, ``client``), or a finished run's cost report (``report
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -31,6 +32,8 @@ def _fail(exc: Exception) -> typer.Exit:
 @app.callback(invoke_without_command=True)
 def main(ctx: typer.Context) -> None:
     """Without a command: the one-process demo (service, server and clients in this process)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("apps.blackbox_api").setLevel(logging.INFO)
     if ctx.invoked_subcommand is None:
         demo()
 

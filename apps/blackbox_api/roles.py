@@ -17,6 +17,7 @@ Each party's bearer token for the inference service is in the environment variab
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -34,6 +35,8 @@ from fedprompt.config import ConfigError, RunConfig, load_config
 from fedprompt.flower.site_worker import SiteWorkerClient, SiteWorkerError
 from fedprompt.flower.template import new_app
 from fedprompt.results import SUMMARY_FILE
+
+log = logging.getLogger("apps.blackbox_api")
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -112,7 +115,7 @@ def run_server(
 ) -> Path:
     """Run the federation to its end; return the run folder. ProcessError when a Flower process
     fails or ``timeout`` seconds pass."""
-    app_config(config, overrides)
+    cfg = app_config(config, overrides)
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     app_dir = Path(tempfile.mkdtemp(prefix="flower-app-", dir=workdir))
@@ -143,6 +146,7 @@ def run_server(
         processes.wait_until(
             "superlink", lambda: _healthy(link, tls), timeout=180, what=f"serving on {host}:{port}"
         )
+        log.info("SuperLink serving on %s:%d (logs: %s)", host, port, processes.log_dir)
         started = time.time()
         run_config = (
             f"results-dir='{results}' round-timeout={round_timeout} node-wait-timeout={node_wait_timeout}"
@@ -151,7 +155,10 @@ def run_server(
             "flwr-run",
             [executable("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config],
         )
-        return _wait_for_run(processes, results, started, timeout)
+        log.info("run submitted; waiting for %d clients", cfg.partition.num_clients)
+        run_dir = _wait_for_run(processes, results, started, timeout)
+        log.info("run finished: %s", run_dir)
+        return run_dir
     finally:
         processes.stop_all()
 
@@ -225,6 +232,7 @@ def run_client(
         worker = [*FEDPROMPT, "flower", "site-worker", "--socket", str(worker_socket)]
         processes.start("site-worker", [*worker, "--config", str(config), *sets])
         processes.wait_until("site-worker", worker_ready, timeout=WORKER_START_TIMEOUT, what="ready")
+        log.info("site %d: site worker ready (logs: %s)", partition_id, processes.log_dir)
         trust = ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
         node_config = f"partition-id={partition_id} site-worker='{worker_socket}'"
         processes.start(
@@ -240,6 +248,7 @@ def run_client(
                 str(_free_port()),
             ],
         )
+        log.info("site %d: SuperNode started for %s; serving until interrupted", partition_id, superlink)
         while (exited := processes.first_exit()) is None:
             time.sleep(1.0)
         name, code = exited
