@@ -117,8 +117,9 @@ TOKEN_ENV = "FEDPROMPT_BENCHMARK_TOKEN"
 def run_remote(config: dict[str, Any]) -> tuple[RunResult, float, dict[str, Any]]:
     """The black-box run with its backbone behind the inference service on loopback HTTP: the
     server's evaluation and each client query it with tokens of their own (``server``, ``site-N``),
-    so the service counts each client's queries and bytes apart. Returns the run, its seconds and
-    the service's usage by token."""
+    so the service counts each client's queries and bytes apart (each waiting up to an hour for an
+    answer: a loaded 2-core machine can take minutes for one population). Returns the run, its
+    seconds and the service's usage by token."""
     local = fedprompt.load_config(config)
     backbone = load_backbone(local.backbone, local.head.kind, local.seed)
     service = InferenceService(backbone, local.backbone.model)
@@ -127,7 +128,7 @@ def run_remote(config: dict[str, Any]) -> tuple[RunResult, float, dict[str, Any]
     start = time.perf_counter()
     with serve_in_thread(create_app(service, tokens)) as url:
         cfg = fedprompt.load_config(
-            {**config, "backbone": {"kind": "remote", "url": url, "token_env": TOKEN_ENV}}
+            {**config, "backbone": {"kind": "remote", "url": url, "token_env": TOKEN_ENV, "timeout": 3600}}
         )
         try:
             os.environ[TOKEN_ENV] = tokens["server"]
