@@ -150,21 +150,75 @@ def serve(
     max_candidates: Annotated[int, typer.Option(min=1)] = 64,
     max_examples: Annotated[int, typer.Option(min=1)] = 256,
     max_queries: Annotated[int, typer.Option(min=1, help="Candidates × inputs per request.")] = 8192,
+    max_projection_floats: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Largest projection A (num_tokens × hidden × dim floats, 4 bytes each); up to 4 are kept.",
+        ),
+    ] = 32 * 2**20,
+    query_quota: Annotated[
+        int | None, typer.Option(min=1, help="Model queries each client may use in all (default: no quota).")
+    ] = None,
+    client_quota: Annotated[
+        list[str] | None,
+        typer.Option(help="One client's own quota: NAME=QUERIES (repeatable); overrides --query-quota."),
+    ] = None,
+    rate_limit: Annotated[
+        float, typer.Option(min=0, help="Requests per second per client (0: no limit); over it: 429.")
+    ] = 0.0,
+    rate_burst: Annotated[int, typer.Option(min=1, help="Requests a client may send at once.")] = 20,
+    max_failed_tokens: Annotated[
+        int, typer.Option(min=1, help="Invalid tokens in a row from one address before it is locked out.")
+    ] = 5,
+    lockout: Annotated[
+        float, typer.Option(min=0.001, help="First lockout, in seconds; doubles with each further failure.")
+    ] = 1.0,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="Server certificate (PEM): serve HTTPS.")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    ssl_ca_certfile: Annotated[
+        Path | None, typer.Option(help="CA of client certificates: require them (mutual TLS).")
+    ] = None,
+    usage_file: Annotated[
+        Path | None, typer.Option(help="Keep every client's usage counters in this JSON file.")
+    ] = None,
 ) -> None:
     """Serve a frozen backbone over HTTP to black-box clients: logits and losses, never weights."""
+    from fedprompt.serving.admission import AdmissionSettings
     from fedprompt.serving.launch import ServeSettings
     from fedprompt.serving.launch import serve as serve_forever
-    from fedprompt.serving.service import ServiceLimits
+    from fedprompt.serving.service import QueryQuotas, ServiceLimits
+    from fedprompt.serving.tls import TLSFiles
     from prompt_modules.hf_text import BackboneLoadError
 
-    limits = ServiceLimits(
-        max_candidates=max_candidates,
-        max_examples=max_examples,
-        max_queries=max_queries,
-        max_request_bytes=max_request_bytes,
-    )
-    settings = ServeSettings(model, lm_head, max_length, device, host, port, tokens_env, chunk_size, limits)
     try:
+        settings = ServeSettings(
+            model,
+            lm_head,
+            max_length,
+            device,
+            host,
+            port,
+            tokens_env,
+            chunk_size,
+            limits=ServiceLimits(
+                max_candidates=max_candidates,
+                max_examples=max_examples,
+                max_queries=max_queries,
+                max_request_bytes=max_request_bytes,
+                max_projection_floats=max_projection_floats,
+            ),
+            quotas=QueryQuotas.from_options(query_quota, client_quota or []),
+            admission=AdmissionSettings(
+                rate=rate_limit,
+                burst=rate_burst,
+                max_failures=max_failed_tokens,
+                lockout=lockout,
+                max_lockout=max(lockout, 300.0),
+            ),
+            tls=TLSFiles.from_options(ssl_certfile, ssl_keyfile, ssl_ca_certfile),
+            usage_file=usage_file,
+        )
         serve_forever(settings)
     except (BackboneLoadError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")

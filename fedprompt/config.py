@@ -108,6 +108,24 @@ class RemoteBackboneConfig(StrictModel):
     timeout: float = Field(60.0, gt=0, description="Seconds to wait for one answer.")
     retries: int = Field(3, ge=0, description="Retries after a connection error or a 5xx answer.")
     backoff: float = Field(0.5, ge=0, description="Seconds before the first retry; doubles each retry.")
+    ca_file: Path | None = Field(
+        None,
+        description="CA certificate (PEM) to trust for an https url (a private or self-signed CA); "
+        "by default the system's CAs.",
+    )
+    client_certfile: Path | None = Field(
+        None, description="This party's certificate (PEM), for a service that requires one (mutual TLS)."
+    )
+    client_keyfile: Path | None = Field(None, description="The private key (PEM) of `client_certfile`.")
+
+    @model_validator(mode="after")
+    def _tls_fits(self) -> RemoteBackboneConfig:
+        if (self.client_certfile is None) != (self.client_keyfile is None):
+            raise ValueError("client_certfile and client_keyfile go together; give both or neither")
+        tls_fields = [name for name in ("ca_file", "client_certfile") if getattr(self, name) is not None]
+        if tls_fields and not self.url.startswith("https://"):
+            raise ValueError(f"{', '.join(tls_fields)} apply to https urls; url is {self.url!r}")
+        return self
 
 
 BackboneConfig = Annotated[

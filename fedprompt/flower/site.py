@@ -42,7 +42,9 @@ class HostedExperiment:
         Every client is built (they share the one backbone, and the data are loaded and tokenised
         whole either way), so a process that serves several partitions holds one backbone.
         """
-        log.info("building the experiment (backbone %s) for this process", config.backbone.model)
+        backbone = config.backbone
+        where = backbone.url if backbone.kind == "remote" else backbone.model
+        log.info("building the experiment (backbone %s) for this process", where)
         experiment = build_experiment(config)
         return cls(
             config=config,
