@@ -38,7 +38,7 @@ from fedprompt.feature_cache import FeatureCache, image_fingerprint
 from fedprompt.preflight import check_coupled_depth, vpt_layers
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
-from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer
+from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
 from optimizers.gradient import GradientOptimizer
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
@@ -202,6 +202,7 @@ def image_tensors(
 
 def _trainer(config: RunConfig, optimizer: GradientOptimizer, device: torch.device) -> LocalTrainer:
     prompt, batch_size = config.prompt, config.optimizer.batch_size
+    schedule = round_schedule(config.optimizer, config.federation.rounds)
     if isinstance(prompt, TwinPromptConfig) and prompt.contrastive:
         return ContrastiveTrainer(
             optimizer,
@@ -210,8 +211,9 @@ def _trainer(config: RunConfig, optimizer: GradientOptimizer, device: torch.devi
             ce_weight=prompt.ce_weight,
             temperature=prompt.temperature,
             eval_batch_size=config.runtime.eval_batch_size,
+            schedule=schedule,
         )
-    return GradientTrainer(optimizer, batch_size, device)
+    return GradientTrainer(optimizer, batch_size, device, schedule)
 
 
 def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | None = None) -> Experiment:
@@ -265,7 +267,7 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
         model=model,
         clients=clients,
         test_data=test,
-        strategy=build_strategy(config.strategy),
+        strategy=build_strategy(config.strategy, run=config),
         device=accelerator.device,
         backbone_bytes=backbone.num_bytes(),
         label_names=list(class_names),
