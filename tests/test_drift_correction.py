@@ -82,6 +82,8 @@ def test_scaffold_state_round_trips_and_resets():
     assert_values(other.downlink_extras()["control/p"], [0, 0])
     with pytest.raises(ValueError, match="not of the form c/<tensor>"):
         other.load_state_dict({"m/p": t(0, 0)})
+    with pytest.raises(ValueError, match="load the checkpoint that matches this prompt"):
+        other.load_state_dict({"c/p": t(0, 0, 0)})
 
 
 def test_scaffold_rejects_updates_without_their_control_variate_change():

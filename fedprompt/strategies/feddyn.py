@@ -83,6 +83,8 @@ class FedDyn(Strategy):
     def load_state_dict(self, state: State) -> None:
         """Restore h; an empty state resets it to zero."""
         h = load_with_prefix(state, [_SERVER_PREFIX], "FedDyn")[_SERVER_PREFIX]
+        if h and self._h:
+            check_same_layout("FedDyn", h, self._h)
         self._h = h if h else {n: torch.zeros_like(t) for n, t in self._h.items()}
 
 

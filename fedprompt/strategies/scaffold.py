@@ -101,6 +101,8 @@ class Scaffold(Strategy):
     def load_state_dict(self, state: State) -> None:
         """Restore c; an empty state resets it to zero."""
         c = load_with_prefix(state, [_SERVER_PREFIX], "SCAFFOLD")[_SERVER_PREFIX]
+        if c and self._c:
+            check_same_layout("SCAFFOLD", c, self._c)
         self._c = c if c else {n: torch.zeros_like(t) for n, t in self._c.items()}
 
 
