@@ -16,7 +16,8 @@ centralised final accuracy, and the rounds the method needs to reach 0.95× and 
 Tuning (--tune): every method, and the centralised baseline, gets the same number of trials
 (TRIALS: three settings each, over the method's own knob), run for the budget's rounds on a
 validation split carved from the training set (the test set is never used to choose); the best
-setting then runs on the test set. --settings reuses the settings a --json report chose.
+setting then runs on the test set. --settings reuses the settings a --json report chose (with
+--tune, only the methods it lacks are tuned).
 
     python benchmarks/skew.py --tasks trec --clients 10 --partitions dirichlet0.5 --train-examples 1200
     python benchmarks/skew.py --clients 10,50 --partitions iid,dirichlet0.5,dirichlet0.1
@@ -311,8 +312,9 @@ def main() -> None:
                 chosen = {m: DEFAULTS[m] for m in ["central", *methods]}
                 if loaded is not None:
                     chosen.update(loaded)
-                if args.tune:
-                    chosen = tune(task, train, ["central", *methods], split, clients, args, tmp)
+                if args.tune:  # what --settings gave is kept; the rest is tuned
+                    missing = [m for m in ["central", *methods] if loaded is None or m not in loaded]
+                    chosen.update(tune(task, train, missing, split, clients, args, tmp, chosen))
                 report["chosen"] = chosen
                 central_cfg = merge(base_config(task, files, args, args.rounds), chosen["central"])
                 central_cfg["partition"] = partition("central", 1)
@@ -367,9 +369,10 @@ def tune(
     clients: int,
     args: argparse.Namespace,
     tmp: Path,
+    known: dict[str, Overrides],
 ) -> dict[str, Overrides]:
     """Each method's best trial on a validation split of the training set, for the budget's rounds
-    (the centralised baseline's on one client)."""
+    (the centralised baseline's on one client); ``known`` may hold FedAvg's choice already."""
     rows = list(train)
     random.Random(args.seed + 1).shuffle(rows)
     cut = int(len(rows) * args.val_fraction)
@@ -377,7 +380,7 @@ def tune(
         "train": write_rows(tmp / f"{task.name}-tune-train.jsonl", rows[cut:]),
         "test": write_rows(tmp / f"{task.name}-tune-val.jsonl", rows[:cut]),
     }
-    chosen: dict[str, Overrides] = {}
+    chosen: dict[str, Overrides] = {k: v for k, v in known.items() if k == "fedavg" and k not in methods}
     for name in sorted(methods, key=lambda m: m not in ("central", "fedavg")):  # FedAvg's lr first
         scores = []
         for trial in TRIALS[name]:
@@ -398,7 +401,7 @@ def tune(
         if name in SHARED_LR and "fedavg" in chosen:
             best = merge(best, {"optimizer": {"lr": chosen["fedavg"]["optimizer"]["lr"]}})
         chosen[name] = best
-    return chosen
+    return {name: chosen[name] for name in methods}
 
 
 if __name__ == "__main__":
