@@ -271,6 +271,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.01, help="AdamW's learning rate (untuned runs)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--federated-batch-size", type=int, default=None, help="the federated runs' (default --batch-size)"
+    )
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--train-examples", type=int, default=None, help="subsample each training set")
     parser.add_argument("--test-examples", type=int, default=None, help="subsample each test set")
@@ -327,6 +330,7 @@ def main() -> None:
                 for name in methods:
                     cfg = merge(base_config(task, files, args, args.rounds), chosen[name])
                     cfg["partition"] = partition(split, clients)
+                    cfg["optimizer"]["batch_size"] = args.federated_batch_size or args.batch_size
                     curve, seconds = grow(cfg, args.rounds, limit, 0.98 * target, tmp / "runs")
                     budget = curve[: args.rounds + 1]
                     row = {
@@ -388,6 +392,8 @@ def tune(
                 trial = merge(trial, {"optimizer": {"lr": chosen["fedavg"]["optimizer"]["lr"]}})
             cfg = merge(base_config(task, files, args, args.rounds), trial)
             cfg["partition"] = partition("central" if name == "central" else split, clients)
+            if name != "central":
+                cfg["optimizer"]["batch_size"] = args.federated_batch_size or args.batch_size
             try:
                 curve, seconds = grow(cfg, args.rounds, args.rounds, 2.0, tmp / "runs")
             except RuntimeError as exc:  # every client diverged (a learning rate too large)
