@@ -607,6 +607,33 @@ class FederationConfig(StrictModel):
         return min(num_clients, max(self.min_clients, math.ceil(self.fraction * num_clients)))
 
 
+class LRScheduleConfig(StrictModel):
+    """How the clients' learning rate changes from round to round (constant within a round, the
+    same for every client): a factor of `optimizer.lr` that is a pure function of the round."""
+
+    kind: Literal["constant", "step", "exponential", "cosine"] = Field(
+        "constant",
+        description="step: ×gamma every `step_rounds` rounds; exponential: ×gamma every round; cosine: "
+        "from lr down to `min_lr` over `rounds` rounds (torch's CosineAnnealingLR, per round).",
+    )
+    gamma: float = Field(0.5, gt=0, le=1, description="step/exponential: the decay factor.")
+    step_rounds: int = Field(1, ge=1, description="step: rounds between two decays.")
+    min_lr: float = Field(0.0, ge=0, description="cosine: the learning rate it decays to.")
+    rounds: int | None = Field(
+        None,
+        ge=1,
+        description="cosine: the rounds it spans; null: federation.rounds (so a resume that adds rounds "
+        "stretches the rest of the cosine; pin it to keep the schedule).",
+    )
+    warmup_rounds: int = Field(
+        0, ge=0, description="Rounds at the warmup learning rate first; the decay counts from after them."
+    )
+    warmup: Literal["constant", "linear"] = Field(
+        "constant", description="constant: `warmup_lr` (CoOp); linear: from `warmup_lr` up to lr."
+    )
+    warmup_lr: float = Field(1e-5, gt=0, description="The warmup's learning rate (CoOp: 1e-5).")
+
+
 class GradientOptimizerConfig(StrictModel):
     """Local training by gradient (torch optimisers; device and precision through accelerate)."""
 
@@ -619,6 +646,15 @@ class GradientOptimizerConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1, description="Cap on steps per round, whatever the epochs.")
     batch_size: int = Field(16, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
+    schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+
+    @model_validator(mode="after")
+    def _schedule_below_lr(self) -> GradientOptimizerConfig:
+        if self.schedule.min_lr > self.lr:
+            raise ValueError(
+                f"schedule.min_lr ({self.schedule.min_lr}) exceeds lr ({self.lr}); a cosine decays to min_lr"
+            )
+        return self
 
 
 ScoreOn = Literal["batch", "local-set"]
@@ -699,6 +735,9 @@ class FedAvgConfig(StrictModel):
         "examples",
         description="examples: w_k = n_k (FedAvg); uniform: every client counts once (FedTPG's and "
         "PromptFL's reference code).",
+    )
+    server_lr: float = Field(
+        1.0, gt=0, description="η_g, the server's step along the average update: θ ← θ + η·(average − θ)."
     )
 
 
@@ -810,6 +849,43 @@ class FedKSeedConfig(StrictModel):
         "round 0, from which every client replays the prompt (the paper's downlink: 4·K bytes whatever "
         "the prompt).",
     )
+# ---- drift correction for skewed data (SCAFFOLD, FedDyn, FedAvgM, FedNova)
+
+
+class ScaffoldConfig(StrictModel):
+    """SCAFFOLD (option II): server and client control variates, the size of the prompt, correct
+    each client's local gradient (g + c − c_i); they travel with the prompt both ways. Clients
+    train by SGD (`optimizer.algorithm: sgd`)."""
+
+    kind: Literal["scaffold"] = "scaffold"
+    server_lr: float = Field(1.0, gt=0, description="η_g: x ← x + η_g·(weighted mean of y_i − x).")
+
+
+class FedDynConfig(StrictModel):
+    """FedDyn: each client adds −⟨g_k, θ⟩ + (α/2)‖θ − θ_server‖² to its loss (g_k carried from round to
+    round); the server keeps h and sends mean(θ_k) − h/α."""
+
+    kind: Literal["feddyn"] = "feddyn"
+    alpha: float = Field(0.01, gt=0, description="α, the dynamic regulariser's weight (paper: 0.01-0.1).")
+
+
+class FedAvgMConfig(StrictModel):
+    """Server momentum: v ← β·v + Δ, θ ← θ + η·v, with Δ the example-weighted average update."""
+
+    kind: Literal["fedavgm"] = "fedavgm"
+    server_lr: float = Field(1.0, gt=0, description="η, the server learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="β, the server momentum.")
+
+
+class FedNovaConfig(StrictModel):
+    """FedNova: each client's update is divided by its a_i (from its local steps and the SGD
+    momentum) and the average rescaled by τ_eff = Σ p_i a_i."""
+
+    kind: Literal["fednova"] = "fednova"
+
+
+DRIFT_CORRECTION_KINDS = ("scaffold", "feddyn", "fednova")
+"""Strategies whose clients change their local training or report their steps: gradient only."""
 
 
 StrategyConfig = Annotated[
@@ -821,7 +897,11 @@ StrategyConfig = Annotated[
     | KrumConfig
     | FedBPTConfig
     | ReliabilityConfig
-    | FedKSeedConfig,
+    | FedKSeedConfig
+    | ScaffoldConfig
+    | FedDynConfig
+    | FedAvgMConfig
+    | FedNovaConfig,
     Field(discriminator="kind"),
 ]
 
@@ -871,7 +951,7 @@ class PersonalizationConfig(StrictModel):
         return bool(self.local) or self.shared_tokens is not None
 
 
-SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+SECURE_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 """Strategy kinds whose server step needs only the weighted mean of the updates (what secure
 aggregation gives the server)."""
 _NEEDS_EACH_UPDATE = {
@@ -1069,6 +1149,34 @@ class RunConfig(StrictModel):
                 "strategy.kind reliability keeps a whole personal prompt per client; remove "
                 "personalization.local/shared_tokens"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _drift_correction_fits(self) -> RunConfig:
+        """SCAFFOLD, FedDyn and FedNova change the clients' gradient steps or count them."""
+        kind, opt = self.strategy.kind, self.optimizer
+        if kind not in DRIFT_CORRECTION_KINDS:
+            return self
+        if not isinstance(opt, GradientOptimizerConfig):
+            raise ValueError(
+                f"strategy.kind {kind} corrects or counts the clients' gradient steps; black-box optimisers "
+                f"take none (optimizer.kind is {opt.kind!r}): use optimizer.kind gradient"
+            )
+        if kind == "scaffold":
+            if opt.algorithm != "sgd":
+                raise ValueError(
+                    "strategy.kind scaffold needs optimizer.algorithm: sgd; its control-variate update "
+                    "c_i + (x − y_i)/(K·η_l) − c reads the local steps as η_l times the corrected gradient, "
+                    "which AdamW's per-coordinate scaling breaks"
+                )
+            if isinstance(self.prompt, TwinPromptConfig):
+                parts = [self.prompt.text_optimizer, self.prompt.visual_optimizer]
+                rates = {(p.lr or opt.lr, opt.momentum if p.momentum is None else p.momentum) for p in parts}
+                if len(rates) > 1:
+                    raise ValueError(
+                        "strategy.kind scaffold needs one learning rate and momentum for the whole prompt; "
+                        "remove prompt.text_optimizer/visual_optimizer lr and momentum"
+                    )
         return self
 
     @model_validator(mode="after")

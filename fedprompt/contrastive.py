@@ -11,6 +11,7 @@ from fedprompt.batching import TensorData
 from fedprompt.training import FitInstructions, GradientTrainer, LocalContext
 from optimizers.base import OptimizationStats
 from optimizers.gradient import GradientOptimizer
+from optimizers.schedules import RoundSchedule
 from prompt_modules.base import PromptModule
 
 POSITIVE = "contrast_global_features"
@@ -45,8 +46,9 @@ class ContrastiveTrainer(GradientTrainer):
         temperature: float = 2.0,
         eval_batch_size: int = 64,
         text_contrast: bool = False,
+        schedule: RoundSchedule | None = None,
     ) -> None:
-        super().__init__(optimizer, batch_size, device)
+        super().__init__(optimizer, batch_size, device, schedule)
         if ce_weight <= 0 or temperature <= 0:
             raise ValueError(f"ce_weight and temperature must be positive, got {ce_weight}, {temperature}")
         self.ce_weight = ce_weight

@@ -100,6 +100,7 @@ class Server:
     ) -> None:
         self.global_state = clone_state(initial_state)
         self.strategy = strategy
+        strategy.initialize(self.global_state)
         self.client_ids = sorted(client_ids)
         self.fraction = fraction
         self.min_clients = min_clients

@@ -31,7 +31,7 @@ from fedprompt.preflight import check_deep_start_layer
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
 from fedprompt.strategies.fedkseed import kseed_setup
-from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer
+from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
 from prompt_modules.heads import HeadSpec, SimilarityHeadSpec, VerbalizerHeadSpec
 from prompt_modules.heads import build_head as build_head_from_spec
 from prompt_modules.hf_text import HFTextBackbone
@@ -198,7 +198,9 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         model=model,
         clients=clients,
         test_data=test,
-        strategy=build_strategy(config.strategy, search_sigma(config.optimizer), kseed_setup(config)),
+        strategy=build_strategy(
+            config.strategy, search_sigma(config.optimizer), kseed_setup(config), run=config
+        ),
         device=accelerator.device,
         backbone_bytes=backbone_bytes,
         label_names=list(data.label_names),
@@ -268,6 +270,7 @@ def _trainer(config: RunConfig, accelerator: Accelerator) -> LocalTrainer:
         gradient_optimizer(opt, accelerator),
         batch_size=opt.batch_size,
         device=accelerator.device,
+        schedule=round_schedule(opt, config.federation.rounds),
     )
 
 

@@ -17,6 +17,7 @@ from fedprompt.seeding import torch_generator
 from fedprompt.state import State
 from optimizers.base import OptimizationStats
 from optimizers.gradient import GradientOptimizer, GradientSettings
+from optimizers.schedules import RoundSchedule
 from prompt_modules.base import PromptModule
 
 if TYPE_CHECKING:
@@ -39,6 +40,25 @@ def gradient_optimizer(
             grad_clip=config.grad_clip,
         ),
         accelerator,
+    )
+
+
+def round_schedule(config: GradientOptimizerConfig, rounds: int) -> RoundSchedule | None:
+    """The learning-rate schedule over rounds of the optimizer section (``rounds``: the run's
+    federation.rounds, the cosine's span unless the schedule pins its own); None when the
+    learning rate never changes."""
+    schedule = config.schedule
+    if schedule.kind == "constant" and schedule.warmup_rounds == 0:
+        return None
+    return RoundSchedule(
+        kind=schedule.kind,
+        horizon=schedule.rounds or rounds,
+        gamma=schedule.gamma,
+        step_rounds=schedule.step_rounds,
+        min_factor=schedule.min_lr / config.lr,
+        warmup_rounds=schedule.warmup_rounds,
+        warmup=schedule.warmup,
+        warmup_factor=schedule.warmup_lr / config.lr,
     )
 
 
@@ -75,12 +95,20 @@ class GradientTrainer(LocalTrainer):
 
     A module with a ``param_groups()`` method (e.g. twin prompts, one group per part with its own
     learning rate) is optimised in those groups; subclasses change the loss through ``objective``.
+    With a ``schedule``, round r's steps run at ``schedule.factor(r)`` times every group's rate.
     """
 
-    def __init__(self, optimizer: GradientOptimizer, batch_size: int, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        optimizer: GradientOptimizer,
+        batch_size: int,
+        device: torch.device | str,
+        schedule: RoundSchedule | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.batch_size = batch_size
         self.device = device
+        self.schedule = schedule
 
     def train(
         self,
@@ -100,12 +128,14 @@ class GradientTrainer(LocalTrainer):
 
         generator = torch_generator(instructions.seed)
         param_groups = getattr(model, "param_groups", None)
+        factor = 1.0 if self.schedule is None else self.schedule.factor(instructions.round)
         model.train()
         try:
             return self.optimizer.run(
                 param_groups() if callable(param_groups) else list(params.values()),
                 loss_fn,
                 lambda epoch: data.batches(self.batch_size, generator=generator, device=self.device),
+                lr_factor=None if self.schedule is None else lambda step: factor,
             )
         finally:
             model.eval()

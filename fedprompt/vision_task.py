@@ -40,7 +40,7 @@ from fedprompt.feature_cache import FeatureCache, image_fingerprint
 from fedprompt.preflight import check_coupled_depth, context_phrase, vpt_layers
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
-from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer
+from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
 from optimizers.gradient import GradientOptimizer
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
@@ -310,6 +310,7 @@ def relabel(data: TensorData, classes: np.ndarray) -> TensorData:
 
 def _trainer(config: RunConfig, optimizer: GradientOptimizer, device: torch.device) -> LocalTrainer:
     prompt, batch_size = config.prompt, config.optimizer.batch_size
+    schedule = round_schedule(config.optimizer, config.federation.rounds)
     if isinstance(prompt, TwinPromptConfig) and prompt.contrastive:
         return ContrastiveTrainer(
             optimizer,
@@ -319,8 +320,9 @@ def _trainer(config: RunConfig, optimizer: GradientOptimizer, device: torch.devi
             temperature=prompt.temperature,
             eval_batch_size=config.runtime.eval_batch_size,
             text_contrast=prompt.contrast == "image-and-text",
+            schedule=schedule,
         )
-    return GradientTrainer(optimizer, batch_size, device)
+    return GradientTrainer(optimizer, batch_size, device, schedule)
 
 
 def _random_visual_prompt(config: RunConfig) -> bool:
@@ -444,7 +446,7 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
         model=model,
         clients=clients,
         test_data=test,
-        strategy=build_strategy(config.strategy),
+        strategy=build_strategy(config.strategy, run=config),
         device=accelerator.device,
         backbone_bytes=backbone.num_bytes(),
         label_names=list(task.class_names),

@@ -9,7 +9,7 @@ gives the weighted mean delta Σ p_k Δ_k / Σ p_k of the survivors, to the quan
 server adds it to the global state as the clients received it (in the wire dtype), and each
 survivor's :class:`~fedprompt.state.Update` carries that same aggregate with its weight w_k — the
 server knows nothing else of any client's update — so a strategy whose step depends on the weighted
-mean only (FedAvg, FedProx, FedOpt; the configuration refuses the others) aggregates exactly the
+mean only (FedAvg, FedProx, FedAvgM, FedOpt; the configuration refuses the others) aggregates exactly the
 secure result, and the bookkeeping (client rows, accepted rounds for the clients' carried states,
 checkpoints) is that of a plain round. A client that fails or does not answer a stage is rejected
 with the stage in its reason; when fewer than the threshold remain at any stage, or fewer than

@@ -61,6 +61,13 @@ class Strategy(ABC):
     def _aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
         """The rule itself; ``updates`` are sorted by client id and share the global state's names."""
 
+    def initialize(self, global_state: State) -> None:
+        """Learn the prompt state's names and shapes before the first round (the server calls it
+        when it is made): a strategy whose extras have the prompt's shape (SCAFFOLD's control
+        variates) or whose server state starts at zero in that shape makes it here. State it
+        already holds (e.g. loaded from a checkpoint) stays; nothing by default."""
+        return None
+
     def uplink_shapes(self, global_state: State) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the prompt tensors every update carries: the global state's by
         default (a rule whose clients send something else, e.g. seeds and scalars, overrides it)."""
