@@ -960,6 +960,10 @@ _NEEDS_EACH_UPDATE = {
     "krum": "the distances between the updates",
     "reliability": "each client's prompt and its agreement with the others",
     "fedbpt": "each client's CMA-ES search state and losses (its CMA rule)",
+    "fedkseed": "each client's (seed, projected gradient) pairs",
+    "scaffold": "each client's control-variate update beside its prompt",
+    "feddyn": "each client's prompt for its dynamic regulariser's state",
+    "fednova": "each client's local step count",
 }
 
 
