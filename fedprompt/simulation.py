@@ -14,6 +14,7 @@ from fedprompt.client_state import MemoryClientStates
 from fedprompt.config import RunConfig
 from fedprompt.experiment import Experiment
 from fedprompt.metrics import RunRecorder, client_rows, evaluate_round, round_metrics
+from fedprompt.privacy import privacy_stages
 from fedprompt.results import RunDirectory, RunResult
 from fedprompt.server import AggregationStage, RoundRecord, Server
 from fedprompt.update_pipeline import ExampleBounds
@@ -42,6 +43,7 @@ def make_server(experiment: Experiment, config: RunConfig, client_ids: Sequence[
         example_bounds=ExampleBounds(known, config.robustness.max_examples),
         max_update_norm=config.robustness.max_update_norm,
         stages=build_stages(config),
+        poisson_sampling=config.privacy.kind == "central" and config.privacy.sampling == "poisson",
     )
 
 
@@ -68,7 +70,7 @@ def run_in_process(
             for cid in record.sampled:
                 _fit_client(experiment, server, record, cid)
                 progress.advance(client_task)
-            if len(record.rejected) == len(record.sampled):
+            if record.sampled and len(record.rejected) == len(record.sampled):
                 raise RuntimeError(
                     f"round {round_num}: every sampled client failed; first reason: "
                     f"{next(iter(record.rejected.values()))}"
@@ -107,9 +109,9 @@ def _fit_client(experiment: Experiment, server: Server, record: RoundRecord, cid
 
 
 def build_stages(config: RunConfig) -> list[AggregationStage]:
-    """The aggregation stages the configuration asks for (none yet: differential privacy adds its
-    noise and accountant here)."""
-    return []
+    """The aggregation stages the configuration asks for: differential privacy's noise and
+    accountant (``privacy``)."""
+    return privacy_stages(config)
 
 
 def _brief(row: dict[str, Any]) -> str:
