@@ -182,7 +182,8 @@ def _plan(
             raise ConfigError(
                 f"privacy.noise_multiplier: {privacy.noise_multiplier} spends ε={spent:.3f} at "
                 f"δ={privacy.delta:g} over {rounds} {over} (q={plan.sampling_rate:.4g}, {plan.sampling}), "
-                f"above privacy.target_epsilon {privacy.target_epsilon}; raise it to at least {needed:.4f}, "
+                f"above privacy.target_epsilon {privacy.target_epsilon}; raise it to at least "
+                f"{math.ceil(needed * 1e4) / 1e4}, "
                 "or remove it to have it computed"
             )
     if count_stddev is not None and 2 * count_stddev <= plan.noise_multiplier:
