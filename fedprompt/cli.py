@@ -351,11 +351,14 @@ def flower_site_worker(
 
 _BASE_NOVEL = (("base acc", "base_accuracy"), ("novel acc", "novel_accuracy"), ("HM", "harmonic_mean"))
 """Columns of base-to-novel runs: (header, history key)."""
+_PRIVACY = (("ε", "epsilon"),)
+"""The column of differentially private runs: the privacy spent so far."""
 
 
 def _print_summary(result: RunResult) -> None:
     table = Table(title=f"fedprompt run: {result.config.name}")
-    extra = [(header, key) for header, key in _BASE_NOVEL if any(key in row for row in result.history)]
+    columns = (*_BASE_NOVEL, *_PRIVACY)
+    extra = [(header, key) for header, key in columns if any(key in row for row in result.history)]
     for column in ("round", "global acc", *(h for h, _ in extra), "local acc", "train loss", "clients ok"):
         table.add_column(column, justify="right")
     for column in ("bytes up/client", "time s"):
@@ -378,6 +381,11 @@ def _print_summary(result: RunResult) -> None:
         out.print(
             f"bytes up per client per round: {s['bytes_up_per_client_round']:.0f} "
             f"({s['bytes_up_over_backbone']:.2e} of the backbone's {s['backbone_bytes']:,} bytes)"
+        )
+    if s.get("privacy") is not None:
+        out.print(
+            f"privacy ({s['privacy']}): ε = {s['final_epsilon']:.3f} at δ = {s['delta']:g}; noise multiplier "
+            f"{s['noise_multiplier']:.4g}, sampling {s['sampling']}, rate {s['sampling_rate']:.4g}"
         )
     if result.run_dir:
         out.print(f"results: {result.run_dir}")
