@@ -49,7 +49,7 @@ def tiny_overrides(tiny_clip) -> list[str]:
         f"backbone.model={tiny_clip.config}",
         f"backbone.pretrained={tiny_clip.checkpoint}",
         f"data={json.dumps(data)}",
-        "class_template=a photo of a {}.",
+        'class_template="{}"',  # the tiny CLIP's image projection was fitted to the bare class names
         "partition={kind: iid, num_clients: 3, local_val_fraction: 0.25}",
         "federation.rounds=2",
         "federation.min_clients=3",
@@ -79,6 +79,7 @@ def compared(tiny_clip, tmp_path_factory, one_intra_op_thread):
     return out
 
 
+@pytest.mark.slow
 def test_the_command_runs_every_method_with_every_seed_into_one_folder(compared, capsys):
     for method in METHODS:
         for seed in (0, 1):
@@ -92,14 +93,16 @@ def test_the_command_runs_every_method_with_every_seed_into_one_folder(compared,
     markdown = (compared / "comparison.md").read_text()
     table = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
     assert table[0].startswith("| method | seeds | base | novel | HM | local (client mean) |")
-    assert [line.split(" | ")[0].removeprefix("| ") for line in table[1:]] == [METHOD_TITLES[m] for m in METHODS]
-    assert "a photo of a {}." in markdown and "base-to-novel" in markdown
+    titles = [line.split(" | ")[0].removeprefix("| ") for line in table[1:]]
+    assert titles == [METHOD_TITLES[m] for m in METHODS]
+    assert "class template '{}'" in markdown and "base-to-novel" in markdown
     for key in ("harmonic_mean", "base_accuracy", "novel_accuracy", "local_accuracy_mean"):
         assert (compared / "plots" / f"{key}.png").read_bytes().startswith(PNG_SIGNATURE)
     experiment = yaml.safe_load((compared / "experiment.yaml").read_text())
     assert experiment["seeds"] == [0, 1] and list(experiment["methods"]) == METHODS
 
 
+@pytest.mark.slow
 def test_the_table_holds_the_values_of_the_runs_metrics_files(compared):
     runs = read_csv(compared / "runs.csv")
     for run in runs:
@@ -128,6 +131,7 @@ def test_the_table_holds_the_values_of_the_runs_metrics_files(compared):
     assert bytes_up["zero-shot"] == 0 and all(bytes_up[m] > 0 for m in TRAINED)
 
 
+@pytest.mark.slow
 def test_every_method_trains_on_the_same_data_partition_and_seed(compared):
     for seed in (0, 1):
         configs = {
@@ -138,10 +142,8 @@ def test_every_method_trains_on_the_same_data_partition_and_seed(compared):
             assert all(c[section] == configs["promptfl"][section] for c in configs.values()), section
         examples = {}
         for method in METHODS:
-            rows = [
-                json.loads(line)
-                for line in (compared / "runs" / f"{method}-seed{seed}" / "clients.jsonl").read_text().splitlines()
-            ]
+            clients = compared / "runs" / f"{method}-seed{seed}" / "clients.jsonl"
+            rows = [json.loads(line) for line in clients.read_text().splitlines()]
             held_out = {(r["client_id"], r["num_examples"]) for r in rows if r["event"] == "evaluate"}
             trained = {(r["client_id"], r["num_examples"]) for r in rows if r["event"] == "fit"}
             examples[method] = (held_out, trained)
@@ -149,6 +151,7 @@ def test_every_method_trains_on_the_same_data_partition_and_seed(compared):
         assert len({frozenset(fit) for m, (_, fit) in examples.items() if m != "zero-shot"}) == 1
 
 
+@pytest.mark.slow
 def test_zero_shot_is_the_untrained_template_model(compared, tiny_clip):
     folder = compared / "runs" / "zero-shot-seed0"
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -157,7 +160,7 @@ def test_zero_shot_is_the_untrained_template_model(compared, tiny_clip):
     experiment = build_experiment(load_config(yaml.safe_load((folder / "config.yaml").read_text())))
     backbone = OpenCLIPBackbone.load(str(tiny_clip.config), str(tiny_clip.checkpoint))
     names = experiment.label_names
-    template = CLIPPromptClassifier(backbone, FixedClassText("a photo of a {}."), FrozenImage(), names).eval()
+    template = CLIPPromptClassifier(backbone, FixedClassText("{}"), FrozenImage(), names).eval()
     base = evaluate(template, experiment.test_data, 64, "cpu")["accuracy"]
     novel_set = experiment.eval_sets["novel"]
     with template.scoring(novel_set.class_names):
@@ -166,6 +169,7 @@ def test_zero_shot_is_the_untrained_template_model(compared, tiny_clip):
     assert base > 0.5 and novel > 0.5  # the tiny CLIP knows the colour names: above chance
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_table_bit_for_bit(compared, tiny_clip, tmp_path):
     methods = ["zero-shot", "atpfl", "fedtpg"]
     config = select(load_experiment(None, tiny_overrides(tiny_clip)), seeds=[1], methods=methods)
@@ -185,11 +189,11 @@ def test_the_same_seed_gives_the_same_table_bit_for_bit(compared, tiny_clip, tmp
     [
         ("seedz=[1]", "seedz: is not a known field; allowed: name, seeds, class_template, backbone"),
         ("methods.vpt.promt={}", "methods.vpt.promt: is not a known field; allowed: base, prompt, optimizer"),
-        ("methods.vpt.prompt.num_tokens=0", "methods.vpt: prompt.vpt.num_tokens: Input should be greater than or equal to 1 (got 0)"),
-        ("methods.tpfl.optimizer.algorithm=adam", "methods.tpfl: optimizer.gradient.algorithm: Input should be"),
+        ("methods.vpt.prompt.num_tokens=0", "methods.vpt: prompt.vpt.num_tokens: Input should be greater"),
+        ("methods.tpfl.optimizer.algorithm=adam", "methods.tpfl: optimizer.gradient.algorithm: Input should"),
         ("methods.coop={}", "methods.coop: unknown method; name one of ['zero-shot', 'promptfl'"),
         ("methods.zero-shot.prompt={num_tokens: 4}", "methods.zero-shot: zero-shot CLIP trains nothing"),
-        ("data.novel_class_fraction=null", "data.novel_class_fraction: the comparison evaluates base-to-novel"),
+        ("data.novel_class_fraction=null", "data.novel_class_fraction: the comparison evaluates base-to"),
         ("class_template=a photo", "class_template: the class template needs '{}' exactly once"),
         ("backbone.kind=hf-text", "backbone.kind: Input should be 'open-clip'"),
         ("seeds=[0, 0]", "seeds must be distinct non-negative integers"),
@@ -241,7 +245,7 @@ def test_method_settings_merge_over_the_method_configs_and_share_the_rest(tiny_c
     vpt = config.run_config("vpt", 3)
     assert (vpt.optimizer.lr, vpt.optimizer.algorithm, vpt.optimizer.momentum) == (0.5, "sgd", 0.9)
     assert (vpt.prompt.num_tokens, vpt.prompt.dropout, vpt.prompt.start_layer) == (8, 0.1, 1)
-    assert vpt.prompt.class_template == "a photo of a {}." and vpt.seed == 3 and vpt.name == "vl-experiments-vpt"
+    assert vpt.prompt.class_template == "{}" and vpt.seed == 3 and vpt.name == "vl-experiments-vpt"
     tpfl = config.run_config("tpfl", 0)
     assert tpfl.prompt.visual.kind == "vpt" and tpfl.prompt.visual.num_tokens == 2
     assert tpfl.prompt.text_optimizer.lr == 0.002 and tpfl.prompt.visual_optimizer.lr == 40.0

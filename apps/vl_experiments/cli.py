@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("apps.vl_experiments").setLevel(logging.INFO)
+    import datasets
+
+    datasets.disable_progress_bars()  # dozens of runs' data preparation; the app logs each run instead
     from apps.vl_experiments.config import load_experiment
     from apps.vl_experiments.runner import run_comparison, select
 
