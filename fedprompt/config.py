@@ -1487,7 +1487,7 @@ def default_config_dict() -> dict[str, Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``dotted.key=value`` overrides; values are parsed as YAML (numbers, booleans, lists)."""
-    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    out = yaml.safe_load(yaml.safe_dump(raw, sort_keys=False))  # deep copy of plain data, order kept
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -1508,13 +1508,15 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return out
 
 
-def _format_errors(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError, root: type[BaseModel] | None = None) -> str:
+    """A pydantic error as ``invalid configuration: <field>: <problem>`` lines; an unknown field's
+    line lists the fields allowed there, found by walking ``root`` (default: RunConfig)."""
     lines = []
     for err in error.errors():
         where = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "is not a known field" + _allowed_fields_hint(err["loc"])
+            msg = "is not a known field" + _allowed_fields_hint(err["loc"], root or RunConfig)
         elif "input" in err and not isinstance(err["input"], dict | list):
             msg += f" (got {err['input']!r})"
         lines.append(f"{where or '<root>'}: {msg}")
@@ -1523,15 +1525,19 @@ def _format_errors(error: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def _allowed_fields_hint(loc: tuple[Any, ...]) -> str:
+def _allowed_fields_hint(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
     """Walk an error location through the models (and tagged unions) to list the allowed fields."""
-    model: type[BaseModel] = RunConfig
+    model = root
     parts = list(loc[:-1])
     while parts:
         field = model.model_fields.get(str(parts.pop(0)))
         if field is None:
             return ""
-        members = _models_in(field.annotation)
+        annotation = field.annotation
+        if getattr(annotation, "__origin__", None) is dict and parts:  # a mapping: the next part is a key
+            annotation = annotation.__args__[1]
+            parts.pop(0)
+        members = _models_in(annotation)
         if len(members) > 1 and parts:  # tagged union: the next location part is the tag
             tag = parts.pop(0)
             members = [m for m in members if tag in _models_in_kind(m)]
@@ -1556,7 +1562,7 @@ def validate_config(raw: Mapping[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(dict(raw))
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+        raise ConfigError(format_validation_error(exc)) from None
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
