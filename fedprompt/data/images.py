@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from fedprompt.config import DataConfig
-from fedprompt.data.loading import DataError, prepare_splits
+from fedprompt.data.loading import DataError, prepare_splits, with_builtin_columns
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -73,15 +73,21 @@ def load_digits(seed: int) -> datasets.Dataset:
 
 
 IMAGE_BUILTINS: dict[str, Callable[[int], datasets.Dataset]] = {"digits": load_digits}
+IMAGE_BUILTIN_COLUMNS: dict[str, dict[str, str]] = {
+    "digits": {"image_column": "image", "label_column": "label"}
+}
+"""The columns each builtin image dataset has (the config's column fields are set to these)."""
 
 
 def load_image_classification(config: DataConfig, seed: int) -> ImageClassificationData:
     """Load the configured images, standardise them to ``image``/``label`` and split off a test set.
 
+    A builtin dataset's own columns replace the config's column fields (``with_builtin_columns``).
     As for text: labels become class indices (`config.label_names` order when given); without a
     test split a seeded stratified `test_fraction` of train is held out; then `max_per_class`
     (few-shot) and `max_test_examples` caps, both seeded. Raises DataError.
     """
+    config = with_builtin_columns(config, IMAGE_BUILTIN_COLUMNS)
     train, test, label_names = prepare_splits(_load_splits(config, seed), config, seed, _select_columns)
     return ImageClassificationData(train=train, test=test, label_names=label_names)
 
