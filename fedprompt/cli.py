@@ -117,6 +117,35 @@ def serve(
         raise typer.Exit(2) from None
 
 
+@app.command("demo-backbone")
+def demo_backbone(
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Cache folder (default: $FEDPROMPT_CACHE_DIR or ~/.cache/fedprompt).")
+    ] = None,
+) -> None:
+    """Build (once) or show bundled:demo-clip, the small CLIP pre-trained offline for the demos."""
+    from fedprompt.data.loading import DataError
+    from fedprompt.demo_backbone import demo_clip
+
+    logging.getLogger("fedprompt.demo_backbone").setLevel(logging.INFO)
+    try:
+        demo = demo_clip(cache_dir=cache_dir)
+    except DataError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    out = Console()
+    out.print(demo.note)
+    out.print(
+        f"{'built' if demo.built else 'cached'}: {demo.folder} (built in {demo.metadata['build_seconds']} s)"
+    )
+    table = Table(title="zero-shot accuracy on what pre-training never showed")
+    table.add_column("evaluation")
+    table.add_column("accuracy", justify="right")
+    for name, value in demo.metadata["zero_shot"].items():
+        table.add_row(name, f"{value:.4f}")
+    out.print(table)
+
+
 flower_cli = typer.Typer(no_args_is_help=True, help="Run fedprompt jobs on Flower (the `flower` extra).")
 app.add_typer(flower_cli, name="flower")
 
@@ -169,13 +198,19 @@ def flower_site_worker(
         pass
 
 
-_BASE_NOVEL = (("base acc", "base_accuracy"), ("novel acc", "novel_accuracy"), ("HM", "harmonic_mean"))
-"""Columns of base-to-novel runs: (header, history key)."""
+_EXTRA_COLUMNS = (
+    ("base acc", "base_accuracy"),
+    ("novel acc", "novel_accuracy"),
+    ("HM", "harmonic_mean"),
+    ("closed acc", "closed_accuracy"),
+    ("open acc", "open_accuracy"),
+)
+"""Columns of base-to-novel and VQA runs, when their history has them: (header, history key)."""
 
 
 def _print_summary(result: RunResult) -> None:
     table = Table(title=f"fedprompt run: {result.config.name}")
-    extra = [(header, key) for header, key in _BASE_NOVEL if any(key in row for row in result.history)]
+    extra = [(header, key) for header, key in _EXTRA_COLUMNS if any(key in row for row in result.history)]
     for column in ("round", "global acc", *(h for h, _ in extra), "local acc", "train loss", "clients ok"):
         table.add_column(column, justify="right")
     for column in ("bytes up/client", "time s"):
@@ -199,8 +234,24 @@ def _print_summary(result: RunResult) -> None:
             f"bytes up per client per round: {s['bytes_up_per_client_round']:.0f} "
             f"({s['bytes_up_over_backbone']:.2e} of the backbone's {s['backbone_bytes']:,} bytes)"
         )
+    if "majority_baseline" in s:
+        _print_baselines(out, s)
+    if "backbone" in s:
+        out.print(s["backbone"]["note"])
     if result.run_dir:
         out.print(f"results: {result.run_dir}")
+
+
+def _print_baselines(out: Console, summary: dict) -> None:
+    """Final accuracy overall and per question set beside the majority-answer baseline."""
+    table = Table(title="final accuracy vs the majority-answer baseline")
+    for column in ("questions", "accuracy", "majority baseline"):
+        table.add_column(column, justify="left" if column == "questions" else "right")
+    for name, baseline in summary["majority_baseline"].items():
+        key = "final_accuracy" if name == "global" else f"final_{name}_accuracy"
+        label = "all" if name == "global" else name.replace("type_", "type: ").replace("_", " ")
+        table.add_row(label, _fmt(summary.get(key)), _fmt(baseline))
+    out.print(table)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -145,8 +145,9 @@ class RunRecorder:
             self.run_dir.append(CLIENTS_FILE, clients)
             self.run_dir.save_checkpoint(*server.checkpoint())
 
-    def finish(self, server: Server, backbone_bytes: int) -> RunResult:
-        """The run's result, with the final prompt and summary written to the folder."""
+    def finish(self, server: Server, backbone_bytes: int, notes: dict[str, Any] | None = None) -> RunResult:
+        """The run's result, with the final prompt and summary (plus the experiment's ``notes``)
+        written to the folder."""
         result = RunResult(
             config=self.config,
             history=self.history,
@@ -155,7 +156,7 @@ class RunRecorder:
             run_dir=self.run_dir.path if self.run_dir else None,
             backbone_bytes=backbone_bytes,
         )
-        result.summary = summarize(result)
+        result.summary = {**summarize(result), **(notes or {})}
         if self.run_dir:
             self.run_dir.save_final(server.global_state)
             self.run_dir.write_summary(result.summary)

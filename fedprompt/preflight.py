@@ -21,6 +21,7 @@ from fedprompt.config import (
     RunConfig,
     TwinPromptConfig,
     VPTPromptConfig,
+    VQAPromptConfig,
 )
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,13 @@ def check_model_fields(config: RunConfig) -> None:
         if num_layers is not None:
             check_deep_start_layer(prompt.start_layer, num_layers)
     if isinstance(backbone, OpenCLIPBackboneConfig):
-        visual = prompt.visual if isinstance(prompt, TwinPromptConfig) else prompt
+        nested = isinstance(prompt, TwinPromptConfig | VQAPromptConfig)
+        visual = prompt.visual if nested else prompt
         if isinstance(visual, VPTPromptConfig):
             total = vision_layer_count(backbone)
             if total is None:
                 return
-            field = "prompt.visual" if isinstance(prompt, TwinPromptConfig) else "prompt"
+            field = "prompt.visual" if nested else "prompt"
             layers = vpt_layers(visual, total, field)
             if isinstance(prompt, TwinPromptConfig) and prompt.coupled:
                 check_coupled_depth(visual.start_layer, layers, prompt.text.depth)
@@ -104,8 +106,11 @@ def vision_layer_count(config: OpenCLIPBackboneConfig) -> int | None:
     not readable here)."""
     import open_clip
 
+    from fedprompt.demo_backbone import DEMO_CLIP_ALIAS, DEMO_CLIP_MODEL
     from prompt_modules.clip_backbone import BackboneLoadError, register_model_config
 
+    if config.model == DEMO_CLIP_ALIAS:
+        return int(DEMO_CLIP_MODEL["vision_cfg"]["layers"])
     try:
         model_config = open_clip.get_model_config(register_model_config(config.model))
     except BackboneLoadError:

@@ -53,8 +53,8 @@ class BaseNovelSplit:
     novel_names: list[str]
 
 
-def load_digits(seed: int) -> datasets.Dataset:
-    """scikit-learn's bundled digits as 8×8 greyscale images (0..16 scaled to 0..255)."""
+def digit_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: 8×8 uint8 images (0..16 scaled to 0..255) [1797, 8, 8] and labels."""
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ModuleNotFoundError as exc:
@@ -63,11 +63,17 @@ def load_digits(seed: int) -> datasets.Dataset:
         ) from exc
     bunch = sklearn_digits()
     pixels = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return pixels, bunch.target
+
+
+def load_digits(seed: int) -> datasets.Dataset:
+    """scikit-learn's bundled digits as 8×8 greyscale images (0..16 scaled to 0..255)."""
+    pixels, labels = digit_arrays()
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(DIGIT_NAMES))}
     )
     return datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": bunch.target.tolist()},
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": labels.tolist()},
         features=features,
     )
 

@@ -94,7 +94,7 @@ def run_server(
         row["time_s"] = time.perf_counter() - start
         recorder.record_round(row, client_rows(server, record), server)
         log.info("round %d: %s", round_num, row)
-    return recorder.finish(server, experiment.backbone_bytes)
+    return recorder.finish(server, experiment.backbone_bytes, experiment.notes)
 
 
 def _evaluate(
