@@ -9,6 +9,10 @@ and the cost of population evaluation with and without the once-per-generation r
     python benchmarks/blackbox_vs_gradient.py                    # about 20-30 minutes on 2 CPU cores
     python benchmarks/blackbox_vs_gradient.py --quick            # a smoke run of the whole script
     python benchmarks/blackbox_vs_gradient.py --json out.json    # also write every number
+    python benchmarks/blackbox_vs_gradient.py --remote --num-tokens 50 --skip-timing
+        # BBT's reference shape (50 tokens, d = 500), the black-box clients querying the model
+        # through `fedprompt serve`'s app on loopback HTTP, each client with its own token: the
+        # service's per-client queries and bytes per round beside the federation's bytes
 
 SST-2 is read from ../shared/data/sst2 (``LABEL SENTENCE`` lines; --data to point elsewhere).
 """
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import statistics
 import tempfile
 import time
@@ -27,7 +33,11 @@ import torch
 
 import fedprompt
 from fedprompt.experiment import build_experiment
+from fedprompt.remote_task import build_remote_model
 from fedprompt.results import RunResult
+from fedprompt.serving import InferenceService, create_app, serve_in_thread
+from fedprompt.simulation import run_in_process
+from fedprompt.text_task import load_backbone
 
 LABELS = ("negative", "positive")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -101,8 +111,55 @@ def run(config: dict[str, Any]) -> tuple[RunResult, float]:
     return result, time.perf_counter() - start
 
 
+TOKEN_ENV = "FEDPROMPT_BENCHMARK_TOKEN"
+
+
+def run_remote(config: dict[str, Any]) -> tuple[RunResult, float, dict[str, Any]]:
+    """The black-box run with its backbone behind the inference service on loopback HTTP: the
+    server's evaluation and each client query it with tokens of their own (``server``, ``site-N``),
+    so the service counts each client's queries and bytes apart (each waiting up to an hour for an
+    answer: a loaded 2-core machine can take minutes for one population). Returns the run, its
+    seconds and the service's usage by token."""
+    local = fedprompt.load_config(config)
+    backbone = load_backbone(local.backbone, local.head.kind, local.seed)
+    service = InferenceService(backbone, local.backbone.model)
+    names = ["server", *(f"site-{cid}" for cid in range(local.partition.num_clients))]
+    tokens = {name: secrets.token_hex(16) for name in names}
+    start = time.perf_counter()
+    with serve_in_thread(create_app(service, tokens)) as url:
+        cfg = fedprompt.load_config(
+            {**config, "backbone": {"kind": "remote", "url": url, "token_env": TOKEN_ENV, "timeout": 3600}}
+        )
+        try:
+            os.environ[TOKEN_ENV] = tokens["server"]
+            experiment = build_experiment(cfg)
+            for cid, client in experiment.clients.items():
+                os.environ[TOKEN_ENV] = tokens[f"site-{cid}"]
+                client.model, _ = build_remote_model(cfg, cfg.backbone, experiment.label_names)
+        finally:
+            del os.environ[TOKEN_ENV]
+        result = run_in_process(experiment, cfg)
+    seconds = time.perf_counter() - start
+    return result, seconds, {name: usage.model_dump() for name, usage in service.all_usage().items()}
+
+
+def service_costs(usage: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """Per client per round: the queries and the request and answer bytes the service counted."""
+    sites = {name: u for name, u in usage.items() if name.startswith("site-")}
+    per_round = {
+        name: {
+            "queries": u["queries"] / rounds,
+            "requests": u["requests"] / rounds,
+            "bytes_up": u["bytes_received"] / rounds,
+            "bytes_down": u["bytes_sent"] / rounds,
+        }
+        for name, u in sites.items()
+    }
+    return {"per_client_round": per_round, "server_evaluation": usage.get("server")}
+
+
 def summary(result: RunResult, seconds: float) -> dict[str, Any]:
-    rows = [row for row in result.client_history if row["accepted"]]
+    rows = [row for row in result.client_history if row.get("event") == "fit" and row["accepted"]]
     # black-box: model queries (one candidate on one example, forward only); gradient: examples seen
     # (each a forward and a backward pass)
     queries = [row["queries"] or row["examples_seen"] for row in rows]
@@ -196,6 +253,10 @@ def main() -> None:
         help="intra-op thread counts to time population evaluation at, e.g. 1,2",
     )
     parser.add_argument("--with-mean-rule", action="store_true", help="also run FedBPT's plain-mean rule")
+    parser.add_argument(
+        "--remote", action="store_true", help="black-box runs query the model through the HTTP service"
+    )
+    parser.add_argument("--skip-timing", action="store_true", help="leave out the population timing")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the methods")
     parser.add_argument("--json", type=Path, help="write every number here")
     args = parser.parse_args()
@@ -216,10 +277,14 @@ def main() -> None:
             configs["fedbpt-mean"] = blackbox_config(args, base, "mean")
         results = {}
         for name, config in configs.items():
-            print(f"running {name} ...", flush=True)
-            results[name] = summary(*run(config))
+            print(f"running {name}{' through the service' if args.remote and name != 'gradient' else ''} ...")
+            if args.remote and name != "gradient":
+                result, seconds, usage = run_remote(config)
+                results[name] = {**summary(result, seconds), "service": service_costs(usage, args.rounds)}
+            else:
+                results[name] = summary(*run(config))
             print(f"  accuracy by round: {[round(a, 4) for a in results[name]['accuracy']]}", flush=True)
-        timing = population_timing(args, configs["fedbpt"])
+        timing = {} if args.skip_timing else population_timing(args, configs["fedbpt"])
     report(args, results, timing)
     if args.json:
         args.json.write_text(
@@ -272,6 +337,17 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], timing:
         f"model use: black-box {bb['queries_total']:.0f} (forward passes of one example, no backward) vs "
         f"gradient {grad['queries_total']:.0f} (examples seen, each a forward and a backward pass)"
     )
+    if "service" in bb:
+        print("through the service (loopback HTTP), per client per round, as the service counted them:")
+        for name, cost in bb["service"]["per_client_round"].items():
+            print(
+                f"  {name}: {cost['queries']:.0f} queries in {cost['requests']:.1f} requests, "
+                f"{cost['bytes_up']:.0f} B up, {cost['bytes_down']:.0f} B down"
+            )
+        evaluation = bb["service"]["server_evaluation"]
+        print(f"  server's global evaluation: {evaluation['queries']} queries over the run")
+    if not timing:
+        return
     print(
         f"\npopulation evaluation of {args.popsize} candidates on {args.cma_batch} examples (median seconds):"
     )

@@ -8,8 +8,8 @@ from typing import Any
 
 from fedprompt.config import RunConfig, load_config
 from fedprompt.experiment import build_experiment
-from fedprompt.results import RunDirectory, RunResult
-from fedprompt.simulation import run_in_process
+from fedprompt.results import CONFIG_HASH_KEY, RunDirectory, RunResult
+from fedprompt.simulation import check_in_process, run_in_process
 
 
 def run(
@@ -28,13 +28,19 @@ def run(
     The configuration is validated before any data or model loads.
     """
     if resume is not None:
-        run_dir: RunDirectory | None = RunDirectory(Path(resume))
-        cfg = load_config(run_dir.read_config(), overrides)
-    else:
-        cfg = load_config(config, overrides)
-        if output_dir is not None:
-            cfg.output.dir = Path(output_dir)
-        run_dir = RunDirectory.create(cfg.output.dir, cfg.name) if write else None
-        if run_dir:
-            run_dir.write_config(cfg)
-    return run_in_process(build_experiment(cfg), cfg, run_dir)
+        folder = RunDirectory.existing(Path(resume))
+        stored = load_config(folder.read_config())
+        cfg = load_config(stored, overrides)
+        metadata = folder.checkpoint_metadata() or {}
+        folder.check_resume(stored, cfg, metadata.get(CONFIG_HASH_KEY))
+        check_in_process(cfg)
+        return run_in_process(build_experiment(cfg), cfg, folder)
+    cfg = load_config(config, overrides)
+    check_in_process(cfg)  # before a run folder or a model
+    if output_dir is not None:
+        cfg.output.dir = Path(output_dir)
+    experiment = build_experiment(cfg)  # a start that fails (data, model) leaves no results folder
+    run_dir = RunDirectory.create(cfg.output.dir, cfg.name) if write else None
+    if run_dir:
+        run_dir.write_config(cfg)
+    return run_in_process(experiment, cfg, run_dir)

@@ -13,8 +13,9 @@ import torch
 class TensorData:
     """Owns a set of examples as aligned tensors with a leading example dimension.
 
-    Text data holds right-padded ``input_ids`` and ``attention_mask`` plus ``labels``; each
-    batch is trimmed to its longest row, so short batches cost less.
+    Text data holds right-padded ``input_ids`` and ``attention_mask`` plus ``labels`` (and, for deep
+    prompts from layer k > 0, the cached states entering layer k, [N, L, h]); each batch is trimmed
+    to its longest row, so short batches cost less.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -51,6 +52,6 @@ class TensorData:
             if "attention_mask" in batch:
                 width = int(batch["attention_mask"].sum(1).max())
                 for name, t in batch.items():
-                    if t.dim() == 2 and t.shape[1] == self.tensors["attention_mask"].shape[1]:
+                    if t.dim() >= 2 and t.shape[1] == self.tensors["attention_mask"].shape[1]:
                         batch[name] = t[:, :width]
             yield {name: t.to(device, non_blocking=True) for name, t in batch.items()}

@@ -2,26 +2,56 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
-from fedprompt.config import ConfigError, load_config
-from fedprompt.results import RunResult
+from fedprompt.config import load_config
+from fedprompt.errors import UserError
+
+if TYPE_CHECKING:
+    from fedprompt.results import RunResult
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=False, help="Federated prompt learning on frozen backbones."
+    add_completion=False,
+    no_args_is_help=False,
+    help="Federated prompt learning on frozen backbones.",
+    pretty_exceptions_show_locals=False,  # locals can hold tokens and paths
 )
 console = Console(stderr=True)
 
+_BACKBONE_ERRORS = (
+    ("prompt_modules.hf_text", "BackboneLoadError"),
+    ("prompt_modules.remote", "RemoteBackboneError"),
+)
+"""A model that cannot be loaded, a service that cannot be reached or refuses: user mistakes too
+(looked up where already imported, so that `fedprompt --help` does not import torch's stack)."""
+
+_debug = {"on": False}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every round.")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every round.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar="FEDPROMPT_DEBUG", help="Show a user mistake's full traceback."),
+    ] = False,
+) -> None:
+    _debug["on"] = debug
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -29,7 +59,41 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log eve
     )
 
 
+def fail(message: str) -> typer.Exit:
+    """Print ``error: <message>`` (never wrapped, never read as markup); the Exit(2) to raise."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    return typer.Exit(2)
+
+
+def user_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """A command whose user mistakes print one `error:` line and exit 2 (a traceback with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except Exception as exc:
+            if _debug["on"] or not is_user_error(exc):
+                raise
+            raise fail(str(exc)) from None
+
+    return wrapper
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A user's mistake (configuration, data, model name, folder, an unreachable service), which
+    gets one `error:` line and exit status 2; anything else is a bug and keeps its traceback."""
+    if isinstance(exc, UserError):
+        return True
+    for module, name in _BACKBONE_ERRORS:
+        kind = getattr(sys.modules.get(module), name, None)
+        if kind is not None and isinstance(exc, kind):
+            return True
+    return False
+
+
 @app.command()
+@user_errors
 def run(
     config: Annotated[
         Path | None, typer.Argument(help="YAML config; the embedded default when left out.")
@@ -50,17 +114,11 @@ def run(
     overrides = list(set_ or [])
     if no_progress:
         overrides.append("runtime.progress=false")
-    try:
-        if resume is None:
-            load_config(config, overrides)  # fail on a bad config before anything loads
-        result = run_job(config, overrides, output_dir=output_dir, resume=resume)
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    _print_summary(result)
+    _print_summary(run_job(config, overrides, output_dir=output_dir, resume=resume))
 
 
 @app.command("show-config")
+@user_errors
 def show_config(
     config: Annotated[
         Path | None, typer.Argument(help="YAML config; the embedded default when left out.")
@@ -70,11 +128,7 @@ def show_config(
     """Print the resolved configuration (defaults filled in) as YAML."""
     import yaml
 
-    try:
-        cfg = load_config(config, list(set_ or []))
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    cfg = load_config(config, list(set_ or []))
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
@@ -96,21 +150,75 @@ def serve(
     max_candidates: Annotated[int, typer.Option(min=1)] = 64,
     max_examples: Annotated[int, typer.Option(min=1)] = 256,
     max_queries: Annotated[int, typer.Option(min=1, help="Candidates × inputs per request.")] = 8192,
+    max_projection_floats: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Largest projection A (num_tokens × hidden × dim floats, 4 bytes each); up to 4 are kept.",
+        ),
+    ] = 32 * 2**20,
+    query_quota: Annotated[
+        int | None, typer.Option(min=1, help="Model queries each client may use in all (default: no quota).")
+    ] = None,
+    client_quota: Annotated[
+        list[str] | None,
+        typer.Option(help="One client's own quota: NAME=QUERIES (repeatable); overrides --query-quota."),
+    ] = None,
+    rate_limit: Annotated[
+        float, typer.Option(min=0, help="Requests per second per client (0: no limit); over it: 429.")
+    ] = 0.0,
+    rate_burst: Annotated[int, typer.Option(min=1, help="Requests a client may send at once.")] = 20,
+    max_failed_tokens: Annotated[
+        int, typer.Option(min=1, help="Invalid tokens in a row from one address before it is locked out.")
+    ] = 5,
+    lockout: Annotated[
+        float, typer.Option(min=0.001, help="First lockout, in seconds; doubles with each further failure.")
+    ] = 1.0,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="Server certificate (PEM): serve HTTPS.")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    ssl_ca_certfile: Annotated[
+        Path | None, typer.Option(help="CA of client certificates: require them (mutual TLS).")
+    ] = None,
+    usage_file: Annotated[
+        Path | None, typer.Option(help="Keep every client's usage counters in this JSON file.")
+    ] = None,
 ) -> None:
     """Serve a frozen backbone over HTTP to black-box clients: logits and losses, never weights."""
+    from fedprompt.serving.admission import AdmissionSettings
     from fedprompt.serving.launch import ServeSettings
     from fedprompt.serving.launch import serve as serve_forever
-    from fedprompt.serving.service import ServiceLimits
+    from fedprompt.serving.service import QueryQuotas, ServiceLimits
+    from fedprompt.serving.tls import TLSFiles
     from prompt_modules.hf_text import BackboneLoadError
 
-    limits = ServiceLimits(
-        max_candidates=max_candidates,
-        max_examples=max_examples,
-        max_queries=max_queries,
-        max_request_bytes=max_request_bytes,
-    )
-    settings = ServeSettings(model, lm_head, max_length, device, host, port, tokens_env, chunk_size, limits)
     try:
+        settings = ServeSettings(
+            model,
+            lm_head,
+            max_length,
+            device,
+            host,
+            port,
+            tokens_env,
+            chunk_size,
+            limits=ServiceLimits(
+                max_candidates=max_candidates,
+                max_examples=max_examples,
+                max_queries=max_queries,
+                max_request_bytes=max_request_bytes,
+                max_projection_floats=max_projection_floats,
+            ),
+            quotas=QueryQuotas.from_options(query_quota, client_quota or []),
+            admission=AdmissionSettings(
+                rate=rate_limit,
+                burst=rate_burst,
+                max_failures=max_failed_tokens,
+                lockout=lockout,
+                max_lockout=max(lockout, 300.0),
+            ),
+            tls=TLSFiles.from_options(ssl_certfile, ssl_keyfile, ssl_ca_certfile),
+            usage_file=usage_file,
+        )
         serve_forever(settings)
     except (BackboneLoadError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -144,6 +252,72 @@ def demo_backbone(
     for name, value in demo.metadata["zero_shot"].items():
         table.add_row(name, f"{value:.4f}")
     out.print(table)
+class ExportFormat(str, Enum):
+    """Formats ``fedprompt export`` writes."""
+
+    peft = "peft"
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Results folder of a finished run.")],
+    out: Annotated[Path, typer.Argument(help="New (or empty) folder for the exported prompt.")],
+    format_: Annotated[
+        ExportFormat, typer.Option("--format", help="peft: a PEFT prompt-tuning adapter.")
+    ] = ExportFormat.peft,
+) -> None:
+    """Export a run's trained prompt: a text soft prompt as a PEFT prompt-tuning adapter."""
+    from fedprompt.peft_export import export_peft
+
+    typer.echo(export_peft(run_dir, out).instructions())
+
+
+RunFolders = Annotated[list[Path], typer.Argument(help="Results folders of runs (runs/<name>-<time>).")]
+
+
+@app.command()
+@user_errors
+def plot(
+    run_dirs: RunFolders,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="PNG file (default: the run's plot.png; plot.png for several)."),
+    ] = None,
+) -> None:
+    """Plot accuracy per round and against cumulative bytes (personalised curves and ε when present)."""
+    from fedprompt.plots import plot_runs
+    from fedprompt.results import PLOT_FILE
+    from fedprompt.run_report import load_run
+
+    runs = [load_run(path) for path in run_dirs]
+    if output is None:
+        output = run_dirs[0] / PLOT_FILE if len(run_dirs) == 1 else Path(PLOT_FILE)
+    typer.echo(f"plot written to {plot_runs(runs, output)}")
+
+
+@app.command()
+@user_errors
+def report(
+    run_dirs: RunFolders,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Write the table to OUTPUT.md and OUTPUT.csv.")
+    ] = Path("report"),
+) -> None:
+    """Compare runs in one table: accuracy (final, best, base/novel/HM, personalised), bytes, time, ε."""
+    from fedprompt.run_report import comparison_rows, format_value, load_run, write_csv, write_markdown
+
+    rows = comparison_rows([load_run(path) for path in run_dirs])
+    table = Table(title="fedprompt runs")
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for row in rows:
+        table.add_row(*(format_value(column, value) for column, value in row.items()))
+    Console().print(table)
+    markdown, csv_file = output.with_name(output.name + ".md"), output.with_name(output.name + ".csv")
+    write_markdown(rows, markdown)
+    write_csv(rows, csv_file)
+    typer.echo(f"table written to {markdown} and {csv_file}")
 
 
 flower_cli = typer.Typer(no_args_is_help=True, help="Run fedprompt jobs on Flower (the `flower` extra).")
@@ -151,6 +325,7 @@ app.add_typer(flower_cli, name="flower")
 
 
 @flower_cli.command("new-app")
+@user_errors
 def flower_new_app(
     directory: Annotated[Path, typer.Argument(help="New (or empty) folder for the Flower app.")],
     config: Annotated[
@@ -164,13 +339,13 @@ def flower_new_app(
 
     try:
         path = new_app(directory, config, list(set_ or []), name=name)
-    except (ConfigError, FileExistsError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    except (FileExistsError, ValueError) as exc:
+        raise fail(str(exc)) from None
     typer.echo(f"Flower app written to {path}; see {path / 'README.md'} to run it")
 
 
 @flower_cli.command("site-worker")
+@user_errors
 def flower_site_worker(
     socket_path: Annotated[
         Path, typer.Option("--socket", help="Unix socket path; name it in the SuperNode's node config.")
@@ -180,6 +355,10 @@ def flower_site_worker(
         typer.Option(help="The app's fedprompt.yaml: build its experiment now, before the first round."),
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field (repeatable).")] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="Keep the clients' carried state (personal prompts, ...) here, across restarts."),
+    ] = None,
 ) -> None:
     """Keep one site's backbone and data loaded across rounds for Flower's per-message ClientApp processes.
 
@@ -190,10 +369,9 @@ def flower_site_worker(
     logging.getLogger("fedprompt.flower").setLevel(logging.INFO)  # builds and rejections, always
     try:
         resolved = load_config(config, list(set_ or [])) if config is not None else None
-        serve_site(socket_path, resolved)
-    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        serve_site(socket_path, resolved, state_dir)
+    except (FileExistsError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
     except KeyboardInterrupt:
         pass
 

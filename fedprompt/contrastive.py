@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from fedprompt.batching import TensorData
-from fedprompt.state import State
-from fedprompt.training import FitInstructions, GradientTrainer
+from fedprompt.training import FitInstructions, GradientTrainer, LocalContext
 from optimizers.base import OptimizationStats
 from optimizers.gradient import GradientOptimizer
+from optimizers.schedules import RoundSchedule
 from prompt_modules.base import PromptModule
 
 POSITIVE = "contrast_global_features"
 NEGATIVE = "contrast_previous_features"
+PREVIOUS = "previous/"
+"""Carried-state prefix of the client's prompt state at the end of its previous round."""
 
 
 class ContrastiveTrainer(GradientTrainer):
@@ -27,10 +31,10 @@ class ContrastiveTrainer(GradientTrainer):
     round (the negative). z_g and z_p are constant during a round: they are computed once per
     round, in one pass without gradients over the local data.
 
-    The previous local prompt state lives in this object, in the client's process: build one
-    trainer per client (the in-process runtime keeps it for the whole run). It never crosses the
-    wire. In a client's first round (or after its process restarts) there is no previous state and
-    the global prompts stand in, so z_p = z_g and the term is the constant log 2.
+    The previous local prompt state is the client's carried state (``previous/<name>``): kept by
+    the runtime's client-state store, committed only when the server used the update, and
+    checkpointed with the run. It never crosses the wire. In a client's first round there is no
+    previous state and the global prompts stand in, so z_p = z_g and the term is the constant log 2.
     """
 
     def __init__(
@@ -41,38 +45,63 @@ class ContrastiveTrainer(GradientTrainer):
         ce_weight: float = 0.2,
         temperature: float = 2.0,
         eval_batch_size: int = 64,
+        text_contrast: bool = False,
+        schedule: RoundSchedule | None = None,
     ) -> None:
-        super().__init__(optimizer, batch_size, device)
+        super().__init__(optimizer, batch_size, device, schedule)
         if ce_weight <= 0 or temperature <= 0:
             raise ValueError(f"ce_weight and temperature must be positive, got {ce_weight}, {temperature}")
         self.ce_weight = ce_weight
         self.temperature = temperature
         self.eval_batch_size = eval_batch_size
-        self.previous_state: State | None = None
+        self.text_contrast = text_contrast
+        self._class_targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def train(
-        self, model: PromptModule, data: TensorData, instructions: FitInstructions
+        self,
+        model: PromptModule,
+        data: TensorData,
+        instructions: FitInstructions,
+        context: LocalContext | None = None,
     ) -> OptimizationStats:
+        context = context if context is not None else LocalContext()
         global_state = model.prompt_state()
-        positive = self._features(model, data)
-        negative = positive
-        if self.previous_state is not None:
-            model.load_state_dict(self.previous_state, strict=True)
+        previous = {
+            k.removeprefix(PREVIOUS): v for k, v in context.carried.items() if k.startswith(PREVIOUS)
+        }
+        positive, positive_classes = self._features(model, data), self._class_features(model)
+        negative, negative_classes = positive, positive_classes
+        if previous:
+            model.load_state_dict(previous, strict=True)
             try:
-                negative = self._features(model, data)
+                negative, negative_classes = self._features(model, data), self._class_features(model)
             finally:
                 model.load_state_dict(global_state, strict=True)
-        augmented = TensorData({**data.tensors, POSITIVE: positive, NEGATIVE: negative})
-        stats = super().train(model, augmented, instructions)
-        self.previous_state = model.prompt_state()
+        if positive_classes is not None and negative_classes is not None:
+            self._class_targets = (positive_classes, negative_classes)
+        augmented = replace(data, tensors={**data.tensors, POSITIVE: positive, NEGATIVE: negative})
+        stats = super().train(model, augmented, instructions, context)
+        context.carry_out.update({PREVIOUS + k: v for k, v in model.prompt_state().items()})
         return stats
 
     def objective(self, model: PromptModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, features = model.forward_with_features(batch)
+        logits, features, classes = model.forward_with_all_features(batch)
         ce = F.cross_entropy(logits.float(), batch["labels"])
-        positive = (features * batch[POSITIVE]).sum(-1) / self.temperature
-        negative = (features * batch[NEGATIVE]).sum(-1) / self.temperature
-        return self.ce_weight * ce + F.softplus(negative - positive).mean()
+        loss = self.ce_weight * ce + self._contrast(features, batch[POSITIVE], batch[NEGATIVE])
+        if self.text_contrast:
+            if self._class_targets is None:
+                raise RuntimeError("the text contrast needs the class features that train() computes first")
+            positive, negative = (t.to(classes.device) for t in self._class_targets)
+            loss = loss + self._contrast(classes, positive, negative)
+        return loss
+
+    def _contrast(self, z: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """mean softplus((cos(z, negative) − cos(z, positive)) / T) over rows of unit vectors."""
+        return F.softplus(((z * negative).sum(-1) - (z * positive).sum(-1)) / self.temperature).mean()
+
+    @torch.no_grad()
+    def _class_features(self, model: PromptModule) -> torch.Tensor | None:
+        return model.class_features().detach().clone().cpu() if self.text_contrast else None
 
     @torch.no_grad()
     def _features(self, model: PromptModule, data: TensorData) -> torch.Tensor:

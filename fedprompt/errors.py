@@ -1,5 +1,22 @@
 """Errors of fedprompt's boundaries, importable without torch (the Flower relay path needs them)."""
 
 
+class UserError(Exception):
+    """A mistake in what the user asked for (a configuration, a data file, a folder), not a bug.
+
+    The message says what is wrong and how to fix it; the command line prints it as one
+    ``error:`` line and exits with status 2 (a traceback only with ``--debug``).
+    """
+
+
+class RunFolderError(UserError, FileNotFoundError):
+    """A folder given as a run's results folder (to resume, export, plot or report) that is not one."""
+
+
+class NoClientTrainedError(UserError, RuntimeError):
+    """Every client sampled in a round failed: usually a setting that no client can train with
+    (the first reason says which); the checkpoint of the last complete round stays."""
+
+
 class PayloadError(ValueError):
     """A payload that was rejected on arrival; the message says which part is wrong and how."""

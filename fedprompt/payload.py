@@ -39,6 +39,13 @@ UPDATE_METADATA_KEYS = (CLIENT_ID_KEY, NUM_EXAMPLES_KEY, METRICS_KEY)
 
 _INTEGER = re.compile(r"[0-9]{1,20}")  # at most 20 digits: every u64, and int() never hits its digit limit
 
+MAX_METRICS = 64
+"""Most metrics one update may carry."""
+MAX_METRICS_BYTES = 8192
+"""Largest JSON text of an update's metrics."""
+METRIC_NAME = re.compile(r"[a-z][a-z0-9_.]{0,63}")
+"""What a metric name may look like: lower-case words, digits, '_' and '.', at most 64 characters."""
+
 Direction = Literal["up", "down"]
 DIRECTIONS: tuple[Direction, ...] = ("up", "down")
 
@@ -205,10 +212,15 @@ def encode_update(update: Update, wire_dtype: str) -> bytes:
     non_finite = sorted(name for name, value in metrics.items() if not math.isfinite(value))
     if non_finite:
         raise ValueError(f"metrics {non_finite} are not finite")
+    text = json.dumps(metrics, sort_keys=True, allow_nan=False)
+    try:
+        _check_metric_limits(metrics, len(text.encode()))
+    except PayloadError as exc:
+        raise ValueError(str(exc)) from None
     metadata = {
         CLIENT_ID_KEY: str(update.client_id),
         NUM_EXAMPLES_KEY: str(update.num_examples),
-        METRICS_KEY: json.dumps(metrics, sort_keys=True, allow_nan=False),
+        METRICS_KEY: text,
     }
     return encode_state(pack(update.state, update.extras), wire_dtype, metadata)
 
@@ -233,7 +245,7 @@ def decode_update(data: bytes, spec: PayloadSpec, expected_client_id: int | None
     num_examples = _metadata_integer(metadata, NUM_EXAMPLES_KEY)
     if num_examples < 1:
         raise PayloadError(f"{NUM_EXAMPLES_KEY} must be a positive integer, got {num_examples}")
-    return Update(client_id, state, num_examples, _metadata_metrics(metadata[METRICS_KEY]), extras)
+    return Update(client_id, state, num_examples, parse_metrics(metadata[METRICS_KEY]), extras)
 
 
 def _metadata_integer(metadata: Mapping[str, str], key: str) -> int:
@@ -243,7 +255,25 @@ def _metadata_integer(metadata: Mapping[str, str], key: str) -> int:
     return int(value)
 
 
-def _metadata_metrics(text: str) -> dict[str, float]:
+def _check_metric_limits(metrics: Mapping[str, Any], size: int) -> None:
+    if size > MAX_METRICS_BYTES:
+        raise PayloadError(f"{METRICS_KEY} is {size} bytes, over the limit of {MAX_METRICS_BYTES}")
+    if len(metrics) > MAX_METRICS:
+        raise PayloadError(f"{METRICS_KEY} holds {len(metrics)} metrics, over the limit of {MAX_METRICS}")
+    bad = sorted(name for name in metrics if not METRIC_NAME.fullmatch(name))[:5]
+    if bad:
+        raise PayloadError(
+            f"{METRICS_KEY} names {[name[:70] for name in bad]} are not lower-case names of at most 64 "
+            "characters (letters, digits, '_', '.')"
+        )
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """A client's metrics from their JSON text (an update's metadata), within the metric limits;
+    PayloadError names what is wrong."""
+    size = len(text.encode())
+    if size > MAX_METRICS_BYTES:  # before parsing: never parse an oversized text
+        raise PayloadError(f"{METRICS_KEY} is {size} bytes, over the limit of {MAX_METRICS_BYTES}")
     try:
         # parse_int=float: every number is a float, and a huge integer becomes inf (rejected below).
         metrics = json.loads(text, parse_int=float, object_pairs_hook=_unique_keys)
@@ -251,6 +281,7 @@ def _metadata_metrics(text: str) -> dict[str, float]:
         raise PayloadError(f"{METRICS_KEY} is not valid JSON: {exc}") from None
     if not isinstance(metrics, dict):
         raise PayloadError(f"{METRICS_KEY} must be a JSON object, got {text[:40]!r}")
+    _check_metric_limits(metrics, len(text.encode()))
     bad = sorted(
         name for name, value in metrics.items() if not isinstance(value, float) or not math.isfinite(value)
     )

@@ -12,9 +12,12 @@ The builders call the same check functions with the loaded model's layer counts.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 from fedprompt.config import (
+    DEFAULT_COOP_TOKENS,
     ConfigError,
+    CoOpPromptConfig,
     DeepPromptConfig,
     HFTextBackboneConfig,
     OpenCLIPBackboneConfig,
@@ -23,6 +26,9 @@ from fedprompt.config import (
     VPTPromptConfig,
     VQAPromptConfig,
 )
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,29 @@ def check_coupled_depth(start_layer: int, layers: int, text_depth: int) -> None:
         )
 
 
+def context_phrase(config: CoOpPromptConfig, tokenizer: Any, field: str) -> tuple[int, list[int]]:
+    """M, the number of CoOp context vectors, and the token ids of ``init_text`` that start them.
+
+    As CoOp: with ``init: text`` M is the phrase's token count (each vector starts as one of its
+    token embeddings); otherwise ``num_tokens`` (16 when unset). Raises ConfigError when
+    ``num_tokens`` is given and contradicts the phrase, or the phrase has no tokens.
+    """
+    if config.init != "text" or not config.init_text:
+        return config.num_tokens or DEFAULT_COOP_TOKENS, []
+    from prompt_modules.clip_text_context import phrase_token_ids
+
+    phrase = phrase_token_ids(tokenizer, config.init_text)
+    if not phrase:
+        raise ConfigError(f"{field}.init_text: {config.init_text!r} gives no tokens; give a phrase")
+    if config.num_tokens is not None and config.num_tokens != len(phrase):
+        raise ConfigError(
+            f"{field}.num_tokens: {config.num_tokens} contradicts {field}.init_text {config.init_text!r}, "
+            f"which is {len(phrase)} tokens; with init: text the context has one vector per token of the "
+            f"phrase (CoOp), so remove num_tokens or set it to {len(phrase)}"
+        )
+    return len(phrase), phrase
+
+
 def check_model_fields(config: RunConfig) -> None:
     """Check the layer-dependent fields of ``config`` against the model's configuration file."""
     prompt, backbone = config.prompt, config.backbone
@@ -70,6 +99,11 @@ def check_model_fields(config: RunConfig) -> None:
         if num_layers is not None:
             check_deep_start_layer(prompt.start_layer, num_layers)
     if isinstance(backbone, OpenCLIPBackboneConfig):
+        text = prompt.text if isinstance(prompt, TwinPromptConfig) else prompt
+        if isinstance(text, CoOpPromptConfig) and text.init == "text":
+            tokenizer = clip_tokenizer(backbone)
+            if tokenizer is not None:
+                context_phrase(text, tokenizer, "prompt.text" if text is not prompt else "prompt")
         nested = isinstance(prompt, TwinPromptConfig | VQAPromptConfig)
         visual = prompt.visual if nested else prompt
         if isinstance(visual, VPTPromptConfig):
@@ -84,20 +118,25 @@ def check_model_fields(config: RunConfig) -> None:
 
 def text_layer_count(config: HFTextBackboneConfig) -> int | None:
     """The layer count of a Hugging Face text model from its configuration (None: not readable here)."""
+    model_config = text_model_config(config)
+    return None if model_config is None else int(model_config.num_hidden_layers)
+
+
+def text_model_config(config: HFTextBackboneConfig) -> PretrainedConfig | None:
+    """A Hugging Face text model's configuration, read without its weights (None: not readable here,
+    e.g. a Hub model not in the local cache)."""
     from transformers import AutoConfig
 
     from prompt_modules.bundled import resolve_model_name
 
     try:
         if config.random_config is not None:
-            model_config = AutoConfig.for_model(**config.random_config)
-        else:
-            path, gguf = resolve_model_name(config.model, config.gguf_file)
-            kwargs = {"revision": config.revision, **({"gguf_file": gguf} if gguf else {})}
-            model_config = AutoConfig.from_pretrained(path, **kwargs)
-        return int(model_config.num_hidden_layers)
+            return AutoConfig.for_model(**config.random_config)
+        path, gguf = resolve_model_name(config.model, config.gguf_file)
+        kwargs = {"revision": config.revision, **({"gguf_file": gguf} if gguf else {})}
+        return AutoConfig.from_pretrained(path, **kwargs)
     except Exception as exc:  # unreadable here: the builder checks against the loaded model
-        log.debug("layer count of %s not read before loading: %s", config.model, exc)
+        log.debug("configuration of %s not read before loading: %s", config.model, exc)
         return None
 
 
@@ -117,3 +156,16 @@ def vision_layer_count(config: OpenCLIPBackboneConfig) -> int | None:
         return None
     layers = (model_config or {}).get("vision_cfg", {}).get("layers")
     return layers if isinstance(layers, int) else None
+
+
+def clip_tokenizer(config: OpenCLIPBackboneConfig) -> Any | None:
+    """The open_clip model's tokenizer, without its weights (None: not to be had here)."""
+    import open_clip
+
+    from prompt_modules.clip_backbone import register_model_config
+
+    try:
+        return open_clip.get_tokenizer(register_model_config(config.model))
+    except Exception as exc:  # e.g. a Hub tokenizer offline: the builder checks against the loaded one
+        log.debug("tokenizer of %s not read before loading: %s", config.model, exc)
+        return None

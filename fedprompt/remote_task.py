@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Sequence
 
 from fedprompt.blackbox import projection_spec, search_sigma
 from fedprompt.config import ConfigError, IntrinsicPromptConfig, RemoteBackboneConfig, RunConfig
 from fedprompt.text_task import head_spec
 from prompt_modules.hf_text import load_tokenizer
-from prompt_modules.remote import RemoteBackbone, RemoteIntrinsicClassifier
+from prompt_modules.remote import RemoteBackbone, RemoteIntrinsicClassifier, tls_context
 
 
 def build_remote_model(
@@ -26,7 +27,12 @@ def build_remote_model(
         )
     assert isinstance(config.prompt, IntrinsicPromptConfig)  # RunConfig guarantees it for remote backbones
     client = RemoteBackbone(
-        backbone.url, token, timeout=backbone.timeout, retries=backbone.retries, backoff=backbone.backoff
+        backbone.url,
+        token,
+        timeout=backbone.timeout,
+        retries=backbone.retries,
+        backoff=backbone.backoff,
+        tls=_tls(backbone) if backbone.url.startswith("https://") else None,
     )
     model = RemoteIntrinsicClassifier(
         client,
@@ -36,3 +42,23 @@ def build_remote_model(
         projection_spec(config.prompt, config.seed, search_sigma(config.optimizer)),
     )
     return model, client.info.backbone_bytes
+
+
+def _tls(backbone: RemoteBackboneConfig) -> ssl.SSLContext:
+    """The TLS trust (and client certificate) the configuration names; ConfigError naming the field
+    whose file is missing or does not load."""
+    files = {
+        "ca_file": backbone.ca_file,
+        "client_certfile": backbone.client_certfile,
+        "client_keyfile": backbone.client_keyfile,
+    }
+    for name, path in files.items():
+        if path is not None and not path.is_file():
+            raise ConfigError(f"backbone.{name}: {path} is not a file")
+    cert = None
+    if backbone.client_certfile is not None and backbone.client_keyfile is not None:
+        cert = (backbone.client_certfile, backbone.client_keyfile)
+    try:
+        return tls_context(backbone.ca_file, cert)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"backbone.ca_file / client_certfile: the TLS files do not load: {exc}") from None

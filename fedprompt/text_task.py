@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
@@ -29,13 +30,25 @@ from fedprompt.experiment import Experiment
 from fedprompt.preflight import check_deep_start_layer
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
-from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer
+from fedprompt.strategies.fedkseed import kseed_setup
+from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
 from prompt_modules.heads import HeadSpec, SimilarityHeadSpec, VerbalizerHeadSpec
 from prompt_modules.heads import build_head as build_head_from_spec
 from prompt_modules.hf_text import HFTextBackbone
 from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier
-from prompt_modules.soft_prompt import DeepPrompt, SoftPrompt, init_prompt_embeddings
-from prompt_modules.text_classifier import SimilarityHead, TextPromptClassifier, VerbalizerHead
+from prompt_modules.soft_prompt import (
+    DeepPrompt,
+    PrefixPrompt,
+    SoftPrompt,
+    init_prompt_embeddings,
+    init_token_ids,
+)
+from prompt_modules.text_classifier import (
+    LAYER_INPUT,
+    SimilarityHead,
+    TextPromptClassifier,
+    VerbalizerHead,
+)
 
 
 def load_backbone(config: HFTextBackboneConfig, head_kind: str, seed: int) -> HFTextBackbone:
@@ -81,9 +94,11 @@ def build_prompt(
     backbone: HFTextBackbone,
     seed: int,
     sigma: float = 1.0,
-) -> SoftPrompt | DeepPrompt | IntrinsicPrompt:
+) -> SoftPrompt | DeepPrompt | PrefixPrompt | IntrinsicPrompt:
     """The trainable prompt, initialised from text, sampled vocabulary or noise (seeded); or an
-    intrinsic prompt z = 0 on the projection the run seed fixes (``sigma``: BBT's σ in its scale)."""
+    intrinsic prompt z = 0 on the projection the run seed fixes (``sigma``: BBT's σ in its scale).
+    A key/value prefix starts at the frozen model's keys and values of the text's or sampled
+    tokens, or at N(0, init_std²) entries."""
     if isinstance(config, IntrinsicPromptConfig):
         return IntrinsicPrompt.from_backbone(backbone, projection_spec(config, seed, sigma))
     generator = torch_generator(derive_seed(seed, "prompt-init"))
@@ -107,8 +122,33 @@ def build_prompt(
     if isinstance(config, SoftPromptConfig):
         return SoftPrompt(init())
     check_deep_start_layer(config.start_layer, backbone.num_layers)
+    if config.mode == "prefix":
+        return PrefixPrompt(_prefix_init(config, backbone, generator, text_ids), config.start_layer)
     layers = backbone.num_layers - config.start_layer
     return DeepPrompt(torch.stack([init() for _ in range(layers)]), config.start_layer)
+
+
+def _prefix_init(
+    config: DeepPromptConfig, backbone: HFTextBackbone, generator: torch.Generator, text_ids: list[int]
+) -> torch.Tensor:
+    """Starting key/value prefixes [layers from start_layer, 2, kv_heads, m, head_dim] (fp32, CPU):
+    the frozen model's keys and values of m tokens (init text/vocab), or N(0, init_std²) entries
+    (random; the shape read from the keys of m arbitrary tokens)."""
+    if config.init == "random":
+        ids = torch.full((config.num_tokens,), backbone.tokenizer.pad_token_id)
+    else:
+        ids = init_token_ids(
+            backbone.embedding_matrix.shape[0],
+            config.num_tokens,
+            config.init,
+            generator=generator,
+            text_ids=text_ids,
+            excluded_ids=backbone.tokenizer.all_special_ids,
+        )
+    own = backbone.key_values(ids)[config.start_layer :].float().cpu()
+    if config.init == "random":
+        return torch.randn(own.shape, generator=generator) * config.init_std
+    return own
 
 
 def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None = None) -> Experiment:
@@ -123,11 +163,18 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         model, backbone_bytes = _local_model(config, config.backbone, data.label_names, accelerator.device)
     model.to(accelerator.device).eval()
 
+    cache_layer = _cached_layer(config, model)
+
     def tensors(dataset) -> TensorData:
         encoded = model.encode_texts(dataset["text"])
+        if cache_layer:
+            encoded[LAYER_INPUT] = _layer_inputs(
+                model, encoded, config.runtime.eval_batch_size, accelerator.device
+            )
         return TensorData({**encoded, "labels": torch.tensor(dataset["label"], dtype=torch.long)})
 
-    train, test = tensors(data.train), tensors(data.test)
+    with _checked_against_the_model("head.template"):
+        train, test = tensors(data.train), tensors(data.test)
     parts = partition_indices(
         train.labels.numpy(), config.partition, seed=derive_seed(config.seed, "partition")
     )
@@ -151,11 +198,33 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         model=model,
         clients=clients,
         test_data=test,
-        strategy=build_strategy(config.strategy, search_sigma(config.optimizer)),
+        strategy=build_strategy(
+            config.strategy, search_sigma(config.optimizer), kseed_setup(config), run=config
+        ),
         device=accelerator.device,
         backbone_bytes=backbone_bytes,
         label_names=list(data.label_names),
     )
+
+
+def _cached_layer(config: RunConfig, model: object) -> int:
+    """The deep prompt's first layer when the states entering it are to be cached, else 0."""
+    prompt = config.prompt
+    if not (isinstance(prompt, DeepPromptConfig) and prompt.cache_frozen_layers):
+        return 0
+    return model.cached_layer if isinstance(model, TextPromptClassifier) else 0
+
+
+def _layer_inputs(
+    model: TextPromptClassifier, encoded: dict[str, torch.Tensor], batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """The unprompted states entering the deep prompt's first layer for every example [N, L, h],
+    computed once in batches of ``batch_size`` (in the data's right-padded layout, on the CPU)."""
+    chunks = []
+    for start in range(0, len(encoded["input_ids"]), batch_size):
+        batch = {name: t[start : start + batch_size].to(device) for name, t in encoded.items()}
+        chunks.append(model.layer_inputs(batch).cpu())
+    return torch.cat(chunks)
 
 
 def _local_model(
@@ -163,24 +232,45 @@ def _local_model(
 ) -> tuple[TextPromptClassifier, int]:
     """The prompt module on a backbone loaded in this process, and the backbone's size in bytes."""
     backbone = load_backbone(backbone_config, config.head.kind, config.seed).to(device)
-    head = build_head(config.head, backbone, label_names)
-    prompt = build_prompt(config.prompt, backbone, config.seed, search_sigma(config.optimizer))
-    if not isinstance(prompt, IntrinsicPrompt):
-        return TextPromptClassifier(backbone, prompt, head, config.head.template), backbone.num_bytes()
-    opt = config.optimizer
-    chunk = opt.chunk_size if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig) else 1
-    return IntrinsicTextClassifier(backbone, prompt, head, config.head.template, chunk), backbone.num_bytes()
+    with _checked_against_the_model("head"):
+        head = build_head(config.head, backbone, label_names)
+    with _checked_against_the_model("prompt"):
+        prompt = build_prompt(config.prompt, backbone, config.seed, search_sigma(config.optimizer))
+    with _checked_against_the_model("head.template"):
+        if not isinstance(prompt, IntrinsicPrompt):
+            placement = (
+                config.prompt.placement if isinstance(config.prompt, SoftPromptConfig) else "after-cls"
+            )
+            model = TextPromptClassifier(backbone, prompt, head, config.head.template, placement)
+            return model, backbone.num_bytes()
+        opt = config.optimizer
+        chunk = opt.chunk_size if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig) else 1
+        model = IntrinsicTextClassifier(backbone, prompt, head, config.head.template, chunk)
+        return model, backbone.num_bytes()
+
+
+@contextmanager
+def _checked_against_the_model(field: str) -> Iterator[None]:
+    """Report a setting that only the loaded model could check (a [MASK]-less masked-LM template,
+    label words sharing a first token, an init phrase of no tokens) as a ConfigError on ``field``."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc
 
 
 def _trainer(config: RunConfig, accelerator: Accelerator) -> LocalTrainer:
     """The local trainer the optimizer section describes: by gradient, or black-box over z."""
     opt = config.optimizer
     if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig):
-        return build_blackbox_trainer(opt, config.strategy, accelerator.device)
+        return build_blackbox_trainer(opt, config.strategy, accelerator.device, kseed_setup(config))
     return GradientTrainer(
         gradient_optimizer(opt, accelerator),
         batch_size=opt.batch_size,
         device=accelerator.device,
+        schedule=round_schedule(opt, config.federation.rounds),
     )
 
 

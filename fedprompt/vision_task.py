@@ -9,6 +9,7 @@ pixel-space prompts. Those tensors go through ``FeatureCache`` (in memory; on di
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Sequence
 
 import datasets
@@ -16,6 +17,7 @@ import numpy as np
 import open_clip
 import torch
 
+from fedprompt.augment import VIEWS, CropFlip, SeededTrainData, view_seed
 from fedprompt.batching import TensorData
 from fedprompt.client import Client
 from fedprompt.config import (
@@ -30,16 +32,16 @@ from fedprompt.config import (
     VPTPromptConfig,
 )
 from fedprompt.contrastive import ContrastiveTrainer
-from fedprompt.data import partition_indices, split_local
-from fedprompt.data.images import load_image_classification, split_base_novel
+from fedprompt.data import DataError, partition_class_ranges, partition_indices, split_local
+from fedprompt.data.images import ImageTask, load_image_task
 from fedprompt.demo_backbone import backbone_notes, resolve_clip_weights
 from fedprompt.device import make_accelerator
 from fedprompt.experiment import EvalSet, Experiment
 from fedprompt.feature_cache import FeatureCache, image_fingerprint
-from fedprompt.preflight import check_coupled_depth, vpt_layers
+from fedprompt.preflight import check_coupled_depth, context_phrase, vpt_layers
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
-from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer
+from fedprompt.training import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
 from optimizers.gradient import GradientOptimizer
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
@@ -69,22 +71,19 @@ def load_clip_backbone(config: OpenCLIPBackboneConfig, seed: int) -> OpenCLIPBac
 def build_text_context(
     config: CoOpPromptConfig, backbone: OpenCLIPBackbone, class_names: Sequence[str], seed: int, field: str
 ) -> TextContext:
-    """CoOp context: from a phrase, sampled vocabulary or N(0, init_std²); deep layers N(0, init_std²)."""
+    """CoOp context: from a phrase (one vector per token), sampled vocabulary or N(0, init_std²);
+    deep layers N(0, init_std²)."""
     if config.depth > backbone.num_text_layers:
         raise ConfigError(
             f"{field}.depth: {config.depth} exceeds the text tower's {backbone.num_text_layers} layers"
         )
+    num_tokens, phrase = context_phrase(config, backbone.tokenizer, field)
     generator = torch_generator(derive_seed(seed, "prompt-init", "text"))
-    phrase: list[int] = []
-    if config.init_text:
-        ids = backbone.tokenize([config.init_text])[0]
-        first = 1 if int(ids[0]) in backbone.special_token_ids else 0
-        phrase = ids[first : int(backbone.pooled_positions(ids[None])[0])].tolist()
 
     def init() -> torch.Tensor:
         return init_prompt_embeddings(
             backbone.token_embedding_matrix,
-            config.num_tokens,
+            num_tokens,
             config.init,
             generator=generator,
             text_ids=phrase,
@@ -93,11 +92,12 @@ def build_text_context(
         )
 
     context = torch.stack([init() for _ in class_names]) if config.class_specific else init()
-    deep = torch.randn(config.depth - 1, config.num_tokens, backbone.text_width, generator=generator)
+    deep = torch.randn(config.depth - 1, num_tokens, backbone.text_width, generator=generator)
     return TextContext(
         context,
         deep * config.init_std if config.depth > 1 else None,
         class_names if config.class_specific else None,
+        class_position=config.class_position,
     )
 
 
@@ -108,13 +108,23 @@ def build_visual_side(
     if isinstance(config, PixelPromptConfig):
         try:
             return PixelPrompt(
-                config.method, config.size, backbone.image_size, config.init_std, derive_seed(seed, "pixel")
+                config.method,
+                config.size,
+                backbone.image_size,
+                config.init_std,
+                derive_seed(seed, "pixel"),
+                random_at_eval=config.random_at_eval,
             )
         except ValueError as exc:
             raise ConfigError(f"{field}.size: {exc}") from None
     layers = vpt_layers(config, backbone.num_vision_layers, field)
     generator = torch_generator(derive_seed(seed, "prompt-init", "vpt"))
-    return VisualTokenPrompt(vpt_init(backbone, layers, config.num_tokens, generator), config.start_layer)
+    return VisualTokenPrompt(
+        vpt_init(backbone, layers, config.num_tokens, generator),
+        config.start_layer,
+        placement=config.placement,
+        dropout=config.dropout,
+    )
 
 
 def _part_settings(config: PartOptimizerConfig) -> dict[str, float]:
@@ -151,10 +161,19 @@ def build_clip_model(
             assert isinstance(prompt.visual, VPTPromptConfig)  # TwinPromptConfig guarantees it
             layers = vpt_layers(prompt.visual, backbone.num_vision_layers, "prompt.visual")
             check_coupled_depth(prompt.visual.start_layer, layers, text.depth)
+            if prompt.visual.num_tokens != text.num_tokens:
+                raise ConfigError(
+                    f"prompt.visual.num_tokens: {prompt.visual.num_tokens} must equal the text context's "
+                    f"{text.num_tokens} vectors (from prompt.text.init_text) when coupled"
+                )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(seed, "prompt-init", "coupling"))
                 image = CoupledVisualPrompt(
-                    backbone.text_width, backbone.vision_width, layers, prompt.visual.start_layer
+                    backbone.text_width,
+                    backbone.vision_width,
+                    layers,
+                    prompt.visual.start_layer,
+                    placement=prompt.visual.placement,
                 )
         else:
             image = build_visual_side(prompt.visual, backbone, seed, "prompt.visual")
@@ -169,6 +188,25 @@ def build_clip_model(
 # --------------------------------------------------------------------------- data
 
 
+def _pixels(backbone: OpenCLIPBackbone, images: list) -> torch.Tensor:
+    """Preprocessed images [B, 3, H, W] (the backbone's evaluation transform)."""
+    return torch.stack([backbone.preprocess(image.convert("RGB")) for image in images])
+
+
+def _cache_parts(model: CLIPPromptClassifier, dataset: datasets.Dataset, what: str) -> dict[str, str]:
+    """What cached image tensors depend on: model, weights, precision, transform, images, ``what``."""
+    backbone: OpenCLIPBackbone = model.backbone
+    return {
+        "model": backbone.name,
+        "architecture": repr(open_clip.get_model_config(backbone.name)),
+        "weights": backbone.weights,
+        "dtype": f"{backbone.dtype}/{backbone.image_dtype}",
+        "transform": repr(backbone.preprocess),
+        "input": what,
+        "images": image_fingerprint(dataset),
+    }
+
+
 def image_tensors(
     model: CLIPPromptClassifier,
     dataset: datasets.Dataset,
@@ -178,27 +216,97 @@ def image_tensors(
     """The dataset as the model's image input (cached, computed once) plus ``labels``."""
     backbone: OpenCLIPBackbone = model.backbone
     image_input = model.image_input
-    parts = {
-        "model": backbone.name,
-        "architecture": repr(open_clip.get_model_config(backbone.name)),
-        "weights": backbone.weights,
-        "dtype": f"{backbone.dtype}/{backbone.image_dtype}",
-        "transform": repr(backbone.preprocess),
-        "input": image_input.name,
-        "images": image_fingerprint(dataset),
-    }
 
     def compute() -> torch.Tensor:
         chunks = []
         for start in range(0, len(dataset), batch_size):
-            images = dataset[start : start + batch_size]["image"]
-            pixels = torch.stack([backbone.preprocess(image.convert("RGB")) for image in images])
+            pixels = _pixels(backbone, dataset[start : start + batch_size]["image"])
             chunks.append(model.prepare_images(pixels.to(backbone.device)).cpu())
         return torch.cat(chunks)
 
+    parts = _cache_parts(model, dataset, image_input.name)
     values = cache.get(parts, compute, persist=image_input.key != "pixels")  # pixels: memory only
     labels = torch.tensor(dataset["label"], dtype=torch.long)
     return TensorData({image_input.key: values, "labels": labels})
+
+
+def augmented_views(
+    model: CLIPPromptClassifier,
+    dataset: datasets.Dataset,
+    rows: np.ndarray,
+    augment: CropFlip,
+    views: int,
+    seed: int,
+    cache: FeatureCache,
+    batch_size: int,
+) -> torch.Tensor:
+    """Image features [N, K, D] of K augmented views of each image (cached, computed once).
+
+    View k of the image at row r of the full training set is ``augment`` with seed
+    ``view_seed(seed, r, k)``: the same whichever clients a process builds.
+    """
+    backbone: OpenCLIPBackbone = model.backbone
+
+    def compute() -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(dataset), batch_size):
+            pixels = _pixels(backbone, dataset[start : start + batch_size]["image"])
+            stacked = torch.stack(
+                [
+                    augment(image, view_seed(seed, int(row), k))
+                    for image, row in zip(pixels, rows[start : start + batch_size], strict=True)
+                    for k in range(views)
+                ]
+            )
+            features = model.prepare_images(stacked.to(backbone.device)).cpu()
+            chunks.append(features.reshape(len(pixels), views, -1))
+        return torch.cat(chunks)
+
+    parts = _cache_parts(model, dataset, f"{model.image_input.name}-views")
+    parts["augment"] = f"{augment!r} views={views} seed={derive_seed(seed, 'augment-view')}"
+    parts["rows"] = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
+    return cache.get(parts, compute)
+
+
+def pixel_tensor(
+    backbone: OpenCLIPBackbone,
+    dataset: datasets.Dataset,
+    cache: FeatureCache,
+    batch_size: int,
+    model: CLIPPromptClassifier,
+) -> torch.Tensor:
+    """Preprocessed images [N, 3, H, W] of the dataset (kept in memory only: cheap to redo)."""
+
+    def compute() -> torch.Tensor:
+        return torch.cat(
+            [
+                _pixels(backbone, dataset[i : i + batch_size]["image"])
+                for i in range(0, len(dataset), batch_size)
+            ]
+        )
+
+    return cache.get(_cache_parts(model, dataset, "pixels"), compute, persist=False)
+
+
+def seeded_train_data(
+    data: TensorData, replacements: dict[str, torch.Tensor], augment: CropFlip | None
+) -> SeededTrainData:
+    """A client's training data whose batches carry the step's randomness (``SeededTrainData``):
+    cached views (``VIEWS``) replace the plain image features, pixels the cached hidden states (VPT
+    then runs the whole tower on augmented images)."""
+    tensors = dict(data.tensors)
+    if VIEWS in replacements:
+        tensors.pop("image_features", None)
+    if "pixels" in replacements:
+        tensors.pop("image_tokens", None)
+    tensors.update(replacements)
+    return SeededTrainData(tensors, augment=augment if "pixels" in tensors else None)
+
+
+def relabel(data: TensorData, classes: np.ndarray) -> TensorData:
+    """``data`` with its labels renumbered within ``classes`` (sorted label values): c -> index of c."""
+    labels = torch.as_tensor(np.searchsorted(classes, data.labels.numpy()), dtype=torch.long)
+    return TensorData({**data.tensors, "labels": labels})
 
 
 # --------------------------------------------------------------------------- experiment
@@ -206,6 +314,7 @@ def image_tensors(
 
 def _trainer(config: RunConfig, optimizer: GradientOptimizer, device: torch.device) -> LocalTrainer:
     prompt, batch_size = config.prompt, config.optimizer.batch_size
+    schedule = round_schedule(config.optimizer, config.federation.rounds)
     if isinstance(prompt, TwinPromptConfig) and prompt.contrastive:
         return ContrastiveTrainer(
             optimizer,
@@ -214,65 +323,137 @@ def _trainer(config: RunConfig, optimizer: GradientOptimizer, device: torch.devi
             ce_weight=prompt.ce_weight,
             temperature=prompt.temperature,
             eval_batch_size=config.runtime.eval_batch_size,
+            text_contrast=prompt.contrast == "image-and-text",
+            schedule=schedule,
         )
-    return GradientTrainer(optimizer, batch_size, device)
+    return GradientTrainer(optimizer, batch_size, device, schedule)
+
+
+def _random_visual_prompt(config: RunConfig) -> bool:
+    """Whether the visual prompt draws random numbers while training (it then reads the step's seed)."""
+    prompt = config.prompt
+    visual = prompt.visual if isinstance(prompt, TwinPromptConfig) else prompt
+    if isinstance(visual, PixelPromptConfig):
+        return visual.method == "random-patch"
+    return isinstance(visual, VPTPromptConfig) and visual.dropout > 0
+
+
+def _partition(config: RunConfig, task: ImageTask, labels: np.ndarray) -> list[np.ndarray]:
+    seed = derive_seed(config.seed, "partition")
+    if task.datasets is None:
+        return partition_indices(labels, config.partition, seed=seed)
+    try:
+        return partition_class_ranges(
+            labels,
+            [d.classes for d in task.datasets],
+            config.partition.classes_per_client,
+            config.partition.num_clients,
+        )
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _eval_sets(
+    model: CLIPPromptClassifier, task: ImageTask, test: TensorData, cache: FeatureCache, batch: int
+) -> dict[str, EvalSet]:
+    """Base and novel classes (base-to-novel runs) and, for pooled datasets, each dataset apart:
+    ``<label>_base`` and ``<label>_novel`` (grouped into ``base`` and ``novel``, their mean over
+    datasets as FedTPG reports it), or ``<label>`` (grouped into ``dataset_mean``)."""
+    novel = image_tensors(model, task.novel_test, cache, batch) if task.novel_test is not None else None
+    if task.datasets is None:
+        if novel is None or task.novel_names is None:
+            return {}
+        return {
+            "base": EvalSet(test, list(task.class_names)),
+            "novel": EvalSet(novel, list(task.novel_names)),
+        }
+
+    def part(data: TensorData, names: list[str], span: tuple[int, int], group: str) -> EvalSet:
+        rows = np.flatnonzero((data.labels.numpy() >= span[0]) & (data.labels.numpy() < span[1]))
+        return EvalSet(
+            relabel(data.subset(rows), np.arange(span[0], span[1])), names[span[0] : span[1]], group
+        )
+
+    sets = {}
+    for dataset in task.datasets:
+        if novel is None or task.novel_names is None or dataset.novel_classes is None:
+            sets[dataset.label] = part(test, task.class_names, dataset.classes, "dataset_mean")
+            continue
+        sets[f"{dataset.label}_base"] = part(test, task.class_names, dataset.classes, "base")
+        sets[f"{dataset.label}_novel"] = part(novel, task.novel_names, dataset.novel_classes, "novel")
+    return sets
 
 
 def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | None = None) -> Experiment:
-    """Load images and CLIP, build the prompt module, encode images once, partition, make the clients."""
+    """Load images and CLIP, build the prompt module, encode images once, partition, make the clients.
+
+    With ``client_classes: own`` each client scores only the classes in its own data (its labels
+    renumbered within them); the server scores the test set against every training class, and
+    base/novel (and each pooled dataset) against their own class names.
+    """
     assert isinstance(config.backbone, OpenCLIPBackboneConfig)  # experiment.py dispatches on the kind
     accelerator = make_accelerator(config.runtime)
-    data = load_image_classification(config.data, seed=derive_seed(config.seed, "data"))
+    task = load_image_task(config.data, seed=derive_seed(config.seed, "data"))
     backbone = load_clip_backbone(config.backbone, config.seed).to(accelerator.device)
-    eval_sets: dict[str, EvalSet] = {}
-    train_split, test_split, class_names = data.train, data.test, data.label_names
-    if config.data.novel_class_fraction is not None:
-        split = split_base_novel(data, config.data.novel_class_fraction)
-        train_split, test_split, class_names = split.train, split.base_test, split.base_names
-    model = build_clip_model(config, backbone, class_names)
+    model = build_clip_model(config, backbone, task.class_names)
     model.to(accelerator.device).eval()
 
-    labels = np.asarray(train_split["label"], dtype=np.int64)
-    parts = partition_indices(labels, config.partition, seed=derive_seed(config.seed, "partition"))
+    labels = np.asarray(task.train["label"], dtype=np.int64)
+    parts = _partition(config, task, labels)
     built = [cid for cid in range(len(parts)) if client_ids is None or cid in client_ids]
     # encode only the built clients' images (a Flower SuperNode hosts one client of many)
     needed = np.unique(np.concatenate([parts[cid] for cid in built] or [np.zeros(0, np.int64)]))
     cache = FeatureCache(config.backbone.feature_cache_dir)
     batch = config.runtime.eval_batch_size
-    subset = train_split if len(needed) == len(train_split) else train_split.select(needed)
+    subset = task.train if len(needed) == len(task.train) else task.train.select(needed)
     # a process with no clients (a Flower ServerApp) encodes no training images at all
     train = image_tensors(model, subset, cache, batch) if built else None
-    test = image_tensors(model, test_split, cache, batch)
-    if config.data.novel_class_fraction is not None:
-        eval_sets["base"] = EvalSet(test, list(split.base_names))
-        eval_sets["novel"] = EvalSet(
-            image_tensors(model, split.novel_test, cache, batch), list(split.novel_names)
-        )
+    test = image_tensors(model, task.test, cache, batch)
+
+    augment_config = config.vision.augment
+    augment = None
+    replacements: dict[str, torch.Tensor] = {}  # training inputs that differ from the evaluation ones
+    if augment_config is not None:
+        augment = CropFlip(scale=augment_config.crop_scale, flip=augment_config.flip)
+        if built and model.image_input.key == "image_features":  # text-side prompts: K cached views
+            replacements[VIEWS] = augmented_views(
+                model, subset, needed, augment, augment_config.views, config.seed, cache, batch
+            )
+        elif built and model.image_input.key == "image_tokens":  # VPT: the tower runs on augmented pixels
+            replacements["pixels"] = pixel_tensor(backbone, subset, cache, batch, model)
+    seeded = augment is not None or _random_visual_prompt(config)
 
     optimizer = gradient_optimizer(config.optimizer, accelerator)
+    own_classes = config.client_classes == "own"
     clients = {}
     for cid in built:
+        assert train is not None
+        positions = np.searchsorted(needed, parts[cid])  # positions in the encoded subset, same order
         local_train, local_val = split_local(
-            np.searchsorted(needed, parts[cid]),  # positions in the encoded subset, in the same order
-            config.partition.local_val_fraction,
-            seed=derive_seed(config.seed, "local-split", cid),
+            positions, config.partition.local_val_fraction, seed=derive_seed(config.seed, "local-split", cid)
         )
+        classes = np.unique(labels[parts[cid]]) if own_classes else np.arange(len(task.class_names))
+        train_k = relabel(train.subset(local_train), classes)
+        if seeded:
+            rows = torch.as_tensor(local_train)
+            train_k = seeded_train_data(train_k, {k: v[rows] for k, v in replacements.items()}, augment)
         clients[cid] = Client(
             cid,
-            train.subset(local_train),
-            train.subset(local_val) if len(local_val) else None,
+            train_k,
+            relabel(train.subset(local_val), classes) if len(local_val) else None,
             model,
             _trainer(config, optimizer, accelerator.device),  # one per client: ATPFL keeps client state in it
             eval_batch_size=config.runtime.eval_batch_size,
+            class_names=[task.class_names[c] for c in classes] if own_classes else None,
         )
     return Experiment(
         model=model,
         clients=clients,
         test_data=test,
-        strategy=build_strategy(config.strategy),
+        strategy=build_strategy(config.strategy, run=config),
         device=accelerator.device,
         backbone_bytes=backbone.num_bytes(),
-        label_names=list(class_names),
-        eval_sets=eval_sets,
+        label_names=list(task.class_names),
+        eval_sets=_eval_sets(model, task, test, cache, batch),
         notes=backbone_notes(config.backbone),
     )

@@ -32,9 +32,10 @@ from fedprompt.demo_backbone import backbone_notes
 from fedprompt.device import make_accelerator
 from fedprompt.experiment import EvalSet, Experiment
 from fedprompt.feature_cache import FeatureCache, image_fingerprint
+from fedprompt.preflight import context_phrase
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.strategies import build_strategy
-from fedprompt.training import GradientTrainer, gradient_optimizer
+from fedprompt.training import GradientTrainer, gradient_optimizer, round_schedule
 from fedprompt.vision_task import build_text_context, build_visual_side, load_clip_backbone
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_text_context import FixedClassText
@@ -74,11 +75,11 @@ def build_vqa_model(config: RunConfig, backbone: OpenCLIPBackbone, data: VQAData
     prompt, seed = config.prompt, config.seed
     assert isinstance(prompt, VQAPromptConfig)  # the caller dispatches on the prompt kind
     generator = torch_generator(derive_seed(seed, "prompt-init", "question"))
-    phrase = _phrase_ids(backbone, prompt.question.init_text) if prompt.question.init_text else []
+    num_tokens, phrase = context_phrase(prompt.question, backbone.tokenizer, "prompt.question")
     question = QuestionContext(
         init_prompt_embeddings(
             backbone.token_embedding_matrix,
-            prompt.question.num_tokens,
+            num_tokens,
             prompt.question.init,
             generator=generator,
             text_ids=phrase,
@@ -112,12 +113,6 @@ def build_vqa_model(config: RunConfig, backbone: OpenCLIPBackbone, data: VQAData
     return CLIPVQAModel(
         backbone, question, answer, image, fusion, answers, data.closed_answers, open_answers, settings
     )
-
-
-def _phrase_ids(backbone: OpenCLIPBackbone, text: str) -> list[int]:
-    ids = backbone.tokenize([text])[0]
-    first = 1 if int(ids[0]) in backbone.special_token_ids else 0
-    return ids[first : int(backbone.pooled_positions(ids[None])[0])].tolist()
 
 
 # --------------------------------------------------------------------------- data
@@ -267,7 +262,8 @@ def build_vqa_experiment(config: RunConfig, client_ids: Collection[int] | None =
     }
 
     optimizer = gradient_optimizer(config.optimizer, accelerator)
-    trainer = GradientTrainer(optimizer, config.optimizer.batch_size, accelerator.device)
+    schedule = round_schedule(config.optimizer, config.federation.rounds)
+    trainer = GradientTrainer(optimizer, config.optimizer.batch_size, accelerator.device, schedule)
     clients = {}
     for cid in built:
         local_train, local_val = split_local(
@@ -294,7 +290,7 @@ def build_vqa_experiment(config: RunConfig, client_ids: Collection[int] | None =
         model=model,
         clients=clients,
         test_data=test_data,
-        strategy=build_strategy(config.strategy),
+        strategy=build_strategy(config.strategy, run=config),
         device=accelerator.device,
         backbone_bytes=backbone.num_bytes(),
         label_names=list(data.answers),

@@ -19,6 +19,9 @@ class OptimizationStats:
     final_loss: float = float("nan")
     extra: dict[str, float] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    gradient_scale: float | None = None
+    """How far a constant unit gradient would have moved the parameters (SGD: Σ_k η_k(1 − β^(k+1))/(1 − β));
+    None where the step is not linear in the gradient (AdamW, black-box search) or differs by group."""
 
     def as_metrics(self) -> dict[str, float]:
         return {

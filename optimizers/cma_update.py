@@ -1,7 +1,8 @@
 """One CMA-ES generation as a pure function of tensors: told solutions in, next search state out.
 
 This is the server side of FedBPT: a global CMA-ES that is told solutions it never asked for
-(the clients' results) and whose whole state must be checkpointed as tensors (no pickle). It
+(the clients' results, repaired first by ``repair_injected`` as pycma repairs injected solutions)
+and whose whole state must be checkpointed as tensors (no pickle). It
 follows Hansen's tutorial ("The CMA Evolution Strategy: A Tutorial", 2016) with every told
 solution a parent (μ = λ, as FedBPT's ``CMA_mu = popsize``), positive recombination weights
 w_i ∝ ln(λ + 1/2) − ln i, c_m = 1, cumulative step-size adaptation, and rank-one plus rank-μ
@@ -161,6 +162,35 @@ def cma_tell(state: CMAState, solutions: torch.Tensor, losses: torch.Tensor) -> 
     cov = (cov + cov.T) / 2
     sigma = state.sigma * math.exp((c_sigma / d_sigma) * (norm / chi_d - 1))
     return CMAState(state.mean + state.sigma * step_w, sigma, cov, path_sigma, path_cov, generation)
+
+
+def repair_length(dim: int) -> float:
+    """pycma's bound on an injected solution's Mahalanobis distance from the mean, in σ units:
+    √d + 2d/(d + 2) (``CMAEvolutionStrategy.repair_genotype``)."""
+    return math.sqrt(dim) + 2 * dim / (dim + 2)
+
+
+def repair_injected(state: CMAState, solutions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solutions [λ, d] the search did not sample, repaired as pycma repairs them before a tell:
+    each x whose Mahalanobis distance ‖C^{-1/2}(x − m)‖/σ from the mean exceeds
+    ``repair_length(d)`` is moved towards m to exactly that distance; others are unchanged.
+
+    Returns the repaired solutions (float64) and each one's shrink factor (1 where unchanged).
+    The distance is computed without overflow for any finite input.
+    """
+    d = state.mean.numel()
+    x = solutions.detach().to("cpu", torch.float64)
+    if x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"solutions must have shape [count, {d}], got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("solutions must be finite")
+    eigenvalues, basis = torch.linalg.eigh(state.cov)
+    steps = x - state.mean
+    whitened = ((steps @ basis) * eigenvalues.clamp(min=1e-300).rsqrt()) / state.sigma
+    largest = whitened.abs().amax(1, keepdim=True).clamp(min=1e-300)  # scale first: no overflow
+    distance = largest.squeeze(1) * (whitened / largest).norm(dim=1)
+    factor = torch.clamp(distance / repair_length(d), min=1.0)
+    return state.mean + steps / factor[:, None], factor
 
 
 def _check_sigma(sigma: float) -> None:

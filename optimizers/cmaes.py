@@ -26,24 +26,34 @@ PopulationLoss = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class CMAESSettings:
-    """CMA-ES knobs: population size, initial step size σ, and the budget in model queries."""
+    """CMA-ES knobs: population size, initial step size σ, and the length of a run: the budget in
+    model queries, or a fixed number of generations whatever they cost (``fixed_generations``,
+    FedBPT's local iterations; the budget is then not used)."""
 
     popsize: int = 10
     sigma: float = 1.0
-    budget: int = 2560
+    budget: int | None = 2560
+    fixed_generations: int | None = None
 
     def __post_init__(self) -> None:
         if self.popsize < 2:
             raise ValueError(f"CMA-ES popsize must be at least 2, got {self.popsize}")
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"CMA-ES sigma must be a positive number, got {self.sigma}")
-        if self.budget < 1:
+        if (self.budget is None) == (self.fixed_generations is None):
+            raise ValueError("CMA-ES needs a budget in queries or a fixed number of generations, not both")
+        if self.budget is not None and self.budget < 1:
             raise ValueError(f"CMA-ES budget must be a positive number of queries, got {self.budget}")
+        if self.fixed_generations is not None and self.fixed_generations < 1:
+            raise ValueError(f"CMA-ES generations must be a positive number, got {self.fixed_generations}")
 
     def generations(self, examples_per_candidate: int) -> int:
-        """Generations the budget pays for when each candidate is scored on that many examples."""
+        """Generations of a run when each candidate is scored on that many examples: the fixed
+        number, or as many as the budget pays for."""
         if examples_per_candidate < 1:
             raise ValueError(f"examples_per_candidate must be >= 1, got {examples_per_candidate}")
+        if self.fixed_generations is not None:
+            return self.fixed_generations
         per_generation = self.popsize * examples_per_candidate
         if self.budget < per_generation:
             raise ValueError(

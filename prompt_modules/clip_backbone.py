@@ -36,7 +36,8 @@ class OpenCLIPBackbone:
       the end-of-text token (``short_text``), the pass runs only up to the longest end-of-text
       position: no later token can change the pooled output.
     - vision tower: ``encode_image`` (the whole tower), and for ViT towers ``image_embeddings``
-      (patch embedding, class token, positional embedding, pre-norm), ``vision_layers`` (a slice of
+      (patch embedding, class token, positional embedding, pre-norm), ``vision_pre_norm`` (that
+      pre-norm alone), ``vision_layers`` (a slice of
       the block stack, with a ``LayerHook``) and ``image_head`` (the tower's pooling and projection).
     - ``logit_scale`` (exp of CLIP's learned scale) and ``logit_bias`` (SigLIP-style models only).
     """
@@ -265,6 +266,12 @@ class OpenCLIPBackbone:
         positional embedding and the tower's pre-norm (patch dropout is off in eval mode)."""
         self._require_vit("VPT prompts")
         return self.model.visual._embeds(pixels.to(self.device, self.image_dtype))
+
+    def vision_pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The tower's pre-norm ``ln_pre`` (per token) on vision tokens [..., d_vis] (MaPLe puts its
+        visual prompts in before it)."""
+        self._require_vit("VPT prompts")
+        return self.model.visual.ln_pre(x.to(self.image_dtype))
 
     def vision_layers(
         self, x: torch.Tensor, start: int, stop: int | None = None, layer_hook: LayerHook | None = None

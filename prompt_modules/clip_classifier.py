@@ -105,8 +105,14 @@ class CLIPPromptClassifier(PromptModule):
 
     def forward_with_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, C] and the normalised image features [B, D] they came from."""
+        logits, image, _ = self.forward_with_all_features(batch)
+        return logits, image
+
+    def forward_with_all_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits [B, C], the normalised image features [B, D] and class features [C, D] they came from."""
         image = self.image_features(batch)
-        return self.logits_from(image, self.class_features()), image
+        classes = self.class_features()
+        return self.logits_from(image, classes), image, classes
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.forward_with_features(batch)[0]

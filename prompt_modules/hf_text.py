@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -21,6 +22,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING,
 )
 
+from prompt_modules.attention_prefix import captured_key_values
 from prompt_modules.bundled import BUNDLED_MODELS, resolve_model_name
 
 Head = Literal["none", "lm"]
@@ -37,19 +39,23 @@ class HFTextBackbone:
     Every parameter has ``requires_grad=False`` and the model stays in eval mode. The backbone is
     not an ``nn.Module`` on purpose: prompt modules hold it by reference, so their state_dict is
     the prompt alone. Seams: ``embed`` (token embeddings), ``layers`` (the transformer blocks, for
-    deep prompts), ``hidden_states`` (last layer) and ``lm_logits`` (the language-model head).
+    deep prompts), ``hidden_states`` (last layer), ``lm_logits`` (the language-model head), and
+    for prompts that start at layer k: ``hidden_before`` (the unprompted states entering layer k),
+    ``running_from`` (a forward pass that runs layers k.. only, on given states) and
+    ``key_values`` (each layer's own keys and values of a token sequence).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any, max_length: int) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.is_decoder = _is_decoder(model.config)
+        self.is_decoder = is_decoder_config(model.config)
         self.has_lm_head = model.get_output_embeddings() is not None
         self._mlm_head = None if self.is_decoder else _single_head_module(model)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self.layers = _find_layer_stack(model)
+        self._stack_parent, self._stack_name = _parent_of(model, self.layers)
         self.prefix_special_ids, self.suffix_special_ids = special_affixes(tokenizer)
 
     # ------------------------------------------------------------------ loading
@@ -188,8 +194,79 @@ class HFTextBackbone:
             return logits[:, -1]
         return logits[rows, positions]
 
+    # ------------------------------------------------------------------ layer ranges
 
-def _is_decoder(config: PretrainedConfig) -> bool:
+    @contextmanager
+    def _stack(self, start: int, stop: int) -> Iterator[None]:
+        """Within the block, the model's layer stack holds layers ``start``..``stop - 1`` only."""
+        if not 0 <= start < stop <= self.num_layers:
+            raise ValueError(f"layers {start}..{stop - 1} are not a range of the model's {self.num_layers}")
+        modules = self._stack_parent._modules
+        modules[self._stack_name] = nn.ModuleList(list(self.layers)[start:stop])
+        try:
+            yield
+        finally:
+            modules[self._stack_name] = self.layers
+
+    def hidden_before(
+        self,
+        layer: int,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The hidden states [B, T, h] entering ``layer`` (1 or more): the outputs of layers
+        0..layer-1, computed as the whole model would, without running the layers above."""
+        if layer < 1:
+            raise ValueError(f"hidden_before needs a layer >= 1, got {layer}")
+        captured: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, args: tuple, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = self.layers[layer - 1].register_forward_hook(keep)
+        try:
+            with self._stack(0, layer):
+                self.model.base_model(
+                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+                )
+        finally:
+            handle.remove()
+        return captured[-1]
+
+    @contextmanager
+    def running_from(self, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+        """Within the block, a forward pass (``hidden_states``, ``lm_logits``) runs layers ``layer``..
+        only, the first of them on ``hidden`` [B, T, h]; the ``inputs_embeds`` it is given then only
+        set the shapes (pass ``hidden``), while its mask and position ids apply to layers ``layer``.. ."""
+
+        def substitute(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        handle = self.layers[layer].register_forward_pre_hook(substitute, with_kwargs=True)
+        try:
+            with self._stack(layer, self.num_layers):
+                yield
+        finally:
+            handle.remove()
+
+    def key_values(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Each layer's keys and values of one token sequence ``input_ids`` [L] as attention sees them
+        (after rotary embeddings): [num_layers, 2, kv_heads, L, head_dim], detached."""
+        ids = input_ids.reshape(1, -1).to(self.device)
+        with torch.no_grad(), captured_key_values(self.model) as captured:
+            self.model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        if sorted(captured) != list(range(self.num_layers)):
+            raise RuntimeError(f"captured the keys of layers {sorted(captured)} of {self.num_layers}")
+        return torch.stack(
+            [torch.stack([k[0], v[0]]) for k, v in (captured[i] for i in range(self.num_layers))]
+        )
+
+
+def is_decoder_config(config: PretrainedConfig) -> bool:
+    """Whether a model configuration describes a decoder (causal LM), read before any weights load."""
     if getattr(config, "is_decoder", False):
         return True
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) not in MODEL_FOR_MASKED_LM_MAPPING
@@ -198,7 +275,7 @@ def _is_decoder(config: PretrainedConfig) -> bool:
 def _model_class(config: PretrainedConfig, head: Head) -> type:
     if head == "none":
         return AutoModel
-    if _is_decoder(config):
+    if is_decoder_config(config):
         return AutoModelForCausalLM
     if type(config) in MODEL_FOR_MASKED_LM_MAPPING:
         return AutoModelForMaskedLM
@@ -224,6 +301,15 @@ def _find_layer_stack(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == want and len({type(m) for m in module}) == 1:
             return module
     raise BackboneLoadError(f"could not find the {want} transformer layers of {type(model).__name__}")
+
+
+def _parent_of(model: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
+    """The module that holds ``child`` as a direct child, and the child's attribute name there."""
+    for module in model.modules():
+        for name, candidate in module.named_children():
+            if candidate is child:
+                return module, name
+    raise BackboneLoadError(f"could not find the parent of the layer stack of {type(model).__name__}")
 
 
 def _single_head_module(model: nn.Module) -> nn.Module | None:

@@ -55,7 +55,7 @@ def make_projection(
     hidden = embedding_matrix.shape[1]
     generator = torch.Generator().manual_seed(spec.seed)
     std = projection_std(embedding_matrix, spec.dim, spec.scale)
-    projection = torch.randn(spec.num_tokens * hidden, spec.dim, generator=generator) * std
+    projection = torch.randn(spec.num_tokens * hidden, spec.dim, generator=generator).mul_(std)  # one copy
     if spec.p0 == "vocab":
         offset = init_prompt_embeddings(
             embedding_matrix, spec.num_tokens, "vocab", generator=generator, excluded_ids=excluded_ids

@@ -7,11 +7,15 @@ the client), candidates as z, and what comes back is logits or one loss per cand
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import logging
+import secrets
+import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,6 +39,9 @@ log = logging.getLogger("prompt_modules.remote")
 
 _RETRIED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 """Failures before the service could answer (or as it dropped the connection): worth a retry."""
+_WAIT_AND_RETRY = (409, 429)
+"""Answers that say when to come back (``Retry-After``): a rate limit, a lockout, a replay in progress."""
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 class RemoteBackboneError(RuntimeError):
@@ -48,11 +55,28 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(vocab.encode()).hexdigest()
 
 
+def tls_context(
+    ca_file: str | Path | None = None, client_cert: tuple[str | Path, str | Path] | None = None
+) -> ssl.SSLContext:
+    """The client's TLS context: the system's trusted CAs, or only ``ca_file``'s (a private or
+    self-signed CA); with ``client_cert`` (certificate, key) for services that require one."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if client_cert is not None:
+        context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+    return context
+
+
 class RemoteBackbone:
-    """Owns the HTTP connection to one inference service: the bearer token, a timeout per answer,
-    and retries with exponential backoff on connection errors and 5xx answers only. A 4xx answer
-    is the service refusing a request: it raises at once with the service's reason. A read timeout
-    is not retried either (the service may still be computing)."""
+    """Owns the HTTP connection to one inference service: the bearer token, TLS trust, a timeout
+    per answer, and retries with exponential backoff on connection errors and 5xx answers.
+
+    A 429 or 409 with ``Retry-After`` (a rate limit, a lockout, a replay in progress) waits that
+    long and retries, within the same ``retries`` budget (a wait over ``max_wait`` s is not waited).
+    A 429 without it is an exhausted query quota and raises at once, as does every other 4xx (the
+    service refusing a request, with its reason). A read timeout is not retried (the service may
+    still be computing). Every POST carries an ``Idempotency-Key`` that its retries repeat, so a
+    retried request is computed and counted once by the service (which remembers keys for 10 min).
+    """
 
     def __init__(
         self,
@@ -63,22 +87,33 @@ class RemoteBackbone:
         retries: int = 3,
         backoff: float = 0.5,
         transport: httpx.BaseTransport | None = None,
+        tls: ssl.SSLContext | None = None,
+        max_wait: float = 300.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if retries < 0 or backoff < 0 or timeout <= 0:
+        if retries < 0 or backoff < 0 or timeout <= 0 or max_wait < 0:
             raise ValueError(
-                f"need timeout > 0, retries >= 0, backoff >= 0; got {timeout}, {retries}, {backoff}"
+                f"need timeout > 0, retries >= 0, backoff >= 0, max_wait >= 0; got {timeout}, {retries}, "
+                f"{backoff}, {max_wait}"
             )
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.max_wait = max_wait
+        self._sleep = sleep
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
             timeout=timeout,
             transport=transport,
+            verify=tls if tls is not None else True,
         )
-        self.info = ServiceInfo.model_validate(self._call("GET", "/v1/info"))
+        try:
+            self.info = ServiceInfo.model_validate(self._call("GET", "/v1/info"))
+        except BaseException:
+            self._http.close()
+            raise
 
     def logits(self, request: LogitsRequest) -> torch.Tensor:
         """Class logits [P, B, C] of the request's inputs under each of its candidates."""
@@ -98,34 +133,81 @@ class RemoteBackbone:
         self._http.close()
 
     def _call(self, method: str, path: str, body: str | None = None) -> Any:
+        where = f"{method} {self.url}{path}"
+        headers = {IDEMPOTENCY_HEADER: secrets.token_hex(16)} if method == "POST" else {}
         delay = self.backoff
         failure = ""
         for attempt in range(self.retries + 1):
+            wait = delay
             try:
-                response = self._http.request(method, path, content=body)
+                response = self._http.request(method, path, content=body, headers=headers)
             except _RETRIED as exc:
+                if _untrusted_certificate(exc):
+                    raise RemoteBackboneError(
+                        f"{where}: the service's TLS certificate is not trusted ({exc}); set "
+                        "backbone.ca_file to the certificate of the CA that signed it"
+                    ) from exc
                 failure = f"{type(exc).__name__}: {exc}"
             except httpx.TimeoutException as exc:
                 raise RemoteBackboneError(
-                    f"{method} {self.url}{path} got no answer within {self.timeout} s; raise "
+                    f"{where} got no answer within {self.timeout} s; raise "
                     "backbone.timeout or send fewer candidates or inputs per request"
                 ) from exc
             else:
                 if response.is_success:
                     return response.json()
-                reason = _reason(response)
-                if response.status_code < 500:
-                    raise RemoteBackboneError(
-                        f"{method} {self.url}{path} was refused ({response.status_code}): {reason}"
-                    )
-                failure = f"HTTP {response.status_code}: {reason}"
+                retry_after = self._retryable(where, response)
+                wait = delay if retry_after is None else retry_after
+                failure = f"HTTP {response.status_code}: {_reason(response)}"
             if attempt < self.retries:
-                log.warning("%s %s%s failed (%s); retry in %.2f s", method, self.url, path, failure, delay)
-                time.sleep(delay)
+                log.warning("%s failed (%s); retry in %.2f s", where, failure, wait)
+                self._sleep(wait)
                 delay *= 2
-        raise RemoteBackboneError(
-            f"{method} {self.url}{path} failed after {self.retries + 1} attempts; last: {failure}"
-        )
+        raise RemoteBackboneError(f"{where} failed after {self.retries + 1} attempts; last: {failure}")
+
+    def _retryable(self, where: str, response: httpx.Response) -> float | None:
+        """For an answer worth retrying, the seconds the service asked to wait (None: back off as
+        usual, a 5xx); raise ``RemoteBackboneError`` for the others, with the service's reason."""
+        status, reason = response.status_code, _reason(response)
+        retry_after = _retry_after(response)
+        if status >= 500:
+            return None
+        if status == 429 and retry_after is None:
+            raise RemoteBackboneError(f"{where}: the query quota of this token is exhausted: {reason}")
+        if status not in _WAIT_AND_RETRY or retry_after is None:
+            raise RemoteBackboneError(f"{where} was refused ({status}): {reason}")
+        if retry_after > self.max_wait:
+            raise RemoteBackboneError(
+                f"{where} was refused ({status}) and told to wait {retry_after:.0f} s, "
+                f"over the {self.max_wait:.0f} s this client waits: {reason}"
+            )
+        return retry_after
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    """Whether a connection failed because the server's certificate did not verify."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds the service asked to wait (``Retry-After``: seconds or an HTTP date), or None."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _reason(response: httpx.Response) -> str:
@@ -158,6 +240,14 @@ class RemoteIntrinsicClassifier(PromptModule):
             raise RemoteBackboneError(
                 f"the local tokenizer's vocabulary differs from that of the served model {info.model!r}; "
                 "set backbone.tokenizer to the served model's tokenizer"
+            )
+        floats = projection.num_tokens * info.hidden_size * projection.dim
+        if info.max_projection_floats is not None and floats > info.max_projection_floats:
+            raise RemoteBackboneError(
+                f"the projection of {projection.num_tokens} prompt tokens × hidden {info.hidden_size} × dim "
+                f"{projection.dim} = {floats} floats is over the service's limit of "
+                f"{info.max_projection_floats}: lower prompt.num_tokens or prompt.dim, or ask the model "
+                "owner for a larger --max-projection-floats"
             )
         masked = isinstance(head, VerbalizerHeadSpec) and not info.is_decoder
         mask_token = tokenizer.mask_token if masked else None

@@ -1,10 +1,10 @@
 """The JSON wire format between a remote-backbone client and ``fedprompt serve``.
 
-Plain JSON arrays, validated field by field (finite numbers, integer ids, exact keys); never
-pickle. A request carries candidate vectors z with the projection spec that turns them into
-prompts, the head spec, and inputs as token ids: the tokenizer is public and runs on the client
-(each input is tokenised once per run, not per query), and the service checks every id against
-its vocabulary and every length against its ``max_length``. Responses carry logits or losses
+Plain JSON arrays, validated field by field (finite numbers within float32's range, integer ids,
+exact keys); never pickle. A request carries candidate vectors z with the projection spec that
+turns them into prompts, the head spec, and inputs as token ids: the tokenizer is public and runs
+on the client (each input is tokenised once per run, not per query), and the service checks every
+id against its vocabulary and every length against its ``max_length``. Responses carry logits or losses
 and the queries the request cost; nothing that holds a weight or a gradient.
 """
 
@@ -12,12 +12,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from prompt_modules.heads import HeadSpec
 from prompt_modules.intrinsic import ProjectionSpec
 
-WireFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32: a larger magnitude would become infinite on the service."""
+
+
+def _fits_float32(value: float) -> float:
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{value!r} overflows float32 (the largest magnitude is {FLOAT32_MAX:.8g})")
+    return value
+
+
+WireFloat = Annotated[float, Field(strict=True, allow_inf_nan=False), AfterValidator(_fits_float32)]
 TokenId = Annotated[int, Field(strict=True, ge=0)]
 
 
@@ -71,13 +81,18 @@ class ServiceInfo(_Wire):
     max_examples: int
     max_queries: int
     max_request_bytes: int
+    max_projection_floats: int | None = None
 
 
 class Usage(_Wire):
-    """One client's counters since the service started."""
+    """One client's counters since the service started (requests and queries computed; the bytes of
+    the bodies of its answered POSTs, received and sent), and its query quota (None: no quota)."""
 
     client: str
     requests: int
     queries: int
     candidates: int
     examples: int
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    query_quota: int | None = None

@@ -1,4 +1,6 @@
-"""Soft prompts for text models: input prompt tuning and deep (per-layer) prompts."""
+"""Soft prompts for text models: input prompt tuning and deep (per-layer) prompts, the latter as
+key/value prefixes in each layer's attention (P-tuning v2) or as hidden states that replace the
+prompt positions at each layer's input (VPT-deep style)."""
 
 from __future__ import annotations
 
@@ -14,23 +16,64 @@ PromptInit = Literal["text", "vocab", "random"]
 
 @dataclass
 class TextPrompt:
-    """The prompt vectors of one forward pass.
+    """The prompt vectors of one forward pass; exactly one of the three is set.
 
     ``input``: [m, h] shared by the batch, or [B, m, h] one per row (a population of candidates
-    evaluated together). ``layers``: [n, m, h], the prompts of layers ``start_layer`` to
-    ``start_layer + n - 1``; each replaces the prompt positions of its layer's input.
+    evaluated together), placed in the input sequence. ``layers``: [n, m, h], the prompts of layers
+    ``start_layer`` to ``start_layer + n - 1``; the m prompt positions enter the sequence at
+    ``start_layer`` and each layer's prompt replaces them at its input. ``prefix``:
+    [n, 2, kv_heads, m, head_dim], the keys and values that the attention of layers
+    ``start_layer``.. attends before the sequence (the sequence itself does not grow).
     """
 
     input: torch.Tensor | None = None
     layers: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
     start_layer: int = 0
+
+    def __post_init__(self) -> None:
+        given = sum(t is not None for t in (self.input, self.layers, self.prefix))
+        if given != 1:
+            raise ValueError(f"a TextPrompt holds one of input, layers or prefix; got {given}")
+        if self.input is not None and self.start_layer != 0:
+            raise ValueError("an input prompt enters at layer 0; start_layer applies to deep prompts")
 
     @property
     def num_tokens(self) -> int:
-        source = self.input if self.input is not None else self.layers
-        if source is None:
-            raise ValueError("a TextPrompt needs an input prompt, layer prompts, or both")
+        """m, the virtual tokens (positions in the sequence, or prefix slots in attention)."""
+        source = (
+            self.prefix if self.prefix is not None else self.input if self.input is not None else self.layers
+        )
         return source.shape[-2]
+
+    @property
+    def inserted_tokens(self) -> int:
+        """Positions the prompt adds to the sequence: m, or 0 for a key/value prefix."""
+        return 0 if self.prefix is not None else self.num_tokens
+
+
+def init_token_ids(
+    vocab_size: int,
+    num_tokens: int,
+    init: Literal["text", "vocab"],
+    *,
+    generator: torch.Generator,
+    text_ids: Sequence[int] = (),
+    excluded_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """The token ids [num_tokens] a prompt starts from: the phrase ``text_ids`` repeated cyclically or
+    cut to length (``text``), or tokens drawn uniformly from the vocabulary without ``excluded_ids``
+    (``vocab``, Lester et al. 2021)."""
+    if init == "text":
+        if not text_ids:
+            raise ValueError("init 'text' needs the token ids of a non-empty phrase")
+        return torch.tensor([text_ids[i % len(text_ids)] for i in range(num_tokens)])
+    if init != "vocab":
+        raise ValueError(f"unknown prompt init {init!r}; use 'text', 'vocab' or 'random'")
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[list(excluded_ids)] = False
+    candidates = allowed.nonzero().squeeze(1)
+    return candidates[torch.randint(len(candidates), (num_tokens,), generator=generator)]
 
 
 def init_prompt_embeddings(
@@ -53,17 +96,9 @@ def init_prompt_embeddings(
     weights = embedding_matrix.detach().float().cpu()
     if init == "random":
         return torch.randn(num_tokens, weights.shape[1], generator=generator) * std
-    if init == "text":
-        if not text_ids:
-            raise ValueError("init 'text' needs the token ids of a non-empty phrase")
-        ids = torch.tensor([text_ids[i % len(text_ids)] for i in range(num_tokens)])
-    elif init == "vocab":
-        allowed = torch.ones(weights.shape[0], dtype=torch.bool)
-        allowed[list(excluded_ids)] = False
-        candidates = allowed.nonzero().squeeze(1)
-        ids = candidates[torch.randint(len(candidates), (num_tokens,), generator=generator)]
-    else:
-        raise ValueError(f"unknown prompt init {init!r}; use 'text', 'vocab' or 'random'")
+    ids = init_token_ids(
+        weights.shape[0], num_tokens, init, generator=generator, text_ids=text_ids, excluded_ids=excluded_ids
+    )
     return weights[ids].clone()
 
 
@@ -81,12 +116,12 @@ class SoftPrompt(nn.Module):
 
 
 class DeepPrompt(nn.Module):
-    """Owns one trainable prompt per layer from ``start_layer`` up (P-tuning v2 / VPT-deep style).
+    """Owns one trainable prompt per layer from ``start_layer`` up, as replaced hidden states
+    (deep mode ``replace``, VPT-deep style).
 
-    At the input of each prompted layer, the prompt positions are overwritten with that layer's
-    prompt, so the previous layer's outputs at those positions are discarded. Below
-    ``start_layer`` the prompt positions hold a fixed zero embedding: those layers see nothing
-    trainable, and their outputs do not depend on the prompt state.
+    The m prompt positions enter the sequence at ``start_layer``; at the input of each prompted
+    layer they are overwritten with that layer's prompt, so the previous layer's outputs there are
+    discarded. Layers below ``start_layer`` compute the unprompted model.
     """
 
     def __init__(self, init: torch.Tensor, start_layer: int) -> None:
@@ -98,3 +133,26 @@ class DeepPrompt(nn.Module):
 
     def forward(self) -> TextPrompt:
         return TextPrompt(layers=self.layers, start_layer=self.start_layer)
+
+
+class PrefixPrompt(nn.Module):
+    """Owns trainable key/value prefixes for every layer from ``start_layer`` up (deep mode
+    ``prefix``, P-tuning v2): ``prefix`` [n, 2, kv_heads, m, head_dim] holds the keys (index 0)
+    and values (index 1) that layer ``start_layer + i``'s attention attends before the sequence.
+
+    The input sequence is unchanged: every layer computes the unprompted model except through
+    attention to its prefix, and layers below ``start_layer`` compute the unprompted model.
+    """
+
+    def __init__(self, init: torch.Tensor, start_layer: int) -> None:
+        super().__init__()
+        if init.dim() != 5 or init.shape[1] != 2:
+            raise ValueError(
+                "a prefix prompt is [layers, 2, kv_heads, num_tokens, head_dim]; "
+                f"got shape {tuple(init.shape)}"
+            )
+        self.start_layer = start_layer
+        self.prefix = nn.Parameter(init.clone())
+
+    def forward(self) -> TextPrompt:
+        return TextPrompt(prefix=self.prefix, start_layer=self.start_layer)

@@ -5,16 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prompt_modules.attention_prefix import attention_prefixes
 from prompt_modules.base import Batch, PromptModule
 from prompt_modules.hf_text import HFTextBackbone
 from prompt_modules.soft_prompt import TextPrompt
 
 MASK_PLACEHOLDER = "[MASK]"
+Placement = Literal["after-cls", "before-all"]
+LAYER_INPUT = "layer_input"
+"""Batch key of the cached hidden states [B, L, h] entering a deep prompt's first layer."""
 
 
 class SimilarityHead(nn.Module):
@@ -48,8 +53,9 @@ class SimilarityHead(nn.Module):
     def num_classes(self) -> int:
         return self.class_embeddings.shape[0]
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        sentence = F.normalize(pool(hidden, attention_mask, self.pooling).float(), dim=-1)
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, cls_index: int = 0) -> torch.Tensor:
+        """Class logits [B, C]; ``cls_index``: where the [CLS] token sits (for ``cls`` pooling)."""
+        sentence = F.normalize(pool(hidden, attention_mask, self.pooling, cls_index).float(), dim=-1)
         return sentence @ self.class_embeddings.T / self.temperature
 
 
@@ -107,9 +113,13 @@ class TextPromptClassifier(PromptModule):
     """Owns a text prompt (soft, deep, or any module returning a ``TextPrompt``) and a class head.
 
     Input layout: the prompt's m positions go right after the leading special token(s) of an
-    encoder ([CLS] P x [SEP]) and before everything for a decoder (P x, left-padded, with
-    position ids that skip the padding). Deep prompts overwrite those positions at the input of
-    each prompted layer through forward pre-hooks that live only for one forward pass.
+    encoder ([CLS] P x [SEP]; with ``placement="before-all"``, P [CLS] x [SEP] as PEFT lays out
+    virtual tokens) and before everything for a decoder (P x, left-padded, with position ids that
+    skip the padding). Deep ``replace`` prompts insert those positions at their
+    first layer and overwrite them at the input of each prompted layer through forward pre-hooks;
+    deep ``prefix`` prompts add key/value prefixes to the attention of their layers; both live only
+    for one forward pass. Layers below a deep prompt's first layer k compute the unprompted model,
+    so their output can be cached per dataset (``layer_inputs``, batch key ``LAYER_INPUT``).
     """
 
     def __init__(
@@ -118,14 +128,19 @@ class TextPromptClassifier(PromptModule):
         prompt: nn.Module,
         head: SimilarityHead | VerbalizerHead,
         template: str = "{text}",
+        placement: Placement = "after-cls",
     ) -> None:
         super().__init__(backbone)
+        if placement not in ("after-cls", "before-all"):
+            raise ValueError(f"placement must be 'after-cls' or 'before-all', got {placement!r}")
         self.prompt = prompt
         self.head = head
         self._uses_mask = isinstance(head, VerbalizerHead) and not backbone.is_decoder
         mask_token = backbone.tokenizer.mask_token if self._uses_mask else None
         self._prefix, self._suffix = template_affixes(template, self._uses_mask, mask_token)
-        self.prompt_position = 0 if backbone.is_decoder else len(backbone.prefix_special_ids)
+        before_all = backbone.is_decoder or placement == "before-all"
+        self.prompt_position = 0 if before_all else len(backbone.prefix_special_ids)
+        self._cls_after_prompt = placement == "before-all" and not backbone.is_decoder
 
     @property
     def num_classes(self) -> int:
@@ -146,12 +161,42 @@ class TextPromptClassifier(PromptModule):
 
     def embed_inputs(self, batch: Batch) -> EmbeddedInputs:
         """The prompt-independent part of a forward pass: token embeddings and masks (left-padded
-        for decoders). Compute it once and run any number of prompts on it."""
+        for decoders), and the batch's cached states entering the first prompted layer when it
+        holds them (``LAYER_INPUT``). Compute it once and run any number of prompts on it."""
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        hidden = batch.get(LAYER_INPUT)
+        if hidden is not None and hidden.shape[:2] != input_ids.shape:
+            raise ValueError(
+                f"cached layer inputs {tuple(hidden.shape)} do not match input_ids {tuple(input_ids.shape)}"
+            )
         if self.backbone.is_decoder:
             pad_id = self.backbone.tokenizer.pad_token_id
+            if hidden is not None:
+                hidden = left_align(hidden, attention_mask)
             input_ids, attention_mask = left_pad(input_ids, attention_mask, pad_id)
-        return EmbeddedInputs(input_ids, attention_mask, self.backbone.embed(input_ids))
+        return EmbeddedInputs(input_ids, attention_mask, self.backbone.embed(input_ids), hidden)
+
+    @property
+    def cached_layer(self) -> int:
+        """The first prompted layer whose input ``layer_inputs`` computes, 0 when there is none to cache
+        (an input prompt, or a deep prompt from layer 0)."""
+        return int(getattr(self.prompt, "start_layer", 0))
+
+    @torch.no_grad()
+    def layer_inputs(self, batch: Batch) -> torch.Tensor:
+        """The hidden states [B, L, h] entering the first prompted layer for a right-padded batch, in
+        the batch's layout: prompt-independent, so a dataset's can be computed once (``LAYER_INPUT``)."""
+        layer = self.cached_layer
+        if layer < 1:
+            raise ValueError("this prompt starts at the input layer; there are no frozen layers below it")
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        return self.backbone.hidden_before(
+            layer, self.backbone.embed(input_ids), attention_mask, self._position_ids(attention_mask)
+        )
+
+    def _position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Decoders count positions over attended tokens only (padding may sit anywhere)."""
+        return (attention_mask.cumsum(1) - 1).clamp(min=0) if self.backbone.is_decoder else None
 
     def logits_for_prompts(self, prompts: torch.Tensor, batch: Batch, chunk_size: int) -> torch.Tensor:
         """Class logits [P, B, C] of a batch under each of ``prompts`` [P, m, h] (input prompts).
@@ -178,25 +223,49 @@ class TextPromptClassifier(PromptModule):
         return torch.cat(out)
 
     def logits_embedded(self, prompt: TextPrompt, embedded: EmbeddedInputs) -> torch.Tensor:
-        """Class logits [B, C] of already embedded inputs under the given prompt vectors."""
-        backbone = self.backbone
-        input_ids, attention_mask, embeds = embedded.input_ids, embedded.attention_mask, embedded.embeds
-        batch_size, m, pos = embeds.shape[0], prompt.num_tokens, self.prompt_position
-        if prompt.input is None:
-            slots = embeds.new_zeros(batch_size, m, embeds.shape[-1])
-        else:
-            slots = prompt.input.to(embeds.dtype)
-            slots = slots.expand(batch_size, -1, -1) if slots.dim() == 2 else slots
-            if slots.shape[0] != batch_size:
-                raise ValueError(f"{slots.shape[0]} row prompts for a batch of {batch_size}")
-        embeds = torch.cat([embeds[:, :pos], slots, embeds[:, pos:]], dim=1)
-        ones = attention_mask.new_ones(batch_size, m)
-        mask = torch.cat([attention_mask[:, :pos], ones, attention_mask[:, pos:]], dim=1)
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0) if backbone.is_decoder else None
+        """Class logits [B, C] of already embedded inputs under the given prompt vectors.
 
-        with self._layer_prompts(prompt):
+        Prompts that start at layer k > 0 (deep ``replace``, or a prefix with cached layer inputs)
+        run in two stages: the unprompted states entering layer k (cached in the batch, or computed
+        without the layers above), then layers k.. with the prompt.
+        """
+        backbone = self.backbone
+        input_ids, attention_mask = embedded.input_ids, embedded.attention_mask
+        batch_size, m, pos = input_ids.shape[0], prompt.inserted_tokens, self.prompt_position
+        start = prompt.start_layer
+        if start >= backbone.num_layers:
+            raise ValueError(f"a prompt from layer {start}; the model has {backbone.num_layers} layers")
+        staged = start > 0 and (prompt.layers is not None or embedded.hidden is not None)
+        if staged:
+            sequence = embedded.hidden
+            if sequence is None:
+                sequence = backbone.hidden_before(
+                    start, embedded.embeds, attention_mask, self._position_ids(attention_mask)
+                )
+        else:
+            sequence = embedded.embeds
+        if m:
+            if prompt.input is None:
+                slots = sequence.new_zeros(batch_size, m, sequence.shape[-1])  # overwritten at layer k
+            else:
+                slots = prompt.input.to(sequence.dtype)
+                slots = slots.expand(batch_size, -1, -1) if slots.dim() == 2 else slots
+                if slots.shape[0] != batch_size:
+                    raise ValueError(f"{slots.shape[0]} row prompts for a batch of {batch_size}")
+            sequence = torch.cat([sequence[:, :pos], slots, sequence[:, pos:]], dim=1)
+            ones = attention_mask.new_ones(batch_size, m)
+            attention_mask = torch.cat([attention_mask[:, :pos], ones, attention_mask[:, pos:]], dim=1)
+        position_ids = self._position_ids(attention_mask)
+
+        with ExitStack() as stack:
+            if staged:
+                stack.enter_context(backbone.running_from(start, sequence))
+            stack.enter_context(self._layer_prompts(prompt))
             if isinstance(self.head, SimilarityHead):
-                return self.head(backbone.hidden_states(embeds, mask, position_ids), mask)
+                cls_index = m if self._cls_after_prompt else 0
+                return self.head(
+                    backbone.hidden_states(sequence, attention_mask, position_ids), attention_mask, cls_index
+                )
             if self._uses_mask:
                 hits = input_ids == backbone.tokenizer.mask_token_id
                 if not bool(hits.any(1).all()):
@@ -204,20 +273,28 @@ class TextPromptClassifier(PromptModule):
                 positions = hits.int().argmax(1)
                 positions = positions + m * (positions >= pos)
             else:
-                positions = torch.full((batch_size,), embeds.shape[1] - 1, device=embeds.device)
-            return self.head(backbone.lm_logits(embeds, mask, positions, position_ids))
+                positions = torch.full((batch_size,), sequence.shape[1] - 1, device=sequence.device)
+            return self.head(backbone.lm_logits(sequence, attention_mask, positions, position_ids))
 
     @contextmanager
     def _layer_prompts(self, prompt: TextPrompt) -> Iterator[None]:
-        if prompt.layers is None:
+        """Deep prompts for the duration of a forward pass: key/value prefixes in the attention of
+        their layers, or hooks that overwrite the prompt positions at their layers' inputs."""
+        deep = prompt.layers if prompt.layers is not None else prompt.prefix
+        if deep is None:
             yield
             return
         layers = self.backbone.layers
-        end = prompt.start_layer + prompt.layers.shape[0]
+        end = prompt.start_layer + deep.shape[0]
         if end > len(layers):
             raise ValueError(
                 f"prompts for layers {prompt.start_layer}..{end - 1}, the model has {len(layers)}"
             )
+        if prompt.prefix is not None:
+            prefixes = {prompt.start_layer + i: (p[0], p[1]) for i, p in enumerate(prompt.prefix)}
+            with attention_prefixes(self.backbone.model, prefixes):
+                yield
+            return
         with ExitStack() as stack:
             for offset, layer in enumerate(layers[prompt.start_layer : end]):
                 hook = _overwrite_positions(prompt.layers[offset], self.prompt_position)
@@ -241,12 +318,13 @@ def _overwrite_positions(values: torch.Tensor, start: int) -> Callable:
 
 @dataclass(frozen=True)
 class EmbeddedInputs:
-    """A batch after the prompt-independent work: ids and mask (left-padded for decoders) and the
-    token embeddings [B, L, h]."""
+    """A batch after the prompt-independent work: ids and mask (left-padded for decoders), the
+    token embeddings [B, L, h] and, when cached, the states entering the first prompted layer."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     embeds: torch.Tensor
+    hidden: torch.Tensor | None = None
 
     def repeat(self, count: int) -> EmbeddedInputs:
         """The batch ``count`` times over (rows [b0..bB, b0..bB, ...]), one copy per prompt candidate."""
@@ -254,6 +332,7 @@ class EmbeddedInputs:
             self.input_ids.repeat(count, 1),
             self.attention_mask.repeat(count, 1),
             self.embeds.repeat(count, 1, 1),
+            None if self.hidden is None else self.hidden.repeat(count, 1, 1),
         )
 
 
@@ -276,10 +355,12 @@ def template_affixes(template: str, masked_lm_verbalizer: bool, mask_token: str 
     return prefix, suffix
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Mean over attended positions, or the first position (CLS)."""
+def pool(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str, cls_index: int = 0
+) -> torch.Tensor:
+    """Mean over attended positions, or the [CLS] position (``cls_index``, the first by default)."""
     if pooling == "cls":
-        return hidden[:, 0]
+        return hidden[:, cls_index]
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
@@ -299,9 +380,22 @@ def left_pad(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move right padding to the left, so every row's last token is at the last position."""
-    width = input_ids.shape[1]
-    shift = width - attention_mask.sum(1, keepdim=True)
-    source = torch.arange(width, device=input_ids.device).unsqueeze(0) - shift
-    valid = source >= 0
+    source, valid = _left_source(attention_mask)
     ids = torch.where(valid, input_ids.gather(1, source.clamp(min=0)), torch.full_like(input_ids, pad_id))
     return ids, valid.to(attention_mask.dtype)
+
+
+def left_align(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position values [B, L, ...] of a right-padded batch moved as ``left_pad`` moves its ids
+    (the padding positions then hold copies of the first position: masked, never read)."""
+    source, _ = _left_source(attention_mask)
+    index = source.clamp(min=0).reshape(*source.shape, *([1] * (values.dim() - 2)))
+    return values.gather(1, index.expand(-1, -1, *values.shape[2:]))
+
+
+def _left_source(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each position of the left-padded layout, the right-padded position it takes (< 0: padding)."""
+    width = attention_mask.shape[1]
+    shift = width - attention_mask.sum(1, keepdim=True)
+    source = torch.arange(width, device=attention_mask.device).unsqueeze(0) - shift
+    return source, source >= 0

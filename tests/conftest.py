@@ -112,6 +112,7 @@ def tiny_run_config(data_file: Path, **sections) -> dict:
         "federation": {"rounds": 4, "min_clients": 2},
         "optimizer": {"lr": 0.1, "epochs": 2, "batch_size": 8},
         "runtime": {"progress": False},
+        "output": {"plot": False},
     }
     for name, values in sections.items():
         base = config.get(name, {})

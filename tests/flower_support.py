@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 from flwr.app import Context, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 
 from conftest import tiny_run_config, write_keyword_dataset
@@ -66,11 +67,14 @@ class InMemoryGrid(Grid):
     """A Grid whose nodes are functions in this process, as Flower's strategy tests fake one.
 
     ``push_messages`` gives each message its id as Flower's grids do; ``send_and_receive`` returns
-    the replies of the destination handlers (in reverse order, so no test relies on order).
+    the replies of the destination handlers (in reverse order, so no test relies on order);
+    ``get_nodes`` reports each node's public key from ``keys`` (as a SuperLink does).
     """
 
-    def __init__(self, nodes: dict[int, Handler]) -> None:
+    def __init__(self, nodes: dict[int, Handler], keys: dict[int, bytes] | None = None) -> None:
         self.nodes = nodes
+        self.keys = keys or {}
+        """Node id -> the public key the SuperLink knows it by (none: the grid reports no keys)."""
         self.sent: list[Message] = []
 
     def set_run(self, run: Any) -> None:
@@ -94,6 +98,9 @@ class InMemoryGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [NodeInfo(node_id=node, public_key=self.keys.get(node, b"")) for node in self.nodes]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -125,16 +132,21 @@ def client_app_nodes(
     partitions: Iterable[int],
     run_config: dict[str, Any],
     node_config: dict[str, Any] | None = None,
+    partition_configs: dict[int, dict[str, Any]] | None = None,
 ) -> dict[int, Handler]:
     """Node id -> a handler that runs ``client_app`` as the SuperNode hosting that partition
-    (with ``node_config`` added to each node's config)."""
+    (with ``node_config``, and ``partition_configs[partition]``, added to each node's config)."""
     node_ids = itertools.count(1001, 7)
     nodes: dict[int, Handler] = {}
     for pid in partitions:
         context = Context(
             run_id=1,
             node_id=next(node_ids),
-            node_config={"partition-id": pid, **(node_config or {})},
+            node_config={
+                "partition-id": pid,
+                **(node_config or {}),
+                **(partition_configs or {}).get(pid, {}),
+            },
             state=RecordDict(),
             run_config=run_config,
         )

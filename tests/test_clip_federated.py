@@ -75,22 +75,40 @@ def test_each_module_learns_well_above_chance(tiny_clip, kind, dataset):
 
 @pytest.mark.slow
 def test_base_to_novel_generator_reports_base_novel_and_harmonic_mean(tiny_clip):
+    """FedTPG's setting: two datasets pooled (digits: 5 base and 5 novel classes; the generated
+    colours: 2 and 2), three clients each holding base classes of one dataset and scoring only those,
+    SGD as the reference trains, uniform averaging. base_accuracy is the mean of the two datasets'
+    (chance 0.35). Over seeds 0-5 the final one was 0.51-0.68, and 0.125-0.32 above the initial
+    prompt's; the bars below leave room for a changed numerical stack, not for a generator that
+    does not learn.
+
+    (The earlier version of this test trained one shared class set with AdamW at lr 0.005 and read
+    100 test images after 3 rounds: its base accuracy swung by 0.1-0.2 from round to round, and its
+    final value spread over 0.38-0.76 across seeds, so any numerical change could cross its 0.45.)
+    """
+    digits = {**DIGITS, "max_per_class": 16, "max_test_examples": None}
+    colours = {"source": "image-folder", "name": str(tiny_clip.generated), "max_per_class": 16}
     config = clip_run_config(
         tiny_clip,
         PROMPTS["generator"],
-        {**DIGITS, "novel_class_fraction": 0.5},
-        optimizer={"lr": 0.005, "epochs": 3},
+        {"source": "datasets", "datasets": [digits, colours], "novel_class_fraction": 0.5},
+        partition={"kind": "classes", "num_clients": 3, "classes_per_client": 2},
+        federation={"rounds": 4, "min_clients": 3},
+        optimizer={"algorithm": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 2, "batch_size": 8},
+        strategy={"kind": "fedavg", "weighting": "uniform"},
     )
     result = run(config, write=False)
     rows = [r for r in result.history if "novel_accuracy" in r]
-    assert len(rows) == 4  # round 0 and every round after
+    assert len(rows) == 5  # round 0 and every round after
     for row in rows:
+        for part in ("base", "novel"):
+            per_dataset = (row[f"digits_{part}_accuracy"], row[f"generated_{part}_accuracy"])
+            assert row[f"{part}_accuracy"] == pytest.approx(sum(per_dataset) / 2)
         base, novel = row["base_accuracy"], row["novel_accuracy"]
         assert row["harmonic_mean"] == pytest.approx(2 * base * novel / (base + novel))
-        assert row["global_accuracy"] == base  # the test set is the base classes' test set
         assert 0 <= novel <= 1 and math.isfinite(novel)
-    assert rows[-1]["base_accuracy"] >= 0.45  # 5 base classes: chance is 0.2
-    assert rows[-1]["base_accuracy"] >= rows[0]["base_accuracy"] + 0.15
+    assert rows[-1]["base_accuracy"] >= 0.45
+    assert rows[-1]["base_accuracy"] >= rows[0]["base_accuracy"] + 0.08
     assert result.summary["final_harmonic_mean"] == rows[-1]["harmonic_mean"]
     assert result.summary["final_novel_accuracy"] == rows[-1]["novel_accuracy"]
 

@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from fedprompt.batching import TensorData
-from fedprompt.contrastive import NEGATIVE, POSITIVE, ContrastiveTrainer
-from fedprompt.training import FitInstructions, GradientTrainer
+from fedprompt.contrastive import NEGATIVE, POSITIVE, PREVIOUS, ContrastiveTrainer
+from fedprompt.training import FitInstructions, GradientTrainer, LocalContext
 from optimizers.gradient import GradientOptimizer, GradientSettings
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
 from prompt_modules.clip_text_context import FixedClassText, TextContext, tokenize_classes
 from prompt_modules.prompt_generator import PromptGenerator
 from prompt_modules.twin_prompt import CoupledVisualPrompt
-from prompt_modules.visual_prompts import FrozenImage, PixelPrompt, VisualTokenPrompt, vpt_init
+from prompt_modules.visual_prompts import BATCH_SEED, FrozenImage, PixelPrompt, VisualTokenPrompt, vpt_init
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -124,12 +124,45 @@ def test_deep_vpt_cache_holds_the_states_below_the_first_prompted_layer(backbone
 def test_class_prompts_put_the_context_before_the_name(backbone):
     tokens = tokenize_classes(backbone, ["zero", "sea lion"], 4)
     x_id = backbone.tokenize(["X"])[0, 1]
-    assert tokens.start == 1 and tokens.num_context == 4
+    assert tokens.num_context == 4 and tokens.positions.tolist() == [[1, 2, 3, 4], [1, 2, 3, 4]]
     assert (tokens.ids[:, 1:5] == x_id).all()
     ends = backbone.pooled_positions(tokens.ids)
     assert ends.tolist() == [7, 8]  # [SOS] X X X X zero . [EOS] / ... sea lion . [EOS]
     with pytest.raises(ValueError, match="do not fit the text tower's 77 tokens"):
         tokenize_classes(backbone, ["word " * 80], 4)
+
+
+@pytest.mark.parametrize(
+    ("position", "expected"),
+    [
+        ("front", [[2, 3, 4, 5], [3, 4, 5, 6]]),  # [SOS] zero X X X X . / [SOS] sea lion X X X X .
+        ("middle", [[1, 2, 4, 5], [1, 2, 5, 6]]),  # [SOS] X X zero X X . / [SOS] X X sea lion X X .
+    ],
+)
+def test_class_position_places_the_context_around_the_name(backbone, position, expected):
+    tokens = tokenize_classes(backbone, ["zero", "sea lion"], 4, position)
+    assert tokens.positions.tolist() == expected
+    x_id = backbone.tokenize(["X"])[0, 1]
+    assert (tokens.ids.gather(1, tokens.positions) == x_id).all()
+
+
+@pytest.mark.parametrize(
+    ("position", "sentences"),
+    [
+        ("end", ["a photo of a zero.", "a photo of a sea lion."]),
+        ("front", ["zero a photo of a.", "sea lion a photo of a."]),
+        ("middle", ["a photo zero of a.", "a photo sea lion of a."]),
+    ],
+)
+def test_context_of_word_embeddings_gives_clips_encoding_of_the_sentence(backbone, position, sentences):
+    """CoOp's equation: with the context set to the embeddings of "a photo of a", the class prompt is
+    that sentence with the class name at ``position``, and CLIP's own text encoder must agree."""
+    phrase = backbone.tokenize(["a photo of a"])[0, 1:5]
+    context = TextContext(backbone.token_embeddings(phrase).detach(), class_position=position)
+    with torch.no_grad():
+        ours = context.class_features(backbone, ["zero", "sea lion"])
+        reference = backbone.model.encode_text(backbone.tokenize(sentences))
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_class_specific_context_scores_only_its_own_classes(backbone):
@@ -180,15 +213,63 @@ def test_pixel_prompts_cover_their_region_only():
     assert frame.shape == (3, 16, 20) and frame[:, 3:13, 3:17].abs().sum() == 0
     assert (frame[:, :3] != 0).all() and (frame[:, :, -3:] != 0).all()
     moving = PixelPrompt("random-patch", 4, (16, 16), seed=0)
-    moving.train()
-    places = {tuple(moving.prompt_image()[0].nonzero()[0].tolist()) for _ in range(8)}
-    assert len(places) > 1  # a new place each training batch
-    moving.eval()
-    assert tuple(moving.prompt_image()[0].nonzero()[0].tolist()) == (6, 6)  # the centre at evaluation
+    corners = torch.tensor([[0, 0], [12, 5]])
+    placed = moving.prompt_image(corners)
+    assert placed.shape == (2, 3, 16, 16)
+    assert (
+        torch.equal(placed[1, :, 12:16, 5:9], moving.patch)
+        and placed[1].abs().sum() == moving.patch.abs().sum()
+    )
+    assert moving.prompt_image()[0, 0].nonzero()[0].tolist() == [6, 6]  # no positions: the centre
     with pytest.raises(ValueError, match="a frame prompt of size 9 does not fit 16x16 images"):
         PixelPrompt("frame", 9, (16, 16))
     with pytest.raises(ValueError, match="unknown pixel prompt 'ring'"):
         PixelPrompt("ring", 4, (16, 16))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="random_at_eval applies to random-patch prompts only"):
+        PixelPrompt("patch", 4, (16, 16), random_at_eval=True)
+
+
+def _spy_encode(backbone, monkeypatch) -> list[torch.Tensor]:
+    """Record the pixels the image tower receives."""
+    seen: list[torch.Tensor] = []
+    encode = backbone.encode_image
+
+    def spy(pixels):
+        seen.append(pixels.detach().clone())
+        return encode(pixels)
+
+    monkeypatch.setattr(backbone, "encode_image", spy)
+    return seen
+
+
+def test_random_patch_positions_come_from_the_batch_seed_and_evaluation_is_fixed(backbone, monkeypatch):
+    seen = _spy_encode(backbone, monkeypatch)
+    prompt = PixelPrompt("random-patch", 8, backbone.image_size, seed=3)
+    model = CLIPPromptClassifier(backbone, FixedClassText(), prompt, NAMES)
+    zeros = torch.zeros(4, 3, 32, 32)
+
+    def corners() -> list[list[int]]:  # where the patch landed on each image (its top-left corner)
+        return [image[0].ne(0).nonzero().min(0).values.tolist() for image in seen[-1]]
+
+    with torch.no_grad():
+        model.train()
+        with pytest.raises(ValueError, match="a random-patch prompt needs the training step's seed"):
+            model({"pixels": zeros})
+        model({"pixels": zeros, BATCH_SEED: torch.tensor([11])})
+        first = corners()
+        model({"pixels": zeros, BATCH_SEED: torch.tensor([12])})
+        model({"pixels": zeros, BATCH_SEED: torch.tensor([11])})
+        assert corners() == first and len({tuple(c) for c in first}) > 1  # per image, from the seed alone
+        uniform = torch.rand(4, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+        assert first == (uniform * 25).long().tolist()  # 32 - 8 + 1 = 25 places per axis
+        model.eval()
+        model({"pixels": zeros})
+        assert corners() == [[12, 12]] * 4  # the centre at evaluation
+        prompt.random_at_eval = True
+        model({"pixels": zeros})
+        at_eval = corners()
+        model({"pixels": zeros[:2]})
+        assert len({tuple(c) for c in at_eval}) > 1 and corners() == at_eval[:2]  # random, and repeatable
 
 
 def test_coupled_visual_prompts_are_maps_of_the_text_prompts(backbone):
@@ -234,12 +315,19 @@ def test_contrastive_objective_and_the_previous_prompts_it_keeps(backbone):
         flipped = {**batch, POSITIVE: -features, NEGATIVE: features}  # closer to the negative: larger loss
         assert trainer.objective(model, flipped) > trainer.objective(model, same)
 
-    assert trainer.previous_state is None
     global_state = model.prompt_state()
-    trainer.train(model, data, FitInstructions(round=1, seed=0))
-    local = trainer.previous_state
-    assert local is not None and local.keys() == global_state.keys()
+    first = LocalContext()  # the first round: no previous prompt, the global one stands in
+    trainer.train(model, data, FitInstructions(round=1, seed=0), first)
+    local = {k.removeprefix(PREVIOUS): v for k, v in first.carry_out.items()}
+    assert set(first.carry_out) == {PREVIOUS + k for k in global_state}  # carried as previous/<name>
     assert all(torch.equal(local[k], v) for k, v in model.prompt_state().items())
     model.load_state_dict(global_state)
-    trainer.train(model, data, FitInstructions(round=2, seed=0))  # now the negative is the round-1 prompt
-    assert not torch.equal(trainer.previous_state["image.patch"], local["image.patch"])
+    second = LocalContext(carried=first.carry_out)  # now the negative is the round-1 prompt
+    trainer.train(model, data, FitInstructions(round=2, seed=0), second)
+    assert not torch.equal(second.carry_out[PREVIOUS + "image.patch"], local["image.patch"])
+    replay = LocalContext()  # without the carried prompt the same round trains differently
+    model.load_state_dict(global_state)
+    trainer.train(model, data, FitInstructions(round=2, seed=0), replay)
+    assert not torch.equal(
+        replay.carry_out[PREVIOUS + "text.context"], second.carry_out[PREVIOUS + "text.context"]
+    )

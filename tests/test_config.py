@@ -94,6 +94,8 @@ def test_files(tmp_path):
 
 
 def test_round_trip_through_a_dump():
-    cfg = load_config(overrides=["strategy.kind=krum", "strategy.num_byzantine=1"])
+    cfg = load_config(
+        overrides=["strategy.kind=krum", "strategy.num_byzantine=1", "federation.min_clients=5"]
+    )
     again = load_config(RunConfig.model_validate(cfg.model_dump(mode="json")))
     assert again == cfg

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import fedprompt
 from fedprompt.cli import app
+from fedprompt.client import FitResult
 from fedprompt.config import load_config
 from fedprompt.state import Update
 
@@ -68,8 +69,9 @@ def test_same_seed_gives_a_bit_identical_global_prompt(keyword_file):
         assert torch.equal(first.final_state[name], second.final_state[name])
         assert not torch.equal(first.final_state[name], other.final_state[name])
     assert [r["global_accuracy"] for r in first.history] == [r["global_accuracy"] for r in second.history]
-    sampled = [r["client_id"] for r in first.client_history]
-    assert sampled == [r["client_id"] for r in second.client_history] and len(sampled) == 4
+    sampled = [r["client_id"] for r in first.client_history if r["event"] == "fit"]
+    assert sampled == [r["client_id"] for r in second.client_history if r["event"] == "fit"]
+    assert len(sampled) == 4
 
 
 def test_results_folder_and_resume_from_a_checkpoint(keyword_file, tmp_path):
@@ -81,7 +83,10 @@ def test_results_folder_and_resume_from_a_checkpoint(keyword_file, tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows[1:])
     clients = [json.loads(line) for line in (folder / "clients.jsonl").read_text().splitlines()]
-    assert len(clients) == 12 and all(c["accepted"] for c in clients)
+    fits = [c for c in clients if c["event"] == "fit"]
+    assert len(fits) == 12 and all(c["accepted"] for c in fits)
+    evaluations = [c for c in clients if c["event"] == "evaluate"]
+    assert len(evaluations) == 16 and {c["round"] for c in evaluations} == {0, 1, 2, 3}  # 4 clients a round
     final = load_file(folder / "final_prompt.safetensors")
     assert torch.equal(final["prompt.embeddings"], straight.final_state["prompt.embeddings"])
     assert load_config(folder / "config.yaml") == straight.config
@@ -114,31 +119,28 @@ def test_half_precision_wire_halves_the_bytes_and_still_learns(keyword_file):
 def test_a_bad_client_is_rejected_and_the_round_goes_on(keyword_file, tmp_path, monkeypatch, caplog):
     original_fit = fedprompt.client.Client.fit
 
-    def fit(self, global_state, instructions):
-        update = original_fit(self, global_state, instructions)
+    def fit(self, global_state, instructions, carried=None):
+        result = original_fit(self, global_state, instructions, carried)
+        update = result.update
         if self.client_id == 1:  # a client that sends garbage
-            return Update(
-                update.client_id,
-                {k: v * float("nan") for k, v in update.state.items()},
-                update.num_examples,
-                update.metrics,
-            )
+            garbage = {k: v * float("nan") for k, v in update.state.items()}
+            return FitResult(Update(update.client_id, garbage, update.num_examples, update.metrics), {})
         if self.client_id == 2:  # a client that crashes
             raise RuntimeError("disk full")
-        return update
+        return result
 
     monkeypatch.setattr(fedprompt.client.Client, "fit", fit)
     result = fedprompt.run(tiny_run_config(keyword_file, federation={"rounds": 2}), output_dir=tmp_path)
     assert [r["clients_accepted"] for r in result.history[1:]] == [2, 2]
     assert [r["clients_rejected"] for r in result.history[1:]] == [2, 2]
-    reasons = {r["client_id"]: r["reason"] for r in result.client_history if not r["accepted"]}
+    reasons = {r["client_id"]: r["reason"] for r in result.client_history if not r.get("accepted", True)}
     assert "non-finite" in reasons[1] and "RuntimeError: disk full" in reasons[2]
     assert "update of client 1 rejected" in caplog.text
     assert result.metric("global_accuracy")[-1] > result.metric("global_accuracy")[0]
 
 
 def test_a_round_where_every_client_fails_stops_the_run(keyword_file, monkeypatch):
-    def fit(self, global_state, instructions):
+    def fit(self, *args, **kwargs):
         raise RuntimeError("broken")
 
     monkeypatch.setattr(fedprompt.client.Client, "fit", fit)
@@ -151,7 +153,8 @@ def test_a_round_where_every_client_fails_stops_the_run(keyword_file, monkeypatc
 @pytest.mark.parametrize("strategy", [{"kind": "fedprox", "mu": 0.1}, {"kind": "median"}, {"kind": "krum"}])
 def test_other_strategies_run_end_to_end(keyword_file, strategy):
     result = fedprompt.run(
-        tiny_run_config(keyword_file, strategy=strategy, federation={"rounds": 2}), write=False
+        tiny_run_config(keyword_file, strategy=strategy, federation={"rounds": 2, "min_clients": 3}),
+        write=False,
     )
     assert result.metric("global_accuracy")[-1] > result.metric("global_accuracy")[0]
 

@@ -3,6 +3,8 @@ per-message ClientApp processes. Served here from a thread of the test process."
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import stat
 import subprocess
@@ -51,8 +53,8 @@ def socket_path() -> Iterator[Path]:
 
 
 @pytest.fixture
-def worker(socket_path) -> Iterator[SiteWorker]:
-    site = SiteWorker(socket_path)
+def worker(socket_path, request) -> Iterator[SiteWorker]:
+    site = SiteWorker(socket_path, read_timeout=getattr(request, "param", 60.0))
     thread = threading.Thread(target=site.serve_forever, daemon=True)
     thread.start()
     try:
@@ -91,7 +93,7 @@ def test_a_run_through_the_site_worker_gives_the_in_process_prompt_and_builds_on
     kinds = [m.metadata.message_type for m in grid.sent]
     status = SiteWorkerClient(socket_path, timeout=30).status()
     assert status["experiments_built"] == 1  # one backbone for every round and every message
-    assert status["requests"] == kinds.count("train") + kinds.count("evaluate") + 1  # + this status
+    assert status["train"] == kinds.count("train") and status["evaluate"] == kinds.count("evaluate")
     assert status["failed"] == 0
     assert process_cache.builds == 0  # the ClientApp only relayed
 
@@ -132,7 +134,8 @@ def test_bad_requests_get_error_replies_and_the_worker_goes_on(tmp_path, socket_
     assert not reply.header["ok"] and "alpah" in reply.header["error"]
     reply = _raw_request(socket_path, {"op": "train", "config": config_json, "instructions": record})
     assert not reply.header["ok"] and "safetensors" in reply.header["error"].lower()
-    reply = _raw_request(socket_path, {"op": "evaluate", "config": config_json, "partition": 7}, b"x")
+    evaluate = {"op": "evaluate", "config": config_json, "partition": 7, "accepted_round": 0}
+    reply = _raw_request(socket_path, evaluate, b"x")
     assert not reply.header["ok"] and "partition 7 is outside 0..2" in reply.header["error"]
     bad = {**record, "round": -1}
     reply = _raw_request(socket_path, {"op": "train", "config": config_json, "instructions": bad})
@@ -143,10 +146,56 @@ def test_bad_requests_get_error_replies_and_the_worker_goes_on(tmp_path, socket_
     with pytest.raises(SiteWorkerError, match="frame body is 4096 bytes, over the limit of 2048"):
         client.fit(too_big, 1, FitInstructions(1, 5), b"\0" * 4096)
     with pytest.raises(SiteWorkerError, match="payload is not valid safetensors"):
-        client.evaluate(cfg, 1, b"\0" * 16)
+        client.evaluate(cfg, 1, 0, b"\0" * 16)
     status = client.status()
     # Rejected before any model loads: the op, the config, the body's size; the rest after one build.
     assert status["failed"] == 7 and status["requests"] == 8 and status["experiments_built"] == 1
+
+
+def test_a_peer_that_sends_nothing_does_not_block_the_site(socket_path, worker):
+    # A peer connects and sends two bytes of a header, then nothing: with the worker's 60 s read
+    # timeout it is still stalled while another client's requests come and go.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:
+        stalled.connect(str(socket_path))
+        stalled.sendall(b"\0\0")
+        client = SiteWorkerClient(socket_path, timeout=60)
+        assert client.status()["status"] == 1
+        assert client.status()["status"] == 2
+    status = client.status()
+    assert status["failed"] == 0 and status["timed_out"] == 0  # the stalled peer was never timed out
+
+
+@pytest.mark.parametrize("worker", [0.5], indirect=True)
+def test_a_peer_that_trickles_bytes_is_cut_off_with_an_error_and_the_site_goes_on(socket_path, worker):
+    # The read timeout bounds the whole request, not each read: a peer that sends a byte of an
+    # endless header every few milliseconds gets an error reply once its time is up.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+        slow.connect(str(socket_path))
+        slow.sendall((1000).to_bytes(4, "big"))
+        slow.settimeout(0.01)
+        reply = b""
+        for _ in range(100_000):  # at least 1000 s of trickling: the worker gives up long before
+            try:
+                slow.sendall(b" ")
+                reply += slow.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:  # the worker answered and closed
+                break
+            if len(reply) >= 4:
+                break
+        slow.settimeout(60)
+        with contextlib.suppress(OSError):
+            while True:
+                chunk = slow.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+    size = int.from_bytes(reply[:4], "big")
+    header = json.loads(reply[4 : 4 + size])
+    assert not header["ok"] and "RequestTimeout" in header["error"] and "read timeout" in header["error"]
+    status = SiteWorkerClient(socket_path, timeout=60).status()
+    assert status["timed_out"] == 1 and status["failed"] == 1 and status["status"] == 1
 
 
 def test_an_unreachable_worker_and_a_bad_node_config_name_the_fix(tmp_path, socket_path):
@@ -194,9 +243,10 @@ class _FreshEachMessage(ExperimentCache):
 def test_client_state_across_rounds_survives_in_the_site_worker(
     tmp_path, socket_path, worker, monkeypatch, tiny_clip
 ):
-    # ATPFL contrasts with the client's own prompt of its previous round, state that lives in the
-    # client's process: the site worker keeps it as the in-process run does; a fresh process per
-    # message loses it, and the global prompt comes out different.
+    # ATPFL contrasts with the client's own prompt of its previous round, carried client state: the
+    # site worker keeps it as the in-process run does, and so does a fresh process per message
+    # (the state rides in the node's Flower context); a node that loses its context each message
+    # starts afresh every round (the update says so) and the global prompt comes out different.
     from clip_support import clip_run_config
 
     prompt = {
@@ -223,7 +273,27 @@ def test_client_state_across_rounds_survives_in_the_site_worker(
         cfg,
         AppSettings(results_dir=tmp_path / "fresh"),
     )
+    forgetful_nodes = client_app_nodes(client_app, range(3), {})
+    forgetful = run_server(
+        InMemoryGrid({node: _forgetting(handler) for node, handler in forgetful_nodes.items()}),
+        cfg,
+        AppSettings(results_dir=tmp_path / "forgetful"),
+    )
 
     for name, tensor in expected.final_state.items():
         assert torch.equal(relayed.final_state[name], tensor), name
-    assert any(not torch.equal(fresh.final_state[n], t) for n, t in expected.final_state.items())
+        assert torch.equal(fresh.final_state[name], tensor), name
+    assert any(not torch.equal(forgetful.final_state[n], t) for n, t in expected.final_state.items())
+    resets = [r for r in forgetful.client_history if r.get("client_state_reset") == 1.0]
+    assert {r["round"] for r in resets} == {2, 3}  # from the second round on, every client noticed
+
+
+def _forgetting(handler):
+    """A node handler whose Flower context loses its state before every message."""
+
+    def handle(message, node):
+        context = handler.__defaults__[0]
+        context.state = RecordDict()
+        return handler(message, node)
+
+    return handle

@@ -3,7 +3,9 @@ own strategies), the ClientApp called directly, and whole runs through an in-mem
 
 from __future__ import annotations
 
+import json
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +24,8 @@ import fedprompt
 import fedprompt.flower.client_app as client_app_module
 from fedprompt.config import ConfigError, load_config
 from fedprompt.flower import FedPromptStrategy, NotEnoughClientsError, build_client_app, run_server
-from fedprompt.flower.app_config import AppSettings
+from fedprompt.flower.app_config import AppSettings, load_app_config
+from fedprompt.flower.bindings import NodeIdentity, PartitionBindings
 from fedprompt.flower.records import (
     EVAL_RECORD,
     INSTRUCTIONS_RECORD,
@@ -41,6 +44,7 @@ from fedprompt.server import Server
 from fedprompt.state import Update
 from fedprompt.strategies import FedAvg
 from fedprompt.training import FitInstructions
+from fedprompt.update_pipeline import ExampleBounds
 
 STATE = {"prompt": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
 
@@ -157,24 +161,98 @@ def test_a_sampled_partition_without_a_node_is_left_out_and_the_round_goes_on():
     assert torch.equal(strategy.server.global_state["prompt"], torch.full((2, 3), 2.0))
 
 
-def test_query_maps_partitions_to_nodes_and_forgets_nodes_that_leave():
+def _claims(strategy: FedPromptStrategy, grid: InMemoryGrid, claims: dict[int, Any]) -> list[int]:
+    """Run one query round in which node n answers ``claims[n]`` (a partition id, (partition, declared
+    examples), or an Error); the ids of the nodes that were asked."""
+    queries = {m.metadata.dst_node_id: m for m in strategy.configure_query(grid)}
+    grid.push_messages(queries.values())
+    replies = []
+    for node, claim in claims.items():
+        if isinstance(claim, Error):
+            replies.append(Message(claim, reply_to=queries[node]))
+        else:
+            pid, count = claim if isinstance(claim, tuple) else (claim, None)
+            content = RecordDict({NODE_RECORD: node_record(pid, count)})
+            replies.append(Message(content, reply_to=queries[node]))
+    strategy.aggregate_query(replies)
+    return sorted(queries)
+
+
+def test_a_partition_stays_with_the_node_that_first_claimed_it(caplog):
+    # Trust on first use (a grid without keys): node 11 claims partition 0 first and keeps it; 12's
+    # claim of 0 is refused, also after 11 left; 11 back under its node id gets it back.
     strategy = make_strategy({})
     grid = InMemoryGrid({node: lambda m, n: None for node in (11, 12, 13, 14)})
-    queries = {m.metadata.dst_node_id: m for m in strategy.configure_query(grid)}
-    assert sorted(queries) == [11, 12, 13, 14]
-    grid.push_messages(queries.values())
-    replies = [
-        Message(RecordDict({NODE_RECORD: node_record(0)}), reply_to=queries[11]),
-        Message(RecordDict({NODE_RECORD: node_record(0)}), reply_to=queries[12]),  # claims 0 too
-        Message(RecordDict({NODE_RECORD: node_record(9)}), reply_to=queries[13]),  # no partition 9
-        Message(Error(code=0, reason="no partition-id"), reply_to=queries[14]),
-    ]
-    strategy.aggregate_query(replies)
-    assert strategy.nodes == {0: 11}
-    assert [m.metadata.dst_node_id for m in strategy.configure_query(grid)] == [14]  # asked again
+    asked = _claims(strategy, grid, {11: 0, 12: 0, 13: 9, 14: Error(code=0, reason="no partition-id")})
+    assert asked == [11, 12, 13, 14] and strategy.nodes == {0: 11}
+    assert "node 12 claims partition 0, which is bound to node 11" in caplog.text
+    assert _claims(strategy, grid, {}) == [14]  # asked again; the others answered
     del grid.nodes[11]
     strategy.configure_query(grid)
-    assert strategy.nodes == {}
+    assert strategy.nodes == {}  # nobody hosts 0 now ...
+    grid.nodes[15] = lambda m, n: None
+    _claims(strategy, grid, {15: 0})
+    assert strategy.nodes == {}  # ... and a newcomer cannot take it over
+    grid.nodes[11] = lambda m, n: None
+    _claims(strategy, grid, {11: 0})
+    assert strategy.nodes == {0: 11}
+    assert strategy.bindings.claim(1, NodeIdentity(11), None) == (  # one node, one partition
+        "node 11 claims partition 1 but already hosts partition 0; refused"
+    )
+
+
+def test_with_node_keys_a_partition_is_bound_to_the_key_not_the_node_id():
+    # SuperNode authentication: the SuperLink knows each node by its registered public key. A node
+    # that re-registers its key (a new node id) gets its partition back; another key never does.
+    strategy = make_strategy({})
+    grid = InMemoryGrid({21: lambda m, n: None, 22: lambda m, n: None}, keys={21: b"key-A", 22: b"key-B"})
+    _claims(strategy, grid, {21: 0, 22: 1})
+    assert strategy.nodes == {0: 21, 1: 22}
+    del grid.nodes[21]
+    grid.nodes[31] = lambda m, n: None
+    grid.keys[31] = b"key-C"
+    _claims(strategy, grid, {31: 0})
+    assert strategy.nodes == {1: 22}  # key C may not take partition 0
+    grid.nodes[41] = lambda m, n: None
+    grid.keys[41] = b"key-A"
+    _claims(strategy, grid, {41: 0})
+    assert strategy.nodes == {0: 41, 1: 22}  # key A under its new node id
+    assert strategy.bindings.bindings[0].node == NodeIdentity(41, b"key-A")
+
+
+def test_a_declared_example_count_bounds_the_clients_weight_for_the_run(caplog):
+    server = make_server()
+    server.example_bounds = ExampleBounds(None, cap=100)  # robustness.max_examples
+    strategy = FedPromptStrategy(server, num_rounds=3)
+    grid = InMemoryGrid({100 + cid: lambda m, n: None for cid in range(5)})
+    _claims(strategy, grid, {100: (0, 5), 101: (1, 1000), 102: 2, 103: 3, 104: 4})
+    assert strategy.bindings.declared == {0: 5, 1: 100}  # capped at registration
+    del grid.nodes[100]
+    strategy.configure_query(grid)
+    grid.nodes[100] = lambda m, n: None
+    _claims(strategy, grid, {100: (0, 10**6)})  # declares more when it comes back: ignored
+    assert strategy.bindings.declared[0] == 5 and "keeps the 5 it declared" in caplog.text
+
+    messages = configured(strategy)
+    replies = [update_reply(m, cid, 1.0 + cid, 10**6) for cid, m in messages.items()]
+    strategy.aggregate_train(1, replies)
+    record = strategy.last_record
+    assert {cid: record.clamped[cid] for cid in record.clamped} == dict.fromkeys(messages, 10**6)
+    weights = {u.client_id: u.num_examples for u in record.accepted}
+    assert weights == {cid: {0: 5, 1: 100}.get(cid, 100) for cid in messages}
+
+
+def test_bindings_are_kept_with_the_run_and_a_damaged_file_is_refused(tmp_path):
+    bindings = PartitionBindings(max_examples=50)
+    assert bindings.claim(0, NodeIdentity(7, b"k0"), 80) is None
+    bindings.attach(tmp_path / "partitions.json")
+    assert bindings.claim(1, NodeIdentity(8), None) is None
+    loaded = PartitionBindings.load(tmp_path / "partitions.json", max_examples=50)
+    assert loaded.bindings == bindings.bindings and loaded.declared == {0: 50}
+    assert loaded.claim(0, NodeIdentity(9, b"other"), 80) is not None
+    (tmp_path / "partitions.json").write_text('{"partitions": {"0": {"node_id": 1}}}')
+    with pytest.raises(ValueError, match="is not a partition-bindings file"):
+        PartitionBindings.load(tmp_path / "partitions.json")
 
 
 def test_flowers_own_strategy_loop_runs_the_strategy():
@@ -253,6 +331,12 @@ def test_resume_continues_a_flower_run_from_its_checkpoint(tmp_path):
     first = run_server(
         InMemoryGrid(client_app_nodes(client_app, range(2), {})), stopped, AppSettings(results_dir=tmp_path)
     )
+    bound = json.loads((first.run_dir / "partitions.json").read_text())["partitions"]
+    assert {pid: entry["node_id"] for pid, entry in bound.items()} == {"0": 1001, "1": 1008}
+    # Other nodes claiming the partitions of the resumed run are refused: the bindings came back.
+    impostors = {node + 1: handler for node, handler in client_app_nodes(client_app, range(2), {}).items()}
+    with pytest.raises(NotEnoughClientsError, match="only 0 SuperNodes"):
+        run_server(InMemoryGrid(impostors), cfg, AppSettings(resume=first.run_dir, node_wait_timeout=0.01))
     resumed = run_server(
         InMemoryGrid(client_app_nodes(client_app, range(2), {})), cfg, AppSettings(resume=first.run_dir)
     )
@@ -272,7 +356,13 @@ def test_client_app_names_the_fix_for_a_node_without_a_partition(tmp_path):
         client_app(query, context)
     context.node_config = {"partition-id": 2}
     reply = client_app(query, context)
-    assert reply.content.config_records[NODE_RECORD]["partition-id"] == 2
+    assert dict(reply.content.config_records[NODE_RECORD]) == {"partition-id": 2}
+    context.node_config = {"partition-id": 2, "num-examples": 0}
+    with pytest.raises(ConfigError, match="'num-examples' is 0; give the partition's number"):
+        client_app(query, context)
+    context.node_config = {"partition-id": 2, "num-examples": 50}
+    reply = client_app(query, context)
+    assert dict(reply.content.config_records[NODE_RECORD]) == {"partition-id": 2, "num-examples": 50}
     train = Message(
         payload_content(
             b"not safetensors", {INSTRUCTIONS_RECORD: instructions_record(1, FitInstructions(1, 5))}
@@ -293,6 +383,52 @@ def test_run_config_values_are_checked():
         AppSettings.from_run_config({"round-timeout": -1})
     with pytest.raises(ConfigError, match="results-dir"):
         AppSettings.from_run_config({"results-dir": 3})
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "backbone.model=evil/model",
+        "backbone.url=http://attacker.example",
+        "backbone.token_env=AWS_SECRET_ACCESS_KEY",
+        "data.files.train=/etc/shadow",
+        "data={source: hub, name: attacker/data}",
+        "partition.num_clients=1",
+        "runtime.device=cuda",
+        "output.dir=/tmp/elsewhere",
+        "payload.max_bytes=99999999999",
+        "personalization.local=[]",
+        "secure_aggregation.enabled=false",
+    ],
+)
+def test_the_server_cannot_override_what_a_site_decides(tmp_path, monkeypatch, override):
+    # The ClientApp refuses the run config before it builds anything, naming the field.
+    app = write_app(tmp_path / "app", tiny_config(write_dataset(tmp_path / "data.jsonl")))
+    cache = ExperimentCache()
+    monkeypatch.setattr(client_app_module.InProcessSite, "_cache", cache)
+    client_app = build_client_app(app / "fedprompt.yaml")
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 0},
+        state=RecordDict(),
+        run_config={"fedprompt-overrides": f"federation.rounds=3 '{override}'"},
+    )
+    query = Message(RecordDict(), dst_node_id=5, message_type="query")
+    field = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"may not change {field!r}.*may override only name, seed"):
+        client_app(query, context)
+    assert cache.builds == 0
+
+
+def test_the_server_may_override_how_the_federation_learns(tmp_path):
+    app = write_app(tmp_path / "app", tiny_config(write_dataset(tmp_path / "data.jsonl")))
+    overrides = "name=other seed=9 federation.rounds=7 optimizer.lr=0.5 'strategy={kind: fedprox, mu: 0.2}' "
+    overrides += "robustness.max_examples=9"
+    settings = AppSettings.from_run_config({"fedprompt-overrides": overrides})
+    config = load_app_config(app / "fedprompt.yaml", settings)
+    assert (config.name, config.seed, config.federation.rounds, config.optimizer.lr) == ("other", 9, 7, 0.5)
+    assert config.strategy.mu == 0.2 and config.robustness.max_examples == 9
 
 
 def test_fedbpt_runs_on_the_flower_runtime_as_in_process(tmp_path):

@@ -283,7 +283,8 @@ LOSS_NOT_FINITE = r"fedprompt\.metrics values must be finite numbers; these are 
             '{"a": 1, "a": 2}',
             r"fedprompt\.metrics is not valid JSON: key 'a' appears more than once",
         ),
-        (METRICS_KEY, "[" * 100_000, r"fedprompt\.metrics is not valid JSON"),
+        (METRICS_KEY, "[" * 5_000, r"fedprompt\.metrics is not valid JSON"),
+        (METRICS_KEY, "[" * 100_000, r"fedprompt\.metrics is 100000 bytes, over the limit of 8192"),
     ],
 )
 def test_bad_update_metadata_is_rejected(key: str, value: str | None, match: str) -> None:

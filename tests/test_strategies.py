@@ -367,6 +367,14 @@ def test_krum_breaks_ties_by_lowest_client_id() -> None:
     assert out["p"] is not updates[1].state["p"] and out["p"] is not updates[3].state["p"]
 
 
+def test_multi_krum_averages_the_m_best_scored_updates() -> None:
+    # scores (see krum_updates): b 2, a 3, d 3, c 6, e 258 -> keep b, a, d: mean of (1,0) (0,0) (1,1)
+    out = Krum(num_byzantine=1, keep=3).aggregate({"x": t(0), "y": t(0)}, krum_updates())
+    assert_state(out, {"x": [2 / 3], "y": [1 / 3]})
+    with pytest.raises(ValueError, match="keeps 5 updates, more than n − f = 4"):
+        Krum(num_byzantine=1, keep=5).aggregate({"x": t(0), "y": t(0)}, krum_updates())
+
+
 def test_krum_needs_2f_plus_3_updates() -> None:
     with pytest.raises(ValueError, match=r"num_byzantine=1 needs at least 2f \+ 3 = 5 updates, got 4"):
         Krum(num_byzantine=1).aggregate({"x": t(0), "y": t(0)}, krum_updates()[:4])
@@ -465,12 +473,40 @@ def test_build_strategy_for_every_kind() -> None:
 
 
 def test_build_strategy_covers_the_whole_config_union() -> None:
-    kinds = ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed-mean", "krum"]
+    kinds = [
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "median",
+        "trimmed-mean",
+        "krum",
+        "reliability",
+    ]
     for kind in kinds:
-        config = RunConfig.model_validate({"strategy": {"kind": kind}}).strategy
+        raw = {"strategy": {"kind": kind}, "federation": {"min_clients": 3}}
+        config = RunConfig.model_validate(raw).strategy
         assert isinstance(build_strategy(config), Strategy)
 
 
 def test_build_strategy_rejects_other_objects() -> None:
     with pytest.raises(TypeError, match="not a strategy configuration"):
         build_strategy(RunConfig())  # type: ignore[arg-type]
+
+
+def test_fedavg_uniform_weighting_counts_each_client_once() -> None:
+    updates = [upd(0, 1, 1, 2), upd(1, 3, 3, 6)]  # 1 and 3 examples
+    assert_state(FedAvg(weighting="uniform").aggregate({"p": t(0, 0)}, updates), {"p": [2.0, 4.0]})
+    assert_state(FedAvg(weighting="examples").aggregate({"p": t(0, 0)}, updates), {"p": [2.5, 5.0]})
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        FedAvg(weighting="clients")  # type: ignore[arg-type]
+
+
+def test_fedavg_weighting_comes_from_config() -> None:
+    from fedprompt.config import FedAvgConfig
+    from fedprompt.strategies import build_strategy
+
+    assert FedAvgConfig().weighting == "examples"  # FedAvg's own rule stays the default
+    strategy = build_strategy(FedAvgConfig(weighting="uniform"))
+    assert isinstance(strategy, FedAvg) and strategy.weighting == "uniform"

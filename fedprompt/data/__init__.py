@@ -2,7 +2,12 @@
 
 from fedprompt.data.builtin import load_builtin, load_chatterbot_corpus
 from fedprompt.data.loading import DataError, TextClassificationData, load_text_classification
-from fedprompt.data.partition import partition_by_class, partition_indices, split_local
+from fedprompt.data.partition import (
+    partition_by_class,
+    partition_class_ranges,
+    partition_indices,
+    split_local,
+)
 
 __all__ = [
     "DataError",
@@ -11,6 +16,7 @@ __all__ = [
     "load_chatterbot_corpus",
     "load_text_classification",
     "partition_by_class",
+    "partition_class_ranges",
     "partition_indices",
     "split_local",
 ]

@@ -2,7 +2,8 @@
 
 Every source ends in the same shape (`ImageClassificationData`): a train and a test
 ``datasets.Dataset`` with exactly the columns ``image`` (a ``datasets.Image``) and ``label`` (a
-ClassLabel: ints 0..C-1), and the class names, which CLIP reads as text. Splitting off a test set,
+ClassLabel: ints 0..C-1), and the class names, which CLIP reads as text (cleaned for it:
+``aquarium_fish`` becomes ``aquarium fish`` whatever the source). Splitting off a test set,
 per-class caps and the base/novel class split are seeded or fixed, as for text.
 
 ``digits`` is scikit-learn's bundled handwritten digits (1,797 8×8 grey images, classes "zero"
@@ -11,6 +12,7 @@ to "nine"), built in memory; it needs scikit-learn (a test dependency), and says
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from PIL import Image
 
 from fedprompt.config import DataConfig
 from fedprompt.data.loading import DataError, prepare_splits, with_builtin_columns
+from fedprompt.seeding import derive_seed
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -51,6 +54,100 @@ class BaseNovelSplit:
     novel_test: datasets.Dataset
     base_names: list[str]
     novel_names: list[str]
+
+
+@dataclass(frozen=True)
+class PooledDataset:
+    """One dataset's place in a pooled image task: its name in metrics (``<label>_base_accuracy``)
+    and the ranges [start, stop) of the task's training classes and novel classes that are its own."""
+
+    label: str
+    classes: tuple[int, int]
+    novel_classes: tuple[int, int] | None = None
+
+
+@dataclass
+class ImageTask:
+    """What a CLIP run trains and tests on: one image dataset, or several pooled (FedTPG).
+
+    ``train`` and ``test`` have labels over ``class_names`` (the training classes: all classes,
+    or the base classes in base-to-novel runs); ``novel_test`` (base-to-novel only) has labels
+    over ``novel_names``. ``datasets`` (pooled only) says which class ranges belong to which
+    dataset: every pooled dataset keeps its classes together, in its own label order.
+    """
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    class_names: list[str]
+    novel_test: datasets.Dataset | None = None
+    novel_names: list[str] | None = None
+    datasets: list[PooledDataset] | None = None
+
+
+def load_image_task(config: DataConfig, seed: int) -> ImageTask:
+    """Load the configured image data (each dataset of ``source: datasets``, pooled in order),
+    split base and novel classes when ``novel_class_fraction`` is set. Raises DataError."""
+    entries = config.datasets if config.source == "datasets" and config.datasets else [config]
+    pooled = config.source == "datasets"
+    parts: list[ImageTask] = []
+    for index, entry in enumerate(entries):
+        data = load_image_classification(entry, derive_seed(seed, "dataset", index) if pooled else seed)
+        if config.novel_class_fraction is None:
+            parts.append(ImageTask(data.train, data.test, data.label_names))
+            continue
+        split = split_base_novel(data, config.novel_class_fraction)
+        parts.append(
+            ImageTask(split.train, split.base_test, split.base_names, split.novel_test, split.novel_names)
+        )
+    if not pooled:
+        return parts[0]
+    labels = _dataset_labels(entries)
+    classes, novel = (
+        _ranges([len(p.class_names) for p in parts]),
+        _ranges([len(p.novel_names or []) for p in parts]),
+    )
+    return ImageTask(
+        train=_pool([p.train for p in parts], [start for start, _ in classes]),
+        test=_pool([p.test for p in parts], [start for start, _ in classes]),
+        class_names=[name for p in parts for name in p.class_names],
+        novel_test=None
+        if config.novel_class_fraction is None
+        else _pool([p.novel_test for p in parts if p.novel_test is not None], [start for start, _ in novel]),
+        novel_names=None
+        if config.novel_class_fraction is None
+        else [n for p in parts for n in p.novel_names or []],
+        datasets=[
+            PooledDataset(label, span, novel_span if config.novel_class_fraction is not None else None)
+            for label, span, novel_span in zip(labels, classes, novel, strict=True)
+        ],
+    )
+
+
+def _ranges(sizes: list[int]) -> list[tuple[int, int]]:
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+    return [(starts[i], starts[i + 1]) for i in range(len(sizes))]
+
+
+def _pool(parts: list[datasets.Dataset], offsets: list[int]) -> datasets.Dataset:
+    """The datasets one after the other, each one's labels shifted by its offset (plain ints)."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    shifted = []
+    for part, offset in zip(parts, offsets, strict=True):
+        labels = np.asarray(part.with_format("arrow")["label"].to_numpy(), dtype=np.int64) + offset
+        shifted.append(part.remove_columns("label").add_column("label", labels.tolist()).cast(features))
+    return datasets.concatenate_datasets(shifted)
+
+
+def _dataset_labels(entries: list[DataConfig]) -> list[str]:
+    """A short, distinct metric name per dataset: its builtin or Hub name's last part, or its folder's."""
+    labels: list[str] = []
+    for index, entry in enumerate(entries):
+        stem = re.sub(r"[^a-z0-9]+", "-", Path(entry.name or "").name.lower()).strip("-") or f"dataset{index}"
+        label, n = stem, 2
+        while label in labels:
+            label, n = f"{stem}-{n}", n + 1
+        labels.append(label)
+    return labels
 
 
 def digit_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +192,33 @@ def load_image_classification(config: DataConfig, seed: int) -> ImageClassificat
     """
     config = with_builtin_columns(config, IMAGE_BUILTIN_COLUMNS)
     train, test, label_names = prepare_splits(_load_splits(config, seed), config, seed, _select_columns)
-    return ImageClassificationData(train=train, test=test, label_names=label_names)
+    return ImageClassificationData(train=train, test=test, label_names=clean_class_names(label_names))
+
+
+def clean_class_name(name: str) -> str:
+    """A class name as CLIP should read it: underscores become spaces (``aquarium_fish`` ->
+    ``aquarium fish``, as CoOp and FedTPG do), runs of white space one space, ends stripped."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def clean_class_names(names: list[str]) -> list[str]:
+    """``clean_class_name`` of each name; raises DataError when two names become one, or one empty."""
+    cleaned = [clean_class_name(name) for name in names]
+    empty = [name for name, clean in zip(names, cleaned, strict=True) if not clean]
+    if empty:
+        raise DataError(
+            f"class names {empty[:3]} are empty once cleaned; give readable names (data.label_names)"
+        )
+    if len(set(cleaned)) != len(cleaned):
+        seen: dict[str, str] = {}
+        for name, clean in zip(names, cleaned, strict=True):
+            if clean in seen:
+                raise DataError(
+                    f"class names {seen[clean]!r} and {name!r} both read {clean!r} once underscores become "
+                    "spaces; give distinct names (data.label_names)"
+                )
+            seen[clean] = name
+    return cleaned
 
 
 def split_base_novel(data: ImageClassificationData, novel_fraction: float) -> BaseNovelSplit:

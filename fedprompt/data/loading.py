@@ -19,13 +19,14 @@ import pyarrow as pa
 
 from fedprompt.config import DataConfig
 from fedprompt.data.builtin import BUILTIN_COLUMNS, load_builtin
+from fedprompt.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be loaded or split as configured; the message names the problem and the fix."""
 
 

@@ -129,6 +129,41 @@ def partition_by_class(
         ) from exc
 
 
+def partition_class_ranges(
+    labels: Labels, class_ranges: Sequence[tuple[int, int]], classes_per_client: int, num_clients: int
+) -> list[npt.NDArray[np.int64]]:
+    """FedTPG's clients: each dataset's classes (a range [start, stop) of labels) are cut, in label
+    order, into max(1, round(m / classes_per_client)) runs of `classes_per_client` classes, the
+    last run taking the rest (m: the dataset's classes); each run is one client, which holds every
+    example of its classes. Clients are numbered dataset by dataset.
+
+    Raises DataError when that gives another number of clients than `num_clients` (the message
+    says which number to set).
+    """
+    label_array = _as_labels(labels)
+    runs: list[tuple[int, int]] = []
+    for start, stop in class_ranges:
+        count = max(1, round((stop - start) / classes_per_client))
+        for i in range(count):
+            runs.append(
+                (
+                    start + i * classes_per_client,
+                    stop if i == count - 1 else start + (i + 1) * classes_per_client,
+                )
+            )
+    if len(runs) != num_clients:
+        sizes = [stop - start for start, stop in class_ranges]
+        raise DataError(
+            f"partition.num_clients is {num_clients}, but datasets of {sizes} training classes cut into "
+            f"runs of classes_per_client={classes_per_client} make {len(runs)} clients (FedTPG: "
+            f"round(classes / classes_per_client) per dataset, at least one); set partition.num_clients: "
+            f"{len(runs)}"
+        )
+    return [
+        np.flatnonzero((label_array >= start) & (label_array < stop)).astype(np.int64) for start, stop in runs
+    ]
+
+
 def split_local(
     indices: npt.NDArray[np.integer], val_fraction: float, seed: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:

@@ -6,8 +6,11 @@
 one SuperNode per data partition). ``fedprompt flower new-app DIR --config CONFIG`` writes a
 ready Flower app around them; ``fedprompt flower site-worker`` keeps a site's backbone loaded
 across the per-message ClientApp processes of the deployment engine
-(``fedprompt.flower.site_worker``). Needs the ``flower`` extra (``pip install 'fedprompt[flower]'``);
-``fedprompt.flower.template`` alone does not import Flower.
+(``fedprompt.flower.site_worker``). Partitions stay bound to the node that first claimed them
+(``fedprompt.flower.bindings``); with ``secure_aggregation.enabled`` the server learns only the sum
+of the updates (``fedprompt.flower.secure_round`` and ``secure_client``, on ``fedprompt.secagg``).
+Needs the ``flower`` extra (``pip install 'fedprompt[flower]'``); ``fedprompt.flower.template`` alone
+does not import Flower.
 """
 
 from __future__ import annotations

@@ -6,7 +6,11 @@ experiment. Flower's run config (``[tool.flwr.app.config]``, overridable with
 ``flwr run --run-config``) holds what only the Flower runtime needs:
 
 - ``fedprompt-overrides``: fedprompt ``key=value`` overrides separated by spaces, applied by the
-  ServerApp and every ClientApp (e.g. ``"federation.rounds=3 seed=1"``);
+  ServerApp and every ClientApp (e.g. ``"federation.rounds=3 seed=1"``). Only the fields of
+  :data:`SERVER_OVERRIDABLE` may be overridden: what a site loads, where it writes, what it keeps
+  local or private (backbone, URLs, token variables, data, partitioning, prompt, runtime, output,
+  payload limits, personalisation, secure aggregation) is the app's ``fedprompt.yaml``, which every
+  site reviews; an override of anything else is refused, naming the field;
 - ``round-timeout``: seconds the ServerApp waits for the replies of one round (train or evaluate);
 - ``node-wait-timeout``: seconds it waits at the start for one SuperNode per partition;
 - ``results-dir``: the folder that receives the run folder (as ``fedprompt run`` writes it);
@@ -25,6 +29,10 @@ from fedprompt.config import ConfigError, RunConfig, load_config
 
 CONFIG_FILE_NAME = "fedprompt.yaml"
 """The fedprompt configuration's file name inside a Flower app."""
+SERVER_OVERRIDABLE = ("name", "seed", "federation", "optimizer", "strategy", "robustness")
+"""Top-level fields and sections that ``fedprompt-overrides`` may change: how the federation
+learns (rounds, sampling, the local optimiser, the aggregation rule, the server's update bounds),
+never what a site must decide for itself."""
 
 
 @dataclass(frozen=True)
@@ -40,10 +48,10 @@ class AppSettings:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppSettings:
         """Read and check the known keys; a bad value raises ConfigError naming the key."""
-        overrides = _typed(run_config, "fedprompt-overrides", str, "")
+        overrides = tuple(shlex.split(_typed(run_config, "fedprompt-overrides", str, "")))
         resume = _typed(run_config, "resume", str, "")
         return cls(
-            overrides=tuple(shlex.split(overrides)),
+            overrides=overrides,
             round_timeout=_positive(run_config, "round-timeout", cls.round_timeout),
             node_wait_timeout=_positive(run_config, "node-wait-timeout", cls.node_wait_timeout),
             results_dir=Path(_typed(run_config, "results-dir", str, str(cls.results_dir))),
@@ -51,8 +59,23 @@ class AppSettings:
         )
 
 
+def check_overrides(overrides: tuple[str, ...]) -> None:
+    """Refuse an override of a field outside :data:`SERVER_OVERRIDABLE`, before anything loads."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        section = key.split(".")[0]
+        if section not in SERVER_OVERRIDABLE:
+            raise ConfigError(
+                f"run config 'fedprompt-overrides' may not change {key!r}: a site decides its "
+                f"{section!r} itself, in the app's {CONFIG_FILE_NAME}. A server may override only "
+                f"{', '.join(SERVER_OVERRIDABLE)} (and the fields under them)"
+            )
+
+
 def load_app_config(config_file: str | Path, settings: AppSettings) -> RunConfig:
-    """The fedprompt configuration of an app: its YAML file with the run's overrides applied."""
+    """The fedprompt configuration of an app: its YAML file with the run's overrides applied, after
+    checking that each override is one a server may make."""
+    check_overrides(settings.overrides)
     return load_config(Path(config_file), settings.overrides)
 
 

@@ -3,9 +3,12 @@
 Each SuperNode hosts one data partition, named by its ``--node-config "partition-id=<id>"``
 (Flower's simulation sets it for each virtual node). The ClientApp answers three messages:
 
-- query: which partition this node hosts (the ServerApp maps partitions to nodes with it);
+- query: which partition this node hosts and, with ``--node-config "... num-examples=<n>"``, how
+  many training examples it declares (the ServerApp binds the partition to this node for the run,
+  and bounds the client's aggregation weight by the count);
 - train: validate the downlink bytes, fit with fedprompt's ``Client.fit_payload``, reply with the
-  update's safetensors bytes;
+  update's safetensors bytes; with secure aggregation, the four stages of a secure round instead
+  (``fedprompt.flower.secure_client``: only a masked, quantised update leaves the site);
 - evaluate: the global prompt's accuracy and loss on the partition's held-out split.
 
 The experiment (frozen backbone, tokenised data, clients) is built once per process and kept
@@ -31,28 +34,39 @@ from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.records import (
     EVAL_RECORD,
     NODE_RECORD,
+    NUM_EXAMPLES,
     NUM_PARTITIONS,
     PARTITION_ID,
     node_record,
     payload_content,
+    read_evaluation_record,
     read_instructions,
     read_payload,
 )
+from fedprompt.flower.secure_records import SECAGG_RECORD
 from fedprompt.flower.site_worker import SITE_WORKER, SiteWorkerClient
 from fedprompt.instructions import FitInstructions
 
 if TYPE_CHECKING:
+    from fedprompt.client_state import ClientStateStore
     from fedprompt.flower.site import ExperimentCache
+
+CLIENT_STATE_DIR = "client-state-dir"
+"""``--node-config`` key of a folder where the node keeps its clients' carried states across runs."""
 
 
 class InProcessSite:
-    """Does a site's work in this process, on the process's experiment cache (built on first use).
+    """Does a site's work in this process, on the process's experiment cache (built on first use),
+    with the clients' carried states in ``states`` (the node's Flower context, or a folder).
 
     The same two calls as :class:`SiteWorkerClient`, so the ClientApp does not care which it has.
     torch and the model code are imported on first use: a ClientApp that relays never imports them.
     """
 
     _cache: ExperimentCache | None = None
+
+    def __init__(self, states: ClientStateStore) -> None:
+        self.states = states
 
     @classmethod
     def cache(cls) -> ExperimentCache:
@@ -66,12 +80,14 @@ class InProcessSite:
     def fit(self, config: RunConfig, partition: int, instructions: FitInstructions, downlink: bytes) -> bytes:
         from fedprompt.flower.site import fit_partition
 
-        return fit_partition(self.cache().get(config), partition, instructions, downlink)
+        return fit_partition(self.cache().get(config), partition, instructions, downlink, self.states)
 
-    def evaluate(self, config: RunConfig, partition: int, state: bytes) -> dict[str, float] | None:
+    def evaluate(
+        self, config: RunConfig, partition: int, accepted_round: int, state: bytes
+    ) -> dict[str, float] | None:
         from fedprompt.flower.site import evaluate_partition
 
-        return evaluate_partition(self.cache().get(config), partition, state)
+        return evaluate_partition(self.cache().get(config), partition, accepted_round, state, self.states)
 
 
 def partition_id(context: Context, config: RunConfig) -> int:
@@ -94,11 +110,35 @@ def partition_id(context: Context, config: RunConfig) -> int:
     return pid
 
 
+def declared_examples(context: Context) -> int | None:
+    """The training-example count the node config declares for its partition (``num-examples``),
+    or None; the server bounds the client's aggregation weight by it for the whole run."""
+    count = context.node_config.get(NUM_EXAMPLES)
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ConfigError(
+            f"node config {NUM_EXAMPLES!r} is {count!r}; give the partition's number of training "
+            f"examples as a positive integer, e.g. --node-config '{PARTITION_ID}=0 {NUM_EXAMPLES}=5000'"
+        )
+    return count
+
+
 def site_for(context: Context, settings: AppSettings) -> SiteWorkerClient | InProcessSite:
-    """The site worker the node config names, or this process when it names none."""
+    """The site worker the node config names, or this process when it names none (its clients'
+    carried states then live in the node's Flower context, or in ``client-state-dir``)."""
     path = context.node_config.get(SITE_WORKER)
     if path is None:
-        return InProcessSite()
+        folder = context.node_config.get(CLIENT_STATE_DIR)
+        if folder is None:
+            from fedprompt.flower.context_states import ContextClientStates
+
+            return InProcessSite(ContextClientStates(context.state))
+        if not isinstance(folder, str) or not folder:
+            raise ConfigError(
+                f"node config {CLIENT_STATE_DIR!r} is {folder!r}; give a folder path as a string"
+            )
+        from fedprompt.client_state import DirectoryClientStates
+
+        return InProcessSite(DirectoryClientStates(folder))
     if not isinstance(path, str) or not path:
         raise ConfigError(
             f"node config {SITE_WORKER!r} is {path!r}; give the worker's socket path as a quoted string, "
@@ -119,11 +159,21 @@ def build_client_app(config_file: str | Path) -> ClientApp:
     @app.query()
     def query(message: Message, context: Context) -> Message:
         _, pid, _ = setup(context)
-        return Message(RecordDict({NODE_RECORD: node_record(pid)}), reply_to=message)
+        record = node_record(pid, declared_examples(context))
+        return Message(RecordDict({NODE_RECORD: record}), reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
         config, pid, site = setup(context)
+        if SECAGG_RECORD in message.content.config_records:
+            from fedprompt.flower.secure_client import answer_stage
+
+            return Message(answer_stage(message.content, context, config, pid, site), reply_to=message)
+        if config.secure_aggregation.enabled:
+            raise PayloadError(
+                "this site sends its update only through secure aggregation (secure_aggregation.enabled "
+                "in its configuration); the server sent a plain train message"
+            )
         client_id, instructions = read_instructions(message.content)
         if client_id != pid:
             raise PayloadError(f"train message is for client {client_id}; this node hosts partition {pid}")
@@ -133,7 +183,11 @@ def build_client_app(config_file: str | Path) -> ClientApp:
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         config, pid, site = setup(context)
-        metrics = site.evaluate(config, pid, read_payload(message.content, config.payload.max_bytes))
+        client_id, accepted_round = read_evaluation_record(message.content)
+        if client_id != pid:
+            raise PayloadError(f"evaluate message is for client {client_id}; this node hosts partition {pid}")
+        state = read_payload(message.content, config.payload.max_bytes)
+        metrics = site.evaluate(config, pid, accepted_round, state)
         return Message(RecordDict({EVAL_RECORD: MetricRecord(metrics or {})}), reply_to=message)
 
     return app

@@ -29,11 +29,16 @@ NODE_RECORD = "fedprompt.node"
 """RecordDict key of the ConfigRecord a SuperNode answers a query with."""
 EVAL_RECORD = "fedprompt.evaluation"
 """RecordDict key of the MetricRecord a client's local evaluation answers with."""
+EVAL_INSTRUCTIONS_RECORD = "fedprompt.evaluation-instructions"
+"""RecordDict key of the ConfigRecord naming the client an evaluate message is for."""
 
 PARTITION_ID = "partition-id"
 """The SuperNode's ``--node-config`` key naming the data partition (fedprompt client id) it hosts."""
 NUM_PARTITIONS = "num-partitions"
 """Optional ``--node-config`` key (set by Flower's simulation) with the number of partitions."""
+NUM_EXAMPLES = "num-examples"
+"""Optional ``--node-config`` key: the training examples the partition holds, declared when the node
+first claims it; the server bounds that client's aggregation weight by it for the whole run."""
 
 _CLIENT_CONFIG_PREFIX = "client-config/"
 
@@ -72,7 +77,14 @@ def read_payload(content: RecordDict, max_bytes: int) -> bytes:
 
 def instructions_record(client_id: int, instructions: FitInstructions) -> ConfigRecord:
     """The fit instructions for one client (its extras travel in the payload, not here)."""
-    record = ConfigRecord({"client-id": client_id, "round": instructions.round, "seed": instructions.seed})
+    record = ConfigRecord(
+        {
+            "client-id": client_id,
+            "round": instructions.round,
+            "seed": instructions.seed,
+            "accepted-round": instructions.accepted_round,
+        }
+    )
     for name, value in instructions.client_config.items():
         record[_CLIENT_CONFIG_PREFIX + name] = float(value)
     return record
@@ -83,30 +95,66 @@ def read_instructions(content: RecordDict) -> tuple[int, FitInstructions]:
     if INSTRUCTIONS_RECORD not in content.config_records:
         raise PayloadError(f"message has no {INSTRUCTIONS_RECORD!r} ConfigRecord")
     record = content.config_records[INSTRUCTIONS_RECORD]
-    known = {"client-id", "round", "seed"}
+    known = {"client-id", "round", "seed", "accepted-round"}
     unexpected = sorted(k for k in record if k not in known and not k.startswith(_CLIENT_CONFIG_PREFIX))
     if unexpected:
         raise PayloadError(f"{INSTRUCTIONS_RECORD!r} has unexpected fields {unexpected}")
-    client_id, round_num, seed = (_non_negative_int(record, key) for key in ("client-id", "round", "seed"))
+    client_id, round_num, seed, accepted = (
+        _non_negative_int(record, key) for key in ("client-id", "round", "seed", "accepted-round")
+    )
+    if accepted >= round_num:
+        raise PayloadError(
+            f"{INSTRUCTIONS_RECORD!r}: accepted-round {accepted} is not before round {round_num}"
+        )
     client_config = {}
     for key, value in record.items():
         if key.startswith(_CLIENT_CONFIG_PREFIX):
             if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
                 raise PayloadError(f"{INSTRUCTIONS_RECORD!r} field {key!r} must be a finite float")
             client_config[key.removeprefix(_CLIENT_CONFIG_PREFIX)] = value
-    return client_id, FitInstructions(round=round_num, seed=seed, client_config=client_config)
+    return client_id, FitInstructions(
+        round=round_num, seed=seed, client_config=client_config, accepted_round=accepted
+    )
 
 
-def node_record(partition_id: int) -> ConfigRecord:
-    """A SuperNode's answer to the partition query."""
-    return ConfigRecord({PARTITION_ID: partition_id})
+def evaluation_record(client_id: int, accepted_round: int) -> ConfigRecord:
+    """Which client an evaluate message is for, and the last round the server used its update (the
+    client evaluates its personal prompt from the state it carries since that round)."""
+    return ConfigRecord({"client-id": client_id, "accepted-round": accepted_round})
 
 
-def read_partition_id(content: RecordDict) -> int:
-    """The partition id in a query reply."""
+def read_evaluation_record(content: RecordDict) -> tuple[int, int]:
+    """(client id, accepted round) of an evaluate message."""
+    if EVAL_INSTRUCTIONS_RECORD not in content.config_records:
+        raise PayloadError(f"message has no {EVAL_INSTRUCTIONS_RECORD!r} ConfigRecord")
+    record = content.config_records[EVAL_INSTRUCTIONS_RECORD]
+    unexpected = sorted(set(record) - {"client-id", "accepted-round"})
+    if unexpected:
+        raise PayloadError(f"{EVAL_INSTRUCTIONS_RECORD!r} has unexpected fields {unexpected}")
+    return _non_negative_int(record, "client-id"), _non_negative_int(record, "accepted-round")
+
+
+def node_record(partition_id: int, num_examples: int | None = None) -> ConfigRecord:
+    """A SuperNode's answer to the partition query: the partition it hosts and, when the site
+    declares it, the partition's training-example count."""
+    record = ConfigRecord({PARTITION_ID: partition_id})
+    if num_examples is not None:
+        record[NUM_EXAMPLES] = num_examples
+    return record
+
+
+def read_node_reply(content: RecordDict) -> tuple[int, int | None]:
+    """(the partition id, the declared example count or None) in a query reply."""
     if NODE_RECORD not in content.config_records:
         raise PayloadError(f"message has no {NODE_RECORD!r} ConfigRecord")
-    return _non_negative_int(content.config_records[NODE_RECORD], PARTITION_ID)
+    record = content.config_records[NODE_RECORD]
+    unexpected = sorted(set(record) - {PARTITION_ID, NUM_EXAMPLES})
+    if unexpected:
+        raise PayloadError(f"{NODE_RECORD!r} has unexpected fields {unexpected}")
+    count = _non_negative_int(record, NUM_EXAMPLES) if NUM_EXAMPLES in record else None
+    if count == 0:
+        raise PayloadError(f"field {NUM_EXAMPLES!r} must be a positive integer, got 0")
+    return _non_negative_int(record, PARTITION_ID), count
 
 
 def _non_negative_int(record: ConfigRecord, key: str) -> int:

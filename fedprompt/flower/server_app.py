@@ -5,7 +5,9 @@
 global evaluation on the server's held-out data, the same results folder, so a configuration
 and seed give the same global prompt on either runtime. Before the first round the ServerApp
 asks every SuperNode which partition it hosts and waits (``node-wait-timeout``) until each
-partition of the run has one; nodes that join later are asked at the start of each round.
+partition of the run has one; nodes that join later are asked at the start of each round. Each
+partition stays bound to the node that first claimed it (``fedprompt.flower.bindings``), kept in
+the run folder so that a resumed run keeps the bindings.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedprompt.config import RunConfig
+from fedprompt.config import RunConfig, load_config
 from fedprompt.experiment import Experiment, build_experiment
 from fedprompt.flower.app_config import AppSettings, load_app_config
+from fedprompt.flower.bindings import BINDINGS_FILE, PartitionBindings
 from fedprompt.flower.strategy import FedPromptStrategy
-from fedprompt.metrics import RunRecorder, client_rows, evaluate_round, round_metrics
-from fedprompt.results import RunDirectory, RunResult
+from fedprompt.metrics import RunRecorder, client_rows, evaluate_global, round_metrics
+from fedprompt.results import CONFIG_HASH_KEY, RunDirectory, RunResult
 from fedprompt.simulation import make_server
 
 log = logging.getLogger("fedprompt.flower")
@@ -51,16 +54,25 @@ def run_server(
     ``experiment`` (built here when None, with no clients: the backbone and the server's test
     data) serves the global evaluation. ``settings.resume`` continues that run folder.
     """
+    if settings.resume is not None:  # before anything loads: a resume may not change the run
+        folder = RunDirectory(settings.resume)
+        metadata = folder.checkpoint_metadata() or {}
+        folder.check_resume(load_config(folder.read_config()), config, metadata.get(CONFIG_HASH_KEY))
     if experiment is None:
         experiment = build_experiment(config, client_ids=[])
     server = make_server(experiment, config, range(config.partition.num_clients))
     rounds = config.federation.rounds
+    bindings = None
+    if settings.resume is not None and (settings.resume / BINDINGS_FILE).is_file():
+        bindings = PartitionBindings.load(settings.resume / BINDINGS_FILE, config.robustness.max_examples)
     strategy = FedPromptStrategy(
         server,
         num_rounds=rounds,
         evaluate_every=config.federation.evaluate_every,
         local_evaluation=config.federation.local_evaluation,
         message_ttl=settings.round_timeout,
+        bindings=bindings,
+        secure=config.secure_aggregation,
     )
     strategy.summary()
     strategy.map_nodes(
@@ -74,27 +86,29 @@ def run_server(
         recorder = RunRecorder(config, RunDirectory(settings.resume))
         if not recorder.resume(server):
             raise FileNotFoundError(f"resume: {settings.resume} holds no checkpoint to continue from")
+        strategy.bindings.attach(settings.resume / BINDINGS_FILE)
         log.info("resuming %s after round %d", settings.resume, server.completed_rounds)
     else:
         run_dir = RunDirectory.create(settings.results_dir, config.name)
         run_dir.write_config(config)
+        strategy.bindings.attach(run_dir.path / BINDINGS_FILE)
         recorder = RunRecorder(config, run_dir)
-        recorder.record_initial(_evaluate(grid, experiment, strategy, config, settings, 0))
+        recorder.record_initial(*_evaluate(grid, experiment, strategy, config, settings, 0))
 
     for round_num in range(server.completed_rounds + 1, rounds + 1):
         start = time.perf_counter()
         strategy.map_nodes(grid, wait_for=0, timeout=0, reply_timeout=settings.round_timeout)  # new nodes
-        messages = strategy.configure_train(round_num, strategy.global_arrays(), ConfigRecord(), grid)
-        strategy.aggregate_train(round_num, grid.send_and_receive(messages, timeout=settings.round_timeout))
-        record = strategy.last_record
-        assert record is not None
+        record = strategy.train_round(grid, round_num, settings.round_timeout)
         row: dict[str, Any] = {"round": round_num, **round_metrics(server, record)}
+        clients = client_rows(server, record)
         if strategy.evaluation_due(round_num):
-            row.update(_evaluate(grid, experiment, strategy, config, settings, round_num))
+            evaluated, evaluations = _evaluate(grid, experiment, strategy, config, settings, round_num)
+            row.update(evaluated)
+            clients += evaluations
         row["time_s"] = time.perf_counter() - start
-        recorder.record_round(row, client_rows(server, record), server)
+        recorder.record_round(row, clients, server)
         log.info("round %d: %s", round_num, row)
-    return recorder.finish(server, experiment.backbone_bytes, experiment.notes)
+    return recorder.finish(server, experiment.backbone_bytes, experiment.label_names, experiment.notes)
 
 
 def _evaluate(
@@ -104,14 +118,15 @@ def _evaluate(
     config: RunConfig,
     settings: AppSettings,
     round_num: int,
-) -> dict[str, float]:
-    """Global metrics on the server's test data, then the clients' local metrics through Flower."""
-    row = evaluate_round(experiment, strategy.server, config)
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Global metrics on the server's test data, then the clients' local metrics through Flower:
+    (the round's row, one row per client evaluated)."""
+    row = evaluate_global(experiment, strategy.server.global_state, config)
     messages = strategy.configure_evaluate(round_num, strategy.global_arrays(), ConfigRecord(), grid)
-    if messages:
-        local = strategy.aggregate_evaluate(
-            round_num, grid.send_and_receive(messages, timeout=settings.round_timeout)
-        )
-        if local is not None:
-            row.update({key: float(value) for key, value in local.items()})
-    return row
+    if not messages:
+        return row, []
+    replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+    local = strategy.aggregate_evaluate(round_num, replies)
+    if local is not None:
+        row.update({key: float(value) for key, value in local.items()})
+    return row, strategy.last_evaluations

@@ -10,12 +10,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from fedprompt.client_state import ClientStateError, ClientStateStore
 from fedprompt.config import RunConfig
 from fedprompt.experiment import Experiment, build_experiment
 from fedprompt.flower.strategy import EVAL_WIRE_DTYPE
+from fedprompt.metrics import evaluate_client
 from fedprompt.payload import PayloadSpec, decode_state
 from fedprompt.simulation import make_server
+from fedprompt.state import State
 from fedprompt.training import FitInstructions
+
+CLIENT_STATE_RESET = "client_state_reset"
+"""Update metric of a client whose carried state this site had lost (it started afresh)."""
 
 log = logging.getLogger("fedprompt.flower")
 
@@ -36,14 +42,16 @@ class HostedExperiment:
         Every client is built (they share the one backbone, and the data are loaded and tokenised
         whole either way), so a process that serves several partitions holds one backbone.
         """
-        log.info("building the experiment (backbone %s) for this process", config.backbone.model)
+        backbone = config.backbone
+        where = backbone.url if backbone.kind == "remote" else backbone.model
+        log.info("building the experiment (backbone %s) for this process", where)
         experiment = build_experiment(config)
         return cls(
             config=config,
             experiment=experiment,
             downlink_spec=make_server(experiment, config).downlink_spec,
             eval_spec=PayloadSpec.for_state(
-                experiment.model.prompt_state(), EVAL_WIRE_DTYPE, config.payload.max_bytes
+                experiment.initial_state(), EVAL_WIRE_DTYPE, config.payload.max_bytes
             ),
         )
 
@@ -67,23 +75,58 @@ class ExperimentCache:
 
 
 def fit_partition(
-    hosted: HostedExperiment, partition: int, instructions: FitInstructions, downlink: bytes
+    hosted: HostedExperiment,
+    partition: int,
+    instructions: FitInstructions,
+    downlink: bytes,
+    states: ClientStateStore,
 ) -> bytes:
-    """Partition ``partition``'s update (safetensors bytes) to the global state in ``downlink``."""
-    return hosted.experiment.clients[partition].fit_payload(
-        downlink, hosted.downlink_spec, instructions, hosted.config.payload.wire_dtype
+    """Partition ``partition``'s update (safetensors bytes) to the global state in ``downlink``.
+
+    The client starts from the state it carries since the round the server last used its update
+    (``instructions.accepted_round``, committed here first); what it would carry forward is staged
+    in ``states`` until a later round's instructions say the server used this update.
+    """
+    carried, reset = _carried(states, partition, instructions.accepted_round)
+    uplink, carry = hosted.experiment.clients[partition].fit_payload(
+        downlink,
+        hosted.downlink_spec,
+        instructions,
+        hosted.config.payload.wire_dtype,
+        carried,
+        extra_metrics={CLIENT_STATE_RESET: 1.0} if reset else None,
     )
+    states.stage(partition, instructions.round, carry)
+    return uplink
 
 
-def evaluate_partition(hosted: HostedExperiment, partition: int, state: bytes) -> dict[str, float] | None:
-    """The accuracy, loss and example count of the global state on the partition's held-out split
-    (None when the partition has none)."""
+def _carried(states: ClientStateStore, partition: int, accepted_round: int) -> tuple[State, bool]:
+    """(the client's carried state as of ``accepted_round``, whether it was lost and starts afresh).
+
+    A site that lost a client's state (a SuperNode restarted without ``client-state-dir``) starts
+    that client from the initial state rather than fail it every round; the update then reports
+    ``client_state_reset`` so the server's clients.jsonl shows it.
+    """
+    try:
+        return states.resolve(partition, accepted_round), False
+    except ClientStateError as exc:
+        log.warning("%s; client %d starts from its initial state", exc, partition)
+        return {}, True
+
+
+def evaluate_partition(
+    hosted: HostedExperiment, partition: int, accepted_round: int, state: bytes, states: ClientStateStore
+) -> dict[str, float] | None:
+    """The partition's metrics on its held-out split (None when it has none) for the global state
+    in ``state``: accuracy, loss and example count of the global prompt, and the personal and
+    fine-tuned accuracies when the run has them."""
     decoded, _ = decode_state(state, hosted.eval_spec)
-    metrics = hosted.experiment.clients[partition].evaluate(decoded)
+    carried, _ = _carried(states, partition, accepted_round)
+    metrics = evaluate_client(hosted.experiment, partition, decoded, carried)
     if metrics is None:
         return None
-    return {
-        "accuracy": metrics["accuracy"],
-        "loss": metrics["loss"],
-        "num-examples": metrics["num_examples"],
-    }
+    out = {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "num-examples": metrics["num_examples"]}
+    for key in ("personal_accuracy", "finetuned_accuracy"):
+        if key in metrics:
+            out[key.replace("_", "-")] = metrics[key]
+    return out

@@ -11,9 +11,12 @@ every round, and the ClientApp process only relays bytes.
 The ClientApp still checks everything Flower delivered (records, payload size, instructions)
 before it relays; the worker checks every request again, since it trusts no peer: the
 configuration is validated by pydantic, the instructions by the same reader as a Flower record,
-the payload by fedprompt's decoders against the experiment's specs. Work runs one request at a
-time (the experiment is not thread-safe), and a failure is answered with its message, which the
-ClientApp raises so the ServerApp logs the client as failed and the round goes on.
+the payload by fedprompt's decoders against the experiment's specs. Each connection is read in
+its own thread, within ``read_timeout`` seconds for the whole request (a peer that connects and
+sends nothing, or trickles bytes, gets an error reply when its time is up and blocks no one
+else); the work itself runs one request at a time under one lock (the experiment is not
+thread-safe). A failure is answered with its message, which the ClientApp raises so the
+ServerApp logs the client as failed and the round goes on.
 
 Wire format, both directions: a 4-byte big-endian header length, the header as UTF-8 JSON, an
 8-byte big-endian body length, and the body (safetensors bytes, or nothing). Nothing is pickled.
@@ -30,6 +33,8 @@ import signal
 import socket
 import socketserver
 import struct
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +54,18 @@ SITE_WORKER = "site-worker"
 """The SuperNode's ``--node-config`` key naming the site worker's socket."""
 MAX_HEADER_BYTES = 4 * 2**20
 """Largest JSON header accepted (a resolved configuration is a few kilobytes)."""
+READ_TIMEOUT = 60.0
+"""Seconds a peer has to send its whole request (and to take its reply) before the worker gives up."""
 _HEADER_LENGTH = struct.Struct(">I")
 _BODY_LENGTH = struct.Struct(">Q")
 
 
 class SiteWorkerError(RuntimeError):
     """The site worker could not be reached, or answered that a request failed (with why)."""
+
+
+class RequestTimeout(PayloadError):
+    """A peer did not send its whole request within the worker's read timeout."""
 
 
 @dataclass(frozen=True)
@@ -71,39 +82,57 @@ class Frame:
             sock.sendall(self.body)
 
     @classmethod
-    def receive(cls, sock: socket.socket, max_body: int | None = None) -> Frame:
+    def receive(
+        cls, sock: socket.socket, max_body: int | None = None, deadline: float | None = None
+    ) -> Frame:
         """Read one frame; PayloadError when a length is over its limit or the header is not JSON.
 
         ``max_body`` None reads the header only and leaves the body length to :meth:`receive_body`.
+        With a ``deadline`` (``time.monotonic()`` seconds) the whole read must end by then, or
+        :class:`RequestTimeout`; without one, the socket's own timeout applies to each read.
         """
-        (size,) = _HEADER_LENGTH.unpack(_read_exactly(sock, _HEADER_LENGTH.size))
+        (size,) = _HEADER_LENGTH.unpack(_read_exactly(sock, _HEADER_LENGTH.size, deadline))
         if size > MAX_HEADER_BYTES:
             raise PayloadError(f"frame header is {size} bytes, over the limit of {MAX_HEADER_BYTES}")
         try:
-            header = json.loads(_read_exactly(sock, size))
+            header = json.loads(_read_exactly(sock, size, deadline))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PayloadError(f"frame header is not JSON: {exc}") from None
         if not isinstance(header, dict):
             raise PayloadError(f"frame header must be a JSON object, got {type(header).__name__}")
         frame = cls(header)
-        return frame if max_body is None else frame.receive_body(sock, max_body)
+        return frame if max_body is None else frame.receive_body(sock, max_body, deadline)
 
-    def receive_body(self, sock: socket.socket, max_body: int) -> Frame:
-        (size,) = _BODY_LENGTH.unpack(_read_exactly(sock, _BODY_LENGTH.size))
+    def receive_body(self, sock: socket.socket, max_body: int, deadline: float | None = None) -> Frame:
+        (size,) = _BODY_LENGTH.unpack(_read_exactly(sock, _BODY_LENGTH.size, deadline))
         if size > max_body:
             raise PayloadError(f"frame body is {size} bytes, over the limit of {max_body} bytes")
-        return Frame(self.header, _read_exactly(sock, size))
+        return Frame(self.header, _read_exactly(sock, size, deadline))
 
 
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
+def _read_exactly(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     chunks, left = [], n
     while left:
-        chunk = sock.recv(min(left, 2**20))
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _timed_out(left)
+            sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(min(left, 2**20))
+        except TimeoutError:
+            if deadline is None:
+                raise
+            raise _timed_out(left) from None
         if not chunk:
             raise ConnectionError(f"the peer closed the connection with {left} of {n} bytes unread")
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def _timed_out(missing: int) -> RequestTimeout:
+    return RequestTimeout(f"the request was not complete within the read timeout ({missing} bytes missing)")
 
 
 class SiteWorkerClient:
@@ -123,13 +152,18 @@ class SiteWorkerClient:
         )
         return reply.body
 
-    def evaluate(self, config: RunConfig, partition: int, state: bytes) -> dict[str, float] | None:
-        """The partition's local accuracy, loss and example count for ``state``, or None (no split)."""
-        reply = self._request(
-            {"op": "evaluate", "config": config.model_dump_json(), "partition": partition},
-            state,
-            0,
-        )
+    def evaluate(
+        self, config: RunConfig, partition: int, accepted_round: int, state: bytes
+    ) -> dict[str, float] | None:
+        """The partition's local metrics for ``state`` (accuracy, loss, example count, personal
+        accuracies), or None (no held-out split)."""
+        header = {
+            "op": "evaluate",
+            "config": config.model_dump_json(),
+            "partition": partition,
+            "accepted_round": accepted_round,
+        }
+        reply = self._request(header, state, 0)
         return reply.header.get("metrics")
 
     def status(self) -> dict[str, Any]:
@@ -159,23 +193,37 @@ class SiteWorkerClient:
 
 
 class SiteWorker:
-    """Owns one site's long-lived experiment cache, the Unix socket it serves on and its counters.
+    """Owns one site's long-lived experiment cache, its clients' carried states (in memory, or in
+    ``state_dir`` so they survive a restart of the worker), the Unix socket it serves on, the lock
+    that runs one piece of work at a time, and its counters.
 
-    ``serve_forever`` answers requests one at a time until ``shutdown`` (from another thread) or a
-    signal ends it; ``warm_up`` builds an experiment before the first request.
+    ``serve_forever`` reads each connection in its own thread (the whole request within
+    ``read_timeout`` seconds) until ``shutdown`` (from another thread) or a signal ends it;
+    ``warm_up`` builds an experiment before the first request.
     """
 
-    def __init__(self, socket_path: str | Path) -> None:
-        from fedprompt.flower.site import ExperimentCache  # torch: the worker's side only
+    def __init__(
+        self, socket_path: str | Path, state_dir: str | Path | None = None, read_timeout: float = READ_TIMEOUT
+    ) -> None:
+        from fedprompt.client_state import DirectoryClientStates, MemoryClientStates  # worker side only
+        from fedprompt.flower.site import ExperimentCache
 
+        if not read_timeout > 0:
+            raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout}")
         self.socket_path = Path(socket_path)
+        self.read_timeout = read_timeout
         self.cache = ExperimentCache()
-        self.counters = {"requests": 0, "failed": 0}
+        self.states = DirectoryClientStates(state_dir) if state_dir is not None else MemoryClientStates()
+        self.counters = dict.fromkeys(("requests", "failed", "timed_out", "train", "evaluate", "status"), 0)
+        """Connections served, requests that failed (of which timed out), and answers per op."""
+        self._work = threading.Lock()
+        self._count_lock = threading.Lock()
         self._server = _UnixServer(self.socket_path, self)
 
     def warm_up(self, config: RunConfig) -> None:
         """Build ``config``'s experiment now, so the first round does not wait for it."""
-        self.cache.get(config)
+        with self._work:
+            self.cache.get(config)
 
     def serve_forever(self) -> None:
         log.info("site worker serving on %s (pid %d)", self.socket_path, os.getpid())
@@ -188,47 +236,88 @@ class SiteWorker:
     def shutdown(self) -> None:
         self._server.shutdown()
 
+    def status(self) -> dict[str, Any]:
+        """The counters, the experiments built and this process's id."""
+        with self._count_lock:
+            counters = dict(self.counters)
+        return {**counters, "experiments_built": self.cache.builds, "pid": os.getpid()}
+
     def handle(self, sock: socket.socket) -> None:
-        """Answer one request on ``sock``; every failure becomes an error reply, never a crash."""
-        self.counters["requests"] += 1
+        """Answer one request on ``sock`` (in the connection's own thread); every failure becomes an
+        error reply, never a crash. The reply, too, must be taken within the read timeout."""
+        self._count("requests")
         try:
-            request = Frame.receive(sock)
-            reply = self._answer(request, sock)
-        except (PayloadError, ValidationError, ValueError, KeyError, TypeError) as exc:
+            op, request, config = self._read(sock, time.monotonic() + self.read_timeout)
+        except ConnectionError as exc:  # the peer left before its request was complete: no one to answer
+            log.warning("site worker: a peer left mid-request: %s", exc)
+            return
+        except (PayloadError, ValidationError) as exc:  # a timeout, too
+            if isinstance(exc, RequestTimeout):
+                self._count("timed_out")
             reply = self._failure(exc)
-        except Exception as exc:  # a failing fit must not end the worker: report it to the client
-            log.exception("site worker request failed")
-            reply = self._failure(exc)
+        else:
+            reply = self._answer_safely(op, request, config)
+        sock.settimeout(self.read_timeout)
         reply.send(sock)
 
+    def _answer_safely(self, op: str, request: Frame, config: RunConfig | None) -> Frame:
+        try:
+            return self._answer(op, request, config)
+        except (PayloadError, ValidationError, ValueError, KeyError, TypeError) as exc:
+            return self._failure(exc)
+        except Exception as exc:  # a failing fit must not end the worker: report it to the client
+            log.exception("site worker request failed")
+            return self._failure(exc)
+
+    def _count(self, name: str) -> None:
+        with self._count_lock:
+            self.counters[name] += 1
+
     def _failure(self, exc: BaseException) -> Frame:
-        self.counters["failed"] += 1
+        self._count("failed")
         log.warning("site worker rejected a request: %s", exc)
         return Frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
-    def _answer(self, request: Frame, sock: socket.socket) -> Frame:
-        from fedprompt.flower.site import evaluate_partition, fit_partition  # torch: worker side only
-
+    def _read(self, sock: socket.socket, deadline: float) -> tuple[str, Frame, RunConfig | None]:
+        """(op, the whole request, its configuration) read by ``deadline``; cheap checks first, so a
+        request that is wrong in its header is refused before its body is read."""
+        request = Frame.receive(sock, None, deadline)
         op = request.header.get("op")
         if op == "status":
-            request.receive_body(sock, 0)
-            status = {**self.counters, "experiments_built": self.cache.builds, "pid": os.getpid()}
-            return Frame({"ok": True, "status": status})
+            return op, request.receive_body(sock, 0, deadline), None
         if op not in ("train", "evaluate"):
             raise PayloadError(f"unknown op {op!r}; expected 'train', 'evaluate' or 'status'")
         config = RunConfig.model_validate_json(_field(request.header, "config", str))
-        body = request.receive_body(sock, config.payload.max_bytes).body  # cheap checks first
-        hosted = self.cache.get(config)
+        return op, request.receive_body(sock, config.payload.max_bytes, deadline), config
+
+    def _answer(self, op: str, request: Frame, config: RunConfig | None) -> Frame:
+        from fedprompt.flower.site import evaluate_partition, fit_partition  # torch: worker side only
+
+        if op == "status" or config is None:
+            self._count("status")
+            return Frame({"ok": True, "status": self.status()})
         if op == "train":
             fields = _field(request.header, "instructions", dict)
             partition, instructions = read_instructions(
                 RecordDict({INSTRUCTIONS_RECORD: ConfigRecord(fields)})
             )
             _check_partition(partition, config)
-            return Frame({"ok": True}, fit_partition(hosted, partition, instructions, body))
+            with self._work:
+                hosted = self.cache.get(config)
+                uplink = fit_partition(hosted, partition, instructions, request.body, self.states)
+            self._count("train")
+            return Frame({"ok": True}, uplink)
         partition = _field(request.header, "partition", int)
         _check_partition(partition, config)
-        return Frame({"ok": True, "metrics": evaluate_partition(hosted, partition, body)})
+        accepted_round = _field(request.header, "accepted_round", int)
+        if accepted_round < 0:
+            raise PayloadError(f"request field 'accepted_round' must be >= 0, got {accepted_round}")
+        with self._work:
+            metrics = evaluate_partition(
+                self.cache.get(config), partition, accepted_round, request.body, self.states
+            )
+        self._count("evaluate")
+        return Frame({"ok": True, "metrics": metrics})
 
 
 def _field(header: Mapping[str, Any], name: str, kind: type) -> Any:
@@ -245,8 +334,11 @@ def _check_partition(partition: int, config: RunConfig) -> None:
         )
 
 
-class _UnixServer(socketserver.UnixStreamServer):
-    """A Unix stream server (owner-only socket) that hands each connection to its SiteWorker."""
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A Unix stream server (owner-only socket) that hands each connection, in a thread of its own,
+    to its SiteWorker. The threads are daemons: a peer that never finishes cannot hold up shutdown."""
+
+    daemon_threads = True
 
     def __init__(self, path: Path, worker: SiteWorker) -> None:
         if path.exists():
@@ -267,7 +359,6 @@ class _UnixServer(socketserver.UnixStreamServer):
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        self.request.settimeout(None)
         try:
             self.server.worker.handle(self.request)
         except OSError as exc:
@@ -287,13 +378,19 @@ def _listening(path: Path) -> bool:
     return True
 
 
-def serve(socket_path: str | Path, config: RunConfig | None = None) -> None:
-    """Run a site worker on ``socket_path`` until SIGINT or SIGTERM, warmed with ``config`` if given.
+def serve(
+    socket_path: str | Path,
+    config: RunConfig | None = None,
+    state_dir: str | Path | None = None,
+    read_timeout: float = READ_TIMEOUT,
+) -> None:
+    """Run a site worker on ``socket_path`` until SIGINT or SIGTERM, warmed with ``config`` if given,
+    keeping its clients' carried states in ``state_dir`` (or in memory).
 
     Either signal ends it cleanly: the request in progress is abandoned and the socket removed.
     """
     signal.signal(signal.SIGTERM, _interrupt)
-    worker = SiteWorker(socket_path)
+    worker = SiteWorker(socket_path, state_dir, read_timeout)
     if config is not None:
         worker.warm_up(config)
     worker.serve_forever()

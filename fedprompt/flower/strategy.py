@@ -20,23 +20,29 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedprompt.config import SecureAggregationConfig
+from fedprompt.flower.bindings import NodeIdentity, PartitionBindings
 from fedprompt.flower.records import (
+    EVAL_INSTRUCTIONS_RECORD,
     EVAL_RECORD,
     INSTRUCTIONS_RECORD,
+    evaluation_record,
     instructions_record,
     payload_content,
     payload_record,
-    read_partition_id,
+    read_node_reply,
     read_payload,
 )
-from fedprompt.metrics import round_metrics
+from fedprompt.metrics import client_evaluation_row, round_metrics, summarize_client_evaluations
 from fedprompt.payload import PayloadError, encode_state
 from fedprompt.server import RoundRecord, Server
+from fedprompt.update_pipeline import ExampleBounds
 
 log = logging.getLogger("fedprompt.flower")
 
@@ -52,8 +58,10 @@ class FedPromptStrategy(Strategy):
     """A Flower ``Strategy`` whose server-side logic is a fedprompt :class:`Server`.
 
     Owns the map from fedprompt client ids (data partitions) to the Flower nodes that host them,
-    learnt by asking each new node for its ``partition-id`` (a query message), and the messages
-    of the round in progress. ``configure_train``/``aggregate_train`` and
+    learnt by asking each new node for its ``partition-id`` (a query message) and held to the
+    run's partition bindings (a partition stays with the node that first claimed it; the example
+    count it declared then bounds its weight: the server's example bounds read them), and the
+    messages of the round in progress. ``configure_train``/``aggregate_train`` and
     ``configure_evaluate``/``aggregate_evaluate`` follow Flower's strategy interface, so once
     ``map_nodes`` has run the strategy also runs under Flower's own ``Strategy.start`` loop (the
     fedprompt ServerApp uses its own loop, which also writes the run folder and can resume). The
@@ -69,16 +77,26 @@ class FedPromptStrategy(Strategy):
         evaluate_every: int = 1,
         local_evaluation: bool = True,
         message_ttl: float | None = None,
+        bindings: PartitionBindings | None = None,
+        secure: SecureAggregationConfig | None = None,
     ) -> None:
         self.server = server
+        self.secure = secure
+        """Secure aggregation's settings; when enabled, rounds run through ``train_round`` only."""
         self.num_rounds = num_rounds
         self.evaluate_every = evaluate_every
         self.local_evaluation = local_evaluation
         self.message_ttl = message_ttl
+        self.bindings = bindings if bindings is not None else PartitionBindings(server.example_bounds.cap)
+        """Which node each partition is bound to for the run, and the example count it declared."""
+        server.example_bounds = ExampleBounds(self.bindings.declared, server.example_bounds.cap)
         self.nodes: dict[int, int] = {}
-        """fedprompt client id -> Flower node id of the SuperNode hosting that partition."""
+        """fedprompt client id -> Flower node id of the connected SuperNode hosting that partition."""
+        self._keys: dict[int, bytes] = {}
         self.last_record: RoundRecord | None = None
         """What happened to each sampled client in the last aggregated round."""
+        self.last_evaluations: list[dict[str, Any]] = []
+        """One clients.jsonl row per client evaluated in the last ``aggregate_evaluate``."""
         self._answered: set[int] = set()
         self._train: tuple[RoundRecord, dict[int, Message]] | None = None
         self._evaluate: dict[int, Message] = {}
@@ -86,15 +104,16 @@ class FedPromptStrategy(Strategy):
     # ------------------------------------------------------------------ nodes <-> partitions
 
     def configure_query(self, grid: Grid) -> list[Message]:
-        """Query messages asking each connected node not yet mapped which partition it hosts.
+        """Query messages asking each connected node not yet asked which partition it hosts.
 
-        Mappings of nodes that left the grid are dropped first, so a restarted SuperNode can take
-        its partition back.
+        A partition whose node left the grid stays bound to it (see ``fedprompt.flower.bindings``)
+        but is hosted by no one until that node comes back; a node that comes back is asked again.
         """
-        connected = set(grid.get_node_ids())
+        self._keys = {int(info.node_id): bytes(info.public_key) for info in grid.get_nodes()}
+        connected = set(self._keys)
         for cid, node in list(self.nodes.items()):
             if node not in connected:
-                log.warning("node %d (client %d) left the federation", node, cid)
+                log.warning("node %d (client %d) left the federation; its partition waits for it", node, cid)
                 del self.nodes[cid]
         self._answered &= connected
         return [
@@ -103,15 +122,17 @@ class FedPromptStrategy(Strategy):
         ]
 
     def aggregate_query(self, replies: Iterable[Message]) -> None:
-        """Record the partition each replying node hosts; refuse unknown and already-hosted ones."""
-        for reply in replies:
+        """Record the partition each replying node claims, when the run's bindings allow it (in
+        node-id order, so "first" is the same whatever order the replies came in); log and ignore
+        claims of unknown partitions and claims the bindings refuse."""
+        for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("node %d did not say which partition it hosts: %s", node, reply.error.reason)
                 continue
             self._answered.add(node)
             try:
-                cid = read_partition_id(reply.content)
+                cid, num_examples = read_node_reply(reply.content)
             except PayloadError as exc:
                 log.warning("node %d sent a bad partition reply: %s", node, exc)
                 continue
@@ -123,10 +144,10 @@ class FedPromptStrategy(Strategy):
                     self.server.client_ids[0],
                     self.server.client_ids[-1],
                 )
-            elif self.nodes.get(cid, node) != node:
-                log.warning(
-                    "node %d also claims partition %d, hosted by node %d; ignored", node, cid, self.nodes[cid]
-                )
+                continue
+            refused = self.bindings.claim(cid, NodeIdentity(node, self._keys.get(node, b"")), num_examples)
+            if refused is not None:
+                log.warning(refused)
             else:
                 self.nodes[cid] = node
 
@@ -150,14 +171,30 @@ class FedPromptStrategy(Strategy):
 
     # ------------------------------------------------------------------ training
 
+    def train_round(self, grid: Grid, server_round: int, timeout: float) -> RoundRecord:
+        """Run and aggregate one training round through ``grid``: one message per sampled client, or
+        the four stages of secure aggregation when it is enabled (``fedprompt.flower.secure_round``).
+        Raises NotEnoughClientsError when too few clients remain."""
+        if self.secure is not None and self.secure.enabled:
+            from fedprompt.flower.secure_round import SecureRound
+
+            return SecureRound(self, grid, server_round, self.secure, timeout).run()
+        messages = self.configure_train(server_round, self.global_arrays(), ConfigRecord(), grid)
+        self.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
+        assert self.last_record is not None
+        return self.last_record
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One train message per sampled client: the downlink bytes and its fit instructions.
 
-        A sampled client whose partition no node hosts is rejected at once.
+        A sampled client whose partition no node hosts is rejected at once. Not for rounds with
+        secure aggregation, which take several messages per client (``train_round``).
         """
-        record = RoundRecord(server_round, self.server.sample(server_round))
+        if self.secure is not None and self.secure.enabled:
+            raise RuntimeError("a securely aggregated round has four stages; run it with train_round")
+        record = self.server.begin_round(server_round)
         messages: dict[int, Message] = {}
         for cid in record.sampled:
             node = self.nodes.get(cid)
@@ -189,7 +226,7 @@ class FedPromptStrategy(Strategy):
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
         record, messages = self._train
         self._train = None
-        for cid, reply in sorted(_match_replies(messages, replies).items()):
+        for cid, reply in sorted(match_replies(messages, replies).items()):
             if reply is None:
                 self.server.reject(record, cid, "no reply before the round timeout")
             elif reply.has_error():
@@ -231,7 +268,9 @@ class FedPromptStrategy(Strategy):
         data = encode_state(self.server.global_state, EVAL_WIRE_DTYPE)
         self._evaluate = {
             cid: Message(
-                payload_content(data),
+                payload_content(
+                    data, {EVAL_INSTRUCTIONS_RECORD: evaluation_record(cid, self.server.accepted_round(cid))}
+                ),
                 dst_node_id=node,
                 message_type=MessageType.EVALUATE,
                 group_id=str(server_round),
@@ -242,10 +281,12 @@ class FedPromptStrategy(Strategy):
         return list(self._evaluate.values())
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted local accuracy and loss over the clients that answered, in client-id order."""
+        """The clients' evaluations summarised as the in-process runtime does (example-weighted
+        local accuracy and loss, mean and worst client of each per-client accuracy), in client-id
+        order; each client's row is kept in ``last_evaluations``."""
         messages, self._evaluate = self._evaluate, {}
-        local = []
-        for cid, reply in sorted(_match_replies(messages, replies).items()):
+        rows = []
+        for cid, reply in sorted(match_replies(messages, replies).items()):
             if reply is None or reply.has_error():
                 reason = "no reply" if reply is None else reply.error.reason
                 log.warning("round %d: local evaluation of client %d failed: %s", server_round, cid, reason)
@@ -256,16 +297,10 @@ class FedPromptStrategy(Strategy):
                 log.warning("round %d: client %d sent bad evaluation metrics: %s", server_round, cid, exc)
                 continue
             if metrics is not None:
-                local.append(metrics)
-        if not local:
-            return None
-        total = sum(m["num-examples"] for m in local)
-        return MetricRecord(
-            {
-                "local_accuracy": sum(m["accuracy"] * m["num-examples"] for m in local) / total,
-                "local_loss": sum(m["loss"] * m["num-examples"] for m in local) / total,
-            }
-        )
+                rows.append(client_evaluation_row(server_round, cid, metrics))
+        self.last_evaluations = rows
+        summary = summarize_client_evaluations(rows)
+        return MetricRecord(summary) if summary else None
 
     def summary(self) -> None:
         """Log what this strategy runs."""
@@ -280,7 +315,7 @@ class FedPromptStrategy(Strategy):
         )
 
 
-def _match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> dict[int, Message | None]:
+def match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> dict[int, Message | None]:
     """Client id -> its reply (None when none came), matched on the id of the message replied to.
 
     Matching on the message id, not the sender, also places the errors the SuperLink writes for
@@ -297,18 +332,27 @@ def _match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> 
     return matched
 
 
+_EVAL_KEYS = ("accuracy", "loss", "num-examples")
+_OPTIONAL_EVAL_KEYS = ("personal-accuracy", "finetuned-accuracy")
+
+
 def _read_eval_metrics(content: RecordDict) -> dict[str, float] | None:
-    """Accuracy, loss and example count of a local evaluation; None when the client has no split."""
+    """A local evaluation's accuracy, loss, example count and, when present, personal and fine-tuned
+    accuracies (as ``personal_accuracy``, ...); None when the client has no held-out split."""
     if EVAL_RECORD not in content.metric_records:
         raise PayloadError(f"message has no {EVAL_RECORD!r} MetricRecord")
     record = content.metric_records[EVAL_RECORD]
     if not record:
         return None
-    keys = ("accuracy", "loss", "num-examples")
-    if sorted(record) != sorted(keys):
-        raise PayloadError(f"{EVAL_RECORD!r} must hold {list(keys)}, got {sorted(record)}")
-    values = {key: record[key] for key in keys}
+    missing = [key for key in _EVAL_KEYS if key not in record]
+    unexpected = sorted(set(record) - set(_EVAL_KEYS) - set(_OPTIONAL_EVAL_KEYS))
+    if missing or unexpected:
+        raise PayloadError(f"{EVAL_RECORD!r} misses {missing} or has unexpected keys {unexpected}")
+    values = dict(record.items())
     bad = [k for k, v in values.items() if not isinstance(v, int | float) or not math.isfinite(v)]
     if bad or values["num-examples"] <= 0:
         raise PayloadError(f"{EVAL_RECORD!r} values must be finite with num-examples > 0, got {values}")
-    return {key: float(value) for key, value in values.items()}
+    accuracies = [k for k in values if k.endswith("accuracy") and not 0 <= values[k] <= 1]
+    if accuracies:
+        raise PayloadError(f"{EVAL_RECORD!r}: {accuracies} must lie in [0, 1]")
+    return {key.replace("-", "_"): float(value) for key, value in values.items()}

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import uvicorn
 
+from fedprompt.serving.admission import Admission, AdmissionSettings
 from fedprompt.serving.app import create_app
 from fedprompt.serving.auth import parse_tokens
-from fedprompt.serving.service import InferenceService, ServiceLimits
+from fedprompt.serving.service import InferenceService, QueryQuotas, ServiceLimits
+from fedprompt.serving.tls import TLSFiles, plain_http_warning
 from prompt_modules.hf_text import HFTextBackbone
 
 log = logging.getLogger("fedprompt.serving")
@@ -19,7 +22,8 @@ log = logging.getLogger("fedprompt.serving")
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """What ``fedprompt serve`` loads and where it listens; tokens come from the ``tokens_env`` variable."""
+    """What ``fedprompt serve`` loads and where and how it listens; tokens come from the
+    ``tokens_env`` variable. ``usage_file``: JSON of every client's counters, kept current."""
 
     model: str = "bundled:all-MiniLM-L6-v2"
     lm_head: bool = False
@@ -30,31 +34,49 @@ class ServeSettings:
     tokens_env: str = "FEDPROMPT_API_TOKENS"
     chunk_size: int = 10
     limits: ServiceLimits = field(default_factory=ServiceLimits)
+    quotas: QueryQuotas = field(default_factory=QueryQuotas)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    tls: TLSFiles | None = None
+    usage_file: Path | None = None
 
 
 def build_service(settings: ServeSettings) -> tuple[InferenceService, dict[str, str]]:
-    """The service and its clients' tokens; ValueError (tokens) or BackboneLoadError (model) when they
-    cannot be had, checked before the model loads for the tokens."""
+    """The service and its clients' tokens; ValueError (tokens, quotas, usage file) or
+    BackboneLoadError (model) when they cannot be had, all checked before the model loads."""
     tokens = parse_tokens(
         os.environ.get(settings.tokens_env, ""), f"the environment variable {settings.tokens_env}"
     )
+    unknown = sorted(set(settings.quotas.per_client) - set(tokens))
+    if unknown:
+        raise ValueError(f"--client-quota names clients without a token: {unknown}; known: {sorted(tokens)}")
+    if settings.usage_file is not None and not settings.usage_file.parent.is_dir():
+        raise ValueError(f"--usage-file {settings.usage_file}: its folder does not exist")
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available")
     backbone = HFTextBackbone.load(
         settings.model, head="lm" if settings.lm_head else "none", max_length=settings.max_length
     ).to(settings.device)
-    return InferenceService(backbone, settings.model, settings.limits, settings.chunk_size), tokens
+    service = InferenceService(
+        backbone, settings.model, settings.limits, settings.chunk_size, settings.quotas, settings.usage_file
+    )
+    return service, tokens
 
 
 def serve(settings: ServeSettings) -> None:
     """Load the backbone and answer requests until interrupted."""
     service, tokens = build_service(settings)
+    warning = plain_http_warning(settings.host, settings.tls)
+    if warning:
+        log.warning(warning)
     log.warning(
-        "serving %s on http://%s:%d to %d clients (%s)",
+        "serving %s on %s://%s:%d to %d clients (%s)",
         settings.model,
+        "https" if settings.tls else "http",
         settings.host,
         settings.port,
         len(tokens),
         ", ".join(sorted(tokens)),
     )
-    uvicorn.run(create_app(service, tokens), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(service, tokens, Admission(settings.admission))
+    tls = settings.tls.uvicorn_options() if settings.tls else {}
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", **tls)

@@ -11,19 +11,23 @@ from contextlib import contextmanager
 import uvicorn
 from fastapi import FastAPI
 
+from fedprompt.serving.tls import TLSFiles
+
 
 @contextmanager
 def serve_in_thread(
-    app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0, tls: TLSFiles | None = None
 ) -> Iterator[str]:
-    """Serve ``app`` on ``host``:``port`` (0: a free port) until the block ends; yields the base URL.
+    """Serve ``app`` on ``host``:``port`` (0: a free port) until the block ends; yields the base URL
+    (``https`` with ``tls``).
 
     The socket is bound before the server starts, so the port is known and cannot be taken meanwhile.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    options = tls.uvicorn_options() if tls else {}
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -32,7 +36,7 @@ def serve_in_thread(
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the inference service did not start on {host}:{sock.getsockname()[1]}")
             time.sleep(0.02)
-        yield f"http://{host}:{sock.getsockname()[1]}"
+        yield f"{'https' if tls else 'http'}://{host}:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout)

@@ -1,17 +1,26 @@
 """The inference service behind ``fedprompt serve``, without HTTP: checks, compute, usage counters.
 
 It owns one frozen backbone. For each (projection, head) pair that clients ask for it builds an
-``IntrinsicTextClassifier`` once (A, p0 from the projection seed; the head from its spec) and
-keeps the most recent few. A request is checked against the model and the limits before any
-compute; a check that fails raises ``RequestError`` naming the field. No method returns a weight
+``IntrinsicTextClassifier`` once and keeps the ``cache_size`` most recently used. Building one
+draws the projection A (m·h × d fp32, from the projection seed on a CPU generator, then moved to
+the backbone's device) and p0; A is the only large part, so the projections held never take more
+than ``cache_size × max_projection_floats × 4`` bytes (the defaults: 4 × 32 Mi floats, 512 MiB;
+BBT's 50 tokens × 1,024 wide × d = 500 is 25.6 M floats, 102 MB). A request is checked against
+the model, the limits and the client's query quota before any compute; a check that fails raises
+``RequestError`` naming the field (``QuotaExhausted`` for the quota). No method returns a weight
 or a gradient: only logits, losses and counts.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -34,6 +43,10 @@ class RequestError(ValueError):
     """A request the service will not run; the message names the field and the limit or fix."""
 
 
+class QuotaExhausted(RequestError):
+    """A request that would take its client over its query quota (refused whole, nothing counted)."""
+
+
 @dataclass(frozen=True)
 class ServiceLimits:
     """What one request may ask for, and how many classifiers the service keeps built."""
@@ -42,7 +55,7 @@ class ServiceLimits:
     max_examples: int = 256
     max_queries: int = 8192
     max_request_bytes: int = 4 * 2**20
-    max_projection_floats: int = 16 * 2**20
+    max_projection_floats: int = 32 * 2**20
     cache_size: int = 4
 
     def __post_init__(self) -> None:
@@ -51,10 +64,40 @@ class ServiceLimits:
             raise ValueError(f"service limits must be positive, got {bad}")
 
 
+@dataclass(frozen=True)
+class QueryQuotas:
+    """Total model queries each client may use while the service runs: ``per_client`` by name,
+    else ``default`` (None: no quota)."""
+
+    default: int | None = None
+    per_client: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        given = {"default": self.default} if self.default is not None else {}
+        bad = {name: q for name, q in {**given, **self.per_client}.items() if q < 1}
+        if bad:
+            raise ValueError(f"query quotas must be positive, got {bad}")
+
+    @classmethod
+    def from_options(cls, default: int | None, items: Sequence[str]) -> QueryQuotas:
+        """From ``--query-quota`` and ``--client-quota NAME=QUERIES`` items; ValueError naming a bad one."""
+        per_client: dict[str, int] = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name or not value.strip().isdigit():
+                raise ValueError(f"--client-quota {item!r} is not NAME=QUERIES (e.g. site-0=200000)")
+            per_client[name] = int(value)
+        return cls(default, per_client)
+
+    def of(self, client: str) -> int | None:
+        return self.per_client.get(client, self.default)
+
+
 class InferenceService:
     """Owns a frozen backbone, the classifiers built on it for clients' specs (LRU), the limits,
-    and each client's usage (requests, queries = candidates × inputs, candidates, inputs).
-    Thread-safe: one forward pass at a time."""
+    each client's query quota and usage (requests, queries = candidates × inputs, candidates,
+    inputs), and the usage file it keeps current when given one.
+    Thread-safe: one forward pass at a time; quota checks and counts are atomic."""
 
     def __init__(
         self,
@@ -62,12 +105,16 @@ class InferenceService:
         model_name: str,
         limits: ServiceLimits | None = None,
         chunk_size: int = 10,
+        quotas: QueryQuotas | None = None,
+        usage_file: Path | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.backbone = backbone
         self.limits = limits or ServiceLimits()
         self.chunk_size = chunk_size
+        self.quotas = quotas or QueryQuotas()
+        self.usage_file = usage_file
         self.info = ServiceInfo(
             model=model_name,
             hidden_size=backbone.hidden_size,
@@ -81,18 +128,18 @@ class InferenceService:
             max_examples=self.limits.max_examples,
             max_queries=self.limits.max_queries,
             max_request_bytes=self.limits.max_request_bytes,
+            max_projection_floats=self.limits.max_projection_floats,
         )
         self._classifiers: OrderedDict[tuple, IntrinsicTextClassifier] = OrderedDict()
         self._usage: dict[str, Usage] = {}
+        self._reserved: dict[str, int] = {}
         self._compute = threading.Lock()
         self._counters = threading.Lock()
 
     def logits(self, client: str, request: LogitsRequest) -> LogitsResponse:
         """Class logits [P][B][C] of the request's inputs under each candidate."""
         candidates, batch = self._checked(request)
-        with self._compute:
-            logits = self._classifier(request.projection, request.head).population_logits(candidates, batch)
-        self._count(client, len(request.z), len(request.input_ids))
+        logits = self._scored(client, request, lambda model: model.population_logits(candidates, batch))
         return LogitsResponse(
             logits=logits.float().cpu().tolist(), queries=len(request.z) * len(request.input_ids)
         )
@@ -111,32 +158,95 @@ class InferenceService:
                     f"labels[{i}] is {label}; the head has {classes} classes (0..{classes - 1})"
                 )
         batch["labels"] = torch.tensor(request.labels, dtype=torch.long, device=self.backbone.device)
-        with self._compute:
-            losses = self._classifier(request.projection, request.head).population_losses(candidates, batch)
-        self._count(client, len(request.z), len(request.input_ids))
+        losses = self._scored(client, request, lambda model: model.population_losses(candidates, batch))
         return LossResponse(
             losses=losses.float().cpu().tolist(), queries=len(request.z) * len(request.input_ids)
         )
 
     def usage(self, client: str) -> Usage:
-        """One client's counters (zeros before its first request)."""
+        """One client's counters (zeros before its first request) and its quota."""
         with self._counters:
-            return self._usage.get(
-                client, Usage(client=client, requests=0, queries=0, candidates=0, examples=0)
+            return self._usage.get(client) or self._zero_usage(client)
+
+    def all_usage(self) -> dict[str, Usage]:
+        """Every client's counters that has sent a counted request, by client name."""
+        with self._counters:
+            return dict(sorted(self._usage.items()))
+
+    def record_transfer(self, client: str, received: int, sent: int) -> None:
+        """Count the bytes of an answered request's body (``received``) and its answer (``sent``)."""
+        with self._counters:
+            base = self._usage.get(client) or self._zero_usage(client)
+            totals = {"bytes_received": base.bytes_received + received, "bytes_sent": base.bytes_sent + sent}
+            self._usage[client] = base.model_copy(update=totals)
+            self._write_usage()
+
+    def _zero_usage(self, client: str) -> Usage:
+        return Usage(
+            client=client, requests=0, queries=0, candidates=0, examples=0, query_quota=self.quotas.of(client)
+        )
+
+    def _write_usage(self) -> None:
+        """Replace the usage file (if any) by every client's counters. Call with the counters lock held."""
+        if self.usage_file is not None:
+            _write_json(self.usage_file, {n: u.model_dump() for n, u in sorted(self._usage.items())})
+
+    def _scored(
+        self,
+        client: str,
+        request: LogitsRequest,
+        compute: Callable[[IntrinsicTextClassifier], torch.Tensor],
+    ) -> torch.Tensor:
+        """Run ``compute`` on the request's classifier within the client's quota, count its queries
+        (once computed, whatever follows), and refuse outputs that are not finite."""
+        candidates, examples = len(request.z), len(request.input_ids)
+        self._reserve(client, candidates * examples)
+        try:
+            with self._compute:
+                out = compute(self._classifier(request.projection, request.head))
+        except BaseException:
+            self._reserve(client, -candidates * examples)
+            raise
+        self._count(client, candidates, examples)
+        finite = torch.isfinite(out.reshape(candidates, -1)).all(dim=1)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0, 0])
+            raise RequestError(
+                f"z[{first}] gives non-finite outputs: its values are too large for the model "
+                "(the queries were computed and are counted)"
             )
+        return out
+
+    def _reserve(self, client: str, queries: int) -> None:
+        """Hold ``queries`` of the client's quota for a request in progress (negative: give them back);
+        ``QuotaExhausted`` when they do not fit."""
+        with self._counters:
+            pending = self._reserved.get(client, 0)
+            quota = self.quotas.of(client)
+            if queries > 0 and quota is not None:
+                used = (self._usage.get(client) or self._zero_usage(client)).queries
+                if used + pending + queries > quota:
+                    raise QuotaExhausted(
+                        f"client {client!r} has used {used} of its {quota} queries"
+                        + (f" ({pending} more in requests in progress)" if pending else "")
+                        + f"; this request needs {queries}: the query quota is exhausted"
+                    )
+            self._reserved[client] = pending + queries
 
     def _count(self, client: str, candidates: int, examples: int) -> None:
+        """Move a computed request's queries from reserved to used, and update the usage file."""
         with self._counters:
-            base = self._usage.get(client) or Usage(
-                client=client, requests=0, queries=0, candidates=0, examples=0
+            self._reserved[client] -= candidates * examples
+            base = self._usage.get(client) or self._zero_usage(client)
+            self._usage[client] = base.model_copy(
+                update={
+                    "requests": base.requests + 1,
+                    "queries": base.queries + candidates * examples,
+                    "candidates": base.candidates + candidates,
+                    "examples": base.examples + examples,
+                }
             )
-            self._usage[client] = Usage(
-                client=client,
-                requests=base.requests + 1,
-                queries=base.queries + candidates * examples,
-                candidates=base.candidates + candidates,
-                examples=base.examples + examples,
-            )
+            self._write_usage()
 
     def _checked(self, request: LogitsRequest) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The candidates [P, d] and the padded batch, after every check against model and limits."""
@@ -159,7 +269,8 @@ class InferenceService:
         if floats > limits.max_projection_floats:
             raise RequestError(
                 f"projection num_tokens {spec.num_tokens} × hidden {info.hidden_size} × dim {spec.dim} = "
-                f"{floats} floats; the limit is {limits.max_projection_floats}"
+                f"{floats} floats; the limit is {limits.max_projection_floats} "
+                "(the service's --max-projection-floats)"
             )
         for i, row in enumerate(request.z):
             if len(row) != spec.dim:
@@ -222,3 +333,15 @@ class InferenceService:
         while len(self._classifiers) > self.limits.cache_size:
             self._classifiers.popitem(last=False)
         return classifier
+
+
+def _write_json(path: Path, data: object) -> None:
+    """Replace ``path`` by ``data`` as JSON atomically (a reader sees the old file or the new one)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -10,6 +10,7 @@ d = 500) into every downlink; this sends d + 1 floats.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Literal, get_args
@@ -19,7 +20,9 @@ import torch
 from fedprompt.state import State, Update
 from fedprompt.strategies.base import Strategy
 from fedprompt.strategies.fedavg import weighted_mean
-from optimizers.cma_update import STATE_NAMES, CMAState, cma_tell
+from optimizers.cma_update import STATE_NAMES, CMAState, cma_tell, repair_injected, repair_length
+
+log = logging.getLogger("fedprompt.strategies.fedbpt")
 
 FedBPTRule = Literal["cma", "mean"]
 
@@ -44,38 +47,62 @@ def global_sigma(sigma_sq_sums: torch.Tensor, parents: torch.Tensor) -> float:
 class FedBPT(Strategy):
     """The FedBPT server: owns the σ sent down, the rule, and (rule ``cma``) the global CMA-ES state.
 
-    Rule ``cma`` (the reference implementation's): the server keeps one global CMA-ES over z whose
-    mean is the global z. Each round, with K accepted clients:
+    Rule ``cma`` (the reference implementation's, NVFlare ``research/fed-bpt`` ``GlobalES``): the
+    server keeps one global CMA-ES over z whose mean is the global z. Each round, with K accepted
+    clients:
 
     1. σ_g = √((1/K) Σ_k S_k/μ_k) from the clients' local step sizes (``global_sigma``);
-    2. one tell of the K client means z_k with their local losses L_k, every one a parent
-       (μ = λ = K, the reference's ``CMA_mu = popsize``), from σ_g (``optimizers.cma_update``);
-       the new global z is the CMA-ES mean, Σ_i w_i z_{i:K} with w_i ∝ ln(K + 1/2) − ln i;
-    3. σ sent down ← max(σ_floor, σ_down · min(1, σ_after/σ_g)): scaled by the global CMA-ES's
-       step-size change, never increased and never below the floor. (The reference caps after
-       flooring with the value it just floored, which undoes its own 0.5 floor; fedprompt applies
-       the floor last, as the reference evidently intends.)
+    2. the K client means z_k are injected solutions, which the global CMA-ES never sampled: as
+       pycma does in ``tell``, each one whose Mahalanobis distance ‖C^{-1/2}(z_k − m)‖/σ_g exceeds
+       √d + 2d/(d + 2) is moved towards m to that distance (``repair_injected``; logged);
+    3. one tell of the repaired means with their local losses L_k, every one a parent (μ = λ = K,
+       the reference's ``CMA_mu = popsize``), from σ_g (``optimizers.cma_update``); the new global z
+       is the CMA-ES mean, Σ_i w_i z_{i:K} with w_i ∝ ln(K + 1/2) − ln i;
+    4. σ sent down ← max(σ_floor, σ_down · σ_after/σ_g): scaled by the global CMA-ES's step-size
+       change, as the reference does, without a cap (the σ may grow when CMA-ES's path is long).
+       The reference sets the floor 0.5 and on its next line undoes it (it caps the σ at the value
+       it just floored); fedprompt applies the floor, as the reference evidently intends, and
+       ``sigma_floor = 0`` gives the reference's effective rule.
 
     Rule ``mean`` (the simpler comparison): the new global z is the example-weighted mean
     Σ_k n_k z_k / Σ_k n_k (FedAvg on z) and σ sent down ← max(σ_floor, min(σ_down, σ_rms)) with
     σ_rms = √(Σ_k n_k σ_k² / Σ_k n_k) over the clients' final local σ.
+
+    What the server accepts (``validate_update``, before aggregation): a finite z; a loss in
+    [0, max_loss]; a final σ and an RMS step √(S_k/μ_k) within a factor ``max_sigma_ratio`` of the σ
+    sent down; a positive integer μ_k. A round whose global update is still not finite (it cannot
+    be, after these bounds and the repair; this is the last guard) leaves the global z and the
+    search state as they were, with a logged reason.
 
     Differences from the reference, on purpose: clients restart their local CMA-ES with C = I
     (the reference copies the global covariance down), and the global CMA-ES is this module's
     float64 implementation, checkpointed as tensors, instead of a pickled pycma object.
     """
 
-    def __init__(self, initial_sigma: float, sigma_floor: float = 0.5, rule: FedBPTRule = "cma") -> None:
+    def __init__(
+        self,
+        initial_sigma: float,
+        sigma_floor: float = 0.5,
+        rule: FedBPTRule = "cma",
+        max_loss: float = 100.0,
+        max_sigma_ratio: float = 10.0,
+    ) -> None:
         if rule not in get_args(FedBPTRule):
             raise ValueError(f"FedBPT rule must be one of {list(get_args(FedBPTRule))}, got {rule!r}")
-        for label, value in (("initial_sigma", initial_sigma), ("sigma_floor", sigma_floor)):
+        for label, value in (("initial_sigma", initial_sigma), ("max_loss", max_loss)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"FedBPT {label} must be a positive number, got {value}")
+        if not (math.isfinite(sigma_floor) and sigma_floor >= 0):
+            raise ValueError(f"FedBPT sigma_floor must be a number >= 0, got {sigma_floor}")
+        if not (math.isfinite(max_sigma_ratio) and max_sigma_ratio > 1):
+            raise ValueError(f"FedBPT max_sigma_ratio must be a number > 1, got {max_sigma_ratio}")
         if sigma_floor > initial_sigma:
             raise ValueError(f"FedBPT sigma_floor ({sigma_floor}) exceeds initial_sigma ({initial_sigma})")
         self.initial_sigma = float(initial_sigma)
         self.sigma_floor = float(sigma_floor)
         self.rule = rule
+        self.max_loss = float(max_loss)
+        self.max_sigma_ratio = float(max_sigma_ratio)
         self.sigma = float(initial_sigma)
         self._cma: CMAState | None = None
 
@@ -87,19 +114,38 @@ class FedBPT(Strategy):
         return dict(UPLINK_EXTRAS)
 
     def validate_update(self, update: Update) -> None:
-        """Reject an update whose search report cannot be right: a negative loss (cross-entropy is
-        never negative, and a lower loss would rank the client first), a step size or S_k that is
-        not positive, or a parent count that is not a positive integer."""
+        """Reject an update whose search report the server cannot use safely: a z that is not finite;
+        a loss outside [0, max_loss] (a cross-entropy is never negative, and a lower loss ranks the
+        client first); a final σ or RMS step √(S_k/μ_k) not within a factor ``max_sigma_ratio`` of the
+        σ this round sent down (σ_g, set from them, scales what the global CMA-ES accepts); a parent
+        count that is not a positive integer."""
         values = {name: float(t.reshape(-1)[0]) for name, t in update.extras.items() if t.numel() == 1}
         if set(values) != set(UPLINK_EXTRAS):
             raise ValueError(f"FedBPT needs the scalars {sorted(UPLINK_EXTRAS)}, got {sorted(update.extras)}")
-        if values[LOSS] < 0:
-            raise ValueError(f"loss is {values[LOSS]}, a cross-entropy is never negative")
-        for name in (SIGMA_SQ_SUM, FINAL_SIGMA):
-            if values[name] <= 0:
-                raise ValueError(f"{name} is {values[name]}, expected a positive number")
+        bad = [name for name, value in values.items() if not math.isfinite(value)]
+        bad += [name for name, t in update.state.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"{sorted(bad)} hold non-finite values")
+        if not 0 <= values[LOSS] <= self.max_loss:
+            raise ValueError(
+                f"loss is {values[LOSS]}, expected a cross-entropy in [0, {self.max_loss}] "
+                "(strategy.max_loss)"
+            )
         if values[PARENTS] < 1 or values[PARENTS] != int(values[PARENTS]):
             raise ValueError(f"parents is {values[PARENTS]}, expected a positive integer")
+        if values[SIGMA_SQ_SUM] <= 0:
+            raise ValueError(f"{SIGMA_SQ_SUM} is {values[SIGMA_SQ_SUM]}, expected a positive number")
+        low, high = self.sigma / self.max_sigma_ratio, self.sigma * self.max_sigma_ratio
+        steps = {
+            FINAL_SIGMA: values[FINAL_SIGMA],
+            f"√({SIGMA_SQ_SUM}/{PARENTS})": math.sqrt(values[SIGMA_SQ_SUM] / values[PARENTS]),
+        }
+        for name, value in steps.items():
+            if not low <= value <= high:
+                raise ValueError(
+                    f"{name} is {value:.6g}, outside [{low:.6g}, {high:.6g}]: within a factor "
+                    f"{self.max_sigma_ratio:g} (strategy.max_sigma_ratio) of the σ {self.sigma:.6g} sent down"
+                )
 
     def _aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
         name = _vector_name(global_state)
@@ -116,16 +162,41 @@ class FedBPT(Strategy):
                 "the global CMA-ES mean differs from the global prompt state; restore the checkpoint that "
                 "holds both, or start the strategy afresh"
             )
-        solutions = torch.stack([u.state[name].double() for u in updates])
-        losses = torch.cat([u.extras[LOSS].double().reshape(1) for u in updates])
         before = global_sigma(
             torch.cat([u.extras[SIGMA_SQ_SUM].reshape(1) for u in updates]),
             torch.cat([u.extras[PARENTS].reshape(1) for u in updates]),
         )
-        told = cma_tell(cma.with_sigma(before), solutions, losses)
-        self.sigma = max(self.sigma_floor, self.sigma * min(1.0, told.sigma / before))
+        at_tell = cma.with_sigma(before)
+        solutions, factors = repair_injected(at_tell, torch.stack([u.state[name].double() for u in updates]))
+        for update, factor in zip(updates, factors.tolist(), strict=True):
+            if factor > 1:
+                log.warning(
+                    "FedBPT: client %d's mean lies %.3g times pycma's bound of %.4g σ_g (σ_g = %.4g) "
+                    "from the global mean; repaired to the bound",
+                    update.client_id,
+                    factor,
+                    repair_length(solutions.shape[1]),
+                    before,
+                )
+        losses = torch.cat([u.extras[LOSS].double().reshape(1) for u in updates])
+        try:
+            told = cma_tell(at_tell, solutions, losses)
+        except (ValueError, RuntimeError) as exc:  # cannot happen with bounded inputs: the last guard
+            log.warning("FedBPT: the global CMA-ES update failed (%s); z and the search state stay", exc)
+            return {name: global_state[name].clone()}
+        sigma = max(self.sigma_floor, self.sigma * told.sigma / before)
+        new_mean = told.mean.to(torch.float32)
+        finite = all(bool(torch.isfinite(t).all()) for t in told.to_tensors().values())
+        if not (finite and bool(torch.isfinite(new_mean).all()) and math.isfinite(sigma) and sigma > 0):
+            log.warning(
+                "FedBPT: the global CMA-ES update of this round is not finite (σ_g = %.4g); the global z "
+                "and the search state stay as they were",
+                before,
+            )
+            return {name: global_state[name].clone()}
+        self.sigma = sigma
         self._cma = told
-        return {name: told.mean.to(torch.float32)}
+        return {name: new_mean}
 
     def state_dict(self) -> State:
         """``sigma`` (the step size sent down) and, after the first ``cma`` round, ``cma/<part>``."""
@@ -146,7 +217,7 @@ class FedBPT(Strategy):
                 f"{[_CMA_PREFIX + n for n in STATE_NAMES]}"
             )
         sigma = float(state[SIGMA].reshape(-1)[0])
-        if not (math.isfinite(sigma) and sigma >= self.sigma_floor):
+        if not (math.isfinite(sigma) and sigma > 0 and sigma >= self.sigma_floor):
             raise ValueError(
                 f"FedBPT state sigma is {sigma}, expected a number >= sigma_floor {self.sigma_floor}"
             )

@@ -65,20 +65,25 @@ class TrimmedMean(Strategy):
 
 
 class Krum(Strategy):
-    """Krum (Blanchard et al., 2017): returns the one client state closest to its neighbours.
+    """Krum (Blanchard et al., 2017) and Multi-Krum: the client states closest to their neighbours.
 
-    Owns ``num_byzantine`` (f). Each update is scored by the sum of squared Euclidean distances,
-    over all its tensors flattened together, to its n − f − 2 nearest other updates; the state
-    with the lowest score is returned, ties going to the lowest client id. Unweighted.
+    Owns ``num_byzantine`` (f) and ``keep`` (m). Each update is scored by the sum of squared
+    Euclidean distances, over all its tensors flattened together, to its n − f − 2 nearest other
+    updates; Krum (m = 1) returns the state with the lowest score, Multi-Krum the unweighted mean
+    of the m lowest-scored states (ties going to the lowest client id). Unweighted.
 
     Krum's resilience guarantee needs n ≥ 2f + 3 (the paper's n > 2f + 2), so fewer updates are
-    rejected with ``ValueError`` rather than aggregated without the guarantee.
+    rejected with ``ValueError`` rather than aggregated without the guarantee (the server then
+    skips the round with that reason); m may not exceed n − f.
     """
 
-    def __init__(self, num_byzantine: int = 0) -> None:
+    def __init__(self, num_byzantine: int = 0, keep: int = 1) -> None:
         if num_byzantine < 0:
             raise ValueError(f"Krum num_byzantine must be >= 0, got {num_byzantine}")
+        if keep < 1:
+            raise ValueError(f"Multi-Krum keep must be >= 1, got {keep}")
         self.num_byzantine = num_byzantine
+        self.keep = keep
 
     def _aggregate(self, global_state: State, updates: Sequence[Update]) -> State:
         n, f = len(updates), self.num_byzantine
@@ -101,11 +106,15 @@ class Krum(Strategy):
             row = (flat[i + 1 :] - flat[i]).square().sum(dim=1)
             distances[i, i + 1 :] = row
             distances[i + 1 :, i] = row
+        if self.keep > n - f:
+            raise ValueError(f"Multi-Krum keeps {self.keep} updates, more than n − f = {n - f}")
         scores = []
         for i in range(n):
             others = torch.cat([distances[i, :i], distances[i, i + 1 :]])
             scores.append(torch.sort(others).values[: n - f - 2].sum().item())
-        best = min(range(n), key=lambda i: (scores[i], updates[i].client_id))
-        return {
-            name: updates[best].state[name].detach().to("cpu", torch.float32).clone() for name in global_state
-        }
+        ranked = sorted(range(n), key=lambda i: (scores[i], updates[i].client_id))[: self.keep]
+        out: State = {}
+        for name in global_state:
+            chosen = [updates[i].state[name].detach().to("cpu", torch.float64) for i in sorted(ranked)]
+            out[name] = (sum(chosen) / len(chosen)).to(torch.float32)
+        return out

@@ -1,0 +1,568 @@
+"""Secure aggregation: the server learns the sum of the clients' quantised updates, nothing about
+any one of them (SecAgg+ of Bell et al., 2020, on the complete graph, after Bonawitz et al., 2017).
+
+One round over the sampled clients U (fedprompt client ids), with threshold t:
+
+0. **keys** — each client u makes two X25519 key pairs, ``c`` (to encrypt what it sends to other
+   clients through the server) and ``s`` (to agree pairwise mask seeds), and a random self-mask seed
+   b_u; it sends c_pk, s_pk and SHA-256(b_u) (a commitment the server checks b_u against later).
+1. **shares** — the server forwards the public keys of the clients U1 that answered; u splits b_u
+   and its ``s`` secret key into |U1| Shamir shares with threshold t (pycryptodome, GF(2^128), two
+   16-byte chunks per 32-byte secret; share i goes to the i-th client of U1 in id order) and sends
+   each other client v its two shares, encrypted with AES-GCM under HKDF(X25519(c_u, c_v)) and
+   bound to (round, u, v).
+2. **masked input** — the server hands each client of U2 (those that answered 1) the ciphertexts
+   meant for it; u quantises its update to the ring Z_{2^k} (:class:`RingQuantizer`) and sends
+   y_u = x_u + PRG(b_u) + Σ_{v ∈ U2, v ≠ u} ±PRG(s_uv) mod 2^k (+ for u < v, − for u > v), where
+   s_uv = HKDF(X25519(s_u, s_v)) and PRG is the ChaCha20 keystream.
+3. **unmask** — the server names the survivors U3 (whose y arrived) and the dropped D = U2 \\ U3; each
+   client of U3 answers its shares of b_v for v ∈ U3 and of s_v for v ∈ D, never both for one
+   client, and only when at least t survive. From t shares per secret the server rebuilds them
+   (checked against the commitment and the public key) and computes
+   Σ_{u∈U3} y_u − Σ_{u∈U3} PRG(b_u) ∓ Σ_{u∈U3, v∈D} PRG(s_uv) = Σ_{u∈U3} x_u (mod 2^k).
+
+Pairwise masks of two survivors cancel in the sum; a dropped client's pairwise masks are removed
+with its rebuilt ``s`` key; a survivor's self mask is removed with its rebuilt b. The server never
+holds both b_u and s_u of one client, so no single y_u can be unmasked. Keys, seeds and shares are
+fresh for every round and drawn from the operating system's random source, never from the run
+seed (which the server knows); the unmasked sum, and so the run, is deterministic all the same.
+
+This module is torch- and Flower-free: numpy arrays, ``cryptography`` and ``pycryptodome``.
+:class:`ClientSession` keeps its state as plain values (for a Flower ``ConfigRecord``),
+:class:`ServerSession` is the server's bookkeeping of one round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SECRET_BYTES = 32
+"""Length of every secret (X25519 private keys, self-mask seeds, derived keys)."""
+SHARE_BYTES = 32
+"""Length of one Shamir share of a 32-byte secret (two 16-byte chunk shares)."""
+MAX_BITS = 48
+"""The widest ring: sums and their float64 images stay exact well within float64's 53 bits."""
+_NONCE_BYTES = 12
+
+
+class SecAggError(RuntimeError):
+    """A secure-aggregation step cannot go on (too few clients left, or a message that breaks the
+    protocol); the message says why."""
+
+
+# --------------------------------------------------------------------------- the integer ring
+
+
+@dataclass(frozen=True)
+class RingQuantizer:
+    """Owns how real-valued updates become elements of Z_{2^bits} and how their sum comes back.
+
+    With ``n`` sampled clients, ``levels`` L = ⌊(2^(bits−1) − 1) / n⌋ and ``scale`` s = L / c for
+    ``clip_range`` c: a client clips each coordinate of its update Δ to [−c, c], multiplies it by its
+    public weight p ∈ (0, 1] and sends q = round(s · p · clip(Δ)) ∈ [−L, L] (two's complement in the
+    ring). Any sum of at most n such values lies in [−nL, nL] ⊂ (−2^(bits−1), 2^(bits−1)), so the
+    ring sum decodes to the exact integer sum. The weighted mean Σ p_k clip(Δ_k) / Σ p_k then comes
+    back as Σ q_k / (s · Σ p_k), off by at most (number summed) / (2 s Σ p_k) per coordinate (each
+    q_k is within 1/2 of s · p_k · clip(Δ_k); float64 rounding adds relative errors of 1e-16): that
+    is c / (2L) with uniform weights. ``bits`` is at most :data:`MAX_BITS`.
+    """
+
+    clip_range: float
+    bits: int
+    num_clients: int
+
+    def __post_init__(self) -> None:
+        if not self.clip_range > 0:
+            raise ValueError(f"clip_range must be > 0, got {self.clip_range}")
+        if not 2 <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must lie in 2..{MAX_BITS}, got {self.bits}")
+        if self.num_clients < 1 or self.levels < 1:
+            raise ValueError(
+                f"{self.num_clients} clients leave no quantisation levels in a ring of 2^{self.bits}; "
+                "raise bits"
+            )
+
+    @property
+    def levels(self) -> int:
+        return (2 ** (self.bits - 1) - 1) // self.num_clients
+
+    @property
+    def scale(self) -> float:
+        return self.levels / self.clip_range
+
+    @property
+    def modulus_mask(self) -> np.uint64:
+        return np.uint64(2**self.bits - 1)
+
+    def quantize(self, delta: np.ndarray, weight: float) -> tuple[np.ndarray, int]:
+        """(the ring element of ``weight`` · ``delta``, clipped; how many coordinates were clipped)."""
+        if not 0 < weight <= 1:
+            raise ValueError(f"a secure-aggregation weight lies in (0, 1], got {weight}")
+        values = np.asarray(delta, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("the update has non-finite values")
+        clipped = int(np.count_nonzero(np.abs(values) > self.clip_range))
+        q = np.rint(np.clip(values, -self.clip_range, self.clip_range) * (weight * self.scale))
+        q = np.clip(q, -self.levels, self.levels).astype(np.int64)  # rounding never leaves [-L, L]
+        return q.view(np.uint64) & self.modulus_mask, clipped
+
+    def decode(self, ring: np.ndarray) -> np.ndarray:
+        """The signed integers (int64) that ring elements stand for."""
+        values = np.asarray(ring, dtype=np.uint64) & self.modulus_mask
+        high = (values >> np.uint64(self.bits - 1)).astype(bool)
+        signed = values.astype(np.int64)
+        signed[high] -= np.int64(2**self.bits)
+        return signed
+
+    def mean(self, ring_sum: np.ndarray, total_weight: float) -> np.ndarray:
+        """Σ p_k clip(Δ_k) / Σ p_k (float64) from the ring sum of the q_k and Σ p_k."""
+        if not total_weight > 0:
+            raise ValueError(f"total weight must be > 0, got {total_weight}")
+        return self.decode(ring_sum).astype(np.float64) / (self.scale * total_weight)
+
+    def max_error(self, num_summed: int, total_weight: float) -> float:
+        """The largest quantisation error of one coordinate of :meth:`mean` (no clipping)."""
+        return num_summed / (2 * self.scale * total_weight)
+
+
+def ring_add(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
+    """(a + b) mod 2^bits, elementwise on uint64 arrays."""
+    return (a + b) & np.uint64(2**bits - 1)
+
+
+def ring_sub(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
+    """(a − b) mod 2^bits, elementwise on uint64 arrays."""
+    return (a - b) & np.uint64(2**bits - 1)
+
+
+def prg(seed: bytes, length: int, bits: int) -> np.ndarray:
+    """``length`` uniform elements of Z_{2^bits} (uint64) from a 32-byte seed: the ChaCha20 keystream."""
+    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    words = np.frombuffer(encryptor.update(bytes(8 * length)), dtype="<u8").astype(np.uint64)
+    return words & np.uint64(2**bits - 1)
+
+
+# --------------------------------------------------------------------------- key material
+
+
+def _derive(secret: bytes, purpose: str, round_num: int, a: int, b: int) -> bytes:
+    """A 32-byte key for ``purpose`` between clients a and b (order-free) in ``round_num``."""
+    low, high = sorted((a, b))
+    info = f"fedprompt-secagg|{purpose}|{round_num}|{low}|{high}".encode()
+    return HKDF(algorithm=hashes.SHA256(), length=SECRET_BYTES, salt=None, info=info).derive(secret)
+
+
+def _agree(private: bytes, public: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(public))
+
+
+def _key_pair() -> tuple[bytes, bytes]:
+    key = X25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    return private, _public(private)
+
+
+def _public(private: bytes) -> bytes:
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
+
+
+def commitment(seed: bytes) -> bytes:
+    """SHA-256 of a self-mask seed: what the server checks a rebuilt seed against."""
+    return hashlib.sha256(seed).digest()
+
+
+def split_secret(secret: bytes, threshold: int, count: int) -> list[bytes]:
+    """``count`` Shamir shares of a 32-byte secret, any ``threshold`` of which rebuild it; share i
+    (0-based) has Shamir index i + 1."""
+    if len(secret) != SECRET_BYTES:
+        raise ValueError(f"secrets are {SECRET_BYTES} bytes, got {len(secret)}")
+    halves = [Shamir.split(threshold, count, secret[i : i + 16], ssss=False) for i in (0, 16)]
+    return [first[1] + second[1] for first, second in zip(*halves, strict=True)]
+
+
+def combine_secret(shares: Mapping[int, bytes]) -> bytes:
+    """The secret from shares keyed by their 0-based position (as :func:`split_secret` made them)."""
+    halves = []
+    for offset in (0, 16):
+        halves.append(
+            Shamir.combine(
+                [(index + 1, share[offset : offset + 16]) for index, share in shares.items()], ssss=False
+            )
+        )
+    return halves[0] + halves[1]
+
+
+def _aad(round_num: int, src: int, dst: int) -> bytes:
+    return f"fedprompt-secagg|shares|{round_num}|{src}|{dst}".encode()
+
+
+# --------------------------------------------------------------------------- the client side
+
+
+@dataclass
+class ClientSession:
+    """Owns one client's side of one secure round: its secret keys and self-mask seed, the public
+    keys and order of the clients that took part, and the shares others gave it. ``to_record`` and
+    ``from_record`` turn it into plain values (ints, bytes and their lists) and back, so it can live
+    in a Flower node's context between the messages of the round."""
+
+    client_id: int
+    round: int
+    threshold: int
+    participants: list[int]
+    c_sk: bytes
+    s_sk: bytes
+    seed: bytes
+    stage: str = "keys"
+    order: tuple[int, ...] = ()
+    """U1 in id order: a client's position in it is the index of the shares it holds."""
+    c_pks: tuple[bytes, ...] = ()
+    s_pks: tuple[bytes, ...] = ()
+    masked_with: tuple[int, ...] = ()
+    """U2: the clients this one masked its input with (itself included)."""
+    held_b: dict[int, bytes] | None = None
+    held_s: dict[int, bytes] | None = None
+
+    @classmethod
+    def start(
+        cls, client_id: int, round_num: int, participants: Sequence[int], threshold: int
+    ) -> tuple[ClientSession, dict[str, bytes]]:
+        """A fresh session and what the client advertises: ``c-pk``, ``s-pk``, ``seed-hash``."""
+        participants = sorted(participants)
+        if client_id not in participants:
+            raise SecAggError(f"client {client_id} is not among the participants {participants}")
+        if len(set(participants)) != len(participants):
+            raise SecAggError(f"participants {participants} name a client twice")
+        if not 2 <= threshold <= len(participants):
+            raise SecAggError(f"threshold {threshold} must lie in 2..{len(participants)} (the participants)")
+        c_sk, c_pk = _key_pair()
+        s_sk, s_pk = _key_pair()
+        seed = os.urandom(SECRET_BYTES)
+        session = cls(client_id, round_num, threshold, participants, c_sk, s_sk, seed)
+        return session, {"c-pk": c_pk, "s-pk": s_pk, "seed-hash": commitment(seed)}
+
+    def share(self, public_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+        """Stage 1: from the (c_pk, s_pk) of every client that advertised (U1), the encrypted
+        shares for each other client, by destination."""
+        self._expect("keys", "shares")
+        order = sorted(public_keys)
+        if not set(order) <= set(self.participants) or self.client_id not in order:
+            raise SecAggError(
+                f"key list {order} is not a subset of {self.participants} with client {self.client_id}"
+            )
+        if len(order) < self.threshold:
+            raise SecAggError(
+                f"only {len(order)} clients advertised keys, fewer than the threshold {self.threshold}"
+            )
+        if public_keys[self.client_id] != (_public(self.c_sk), _public(self.s_sk)):
+            raise SecAggError("the server forwarded other public keys for this client than it advertised")
+        self.order = tuple(order)
+        self.c_pks = tuple(public_keys[v][0] for v in order)
+        self.s_pks = tuple(public_keys[v][1] for v in order)
+        b_shares = split_secret(self.seed, self.threshold, len(order))
+        s_shares = split_secret(self.s_sk, self.threshold, len(order))
+        out = {}
+        for position, v in enumerate(order):
+            if v == self.client_id:
+                self.held_b = {v: b_shares[position]}
+                self.held_s = {v: s_shares[position]}
+                continue
+            key = _derive(_agree(self.c_sk, self.c_pks[position]), "channel", self.round, self.client_id, v)
+            nonce = os.urandom(_NONCE_BYTES)
+            plain = b_shares[position] + s_shares[position]
+            out[v] = nonce + AESGCM(key).encrypt(nonce, plain, _aad(self.round, self.client_id, v))
+        return out
+
+    def mask(self, ciphertexts: Mapping[int, bytes], quantized: np.ndarray, bits: int) -> np.ndarray:
+        """Stage 2: keep the shares the other clients of U2 sent (``ciphertexts``, by source), and
+        mask the ring element ``quantized`` with the self mask and a pairwise mask per client of U2."""
+        self._expect("shares", "masked")
+        assert self.held_b is not None and self.held_s is not None
+        sources = sorted(ciphertexts)
+        if not set(sources) <= set(self.order) - {self.client_id}:
+            raise SecAggError(f"shares from {sources}, which did not all take part in the key exchange")
+        if len(sources) + 1 < self.threshold:
+            raise SecAggError(
+                f"shares from {len(sources)} other clients: with this one, fewer than the threshold "
+                f"{self.threshold}"
+            )
+        for src in sources:
+            position = self.order.index(src)
+            key = _derive(_agree(self.c_sk, self.c_pks[position]), "channel", self.round, self.client_id, src)
+            data = ciphertexts[src]
+            try:
+                plain = AESGCM(key).decrypt(
+                    data[:_NONCE_BYTES], data[_NONCE_BYTES:], _aad(self.round, src, self.client_id)
+                )
+            except (InvalidTag, ValueError):
+                raise SecAggError(
+                    f"the shares from client {src} do not decrypt: not for this round and client"
+                ) from None
+            if len(plain) != 2 * SHARE_BYTES:
+                raise SecAggError(
+                    f"the shares from client {src} are {len(plain)} bytes, not {2 * SHARE_BYTES}"
+                )
+            self.held_b[src], self.held_s[src] = plain[:SHARE_BYTES], plain[SHARE_BYTES:]
+        self.masked_with = (*sources, self.client_id)
+        length = quantized.shape[0]
+        masked = ring_add(np.asarray(quantized, dtype=np.uint64), prg(self._self_key(), length, bits), bits)
+        for v in sources:
+            pairwise = prg(self._pair_key(v), length, bits)
+            masked = (
+                ring_add(masked, pairwise, bits) if self.client_id < v else ring_sub(masked, pairwise, bits)
+            )
+        return masked
+
+    def unmask(
+        self, survivors: Sequence[int], dropped: Sequence[int]
+    ) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """Stage 3: (shares of b_v for each survivor v, shares of s_v for each dropped v), after
+        checking that the two lists split U2 and that at least ``threshold`` clients survived."""
+        self._expect("masked", "unmask")
+        assert self.held_b is not None and self.held_s is not None
+        alive, gone = set(survivors), set(dropped)
+        if alive & gone or alive | gone != set(self.masked_with) or self.client_id not in alive:
+            raise SecAggError(
+                f"survivors {sorted(alive)} and dropped {sorted(gone)} do not split the clients "
+                f"{sorted(self.masked_with)} this one masked with"
+            )
+        if len(alive) < self.threshold:
+            raise SecAggError(
+                f"{len(alive)} clients survived, fewer than the threshold {self.threshold}; unmasking "
+                "would reveal too much"
+            )
+        return {v: self.held_b[v] for v in sorted(alive)}, {v: self.held_s[v] for v in sorted(gone)}
+
+    def _self_key(self) -> bytes:
+        return _derive(self.seed, "self-mask", self.round, self.client_id, self.client_id)
+
+    def _pair_key(self, other: int) -> bytes:
+        peer = self.s_pks[self.order.index(other)]
+        return _derive(_agree(self.s_sk, peer), "mask", self.round, self.client_id, other)
+
+    def _expect(self, stage: str, then: str) -> None:
+        if self.stage != stage:
+            raise SecAggError(
+                f"stage {then!r} arrived after stage {self.stage!r}, expected it after {stage!r}"
+            )
+        self.stage = then
+
+    def to_record(self) -> dict[str, Any]:
+        """The session as plain values: ints, bytes, and lists of either."""
+        held_b, held_s = self.held_b or {}, self.held_s or {}
+        return {
+            "client-id": self.client_id,
+            "round": self.round,
+            "threshold": self.threshold,
+            "participants": list(self.participants),
+            "c-sk": self.c_sk,
+            "s-sk": self.s_sk,
+            "seed": self.seed,
+            "stage": self.stage,
+            "order": list(self.order),
+            "c-pks": list(self.c_pks),
+            "s-pks": list(self.s_pks),
+            "masked-with": list(self.masked_with),
+            "held-from": sorted(held_b),
+            "held-b": [held_b[v] for v in sorted(held_b)],
+            "held-s": [held_s[v] for v in sorted(held_b)],
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ClientSession:
+        held = list(record["held-from"])
+        return cls(
+            client_id=int(record["client-id"]),
+            round=int(record["round"]),
+            threshold=int(record["threshold"]),
+            participants=list(record["participants"]),
+            c_sk=bytes(record["c-sk"]),
+            s_sk=bytes(record["s-sk"]),
+            seed=bytes(record["seed"]),
+            stage=str(record["stage"]),
+            order=tuple(record["order"]),
+            c_pks=tuple(record["c-pks"]),
+            s_pks=tuple(record["s-pks"]),
+            masked_with=tuple(record["masked-with"]),
+            held_b=dict(zip(held, record["held-b"], strict=True)) if held else None,
+            held_s=dict(zip(held, record["held-s"], strict=True)) if held else None,
+        )
+
+
+# --------------------------------------------------------------------------- the server side
+
+
+@dataclass
+class _Advertised:
+    c_pk: bytes
+    s_pk: bytes
+    seed_hash: bytes
+
+
+class ServerSession:
+    """Owns the server's side of one secure round: who advertised which keys, the encrypted shares
+    it forwards, the masked inputs it sums, and the unmasking. It sees public keys, ciphertexts and
+    masked vectors only, until the unmask stage hands it exactly the seeds that remove the masks.
+    Each ``*_done`` method raises :class:`SecAggError` with the reason when fewer than ``threshold``
+    clients are left."""
+
+    def __init__(self, round_num: int, participants: Iterable[int], threshold: int, bits: int, length: int):
+        self.round = round_num
+        self.participants = sorted(participants)
+        if not 2 <= threshold <= len(self.participants):
+            raise SecAggError(
+                f"threshold {threshold} must lie in 2..{len(self.participants)} (the clients that take part)"
+            )
+        self.threshold = threshold
+        self.bits = bits
+        self.length = length
+        self.keys: dict[int, _Advertised] = {}
+        self.order: list[int] = []
+        self._shares: dict[int, dict[int, bytes]] = {}
+        """destination -> source -> ciphertext."""
+        self.masked_with: list[int] = []
+        self._masked: dict[int, np.ndarray] = {}
+        self.survivors: list[int] = []
+        self.dropped: list[int] = []
+        self._unmask: dict[int, tuple[dict[int, bytes], dict[int, bytes]]] = {}
+
+    # stage 0
+    def add_keys(self, client_id: int, c_pk: bytes, s_pk: bytes, seed_hash: bytes) -> None:
+        self._known(client_id, self.participants, "advertise keys")
+        for name, value, size in (("c-pk", c_pk, 32), ("s-pk", s_pk, 32), ("seed-hash", seed_hash, 32)):
+            if not isinstance(value, bytes) or len(value) != size:
+                raise SecAggError(f"client {client_id}: {name} must be {size} bytes")
+        self.keys[client_id] = _Advertised(c_pk, s_pk, seed_hash)
+
+    def keys_done(self) -> dict[int, tuple[bytes, bytes]]:
+        """U1's public keys (c_pk, s_pk) by client, to forward to each of them."""
+        self.order = self._enough(self.keys, "advertised keys")
+        return {cid: (self.keys[cid].c_pk, self.keys[cid].s_pk) for cid in self.order}
+
+    # stage 1
+    def add_shares(self, client_id: int, ciphertexts: Mapping[int, bytes]) -> None:
+        self._known(client_id, self.order, "send shares")
+        if set(ciphertexts) != set(self.order) - {client_id}:
+            raise SecAggError(
+                f"client {client_id} sent shares for {sorted(ciphertexts)}, expected one for each of "
+                f"{sorted(set(self.order) - {client_id})}"
+            )
+        for dst, data in ciphertexts.items():
+            self._shares.setdefault(dst, {})[client_id] = data
+        self._shares.setdefault(client_id, {})
+
+    def shares_done(self) -> list[int]:
+        """U2: the clients whose shares every other member of U2 holds."""
+        senders = {src for by_src in self._shares.values() for src in by_src}
+        self.masked_with = self._enough(senders, "sent their shares")
+        return self.masked_with
+
+    def forwarded(self, client_id: int) -> dict[int, bytes]:
+        """The ciphertexts for ``client_id`` from the other clients of U2."""
+        return {
+            src: ct for src, ct in sorted(self._shares.get(client_id, {}).items()) if src in self.masked_with
+        }
+
+    # stage 2
+    def add_masked(self, client_id: int, masked: np.ndarray) -> None:
+        self._known(client_id, self.masked_with, "send a masked input")
+        values = np.asarray(masked)
+        if values.shape != (self.length,) or values.dtype.kind != "u":
+            raise SecAggError(
+                f"client {client_id}: a masked input is {self.length} unsigned integers, got "
+                f"{values.dtype} of shape {values.shape}"
+            )
+        if self.bits < 64 and bool((values.astype(np.uint64) >> np.uint64(self.bits)).any()):
+            raise SecAggError(
+                f"client {client_id}: masked input values lie outside the ring of 2^{self.bits}"
+            )
+        self._masked[client_id] = values.astype(np.uint64)
+
+    def drop(self, client_id: int) -> None:
+        """Treat a client whose masked input arrived as dropped (its input is not summed)."""
+        self._masked.pop(client_id, None)
+
+    def masked_done(self) -> tuple[list[int], list[int]]:
+        """(U3: the survivors whose masked inputs are summed, D: U2's clients that dropped)."""
+        self.survivors = self._enough(self._masked, "sent a masked input")
+        self.dropped = sorted(set(self.masked_with) - set(self.survivors))
+        return self.survivors, self.dropped
+
+    # stage 3
+    def add_unmask(
+        self, client_id: int, seed_shares: Mapping[int, bytes], key_shares: Mapping[int, bytes]
+    ) -> None:
+        self._known(client_id, self.survivors, "send unmasking shares")
+        if set(seed_shares) != set(self.survivors) or set(key_shares) != set(self.dropped):
+            raise SecAggError(
+                f"client {client_id} sent seed shares for {sorted(seed_shares)} and key shares for "
+                f"{sorted(key_shares)}, expected {self.survivors} and {self.dropped}"
+            )
+        bad = [v for v, s in (*seed_shares.items(), *key_shares.items()) if len(s) != SHARE_BYTES]
+        if bad:
+            raise SecAggError(f"client {client_id}: shares of {bad} are not {SHARE_BYTES} bytes")
+        self._unmask[client_id] = (dict(seed_shares), dict(key_shares))
+
+    def result(self) -> np.ndarray:
+        """Σ_{u ∈ U3} x_u in the ring (uint64), once at least ``threshold`` survivors answered."""
+        responders = self._enough(self._unmask, "sent unmasking shares")[: self.threshold]
+        total = np.zeros(self.length, dtype=np.uint64)
+        for u in self.survivors:
+            total = ring_add(total, self._masked[u], self.bits)
+        for u in self.survivors:
+            seed = self._rebuild(u, responders, 0)
+            if commitment(seed) != self.keys[u].seed_hash:
+                raise SecAggError(f"the rebuilt self-mask seed of client {u} does not match its commitment")
+            key = _derive(seed, "self-mask", self.round, u, u)
+            total = ring_sub(total, prg(key, self.length, self.bits), self.bits)
+        for v in self.dropped:
+            s_sk = self._rebuild(v, responders, 1)
+            if _public(s_sk) != self.keys[v].s_pk:
+                raise SecAggError(f"the rebuilt mask key of dropped client {v} does not match its public key")
+            for u in self.survivors:
+                pairwise = prg(
+                    _derive(_agree(s_sk, self.keys[u].s_pk), "mask", self.round, u, v), self.length, self.bits
+                )
+                # u added +PRG when u < v and −PRG when u > v: take that back
+                total = (
+                    ring_sub(total, pairwise, self.bits) if u < v else ring_add(total, pairwise, self.bits)
+                )
+        return total
+
+    def _rebuild(self, owner: int, responders: list[int], which: int) -> bytes:
+        shares = {self.order.index(w): self._unmask[w][which][owner] for w in responders}
+        return combine_secret(shares)
+
+    def _known(self, client_id: int, allowed: Sequence[int], what: str) -> None:
+        if client_id not in allowed:
+            raise SecAggError(
+                f"client {client_id} may not {what} in this stage (expected one of {list(allowed)})"
+            )
+
+    def _enough(self, present: Iterable[int], what: str) -> list[int]:
+        clients = sorted(present)
+        if len(clients) < self.threshold:
+            raise SecAggError(
+                f"round {self.round}: {len(clients)} clients {what}, fewer than the secure-aggregation "
+                f"threshold {self.threshold}; the round's sum cannot be formed safely"
+            )
+        return clients
