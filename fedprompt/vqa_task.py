@@ -63,6 +63,9 @@ class QuestionData(TensorData):
             yield batch
 
 
+NO_VALUE = "(none)"
+"""The client of rows whose client field is empty."""
+
 # --------------------------------------------------------------------------- model
 
 
@@ -144,16 +147,48 @@ def encode_images(
     return cache.get(parts, compute, persist=model.image_input.key != "pixels")
 
 
+@dataclass(frozen=True)
+class QuestionGroups:
+    """Owns the groups each question belongs to, as indices a ``QuestionData`` carries: its question
+    type (``types``, the training questions' types, sorted) and its client (``clients``, the values of
+    the client field ``field``, when clients are formed from one). -1: none (no type, no field, or a
+    test question whose value names no client)."""
+
+    types: list[str]
+    field: str | None = None
+    clients: list[str] | None = None
+
+    def type_index(self, split: datasets.Dataset) -> torch.Tensor:
+        index = {name: i for i, name in enumerate(self.types)}
+        return torch.tensor([index.get(t, -1) for t in split["question_type"]], dtype=torch.long)
+
+    def client_index(self, split: datasets.Dataset) -> torch.Tensor:
+        if self.field is None or self.clients is None:
+            return torch.full((len(split),), -1, dtype=torch.long)
+        index = {name: i for i, name in enumerate(self.clients)}
+        values = [v if v is not None else NO_VALUE for v in split[self.field]]
+        return torch.tensor([index.get(v, -1) for v in values], dtype=torch.long)
+
+
 def question_data(
-    model: CLIPVQAModel, split: datasets.Dataset, labels: np.ndarray, image_rows: dict[str, int], images: dict
+    model: CLIPVQAModel,
+    split: datasets.Dataset,
+    labels: np.ndarray,
+    image_rows: dict[str, int],
+    images: dict,
+    groups: QuestionGroups,
 ) -> QuestionData:
-    """A split's questions as tensors, reading images from the shared tables through ``image_rows``."""
+    """A split's questions as tensors, reading images from the shared tables through ``image_rows``;
+    ``question_type`` and ``client`` index ``groups``' types and clients (what per-client and per-type
+    reports slice by; the model does not read them)."""
     return QuestionData(
         {
             "question_ids": model.tokenize_questions(split["question"]),
             "closed": torch.tensor(split["closed"], dtype=torch.bool),
             "labels": torch.as_tensor(labels, dtype=torch.long),
             "image_index": torch.tensor([image_rows[key] for key in split["image_key"]], dtype=torch.long),
+            "question_type": groups.type_index(split),
+            "client": groups.client_index(split),
         },
         images,
     )
@@ -166,7 +201,7 @@ def client_groups(
     field_name = config.data.vqa.client_field if config.data.vqa else None
     if field_name is None:
         return partition_indices(labels, config.partition, seed=derive_seed(config.seed, "partition")), None
-    values = [v if v is not None else "(none)" for v in data.train[field_name]]
+    values = [v if v is not None else NO_VALUE for v in data.train[field_name]]
     names = sorted(set(values))
     if len(names) != config.partition.num_clients:
         raise ConfigError(
@@ -254,8 +289,11 @@ def build_vqa_experiment(config: RunConfig, client_ids: Collection[int] | None =
     cache = FeatureCache(config.backbone.feature_cache_dir)
     table = encode_images(model, distinct, cache, config.runtime.eval_batch_size)
     images = {model.image_input.key: table}
-    train_data = question_data(model, train, train_labels[needed], image_rows, images)
-    test_data = question_data(model, data.test, data.labels(data.test), image_rows, images)
+    types = sorted({t for t in data.train["question_type"] if t is not None})
+    field_name = config.data.vqa.client_field if config.data.vqa else None
+    groups = QuestionGroups(types, field_name, names)
+    train_data = question_data(model, train, train_labels[needed], image_rows, images, groups)
+    test_data = question_data(model, data.test, data.labels(data.test), image_rows, images, groups)
     eval_sets = {
         name: EvalSet(test_data.subset(rows), list(data.answers))
         for name, rows in evaluation_subsets(data).items()
@@ -283,6 +321,7 @@ def build_vqa_experiment(config: RunConfig, client_ids: Collection[int] | None =
         **backbone_notes(config.backbone),
         "majority_baseline": majority_baselines(data),
         "data_rows": {"train": len(data.train), "test": len(data.test), "skipped": len(data.bad_rows)},
+        "question_types": types,
     }
     if names is not None:
         notes["clients"] = {str(cid): name for cid, name in enumerate(names)}
