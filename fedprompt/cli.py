@@ -226,21 +226,17 @@ def serve(
 
 
 @app.command("demo-backbone")
+@user_errors
 def demo_backbone(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Cache folder (default: $FEDPROMPT_CACHE_DIR or ~/.cache/fedprompt).")
     ] = None,
 ) -> None:
     """Build (once) or show bundled:demo-clip, the small CLIP pre-trained offline for the demos."""
-    from fedprompt.data.loading import DataError
     from fedprompt.demo_backbone import demo_clip
 
     logging.getLogger("fedprompt.demo_backbone").setLevel(logging.INFO)
-    try:
-        demo = demo_clip(cache_dir=cache_dir)
-    except DataError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    demo = demo_clip(cache_dir=cache_dir)
     out = Console()
     out.print(demo.note)
     out.print(

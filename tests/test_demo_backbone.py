@@ -115,3 +115,18 @@ def test_bundled_model_config_fields():
         load_config({"backbone": {"kind": "open-clip", "model": "bundled:other"}})
     with pytest.raises(ValidationError, match="names a bundled model's own weights"):
         OpenCLIPBackboneConfig.model_validate({"model": "ViT-B-32", "pretrained": "bundled"})
+
+
+def test_demo_backbone_command_reports_the_cached_backbone(tiny_demo, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedprompt.cli import app
+
+    folder, _ = tiny_demo
+    monkeypatch.setattr(demo_backbone, "DEFAULT_RECIPE", TINY)
+    count = demo_backbone.build_count
+    result = CliRunner().invoke(app, ["demo-backbone", "--cache-dir", str(folder)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "is a DEMO backbone, not a real CLIP" in text and "cached:" in text
+    assert demo_backbone.build_count == count
