@@ -60,7 +60,8 @@ def run_methods(config: RunConfig, out_dir: Path, methods: Sequence[str] = tuple
                 "method": method,
                 "what": METHODS[method],
                 "rounds": cfg.federation.rounds,
-                "bytes up/client/round": summary.get("bytes_up_per_client_round"),
+                # local-only needs no traffic (its run sends prompts that nothing reads)
+                "bytes up/client/round": 0 if method == "local" else summary.get("bytes_up_per_client_round"),
                 "time s": round(time.perf_counter() - start, 1),
                 "run folder": run_dir.path.name,
             }
