@@ -378,8 +378,10 @@ _EXTRA_COLUMNS = (
     ("HM", "harmonic_mean"),
     ("closed acc", "closed_accuracy"),
     ("open acc", "open_accuracy"),
+    ("ε", "epsilon"),
 )
-"""Columns of base-to-novel and VQA runs, when their history has them: (header, history key)."""
+"""Columns of base-to-novel, VQA and differentially private runs (ε: the privacy spent so far), when
+their history has them: (header, history key)."""
 
 
 def _print_summary(result: RunResult) -> None:
@@ -407,6 +409,11 @@ def _print_summary(result: RunResult) -> None:
         out.print(
             f"bytes up per client per round: {s['bytes_up_per_client_round']:.0f} "
             f"({s['bytes_up_over_backbone']:.2e} of the backbone's {s['backbone_bytes']:,} bytes)"
+        )
+    if s.get("privacy") is not None:
+        out.print(
+            f"privacy ({s['privacy']}): ε = {s['final_epsilon']:.3f} at δ = {s['delta']:g}; noise multiplier "
+            f"{s['noise_multiplier']:.4g}, sampling {s['sampling']}, rate {s['sampling_rate']:.4g}"
         )
     if "majority_baseline" in s:
         _print_baselines(out, s)

@@ -1053,6 +1053,103 @@ class RobustnessConfig(StrictModel):
     )
 
 
+class AdaptiveClippingConfig(StrictModel):
+    """Adaptive clipping (Andrew et al. 2021): the clipping norm C follows a quantile of the
+    clients' update norms, C ← C·exp(−η·(b̃ − γ)), b̃ the share of updates within C estimated from a
+    noised count. Its noise takes part of the privacy budget (the noise split of the paper)."""
+
+    target_quantile: float = Field(
+        0.5, gt=0, lt=1, description="γ, the share of updates meant to lie within C."
+    )
+    learning_rate: float = Field(0.2, gt=0, description="η, the step of the geometric update of C.")
+    count_stddev: float | None = Field(
+        None,
+        gt=0,
+        description="σ_b, the standard deviation of the noise on the count of updates within C; null: the "
+        "expected clients per round / 20 (the paper's choice). Must exceed noise_multiplier / 2.",
+    )
+
+
+class PrivacyConfig(StrictModel):
+    """Client-level differential privacy of the prompt updates (DP-FedAvg, McMahan et al. 2018).
+
+    central: the server (trusted) clips each client's delta to ``clip_norm``, averages the clipped
+    deltas with uniform weights over the expected number of clients K, and adds N(0, (σC/K)²) to
+    each coordinate; an RDP accountant (dp-accounting) reports ε at ``delta`` every round.
+    local: each client clips its own delta and adds N(0, σ²C²) before upload (no trusted server).
+    """
+
+    kind: Literal["none", "central", "local"] = "none"
+    clip_norm: float | None = Field(
+        None,
+        gt=0,
+        description="C, the L2 bound on each client's delta (the initial C with adaptive clipping).",
+    )
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="σ, the noise standard deviation in units of C (null: from target_epsilon)."
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="The ε at `delta` the whole run (federation.rounds) may spend: σ is computed from it, "
+        "or a given noise_multiplier too small for it is refused at start.",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee.")
+    sampling: Literal["poisson", "fixed"] = Field(
+        "poisson",
+        description="central: poisson samples each client independently with probability federation.fraction "
+        "(what DP-FedAvg's accountant assumes; a round may have any number of clients); fixed samples "
+        "federation.min_clients/fraction clients without replacement, accounted for replace-one neighbours.",
+    )
+    adaptive_clipping: AdaptiveClippingConfig | None = Field(
+        None, description="central only: let C track a quantile of the update norms."
+    )
+    server_lr: float = Field(1.0, gt=0, description="central only: η of the server step θ ← θ + η·v.")
+    server_momentum: float = Field(
+        0.0, ge=0, lt=1, description="central only: β of the server momentum v ← β·v + (noised mean delta)."
+    )
+    noise_seed: Literal["run", "secret"] = Field(
+        "run",
+        description="run: noise drawn from the run seed and round (bit-identical runs and resumes; whoever "
+        "knows the seed can subtract it); secret: from the operating system's entropy.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> PrivacyConfig:
+        given = [  # fields off their defaults (a dumped config sets every field)
+            name
+            for name, field in type(self).model_fields.items()
+            if name != "kind" and getattr(self, name) != field.get_default(call_default_factory=True)
+        ]
+        if self.kind == "none":
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} apply to a differentially private run; set kind: central or "
+                    "local, or remove them"
+                )
+            return self
+        if self.clip_norm is None:
+            raise ValueError(
+                f"kind {self.kind} needs clip_norm, the L2 bound C on each client's delta (about a typical "
+                "update norm; see update_norm in clients.jsonl of a non-private run)"
+            )
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError(
+                f"kind {self.kind} needs noise_multiplier (σ, in units of clip_norm) or target_epsilon "
+                "(the ε at delta the run may spend; σ is then computed)"
+            )
+        if self.kind == "local":
+            central = ("adaptive_clipping", "server_lr", "server_momentum", "sampling")
+            central_only = [name for name in central if name in given]
+            if central_only:
+                raise ValueError(
+                    f"{', '.join(central_only)} apply to kind central; local DP noises each upload on its "
+                    "client, so sampling gives no amplification against the server and any strategy is "
+                    "post-processing (e.g. strategy.kind fedadam for a server optimiser); remove them"
+                )
+        return self
+
+
 class PersonalizationConfig(StrictModel):
     """Personal prompts: a split prompt whose local part never leaves its client, and the
     fine-tune-after-federation baseline."""
@@ -1174,6 +1271,7 @@ class RunConfig(StrictModel):
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     vision: VisionConfig = Field(default_factory=VisionConfig)
@@ -1310,6 +1408,48 @@ class RunConfig(StrictModel):
                         "strategy.kind scaffold needs one learning rate and momentum for the whole prompt; "
                         "remove prompt.text_optimizer/visual_optimizer lr and momentum"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> RunConfig:
+        """Differential privacy holds only for what its accountant assumes: central DP replaces the
+        strategy's mean by DP-FedAvg's, and local DP protects the prompt tensors alone."""
+        privacy, strategy = self.privacy, self.strategy
+        if privacy.kind == "central":
+            if self.secure_aggregation.enabled:
+                raise ValueError(
+                    "privacy.kind central clips each client's update on the server, which secure aggregation "
+                    "hides from it; with secure_aggregation use privacy.kind local (clients clip and noise "
+                    "before masking), or disable one of the two"
+                )
+            if not isinstance(strategy, FedAvgConfig | FedProxConfig):
+                raise ValueError(
+                    f"privacy.kind central averages the clipped deltas with uniform weights and adds "
+                    f"noise (DP-FedAvg); strategy.kind {strategy.kind!r} would see each update unnoised. "
+                    "Use strategy.kind fedavg or fedprox (privacy.server_momentum/server_lr give a server "
+                    "optimiser)"
+                )
+            if privacy.sampling == "poisson" and self.federation.min_clients > 1:
+                raise ValueError(
+                    f"privacy.sampling poisson samples each client with probability federation.fraction, "
+                    f"so a round may have any number of clients, even none; federation.min_clients "
+                    f"({self.federation.min_clients}) cannot be enforced: set federation.min_clients: 1, or "
+                    "privacy.sampling: fixed"
+                )
+            if privacy.delta >= 1 / self.partition.num_clients:
+                raise ValueError(
+                    f"privacy.delta ({privacy.delta}) is not below 1 / partition.num_clients "
+                    f"({1 / self.partition.num_clients:.3g}): a guarantee with that δ allows revealing a "
+                    "whole client; lower privacy.delta"
+                )
+        unprotected = ReliabilityConfig | FedBPTConfig | FedKSeedConfig | ScaffoldConfig | FedNovaConfig
+        if privacy.kind == "local" and isinstance(strategy, unprotected):
+            raise ValueError(
+                f"privacy.kind local noises the prompt tensors only; strategy.kind {strategy.kind!r} also "
+                "uses what clients send beside them (validation accuracy, CMA-ES losses, seed-gradient "
+                "pairs, control variates, step counts), unprotected. Use "
+                "fedavg, fedprox, fedadam/fedyogi/fedadagrad, median, trimmed-mean or krum"
+            )
         return self
 
     @model_validator(mode="after")
@@ -1481,7 +1621,7 @@ def default_config_dict() -> dict[str, Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``dotted.key=value`` overrides; values are parsed as YAML (numbers, booleans, lists)."""
-    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    out = yaml.safe_load(yaml.safe_dump(raw, sort_keys=False))  # deep copy of plain data, order kept
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -1502,13 +1642,15 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return out
 
 
-def _format_errors(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError, root: type[BaseModel] | None = None) -> str:
+    """A pydantic error as ``invalid configuration: <field>: <problem>`` lines; an unknown field's
+    line lists the fields allowed there, found by walking ``root`` (default: RunConfig)."""
     lines = []
     for err in error.errors():
         where = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "is not a known field" + _allowed_fields_hint(err["loc"])
+            msg = "is not a known field" + _allowed_fields_hint(err["loc"], root or RunConfig)
         elif "input" in err and not isinstance(err["input"], dict | list):
             msg += f" (got {err['input']!r})"
         lines.append(f"{where or '<root>'}: {msg}")
@@ -1517,15 +1659,19 @@ def _format_errors(error: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def _allowed_fields_hint(loc: tuple[Any, ...]) -> str:
+def _allowed_fields_hint(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
     """Walk an error location through the models (and tagged unions) to list the allowed fields."""
-    model: type[BaseModel] = RunConfig
+    model = root
     parts = list(loc[:-1])
     while parts:
         field = model.model_fields.get(str(parts.pop(0)))
         if field is None:
             return ""
-        members = _models_in(field.annotation)
+        annotation = field.annotation
+        if getattr(annotation, "__origin__", None) is dict and parts:  # a mapping: the next part is a key
+            annotation = annotation.__args__[1]
+            parts.pop(0)
+        members = _models_in(annotation)
         if len(members) > 1 and parts:  # tagged union: the next location part is the tag
             tag = parts.pop(0)
             members = [m for m in members if tag in _models_in_kind(m)]
@@ -1550,7 +1696,7 @@ def validate_config(raw: Mapping[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(dict(raw))
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+        raise ConfigError(format_validation_error(exc)) from None
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

@@ -79,8 +79,10 @@ def build_experiment(config: RunConfig, client_ids: Collection[int] | None = Non
     The layer-dependent fields are checked from the model's configuration before anything loads.
     """
     from fedprompt.preflight import check_model_fields
+    from fedprompt.privacy import plan_privacy
 
     check_model_fields(config)
+    plan_privacy(config)  # a noise too small for the asked ε is refused before anything loads
     if config.backbone.kind in ("hf-text", "remote"):
         from fedprompt.text_task import build_text_experiment
 
@@ -99,9 +101,11 @@ def build_experiment(config: RunConfig, client_ids: Collection[int] | None = Non
 
 
 def attach_client_side(experiment: Experiment, config: RunConfig) -> Experiment:
-    """Give the experiment and its clients the client side of the strategy, the prompt split of
-    ``personalization`` and the fine-tuning baseline (the same for every task kind)."""
+    """Give the experiment and its clients the client side of the strategy (with local differential
+    privacy's noise around it), the prompt split of ``personalization`` and the fine-tuning
+    baseline (the same for every task kind)."""
     from fedprompt.config import ConfigError
+    from fedprompt.privacy import privacy_client_rule
     from fedprompt.strategies import build_client_rule
     from fedprompt.strategies.fedkseed import kseed_setup
 
@@ -110,7 +114,9 @@ def attach_client_side(experiment: Experiment, config: RunConfig) -> Experiment:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     experiment.split = split
-    rule = build_client_rule(config.strategy, kseed_setup(config), experiment.initial_state())
+    rule = privacy_client_rule(
+        build_client_rule(config.strategy, kseed_setup(config), experiment.initial_state()), config
+    )
     for client in experiment.clients.values():
         client.rule, client.split = rule, split
     steps = config.personalization.finetune_steps

@@ -12,6 +12,7 @@ from typing import Any
 from fedprompt.client_state import MemoryClientStates
 from fedprompt.config import RunConfig
 from fedprompt.experiment import Experiment
+from fedprompt.privacy import plan_privacy
 from fedprompt.results import (
     CLIENTS_FILE,
     CONFIG_HASH_KEY,
@@ -160,7 +161,9 @@ def client_rows(server: Server, record: RoundRecord) -> list[dict[str, Any]]:
 
 
 _MAIN_ACCURACIES = ("global_accuracy", "local_accuracy")
-_SUMMARIZED = re.compile(r"^harmonic_mean$|_accuracy$|_accuracy_(mean|worst)$|^epsilon$")
+_SUMMARIZED = re.compile(r"^harmonic_mean$|_accuracy$|_accuracy_(mean|worst)$|^epsilon$|^clip_norm$")
+_PRIVACY_SETTINGS = ("delta", "noise_multiplier", "sampling_rate")
+"""What a differentially private run's summary states beside ``final_epsilon``."""
 
 
 def summarize(result: RunResult) -> dict[str, Any]:
@@ -190,6 +193,10 @@ def summarize(result: RunResult) -> dict[str, Any]:
         )
         summary["bytes_up_over_backbone"] = up / result.backbone_bytes if result.backbone_bytes else None
         summary["total_bytes"] = sum(r["bytes_up"] + r["bytes_down"] for r in trained)
+    plan = plan_privacy(result.config)
+    if plan is not None:
+        summary.update({"privacy": plan.kind, "sampling": plan.sampling})
+        summary.update({key: trained[-1][key] for key in _PRIVACY_SETTINGS if trained and key in trained[-1]})
     return summary
 
 

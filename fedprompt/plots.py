@@ -4,7 +4,7 @@ bytes sent, and the privacy budget ε per round when a run has one."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedprompt.results import PLOT_FILE
@@ -16,9 +16,18 @@ _STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0
 """One line style per accuracy metric (global solid, local dashed, ...); one colour per run."""
 
 
-def plot_runs(runs: Sequence[RunRecord], out: Path) -> Path:
-    """Write the runs' curves to ``out`` (PNG): every accuracy metric a run recorded, per round and
-    against the cumulative bytes up and down; ε per round in a third panel when some run has it."""
+def plot_runs(
+    runs: Sequence[RunRecord],
+    out: Path,
+    curves: Sequence[tuple[str, str]] = ACCURACY_CURVES,
+    references: Mapping[str, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write the runs' curves to ``out`` (PNG): each accuracy metric of ``curves`` ((history key,
+    label) pairs; default: every one a run may record) that a run recorded, per round and against the
+    cumulative bytes up and down; ε per round in a third panel when some run has it. ``references``
+    draws each value as a labelled horizontal line on both accuracy panels (a floor, such as
+    zero-shot accuracy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,22 +42,28 @@ def plot_runs(runs: Sequence[RunRecord], out: Path) -> Path:
     for index, run in enumerate(runs):
         colour = colours[index % len(colours)]
         cumulative = run.cumulative_bytes()
-        for (key, name), style in zip(ACCURACY_CURVES, _STYLES, strict=True):
+        for number, (key, name) in enumerate(curves):
             rounds, values = run.curve(key)
             if not rounds:
                 continue
-            label = name if len(runs) == 1 else f"{run.label}: {name}"
+            style = _STYLES[number % len(_STYLES)]
+            label = run.label if len(curves) == 1 else name if len(runs) == 1 else f"{run.label}: {name}"
             per_round.plot(rounds, values, linestyle=style, marker=".", color=colour, label=label)
             per_byte.plot([cumulative[r] for r in rounds], values, linestyle=style, marker=".", color=colour)
         if private:
             rounds, values = run.curve("epsilon")
             if rounds:
                 axes[0][2].plot(rounds, values, marker=".", color=colour, label=run.label)
-    per_round.set(xlabel="round", ylabel="accuracy", title="accuracy per round")
+    for number, (name, value) in enumerate((references or {}).items()):
+        colour = colours[(len(runs) + number) % len(colours)]
+        for axis in (per_round, per_byte):
+            axis.axhline(value, color=colour, linestyle=":", label=name if axis is per_round else None)
+    metric = curves[0][1] if len(curves) == 1 else "accuracy"
+    per_round.set(xlabel="round", ylabel=metric, title=f"{metric} per round")
     per_byte.set(
         xlabel="bytes up + down, all clients, cumulative",
-        ylabel="accuracy",
-        title="accuracy against bytes sent",
+        ylabel=metric,
+        title=f"{metric} against bytes sent",
     )
     per_byte.xaxis.set_major_formatter(EngFormatter(unit="B"))
     per_round.legend(fontsize="small")
@@ -58,7 +73,7 @@ def plot_runs(runs: Sequence[RunRecord], out: Path) -> Path:
         axis.grid(alpha=0.3)
     for axis in (per_round, *axes[0][2:]):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.suptitle(runs[0].label if len(runs) == 1 else f"{len(runs)} runs")
+    figure.suptitle(title or (runs[0].label if len(runs) == 1 else f"{len(runs)} runs"))
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)

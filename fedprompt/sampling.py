@@ -26,3 +26,21 @@ def sample_clients(
         return ids
     rng = np.random.default_rng(derive_seed(run_seed, "sampling", round_num))
     return sorted(int(i) for i in rng.choice(ids, size=count, replace=False))
+
+
+def poisson_sample_clients(
+    client_ids: Sequence[int], rate: float, run_seed: int, round_num: int
+) -> list[int]:
+    """Each client independently with probability ``rate`` (Poisson sampling), sorted by id.
+
+    What DP-FedAvg's privacy accountant assumes: the round may have any number of clients, none
+    included. One uniform draw per client in id order, seeded by the run and the round only, so
+    every runtime samples the same clients.
+    """
+    if not 0 < rate <= 1:
+        raise ValueError(f"a Poisson sampling rate lies in (0, 1], got {rate}")
+    ids = sorted(client_ids)
+    if not ids:
+        raise ValueError("no clients to sample from")
+    draws = np.random.default_rng(derive_seed(run_seed, "poisson-sampling", round_num)).random(len(ids))
+    return [cid for cid, u in zip(ids, draws, strict=True) if u < rate]

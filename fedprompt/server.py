@@ -12,7 +12,7 @@ import torch
 
 from fedprompt.client_state import NEVER
 from fedprompt.payload import ByteCounter, PayloadError, PayloadSpec, decode_update, encode_state
-from fedprompt.sampling import sample_clients
+from fedprompt.sampling import poisson_sample_clients, sample_clients
 from fedprompt.seeding import derive_seed
 from fedprompt.state import State, Update, clone_state, pack
 from fedprompt.strategies.base import Strategy
@@ -59,6 +59,10 @@ class AggregationStage(Protocol):
     privacy accountant. It may change the aggregated state; it owns state it checkpoints."""
 
     name: str
+    runs_without_updates: bool
+    """Whether the stage also runs in a round without any accepted update (``aggregated`` is then the
+    previous global state), e.g. DP noise, which a round must release whatever clients it had. A
+    stage without this attribute does not; the round is then skipped."""
 
     def begin_round(self, server: Server, record: RoundRecord) -> None:
         """Before the round's updates arrive (e.g. set this round's clipping bound)."""
@@ -97,6 +101,7 @@ class Server:
         example_bounds: ExampleBounds | None = None,
         max_update_norm: float | None = None,
         stages: Sequence[AggregationStage] = (),
+        poisson_sampling: bool = False,
     ) -> None:
         self.global_state = clone_state(initial_state)
         self.strategy = strategy
@@ -111,6 +116,9 @@ class Server:
         self.max_update_norm = max_update_norm
         """The norm bound on each delta (robustness and DP share it); a stage may change it per round."""
         self.stages = list(stages)
+        self.poisson_sampling = poisson_sampling
+        """Sample each client with probability ``fraction`` (differential privacy's assumption) instead
+        of a fixed number of clients; a round may then have none."""
         self.bytes = ByteCounter()
         self.completed_rounds = 0
         self.accepted_rounds: dict[int, int] = {}
@@ -135,6 +143,8 @@ class Server:
         return PayloadSpec({**shapes, **extras}, self.wire_dtype, self.max_bytes)
 
     def sample(self, round_num: int) -> list[int]:
+        if self.poisson_sampling:
+            return poisson_sample_clients(self.client_ids, self.fraction, self.seed, round_num)
         return sample_clients(self.client_ids, self.fraction, self.min_clients, self.seed, round_num)
 
     def accepted_round(self, client_id: int) -> int:
@@ -204,11 +214,12 @@ class Server:
     def aggregate(self, record: RoundRecord) -> State:
         """Apply the strategy and the stages to the accepted updates.
 
-        With no accepted update, or when the strategy or a stage fails (an error, a non-finite
-        result), the round is skipped: the global state and every piece of server state stay as
-        they were, and the reason goes into ``record.aggregation_error``.
+        With no accepted update (unless a stage runs without updates: the stages then see the
+        previous global state as the aggregate), or when the strategy or a stage fails (an error, a
+        non-finite result), the round is skipped: the global state and every piece of server state
+        stay as they were, and the reason goes into ``record.aggregation_error``.
         """
-        if not record.accepted:
+        if not record.accepted and not any(getattr(s, "runs_without_updates", False) for s in self.stages):
             log.warning("round %d: no valid update arrived; the global prompt stays as it was", record.round)
             record.aggregation_error = "no valid update arrived"
         else:
@@ -231,8 +242,11 @@ class Server:
         return self.global_state
 
     def _aggregate(self, record: RoundRecord) -> State:
-        new_state = self.strategy.aggregate(self.global_state, record.accepted)
-        record.stage_metrics.update(self.strategy.report())
+        if record.accepted:
+            new_state = self.strategy.aggregate(self.global_state, record.accepted)
+            record.stage_metrics.update(self.strategy.report())
+        else:
+            new_state = clone_state(self.global_state)
         for stage in self.stages:
             new_state = stage.apply(self, record, self.global_state, new_state)
         _check_finite("aggregated global state", new_state)

@@ -15,6 +15,7 @@ from fedprompt.config import ConfigError, RunConfig
 from fedprompt.errors import NoClientTrainedError
 from fedprompt.experiment import Experiment
 from fedprompt.metrics import RunRecorder, client_rows, evaluate_round, round_metrics
+from fedprompt.privacy import privacy_stages
 from fedprompt.results import RunDirectory, RunResult
 from fedprompt.server import AggregationStage, RoundRecord, Server
 from fedprompt.update_pipeline import ExampleBounds
@@ -43,6 +44,7 @@ def make_server(experiment: Experiment, config: RunConfig, client_ids: Sequence[
         example_bounds=ExampleBounds(known, config.robustness.max_examples),
         max_update_norm=config.robustness.max_update_norm,
         stages=build_stages(config),
+        poisson_sampling=config.privacy.kind == "central" and config.privacy.sampling == "poisson",
     )
 
 
@@ -80,7 +82,7 @@ def run_in_process(
             for cid in record.sampled:
                 _fit_client(experiment, server, record, cid)
                 progress.advance(client_task)
-            if len(record.rejected) == len(record.sampled):
+            if record.sampled and len(record.rejected) == len(record.sampled):
                 raise NoClientTrainedError(
                     f"round {round_num}: every sampled client failed; first reason: "
                     f"{next(iter(record.rejected.values()))}"
@@ -119,9 +121,9 @@ def _fit_client(experiment: Experiment, server: Server, record: RoundRecord, cid
 
 
 def build_stages(config: RunConfig) -> list[AggregationStage]:
-    """The aggregation stages the configuration asks for (none yet: differential privacy adds its
-    noise and accountant here)."""
-    return []
+    """The aggregation stages the configuration asks for: differential privacy's noise and
+    accountant (``privacy``)."""
+    return privacy_stages(config)
 
 
 def _brief(row: dict[str, Any]) -> str:

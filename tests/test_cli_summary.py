@@ -23,3 +23,22 @@ def test_summary_shows_base_novel_and_harmonic_mean_only_when_evaluated(capsys, 
     _print_summary(_result([{"round": 0, "global_accuracy": 0.25}]))
     out = capsys.readouterr().out
     assert "global acc" in out and "0.2500" in out and "novel acc" not in out
+
+
+def test_summary_shows_epsilon_and_the_privacy_settings_of_a_private_run(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    rows = [{"round": 0, "global_accuracy": 0.25}, {"round": 1, "global_accuracy": 0.5, "epsilon": 1.2345}]
+    result = _result(rows)
+    result.summary = {
+        "privacy": "central",
+        "final_epsilon": 1.2345,
+        "delta": 1e-5,
+        "noise_multiplier": 1.1,
+        "sampling": "poisson",
+        "sampling_rate": 0.1,
+    }
+    _print_summary(result)
+    out = capsys.readouterr().out
+    assert "ε" in out and "1.2345" in out
+    line = "privacy (central): ε = 1.234 at δ = 1e-05; noise multiplier 1.1, sampling poisson, rate 0.1"
+    assert line in out

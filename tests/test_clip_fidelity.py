@@ -24,7 +24,7 @@ from fedprompt.data.images import clean_class_name, load_image_task
 from fedprompt.data.loading import DataError
 from fedprompt.experiment import build_experiment
 from fedprompt.seeding import derive_seed
-from fedprompt.training import FitInstructions, GradientTrainer
+from fedprompt.training import FitInstructions, GradientTrainer, LocalContext
 from optimizers.gradient import GradientOptimizer, GradientSettings
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
@@ -335,11 +335,12 @@ def test_contrast_covers_the_class_text_features_beside_a_pixel_patch(backbone):
         assert got.item() == pytest.approx(expected, rel=1e-5)
 
     global_state = model.prompt_state()
-    trainer.train(model, data, FitInstructions(round=1, seed=0))
+    first = LocalContext()
+    trainer.train(model, data, FitInstructions(round=1, seed=0), first)
     positive, negative = trainer._class_targets
     assert positive.shape == (4, 32) and torch.equal(positive, negative)  # first round: no previous prompt
     model.load_state_dict(global_state)
-    trainer.train(model, data, FitInstructions(round=2, seed=0))
+    trainer.train(model, data, FitInstructions(round=2, seed=0), LocalContext(carried=first.carry_out))
     positive, negative = trainer._class_targets
     model.load_state_dict(global_state)
     with torch.no_grad():
@@ -364,7 +365,7 @@ def test_random_patch_gives_the_same_update_whatever_ran_before(tiny_clip):
         instructions = FitInstructions(
             round=round_num, seed=derive_seed(0, "client-train", client, round_num)
         )
-        return experiment.clients[client].fit(initial, instructions).state
+        return experiment.clients[client].fit(initial, instructions).update.state
 
     alone = build_experiment(config)
     initial = alone.model.prompt_state()
@@ -439,7 +440,7 @@ def test_text_prompts_train_on_cached_views_and_visual_prompts_augment_on_the_fl
     assert not any(torch.equal(batch["pixels"][0], p) for p in train.tensors["pixels"])  # augmented
     assert "image_tokens" in vpt.test_data.tensors  # evaluation keeps the cached states
     state = vpt.model.prompt_state()
-    update = vpt.clients[0].fit(state, FitInstructions(round=1, seed=1))
+    update = vpt.clients[0].fit(state, FitInstructions(round=1, seed=1)).update
     assert not torch.equal(update.state["image.prompts"], state["image.prompts"])
     assert np.isfinite(update.metrics["train_loss"])
 

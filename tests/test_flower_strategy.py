@@ -39,7 +39,8 @@ from fedprompt.flower.records import (
 )
 from fedprompt.flower.site import ExperimentCache
 from fedprompt.payload import decode_state, encode_update
-from fedprompt.sampling import sample_clients
+from fedprompt.privacy import CentralPrivacy, PrivacyPlan
+from fedprompt.sampling import poisson_sample_clients, sample_clients
 from fedprompt.server import Server
 from fedprompt.state import Update
 from fedprompt.strategies import FedAvg
@@ -159,6 +160,30 @@ def test_a_sampled_partition_without_a_node_is_left_out_and_the_round_goes_on():
     strategy.aggregate_train(1, [update_reply(m, cid, 2.0, 1) for cid, m in messages.items()])
     assert "no SuperNode hosts partition" in strategy.last_record.rejected[sampled[0]]
     assert torch.equal(strategy.server.global_state["prompt"], torch.full((2, 3), 2.0))
+
+
+def test_a_poisson_round_without_clients_still_releases_dp_noise():
+    plan = PrivacyPlan("central", 1.0, 2.0, 1e-5, 3, 5, 1.5, poisson=True)
+    server = Server(
+        STATE,
+        FedAvg(),
+        range(5),
+        fraction=0.3,
+        min_clients=1,
+        seed=7,
+        wire_dtype="float32",
+        max_bytes=1 << 20,
+        stages=[CentralPrivacy(plan, 7, robustness_bound=None)],
+        poisson_sampling=True,
+    )
+    empty = next(r for r in range(1, 200) if not poisson_sample_clients(range(5), 0.3, 7, r))
+    strategy = make_strategy()
+    strategy.server = server
+    assert configured(strategy, empty) == {}
+    _, metrics = strategy.aggregate_train(empty, [])
+    assert metrics["epsilon"] == plan.epsilon(empty) and metrics["clients_sampled"] == 0
+    assert not torch.equal(server.global_state["prompt"], STATE["prompt"])  # noise, not a skipped round
+    assert strategy.last_record.aggregation_error is None
 
 
 def _claims(strategy: FedPromptStrategy, grid: InMemoryGrid, claims: dict[int, Any]) -> list[int]:

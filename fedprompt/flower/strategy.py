@@ -10,7 +10,8 @@ rejected updates.
 
 A client that fails (an error reply), sends a bad payload, or does not answer before the round
 timeout is logged and left out. The round is aggregated when at least ``federation.min_clients``
-valid updates arrived ("enough"); with fewer, :class:`NotEnoughClientsError` stops the run and
+valid updates arrived ("enough"; a Poisson-sampled round with no client at all is aggregated too,
+as differential privacy needs); with fewer, :class:`NotEnoughClientsError` stops the run and
 the checkpoint of the last complete round stays on disk.
 """
 
@@ -220,7 +221,8 @@ class FedPromptStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply's bytes with the Server, reject failures, aggregate when enough remain.
 
-        Raises NotEnoughClientsError when fewer than ``federation.min_clients`` updates are valid.
+        Raises NotEnoughClientsError when fewer than ``federation.min_clients`` updates (or than the
+        clients sampled, when fewer were) are valid.
         """
         if self._train is None or self._train[0].round != server_round:
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
@@ -239,7 +241,7 @@ class FedPromptStrategy(Strategy):
                 else:
                     self.server.receive(record, cid, data)
         self.last_record = record
-        if len(record.accepted) < self.server.min_clients:
+        if len(record.accepted) < min(self.server.min_clients, len(record.sampled)):
             raise NotEnoughClientsError(
                 f"round {server_round}: {len(record.accepted)} valid updates from {len(record.sampled)} "
                 f"sampled clients, fewer than federation.min_clients={self.server.min_clients}; "

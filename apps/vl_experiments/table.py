@@ -1,0 +1,130 @@
+"""The comparison table: each run's values read from its folder, their mean ± std over seeds, and the
+Markdown and CSV files; the mean curves over seeds that the plots draw."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedprompt.run_report import RunRecord, comparison_rows
+
+WALL_TIME = "wall_time_s"
+"""The summary.json key of a method's wall time in this process (loading, encoding, rounds)."""
+
+COLUMNS = (
+    ("base_accuracy", "base"),
+    ("novel_accuracy", "novel"),
+    ("harmonic_mean", "HM"),
+    ("local_accuracy_mean", "local (client mean)"),
+    ("bytes_up_per_client_round", "up B/client/round"),
+    ("bytes_down_per_client_round", "down B/client/round"),
+    (WALL_TIME, "wall s"),
+)
+"""The values of a run the table shows: (key, Markdown header)."""
+ACCURACIES = ("base_accuracy", "novel_accuracy", "harmonic_mean", "local_accuracy_mean")
+
+
+@dataclass(frozen=True)
+class RunValues:
+    """One method's run with one seed: where it is and the table's values (None: not measured)."""
+
+    method: str
+    base: str
+    seed: int
+    folder: Path
+    values: dict[str, float | None]
+
+
+def run_values(method: str, base: str, seed: int, run: RunRecord) -> RunValues:
+    """The table's values of a run from its metrics.jsonl and summary.json: the last base, novel,
+    HM and client-mean local accuracies, bytes up and down per client per round (the mean over the
+    trained rounds, as ``fedprompt report``; 0 for a run that trained no round), wall time."""
+    values: dict[str, float | None] = {}
+    for key in ACCURACIES:
+        curve = run.curve(key)[1]
+        values[key] = curve[-1] if curve else None
+    trained = any(row["round"] > 0 for row in run.history)
+    report = comparison_rows([run])[0]
+    values["bytes_up_per_client_round"] = report["up B/client/round"] if trained else 0.0
+    values["bytes_down_per_client_round"] = report["down B/client/round"] if trained else 0.0
+    values[WALL_TIME] = run.summary.get(WALL_TIME)
+    assert run.path is not None  # read from a folder
+    return RunValues(method, base, seed, run.path, values)
+
+
+def summary_rows(runs: Sequence[RunValues]) -> list[dict[str, Any]]:
+    """One row per method (in the order first met): its seeds and, per value, mean and sample
+    standard deviation over the seeds (std None with one seed)."""
+    methods = list(dict.fromkeys(run.method for run in runs))
+    rows = []
+    for method in methods:
+        mine = [run for run in runs if run.method == method]
+        row: dict[str, Any] = {
+            "method": method,
+            "base": mine[0].base,
+            "seeds": " ".join(str(r.seed) for r in mine),
+        }
+        for key, _ in COLUMNS:
+            numbers = [run.values[key] for run in mine if run.values[key] is not None]
+            row[f"{key}_mean"] = statistics.fmean(numbers) if numbers else None
+            row[f"{key}_std"] = statistics.stdev(numbers) if len(numbers) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def format_cell(key: str, mean: float | None, std: float | None) -> str:
+    """``mean ± std`` (or the mean alone): accuracies to 4 places, bytes whole, seconds to 1 place."""
+    if mean is None:
+        return ""
+    digits = 0 if key.startswith("bytes") else 1 if key == WALL_TIME else 4
+    text = f"{mean:.{digits}f}"
+    return text if std is None else f"{text} ± {std:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
+    """The comparison as a GitHub Markdown table, one line per method."""
+    headers = ["method", "seeds", *(header for _, header in COLUMNS)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    for row in rows:
+        cells = [titles.get(row["method"], row["method"]), str(len(row["seeds"].split()))]
+        cells += [format_cell(key, row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Rows as CSV, full precision, empty where a value is None."""
+    with path.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
+
+
+def per_run_rows(runs: Sequence[RunValues]) -> list[dict[str, Any]]:
+    """One row per method and seed: the values of that run and its folder."""
+    return [
+        {"method": run.method, "base": run.base, "seed": run.seed, **run.values, "folder": run.folder.name}
+        for run in runs
+    ]
+
+
+def mean_record(label: str, runs: Sequence[RunRecord]) -> RunRecord:
+    """A record whose rows are the mean over ``runs`` (one per seed) of every number that all of
+    them hold in a round that all of them reached (the curve a plot draws for a method)."""
+    by_round = [{row["round"]: row for row in run.history} for run in runs]
+    rounds = sorted(set.intersection(*(set(rows) for rows in by_round)))
+    history = []
+    for number in rounds:
+        rows = [rows[number] for rows in by_round]
+        keys = set.intersection(*(set(row) for row in rows)) - {"round"}
+        numeric = [k for k in sorted(keys) if all(_is_number(row[k]) for row in rows)]
+        history.append({"round": number, **{k: statistics.fmean(row[k] for row in rows) for k in numeric}})
+    return RunRecord(label, history)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
