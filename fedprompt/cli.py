@@ -225,6 +225,29 @@ def serve(
         raise typer.Exit(2) from None
 
 
+@app.command("demo-backbone")
+@user_errors
+def demo_backbone(
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Cache folder (default: $FEDPROMPT_CACHE_DIR or ~/.cache/fedprompt).")
+    ] = None,
+) -> None:
+    """Build (once) or show bundled:demo-clip, the small CLIP pre-trained offline for the demos."""
+    from fedprompt.demo_backbone import demo_clip
+
+    logging.getLogger("fedprompt.demo_backbone").setLevel(logging.INFO)
+    demo = demo_clip(cache_dir=cache_dir)
+    out = Console()
+    out.print(demo.note)
+    out.print(
+        f"{'built' if demo.built else 'cached'}: {demo.folder} (built in {demo.metadata['build_seconds']} s)"
+    )
+    table = Table(title="zero-shot accuracy on what pre-training never showed")
+    table.add_column("evaluation")
+    table.add_column("accuracy", justify="right")
+    for name, value in demo.metadata["zero_shot"].items():
+        table.add_row(name, f"{value:.4f}")
+    out.print(table)
 class ExportFormat(str, Enum):
     """Formats ``fedprompt export`` writes."""
 
@@ -349,16 +372,21 @@ def flower_site_worker(
         pass
 
 
-_BASE_NOVEL = (("base acc", "base_accuracy"), ("novel acc", "novel_accuracy"), ("HM", "harmonic_mean"))
-"""Columns of base-to-novel runs: (header, history key)."""
-_PRIVACY = (("ε", "epsilon"),)
-"""The column of differentially private runs: the privacy spent so far."""
+_EXTRA_COLUMNS = (
+    ("base acc", "base_accuracy"),
+    ("novel acc", "novel_accuracy"),
+    ("HM", "harmonic_mean"),
+    ("closed acc", "closed_accuracy"),
+    ("open acc", "open_accuracy"),
+    ("ε", "epsilon"),
+)
+"""Columns of base-to-novel, VQA and differentially private runs (ε: the privacy spent so far), when
+their history has them: (header, history key)."""
 
 
 def _print_summary(result: RunResult) -> None:
     table = Table(title=f"fedprompt run: {result.config.name}")
-    columns = (*_BASE_NOVEL, *_PRIVACY)
-    extra = [(header, key) for header, key in columns if any(key in row for row in result.history)]
+    extra = [(header, key) for header, key in _EXTRA_COLUMNS if any(key in row for row in result.history)]
     for column in ("round", "global acc", *(h for h, _ in extra), "local acc", "train loss", "clients ok"):
         table.add_column(column, justify="right")
     for column in ("bytes up/client", "time s"):
@@ -387,8 +415,24 @@ def _print_summary(result: RunResult) -> None:
             f"privacy ({s['privacy']}): ε = {s['final_epsilon']:.3f} at δ = {s['delta']:g}; noise multiplier "
             f"{s['noise_multiplier']:.4g}, sampling {s['sampling']}, rate {s['sampling_rate']:.4g}"
         )
+    if "majority_baseline" in s:
+        _print_baselines(out, s)
+    if "backbone" in s:
+        out.print(s["backbone"]["note"])
     if result.run_dir:
         out.print(f"results: {result.run_dir}")
+
+
+def _print_baselines(out: Console, summary: dict) -> None:
+    """Final accuracy overall and per question set beside the majority-answer baseline."""
+    table = Table(title="final accuracy vs the majority-answer baseline")
+    for column in ("questions", "accuracy", "majority baseline"):
+        table.add_column(column, justify="left" if column == "questions" else "right")
+    for name, baseline in summary["majority_baseline"].items():
+        key = "final_accuracy" if name == "global" else f"final_{name}_accuracy"
+        label = "all" if name == "global" else name.replace("type_", "type: ").replace("_", " ")
+        table.add_row(label, _fmt(summary.get(key)), _fmt(baseline))
+    out.print(table)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -20,7 +20,10 @@ from fedprompt.errors import UserError
 
 BUILTIN_DATASETS = ("chatterbot-corpus",)
 BUILTIN_IMAGE_DATASETS = ("digits",)
-CLIP_PROMPT_KINDS = ("coop", "vpt", "pixel", "twin", "generator")
+BUNDLED_CLIP_MODELS = ("demo-clip",)
+BUNDLED_WEIGHTS = "bundled"
+CLIP_PROMPT_KINDS = ("coop", "vpt", "pixel", "twin", "generator", "vqa-twin")
+VQA_FORMATS = ("vqa-rad", "slake", "pathvqa", "easy-vqa")
 DEFAULT_COOP_TOKENS = 16
 SPSA_PROMPT_KINDS = ("soft", "deep", "intrinsic")
 WireDtype = Literal["float32", "float16", "bfloat16"]
@@ -67,13 +70,15 @@ class OpenCLIPBackboneConfig(StrictModel):
     kind: Literal["open-clip"] = "open-clip"
     model: str = Field(
         "ViT-B-32",
-        description="An open_clip model name (open_clip.list_models()) or a path to an open_clip model "
-        "config .json file.",
+        description="An open_clip model name (open_clip.list_models()), a path to an open_clip model "
+        "config .json file, or 'bundled:demo-clip' (a small CLIP pre-trained offline on first use: "
+        "a demo backbone, not a real CLIP).",
     )
     pretrained: str | None = Field(
         "openai",
         description="An open_clip pretrained tag of `model` (openai, laion2b_s34b_b79k, ...), a local "
-        "checkpoint file (.safetensors/.bin/.pt), or null for seeded random weights (tests and timing).",
+        "checkpoint file (.safetensors/.bin/.pt), or null for seeded random weights (tests and timing); "
+        "'bundled' (the default with a bundled model) for the bundled model's own weights.",
     )
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     image_size: int | None = Field(None, ge=8, description="Override the model's input image size.")
@@ -82,6 +87,26 @@ class OpenCLIPBackboneConfig(StrictModel):
         description="Folder for cached image features (safetensors keyed by model, weights and data); "
         "null keeps them in memory only.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bundled_weights(cls, data: Any) -> Any:
+        """A bundled model brings its weights: ``pretrained`` defaults to 'bundled' for it (another
+        value is ignored with a warning when the model loads, as a builtin dataset's columns are)."""
+        if isinstance(data, dict) and str(data.get("model", "")).startswith("bundled:"):
+            alias = str(data["model"]).removeprefix("bundled:")
+            if alias not in BUNDLED_CLIP_MODELS:
+                raise ValueError(
+                    f"model: unknown bundled CLIP model {alias!r}; known: "
+                    f"{[f'bundled:{name}' for name in BUNDLED_CLIP_MODELS]}"
+                )
+            data = {**data, "pretrained": data.get("pretrained", BUNDLED_WEIGHTS)}
+        elif isinstance(data, dict) and data.get("pretrained") == BUNDLED_WEIGHTS:
+            raise ValueError(
+                "pretrained: 'bundled' names a bundled model's own weights; set model to one of "
+                f"{[f'bundled:{name}' for name in BUNDLED_CLIP_MODELS]} or give a tag or checkpoint file"
+            )
+        return data
 
 
 class RemoteBackboneConfig(StrictModel):
@@ -405,6 +430,47 @@ class GeneratorPromptConfig(StrictModel):
     init_std: float = Field(0.02, gt=0, description="Standard deviation of the initial queries.")
 
 
+class VQAPromptConfig(StrictModel):
+    """Prompted CLIP for visual question answering: a learned context before the question tokens, a
+    visual prompt on the image (or none), a joint query from the two, scored against every candidate
+    answer's text features (with a learned answer-side context, or a fixed template)."""
+
+    kind: Literal["vqa-twin"] = "vqa-twin"
+    question: CoOpPromptConfig = Field(
+        default_factory=lambda: CoOpPromptConfig(num_tokens=8),
+        description="Context vectors before the question tokens (shared, depth 1).",
+    )
+    answer: CoOpPromptConfig | None = Field(
+        default_factory=lambda: CoOpPromptConfig(num_tokens=4),
+        description="Learned context before each answer's tokens; null: `answer_template` text, fixed.",
+    )
+    answer_template: str = Field("{}", description="Fixed answer text when `answer` is null.")
+    visual: VisualPromptConfig | None = Field(
+        default_factory=lambda: VPTPromptConfig(num_tokens=4),
+        description="Visual prompt (vpt tokens or a pixel patch); null: frozen, cached image features.",
+    )
+    fusion: Literal["sum", "mlp"] = Field(
+        "mlp",
+        description="Joint query: sum = normalise(î + q̂); mlp = normalise(î + q̂ + MLP([î, q̂, î⊙q̂])), "
+        "the MLP's output layer zero at the start (it begins as the sum).",
+    )
+    fusion_hidden: int = Field(256, ge=1, description="Hidden width of the mlp fusion.")
+    text_optimizer: PartOptimizerConfig = Field(default_factory=PartOptimizerConfig)
+    visual_optimizer: PartOptimizerConfig = Field(default_factory=PartOptimizerConfig)
+    fusion_optimizer: PartOptimizerConfig = Field(default_factory=PartOptimizerConfig)
+
+    @model_validator(mode="after")
+    def _question_context_is_shared(self) -> VQAPromptConfig:
+        if self.question.class_specific or self.question.depth != 1:
+            raise ValueError(
+                "question: the question context is one shared set of input vectors; "
+                "set class_specific: false and depth: 1"
+            )
+        if self.answer is None and self.answer_template.count("{}") != 1:
+            raise ValueError(f"answer_template needs '{{}}' exactly once, got {self.answer_template!r}")
+        return self
+
+
 class IntrinsicPromptConfig(StrictModel):
     """Black-Box Tuning's intrinsic prompt: P = reshape(A z) + p0, only z (length ``dim``) trained.
 
@@ -431,6 +497,7 @@ PromptConfig = Annotated[
     | PixelPromptConfig
     | TwinPromptConfig
     | GeneratorPromptConfig
+    | VQAPromptConfig
     | IntrinsicPromptConfig,
     Field(discriminator="kind"),
 ]
@@ -439,15 +506,66 @@ PromptConfig = Annotated[
 # --------------------------------------------------------------------------- data
 
 
+class VQADataConfig(StrictModel):
+    """Visual question answering data (``data.source: vqa``): a public format read from local files
+    or the Hugging Face Hub, or the easy-vqa package's set (offline)."""
+
+    format: Literal["vqa-rad", "slake", "pathvqa", "easy-vqa"] = Field(
+        "easy-vqa",
+        description="vqa-rad: one json (image_name, question, answer, answer_type, image_organ) and an "
+        "image folder; slake: train/test json files (img_name, question, answer, answer_type, location, "
+        "modality, q_lang) and imgs/; pathvqa: <split>.jsonl/.csv/.parquet tables (image, question, "
+        "answer); easy-vqa: the easy-vqa package's shapes.",
+    )
+    path: Path | None = Field(None, description="Local folder of the dataset (vqa-rad: or its json file).")
+    hub: str | None = Field(
+        None, description="A Hugging Face dataset name with image, question and answer columns."
+    )
+    image_dir: Path | None = Field(
+        None, description="Folder the image names are relative to, if not the format's usual one."
+    )
+    language: str | None = Field("en", description="slake: keep questions in this q_lang (null: all).")
+    on_bad_row: Literal["skip", "error"] = Field(
+        "skip",
+        description="A row with no image, an empty question, or an answer that cannot be scored: skip it "
+        "(counted and logged with its file and row) or stop with an error naming them.",
+    )
+    client_field: str | None = Field(
+        None,
+        description="One client per value of this field (vqa-rad: organ; slake: organ, modality; easy-vqa: "
+        "question_type, shape, color); partition.num_clients must equal the number of values. "
+        "null: the partition section splits the questions.",
+    )
+    max_train_questions: int | None = Field(
+        None,
+        ge=1,
+        description="A seeded choice of this many training questions (made before rows are checked).",
+    )
+    max_test_questions: int | None = Field(
+        None, ge=1, description="A seeded choice of this many test questions (made before rows are checked)."
+    )
+
+    @model_validator(mode="after")
+    def _where_from(self) -> VQADataConfig:
+        if self.format == "easy-vqa" and (self.path or self.hub):
+            raise ValueError("format easy-vqa is read from the easy-vqa package; remove path and hub")
+        if self.format != "easy-vqa" and (self.path is None) == (self.hub is None):
+            raise ValueError(
+                f"format {self.format} needs exactly one of path (a local folder) and hub (a dataset name)"
+            )
+        return self
+
+
 class DataConfig(StrictModel):
     """Where the labelled examples come from and which columns hold text and label.
 
     ``source: datasets`` pools several image datasets (FedTPG's setting): each entry of
     ``datasets`` is a data section of its own (source, name, columns, splits, caps), and
-    ``novel_class_fraction`` applies to each of them.
+    ``novel_class_fraction`` applies to each of them. ``source: vqa`` reads visual question
+    answering data (the ``vqa`` section).
     """
 
-    source: Literal["builtin", "hub", "files", "image-folder", "datasets"] = "builtin"
+    source: Literal["builtin", "hub", "files", "image-folder", "datasets", "vqa"] = "builtin"
     name: str | None = Field(
         "chatterbot-corpus",
         description="builtin: one of "
@@ -459,8 +577,8 @@ class DataConfig(StrictModel):
     files: dict[str, str | list[str]] | None = Field(
         None, description="Split -> local .csv/.tsv/.json/.jsonl/.parquet file(s) (source: files)."
     )
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = Field("text", description="Column of the texts (builtin datasets name their own).")
+    label_column: str = Field("label", description="Column of the labels (builtin datasets name their own).")
     train_split: str = "train"
     test_split: str | None = Field("test", description="None: hold out `test_fraction` of train.")
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -469,13 +587,18 @@ class DataConfig(StrictModel):
     label_names: list[str] | None = Field(
         None, description="Class names in label order (overrides the data's)."
     )
-    image_column: str = Field("image", description="Column of the images (open-clip backbones).")
+    image_column: str = Field(
+        "image", description="Column of the images (open-clip backbones; builtin datasets name their own)."
+    )
     novel_class_fraction: float | None = Field(
         None,
         gt=0,
         lt=1,
         description="Base-to-novel evaluation (open-clip): this last share of the classes, in label order, "
         "is novel: kept out of training and reported as novel_accuracy beside base_accuracy (FedTPG: 0.5).",
+    )
+    vqa: VQADataConfig | None = Field(
+        None, description="source: vqa: the question answering data (its columns come from its format)."
     )
 
     datasets: list[DataConfig] | None = Field(
@@ -525,6 +648,12 @@ class DataConfig(StrictModel):
             raise ValueError("source: hub needs `name`, a dataset name or a local dataset folder")
         if self.source == "image-folder" and not self.name:
             raise ValueError("source: image-folder needs `name`, the folder with one subfolder per class")
+        if self.source == "vqa" and self.vqa is None:
+            raise ValueError("source: vqa needs a `vqa` section, e.g. {format: easy-vqa}")
+        if self.source != "vqa" and self.vqa is not None:
+            raise ValueError("the `vqa` section applies to source: vqa only")
+        if self.source == "vqa" and self.novel_class_fraction is not None:
+            raise ValueError("novel_class_fraction (base-to-novel) applies to image classification, not vqa")
         if self.source == "files" and (not self.files or self.train_split not in self.files):
             raise ValueError(
                 f"source: files needs `files` with a {self.train_split!r} entry, e.g. {{train: a.csv}}"
@@ -1349,8 +1478,13 @@ class RunConfig(StrictModel):
                 f"{list(BUILTIN_IMAGE_DATASETS)}, source: hub, or source: image-folder "
                 f"(got source {self.data.source!r}, name {self.data.name!r})"
             )
-        if not clip and (image_builtin or self.data.source == "image-folder"):
+        if not clip and (image_builtin or self.data.source in ("image-folder", "vqa")):
             raise ValueError("data: image datasets need backbone.kind: open-clip")
+        if (self.prompt.kind == "vqa-twin") != (self.data.source == "vqa"):
+            raise ValueError(
+                "prompt.kind vqa-twin answers questions and goes with data.source: vqa (and only it); "
+                f"got prompt.kind {self.prompt.kind!r} with data.source {self.data.source!r}"
+            )
         if not clip and self.data.novel_class_fraction is not None:
             raise ValueError(
                 "data.novel_class_fraction (base-to-novel evaluation) needs backbone.kind: open-clip"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,9 @@ class Experiment:
     label_names: list[str]
     eval_sets: dict[str, EvalSet] = field(default_factory=dict)
     """Reported as ``<name>_accuracy`` each evaluation; the model must have ``scoring(class_names)``."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Facts the run summary carries (plain JSON): e.g. that the backbone is a demo one and what it
+    was trained on, baselines to compare with, rows the data left out."""
     split: PromptSplit | None = None
     client_states: ClientStateStore = field(default_factory=MemoryClientStates)
     fine_tuning: FineTuning | None = None
@@ -83,6 +87,10 @@ def build_experiment(config: RunConfig, client_ids: Collection[int] | None = Non
         from fedprompt.text_task import build_text_experiment
 
         experiment = build_text_experiment(config, client_ids)
+    elif config.backbone.kind == "open-clip" and config.data.source == "vqa":
+        from fedprompt.vqa_task import build_vqa_experiment
+
+        experiment = build_vqa_experiment(config, client_ids)
     elif config.backbone.kind == "open-clip":
         from fedprompt.vision_task import build_vision_experiment
 

@@ -257,9 +257,16 @@ class RunRecorder:
             tensors, metadata = {**tensors, **client_tensors}, {**metadata, **client_metadata}
         return tensors, {**metadata, CONFIG_HASH_KEY: config_fingerprint(self.config)}
 
-    def finish(self, server: Server, backbone_bytes: int, label_names: Sequence[str] = ()) -> RunResult:
+    def finish(
+        self,
+        server: Server,
+        backbone_bytes: int,
+        label_names: Sequence[str] = (),
+        notes: dict[str, Any] | None = None,
+    ) -> RunResult:
         """The run's result, with the final prompt and summary written to the folder (the summary
-        names the classes in logit order, which an exported prompt's head needs)."""
+        names the classes in logit order, which an exported prompt's head needs, and carries the
+        experiment's ``notes``)."""
         result = RunResult(
             config=self.config,
             history=self.history,
@@ -271,6 +278,7 @@ class RunRecorder:
         result.summary = summarize(result)
         if label_names:
             result.summary["label_names"] = list(label_names)
+        result.summary.update(notes or {})
         if self.run_dir:
             self.run_dir.save_final(server.global_state)
             self.run_dir.write_summary(result.summary)

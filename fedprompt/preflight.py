@@ -24,6 +24,7 @@ from fedprompt.config import (
     RunConfig,
     TwinPromptConfig,
     VPTPromptConfig,
+    VQAPromptConfig,
 )
 
 if TYPE_CHECKING:
@@ -103,12 +104,13 @@ def check_model_fields(config: RunConfig) -> None:
             tokenizer = clip_tokenizer(backbone)
             if tokenizer is not None:
                 context_phrase(text, tokenizer, "prompt.text" if text is not prompt else "prompt")
-        visual = prompt.visual if isinstance(prompt, TwinPromptConfig) else prompt
+        nested = isinstance(prompt, TwinPromptConfig | VQAPromptConfig)
+        visual = prompt.visual if nested else prompt
         if isinstance(visual, VPTPromptConfig):
             total = vision_layer_count(backbone)
             if total is None:
                 return
-            field = "prompt.visual" if isinstance(prompt, TwinPromptConfig) else "prompt"
+            field = "prompt.visual" if nested else "prompt"
             layers = vpt_layers(visual, total, field)
             if isinstance(prompt, TwinPromptConfig) and prompt.coupled:
                 check_coupled_depth(visual.start_layer, layers, prompt.text.depth)
@@ -143,8 +145,11 @@ def vision_layer_count(config: OpenCLIPBackboneConfig) -> int | None:
     not readable here)."""
     import open_clip
 
+    from fedprompt.demo_backbone import DEMO_CLIP_ALIAS, DEMO_CLIP_MODEL
     from prompt_modules.clip_backbone import BackboneLoadError, register_model_config
 
+    if config.model == DEMO_CLIP_ALIAS:
+        return int(DEMO_CLIP_MODEL["vision_cfg"]["layers"])
     try:
         model_config = open_clip.get_model_config(register_model_config(config.model))
     except BackboneLoadError:

@@ -100,7 +100,7 @@ def run_in_process(
             recorder.record_round(row, clients, server)
             progress.advance(round_task)
             log.info("round %d: %s", round_num, _brief(row))
-    return recorder.finish(server, experiment.backbone_bytes, experiment.label_names)
+    return recorder.finish(server, experiment.backbone_bytes, experiment.label_names, experiment.notes)
 
 
 def _fit_client(experiment: Experiment, server: Server, record: RoundRecord, cid: int) -> None:

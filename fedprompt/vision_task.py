@@ -34,6 +34,7 @@ from fedprompt.config import (
 from fedprompt.contrastive import ContrastiveTrainer
 from fedprompt.data import DataError, partition_class_ranges, partition_indices, split_local
 from fedprompt.data.images import ImageTask, load_image_task
+from fedprompt.demo_backbone import backbone_notes, resolve_clip_weights
 from fedprompt.device import make_accelerator
 from fedprompt.experiment import EvalSet, Experiment
 from fedprompt.feature_cache import FeatureCache, image_fingerprint
@@ -52,10 +53,12 @@ from prompt_modules.visual_prompts import FrozenImage, PixelPrompt, VisualTokenP
 
 
 def load_clip_backbone(config: OpenCLIPBackboneConfig, seed: int) -> OpenCLIPBackbone:
-    """The frozen CLIP a run needs (seeded random weights when ``pretrained`` is null)."""
+    """The frozen CLIP a run needs (seeded random weights when ``pretrained`` is null; the demo
+    backbone's cached checkpoint, built on first use, for ``bundled:demo-clip``)."""
+    model, pretrained = resolve_clip_weights(config)
     return OpenCLIPBackbone.load(
-        config.model,
-        config.pretrained,
+        model,
+        pretrained,
         precision=config.precision,
         image_size=config.image_size,
         seed=derive_seed(seed, "random-backbone"),
@@ -98,9 +101,10 @@ def build_text_context(
     )
 
 
-def _visual_side(
+def build_visual_side(
     config: VPTPromptConfig | PixelPromptConfig, backbone: OpenCLIPBackbone, seed: int, field: str
 ) -> VisualTokenPrompt | PixelPrompt:
+    """A pixel prompt or VPT tokens (layers checked against the tower), seeded from the run seed."""
     if isinstance(config, PixelPromptConfig):
         try:
             return PixelPrompt(
@@ -136,7 +140,7 @@ def build_clip_model(
         text = build_text_context(prompt, backbone, class_names, seed, "prompt")
         return CLIPPromptClassifier(backbone, text, FrozenImage(), class_names)
     if isinstance(prompt, VPTPromptConfig | PixelPromptConfig):
-        image = _visual_side(prompt, backbone, seed, "prompt")
+        image = build_visual_side(prompt, backbone, seed, "prompt")
         return CLIPPromptClassifier(backbone, FixedClassText(prompt.class_template), image, class_names)
     if isinstance(prompt, GeneratorPromptConfig):
         generator = PromptGenerator(
@@ -172,7 +176,7 @@ def build_clip_model(
                     placement=prompt.visual.placement,
                 )
         else:
-            image = _visual_side(prompt.visual, backbone, seed, "prompt.visual")
+            image = build_visual_side(prompt.visual, backbone, seed, "prompt.visual")
         settings = {
             "text": _part_settings(prompt.text_optimizer),
             "image": _part_settings(prompt.visual_optimizer),
@@ -451,4 +455,5 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
         backbone_bytes=backbone.num_bytes(),
         label_names=list(task.class_names),
         eval_sets=_eval_sets(model, task, test, cache, batch),
+        notes=backbone_notes(config.backbone),
     )

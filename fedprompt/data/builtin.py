@@ -79,3 +79,7 @@ def _statements(conversations: Iterable[Any]) -> Iterator[str]:
 
 
 BUILTIN_LOADERS: dict[str, Callable[[int], datasets.Dataset]] = {"chatterbot-corpus": load_chatterbot_corpus}
+BUILTIN_COLUMNS: dict[str, dict[str, str]] = {
+    "chatterbot-corpus": {"text_column": "text", "label_column": "label"}
+}
+"""The columns each builtin text dataset has (the config's column fields are set to these)."""

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from fedprompt.config import DataConfig
-from fedprompt.data.loading import DataError, prepare_splits
+from fedprompt.data.loading import DataError, prepare_splits, with_builtin_columns
 from fedprompt.seeding import derive_seed
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -150,8 +150,8 @@ def _dataset_labels(entries: list[DataConfig]) -> list[str]:
     return labels
 
 
-def load_digits(seed: int) -> datasets.Dataset:
-    """scikit-learn's bundled digits as 8×8 greyscale images (0..16 scaled to 0..255)."""
+def digit_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: 8×8 uint8 images (0..16 scaled to 0..255) [1797, 8, 8] and labels."""
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ModuleNotFoundError as exc:
@@ -160,25 +160,37 @@ def load_digits(seed: int) -> datasets.Dataset:
         ) from exc
     bunch = sklearn_digits()
     pixels = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return pixels, bunch.target
+
+
+def load_digits(seed: int) -> datasets.Dataset:
+    """scikit-learn's bundled digits as 8×8 greyscale images (0..16 scaled to 0..255)."""
+    pixels, labels = digit_arrays()
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(DIGIT_NAMES))}
     )
     return datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": bunch.target.tolist()},
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": labels.tolist()},
         features=features,
     )
 
 
 IMAGE_BUILTINS: dict[str, Callable[[int], datasets.Dataset]] = {"digits": load_digits}
+IMAGE_BUILTIN_COLUMNS: dict[str, dict[str, str]] = {
+    "digits": {"image_column": "image", "label_column": "label"}
+}
+"""The columns each builtin image dataset has (the config's column fields are set to these)."""
 
 
 def load_image_classification(config: DataConfig, seed: int) -> ImageClassificationData:
     """Load the configured images, standardise them to ``image``/``label`` and split off a test set.
 
+    A builtin dataset's own columns replace the config's column fields (``with_builtin_columns``).
     As for text: labels become class indices (`config.label_names` order when given); without a
     test split a seeded stratified `test_fraction` of train is held out; then `max_per_class`
     (few-shot) and `max_test_examples` caps, both seeded. Raises DataError.
     """
+    config = with_builtin_columns(config, IMAGE_BUILTIN_COLUMNS)
     train, test, label_names = prepare_splits(_load_splits(config, seed), config, seed, _select_columns)
     return ImageClassificationData(train=train, test=test, label_names=clean_class_names(label_names))
 

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from fedprompt.config import DataConfig
-from fedprompt.data.builtin import load_builtin
+from fedprompt.data.builtin import BUILTIN_COLUMNS, load_builtin
 from fedprompt.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -55,10 +55,30 @@ def load_text_classification(config: DataConfig, seed: int) -> TextClassificatio
     integer labels keep their values. Without a test split (`test_split` None, absent from the data,
     or the train split itself) a seeded stratified `test_fraction` of train becomes the test set.
     Then `max_per_class` caps train per class and `max_test_examples` caps test, both seeded.
+    A builtin dataset's own columns replace the config's column fields (``with_builtin_columns``).
     Raises DataError.
     """
+    config = with_builtin_columns(config, BUILTIN_COLUMNS)
     train, test, label_names = prepare_splits(_load_splits(config, seed), config, seed, _select_columns)
     return TextClassificationData(train=train, test=test, label_names=label_names)
+
+
+def with_builtin_columns(config: DataConfig, columns: dict[str, dict[str, str]]) -> DataConfig:
+    """A builtin dataset names its own columns: for ``source: builtin`` the config's column fields
+    are set to the builtin's (``columns``: builtin name -> {field: column}); a different value the
+    user gave (e.g. ``image_column: img`` kept from a CIFAR config) is ignored with a warning."""
+    if config.source != "builtin" or config.name not in columns:
+        return config
+    own = columns[config.name]
+    ignored = {name: getattr(config, name) for name, column in own.items() if getattr(config, name) != column}
+    if ignored:
+        logger.warning(
+            "builtin dataset %r has its own columns %s; ignoring %s",
+            config.name,
+            own,
+            ", ".join(f"data.{name}={value!r}" for name, value in ignored.items()),
+        )
+    return config.model_copy(update=own)
 
 
 def prepare_splits(

@@ -108,7 +108,7 @@ def run_server(
         row["time_s"] = time.perf_counter() - start
         recorder.record_round(row, clients, server)
         log.info("round %d: %s", round_num, row)
-    return recorder.finish(server, experiment.backbone_bytes, experiment.label_names)
+    return recorder.finish(server, experiment.backbone_bytes, experiment.label_names, experiment.notes)
 
 
 def _evaluate(
