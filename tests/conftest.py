@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread here and in every process a test starts (Flower's apps, site workers, the
+# service): on a busy 2-core machine two OpenMP threads spin at every barrier of a small forward
+# pass and run it several times slower; several test processes at once oversubscribe the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = Path(
     os.environ.get("FEDPROMPT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -121,11 +125,9 @@ def tiny_run_config(data_file: Path, **sections) -> dict:
     return config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_intra_op_thread():
-    """Small forward passes on a busy 2-core machine run many times faster on one intra-op thread
-    (two OpenMP threads spin at every barrier when the cores are shared); restored afterwards.
-    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``."""
+    """Every test runs torch on one intra-op thread (see OMP_NUM_THREADS above); restored afterwards."""
     import torch
 
     previous = torch.get_num_threads()

@@ -18,7 +18,6 @@ from conftest import shared_dataset, tiny_run_config, write_keyword_dataset
 TOKEN = "simulation-token-0123456789"
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ from fedprompt.data.loading import DataError
 
 from conftest import tiny_run_config, write_keyword_dataset
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 
 @pytest.fixture(scope="module")
 def keyword_file(tmp_path_factory):

@@ -19,8 +19,6 @@ from prompt_modules.text_classifier import LAYER_INPUT, TextPromptClassifier, Ve
 
 from conftest import TINY_BERT, TINY_GPT2, TINY_LLAMA, tiny_backbone, tiny_run_config, write_keyword_dataset
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 TINY_LLAMA_GQA = {**TINY_LLAMA, "num_attention_heads": 4, "num_key_value_heads": 2}
 TEXTS = ["the cat sat on the mat", "a", "stocks fell sharply after the report on rates"]
 FAMILIES = {"bert": TINY_BERT, "gpt2": TINY_GPT2, "llama": TINY_LLAMA_GQA}

@@ -16,8 +16,6 @@ from fedprompt.config import ConfigError, OpenCLIPBackboneConfig, load_config
 from fedprompt.demo_backbone import DemoClipRecipe, demo_clip
 from fedprompt.vision_task import load_clip_backbone
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 TINY_MODEL = {
     "embed_dim": 32,
     "vision_cfg": {

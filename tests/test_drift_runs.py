@@ -25,8 +25,6 @@ from fedprompt.flower.site_worker import SiteWorker
 
 from conftest import tiny_run_config, write_keyword_dataset
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 SIMILARITY = {"kind": "similarity", "template": "{text}", "description_template": "{label}"}
 SKEWED = {"kind": "dirichlet", "alpha": 0.5, "min_partition_size": 10}
 SGD = {"algorithm": "sgd", "lr": 0.1, "momentum": 0.9}

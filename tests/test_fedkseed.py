@@ -37,8 +37,6 @@ from prompt_modules.text_classifier import TextPromptClassifier, VerbalizerHead
 
 from conftest import TINY_BERT, tiny_backbone, tiny_run_config, write_keyword_dataset
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 TEXTS = ["apple river", "car", "banana train plane", "forest", "cherry", "mountain of car", "the apple"]
 SETUP = KSeedSetup(pool_seed=7, num_seeds=4096, steps=6, lr=0.05, epsilon=1e-2, max_projected_grad=1000.0)
 SPSA = {"kind": "spsa", "lr": 0.1, "epsilon": 0.01, "budget": 2 * 16 * 100, "batch_size": 16}

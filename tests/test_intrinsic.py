@@ -20,7 +20,6 @@ TEXTS = ["a fine film", "awful", "what a movie it was", "the plot"]
 SPEC = ProjectionSpec(seed=11, dim=40, num_tokens=3, scale=1.0)
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _classifier(backbone, head_kind: str = "verbalizer", chunk_size: int = 2, spec: ProjectionSpec = SPEC):

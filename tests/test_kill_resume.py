@@ -18,8 +18,6 @@ import fedprompt
 
 from conftest import tiny_run_config, write_keyword_dataset
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 KILLER = textwrap.dedent(
     """
     import json, os, signal, sys

@@ -16,8 +16,6 @@ from apps.medvqa.methods import method_configs
 from fedprompt.config import ConfigError, load_config
 from fedprompt.demo_backbone import DEFAULT_RECIPE, demo_clip
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 TINY_DEMO = replace(
     DEFAULT_RECIPE,
     epochs=6,

@@ -30,7 +30,6 @@ from prompt_modules.text_classifier import (
 from conftest import KEYWORDS, TINY_BERT, TINY_LLAMA, tiny_backbone, tiny_run_config, write_keyword_dataset
 
 peft = pytest.importorskip("peft")
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 TOLERANCE = 1e-5
 TEXTS = ["apple", "the river of mountain forest", "car train", "a cherry banana plane", "of the forest"]

@@ -34,8 +34,6 @@ from optimizers.base import OptimizationStats
 
 from conftest import tiny_run_config, write_keyword_dataset
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 GLOBAL = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.5], [-0.5]])}
 SEED = 7
 

@@ -25,8 +25,6 @@ from prompt_modules.clip_classifier import CLIPPromptClassifier
 from prompt_modules.clip_text_context import FixedClassText
 from prompt_modules.visual_prompts import FrozenImage
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METHODS = list(METHOD_SETTINGS)

@@ -12,8 +12,6 @@ import fedprompt
 from fedprompt.config import ConfigError, load_config
 from fedprompt.experiment import build_experiment
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 
 @pytest.fixture(scope="module")
 def slake_set(tmp_path_factory):

@@ -14,8 +14,6 @@ from prompt_modules.clip_text_context import FixedClassText, TextContext
 from prompt_modules.clip_vqa import MASKED, CLIPVQAModel, JointQuery, QuestionContext, context_start
 from prompt_modules.visual_prompts import FrozenImage, VisualTokenPrompt, vpt_init
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 ANSWERS = ["blue", "green", "no", "red", "yes"]
 
 

@@ -27,8 +27,6 @@ from prompt_modules.text_classifier import TextPromptClassifier, VerbalizerHead
 
 from conftest import TINY_BERT, tiny_backbone, tiny_run_config, write_keyword_dataset
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 TEXTS = ["apple river", "car", "banana train plane", "forest", "cherry", "mountain of car", "the apple"]
 
 
