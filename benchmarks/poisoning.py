@@ -13,6 +13,7 @@ and its ratio to the clean FedAvg run. The attacks are in this script (wrapped c
 in fedprompt. Reads SST-2 from ../shared/data/sst2 (or --data-dir).
 
     python benchmarks/poisoning.py [--train-examples 2000] [--rounds 4] [--rules fedavg,median]
+                                   [--bounds both|none|bound]
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--bound", type=float, default=1.0, help="the norm bound of the bounded runs")
+    parser.add_argument(
+        "--bounds", choices=["both", "none", "bound"], default="both", help="which runs of each rule"
+    )
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--seed", type=int, default=0)
@@ -141,7 +145,8 @@ def main() -> None:
     attacks = args.attacks.split(",")
     rows = []
     for rule in rules:
-        for bound in (None, args.bound):
+        bounds = {"both": (None, args.bound), "none": (None,), "bound": (args.bound,)}[args.bounds]
+        for bound in bounds:
             accuracies = {kind: run(files, args, RULES[rule], bound, kind) for kind in attacks}
             rows.append((rule, bound, accuracies))
             shown = "  ".join(f"{k} {a:.4f} ({a / clean:.3f}x)" for k, a in accuracies.items())
