@@ -240,6 +240,12 @@ def test_fedavg_server_lr_steps_along_the_average():
     assert_values(out["p"], [2, 1])  # [1, 1] + 0.5·([3, 1] − [1, 1])
     assert s.state_dict() == {}
 
+    uniform = build_strategy(FedAvgConfig(server_lr=0.5, weighting="uniform"))
+    out = uniform.aggregate({"p": t(1, 1)}, [upd(0, 1, [2, 3]), upd(1, 3, [4, -1])])
+    assert_values(out["p"], [2, 1])  # counts ignored: [1, 1] + 0.5·([3, 1] − [1, 1])
+    out = s.aggregate({"p": t(1, 1)}, [upd(0, 1, [2, 3]), upd(1, 3, [4, -1])])
+    assert_values(out["p"], [2.25, 0.5])  # by examples: [1, 1] + 0.5·([3.5, 0] − [1, 1])
+
 
 def test_fedavgm_state_round_trips():
     s = FedAvgM(server_lr=1.0, momentum=0.9)

@@ -63,6 +63,10 @@ def secure_config(data, **sections):
             },
             "strategy.kind fedbpt needs each client's CMA-ES search state",
         ),
+        (
+            {"strategy": {"kind": "scaffold"}, "optimizer": {"algorithm": "sgd"}},
+            "strategy.kind scaffold needs each client's control-variate update",
+        ),
         ({"robustness": {"max_update_norm": 1.0}}, "max_update_norm is a bound the server enforces on each"),
         ({"secure_aggregation": {"threshold": 1}}, "greater than or equal to 2"),
         ({"secure_aggregation": {"threshold": 4}}, r"threshold 4 must lie in 2\.\.3"),
@@ -84,6 +88,12 @@ def test_secure_aggregation_refuses_what_needs_single_updates(tmp_path, sections
         config[name] = values if "kind" in values else {**config.get(name, {}), **values}
     with pytest.raises(ConfigError, match=message):
         load_config(config)
+
+
+def test_server_momentum_needs_only_the_mean_and_runs_under_secure_aggregation(tmp_path):
+    config = secure_config(write_dataset(tmp_path / "data.jsonl"))
+    config["strategy"] = {"kind": "fedavgm", "server_lr": 1.0, "momentum": 0.9}
+    assert load_config(config).strategy.kind == "fedavgm"
 
 
 def test_clients_per_round_is_what_sampling_draws(tmp_path):

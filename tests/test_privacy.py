@@ -391,6 +391,18 @@ _CENTRAL = [
             ],
             "strategy.kind 'reliability' also uses what clients send",
         ),
+        (
+            [*_CENTRAL, "secure_aggregation.enabled=true"],
+            "clips each client's update on the server, which secure aggregation hides",
+        ),
+        (
+            [*_CENTRAL[1:3], "privacy.kind=local", "strategy.kind=scaffold", "optimizer.algorithm=sgd"],
+            "strategy.kind 'scaffold' also uses what clients send",
+        ),
+        (
+            [*_CENTRAL[1:3], "privacy.kind=local", "strategy.kind=fednova"],
+            "strategy.kind 'fednova' also uses what clients send",
+        ),
         ([*_CENTRAL, "privacy.sampling=sometimes"], "privacy.sampling"),
         ([*_CENTRAL, "privacy.clip_norm=0"], "privacy.clip_norm"),
     ],
