@@ -12,6 +12,7 @@ from torch import nn
 
 from prompt_modules.base import Batch, PromptModule
 from prompt_modules.clip_backbone import OpenCLIPBackbone
+from prompt_modules.clip_parts import FeatureMemo, checked_part_settings, part_param_groups
 from prompt_modules.visual_prompts import ImageInput
 
 PARTS = ("text", "image")
@@ -43,14 +44,11 @@ class CLIPPromptClassifier(PromptModule):
         super().__init__(backbone)
         if not class_names:
             raise ValueError("a CLIP classifier needs at least one class name")
-        unknown = sorted(set(part_settings or {}) - set(PARTS))
-        if unknown:
-            raise ValueError(f"part_settings has unknown parts {unknown}; the parts are {list(PARTS)}")
+        self._part_settings = checked_part_settings(part_settings, PARTS)
         self.text = text
         self.image = image
         self._classes = tuple(class_names)
-        self._part_settings = {part: dict(values) for part, values in (part_settings or {}).items()}
-        self._memo: tuple[Any, torch.Tensor] | None = None
+        self._memo = FeatureMemo()
 
     @property
     def num_classes(self) -> int:
@@ -88,11 +86,10 @@ class CLIPPromptClassifier(PromptModule):
             str(self.backbone.device),
             tuple((id(p), p._version) for p in self.parameters()),
         )
-        if not torch.is_grad_enabled() and self._memo is not None and self._memo[0] == key:
-            return self._memo[1]
-        features = F.normalize(self.text.class_features(self.backbone, self._classes, full_length), dim=-1)
-        self._memo = (key, features) if not torch.is_grad_enabled() else None
-        return features
+        return self._memo.get(
+            key,
+            lambda: F.normalize(self.text.class_features(self.backbone, self._classes, full_length), dim=-1),
+        )
 
     def image_features(self, batch: Batch) -> torch.Tensor:
         """Normalised image features [B, D] of a batch (from its cached input or its pixels)."""
@@ -119,9 +116,4 @@ class CLIPPromptClassifier(PromptModule):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """One optimiser parameter group per side that has trainable parameters, with its settings."""
-        groups = []
-        for part in PARTS:
-            params = [p for p in getattr(self, part).parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, **self._part_settings.get(part, {})})
-        return groups
+        return part_param_groups({"text": (self.text,), "image": (self.image,)}, self._part_settings)

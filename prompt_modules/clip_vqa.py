@@ -28,6 +28,7 @@ from torch import nn
 
 from prompt_modules.base import Batch, PromptModule
 from prompt_modules.clip_backbone import OpenCLIPBackbone, constant_tensors
+from prompt_modules.clip_parts import FeatureMemo, checked_part_settings, part_param_groups
 from prompt_modules.visual_prompts import ImageInput
 
 MASKED = -1.0e4
@@ -136,9 +137,7 @@ class CLIPVQAModel(PromptModule):
         unknown = sorted((set(closed_answers) | set(open_answers)) - set(answers))
         if unknown:
             raise ValueError(f"candidate answers {unknown} are not among the answers")
-        unknown = sorted(set(part_settings or {}) - set(PARTS))
-        if unknown:
-            raise ValueError(f"part_settings has unknown parts {unknown}; the parts are {list(PARTS)}")
+        self._part_settings = checked_part_settings(part_settings, PARTS)
         self.question = question
         self.answer = answer
         self.image = image
@@ -147,8 +146,7 @@ class CLIPVQAModel(PromptModule):
         self.register_buffer("closed_candidates", _members(answers, closed_answers), persistent=False)
         self.register_buffer("open_candidates", _members(answers, open_answers), persistent=False)
         self._start = context_start(backbone)
-        self._part_settings = {part: dict(values) for part, values in (part_settings or {}).items()}
-        self._memo: tuple[Any, torch.Tensor] | None = None
+        self._memo = FeatureMemo()
 
     @property
     def num_classes(self) -> int:
@@ -183,11 +181,9 @@ class CLIPVQAModel(PromptModule):
         """Normalised text features [A, D] of the answers (reused while the prompt is unchanged and
         no gradient is taken)."""
         key = (str(self.backbone.device), tuple((id(p), p._version) for p in self.answer.parameters()))
-        if not torch.is_grad_enabled() and self._memo is not None and self._memo[0] == key:
-            return self._memo[1]
-        features = F.normalize(self.answer.class_features(self.backbone, self._answers), dim=-1)
-        self._memo = (key, features) if not torch.is_grad_enabled() else None
-        return features
+        return self._memo.get(
+            key, lambda: F.normalize(self.answer.class_features(self.backbone, self._answers), dim=-1)
+        )
 
     def query(self, batch: Batch) -> torch.Tensor:
         """The joint queries f(i, q) [B, D] of a batch."""
@@ -210,12 +206,7 @@ class CLIPVQAModel(PromptModule):
     def param_groups(self) -> list[dict[str, Any]]:
         """One optimiser parameter group per part with trainable parameters, with its settings."""
         members = {"text": (self.question, self.answer), "image": (self.image,), "fusion": (self.fusion,)}
-        groups = []
-        for part, modules in members.items():
-            params = [p for module in modules for p in module.parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, **self._part_settings.get(part, {})})
-        return groups
+        return part_param_groups(members, self._part_settings)
 
 
 def _members(answers: Sequence[str], chosen: Sequence[str]) -> torch.Tensor:
