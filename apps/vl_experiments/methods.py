@@ -16,6 +16,8 @@ ZERO_SHOT = "zero-shot"
 SECTIONS = ("prompt", "optimizer", "strategy", "vision")
 """The parts of a run that belong to a method; everything else is shared by all of them."""
 
+_COSINE_AFTER_WARMUP: dict[str, Any] = {"kind": "cosine", "warmup_rounds": 1, "warmup_lr": 1.0e-5}
+"""CoOp's and FedTPG's schedule: one round at 1e-5, then a cosine from lr down to 0 over the rest."""
 _TPFL_PROMPT: dict[str, Any] = {
     "kind": "twin",
     "text": {"kind": "coop", "num_tokens": 16, "init": "random"},
@@ -54,6 +56,7 @@ METHOD_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
             "momentum": 0.9,
             "epochs": 1,
             "batch_size": 32,
+            "schedule": _COSINE_AFTER_WARMUP,
         },
         "strategy": {"kind": "fedavg", "weighting": "uniform"},
         "vision": {"augment": {"views": 8, "crop_scale": [0.08, 1.0], "flip": True}},
@@ -101,6 +104,7 @@ METHOD_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
             "weight_decay": 0.00001,
             "epochs": 1,
             "batch_size": 32,
+            "schedule": _COSINE_AFTER_WARMUP,
         },
         "strategy": {"kind": "fedavg", "weighting": "uniform"},
         "vision": {"client_classes": "own"},
