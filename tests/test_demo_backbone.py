@@ -34,11 +34,13 @@ TINY = DemoClipRecipe(
     batch_size=32,
     lr=0.002,
     warmup_steps=5,
+    digit_image_fraction=0.5,
     max_digit_images=140,
     max_shape_images=64,
+    held_out_digits=("seven", "eight", "nine"),
     model=TINY_MODEL,
 )
-"""A test budget: a 1-layer CLIP, 140 digit and 64 easy-vqa images, 140 steps."""
+"""A test budget: a 1-layer CLIP, 140 digit and 64 easy-vqa images, 140 steps, three digits held out."""
 
 
 @pytest.fixture(scope="module")

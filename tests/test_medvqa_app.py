@@ -5,6 +5,7 @@ arithmetic and its majority-answer baselines checked by hand."""
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import replace
 
 import pytest
@@ -90,6 +91,10 @@ def test_every_method_and_baseline_scores_every_client(table):
     clients = (*SHAPES, "all clients", "mean over clients")
     assert set(rows) == {(m, c) for m in METHOD_NAMES for c in clients}
     assert "| personalised | circle |" in markdown and "## Runs" in markdown
+    runs = markdown.split("## Runs")[1].split("## Accuracy")[0].strip().splitlines()
+    seconds = runs[0].strip("| ").split(" | ").index("time s")
+    for line in runs[2:]:  # seconds to one decimal place, not four
+        assert re.fullmatch(r"\d+\.\d", line.strip("| ").split(" | ")[seconds]), line
     for method in METHOD_NAMES:
         per_client = [rows[method, shape] for shape in SHAPES]
         sizes = [int(r["questions"]) for r in per_client]

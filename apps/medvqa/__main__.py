@@ -49,7 +49,7 @@ def main(
     for column in report.rows[0]:
         table.add_column(column, justify="left" if column in ("method", "client") else "right")
     for row in report.rows:
-        table.add_row(*(format_cell(value) for value in row.values()))
+        table.add_row(*(format_cell(column, value) for column, value in row.items()))
     console.print(table)
     console.print(f"results: {report.markdown} and {report.csv}")
 

@@ -11,18 +11,22 @@ from fedprompt.files import write_text_atomically
 MARKDOWN_FILE, CSV_FILE = "results.md", "results.csv"
 
 
-def format_cell(value: object) -> str:
+SECONDS_SUFFIX = " s"
+"""A column whose title ends so holds seconds, written to one decimal place (accuracies to four)."""
+
+
+def format_cell(column: str, value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.1f}" if column.endswith(SECONDS_SUFFIX) else f"{value:.4f}"
     return str(value)
 
 
 def markdown_table(rows: Sequence[dict[str, object]]) -> str:
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(format_cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(c, row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
