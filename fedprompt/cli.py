@@ -248,6 +248,8 @@ def demo_backbone(
     for name, value in demo.metadata["zero_shot"].items():
         table.add_row(name, f"{value:.4f}")
     out.print(table)
+
+
 class ExportFormat(str, Enum):
     """Formats ``fedprompt export`` writes."""
 

@@ -978,6 +978,8 @@ class FedKSeedConfig(StrictModel):
         "round 0, from which every client replays the prompt (the paper's downlink: 4·K bytes whatever "
         "the prompt).",
     )
+
+
 # ---- drift correction for skewed data (SCAFFOLD, FedDyn, FedAvgM, FedNova)
 
 

@@ -66,9 +66,7 @@ class ContrastiveTrainer(GradientTrainer):
     ) -> OptimizationStats:
         context = context if context is not None else LocalContext()
         global_state = model.prompt_state()
-        previous = {
-            k.removeprefix(PREVIOUS): v for k, v in context.carried.items() if k.startswith(PREVIOUS)
-        }
+        previous = {k.removeprefix(PREVIOUS): v for k, v in context.carried.items() if k.startswith(PREVIOUS)}
         positive, positive_classes = self._features(model, data), self._class_features(model)
         negative, negative_classes = positive, positive_classes
         if previous:

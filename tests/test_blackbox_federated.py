@@ -18,8 +18,6 @@ from conftest import shared_dataset, tiny_run_config, write_keyword_dataset
 TOKEN = "simulation-token-0123456789"
 
 
-
-
 @pytest.fixture(scope="module")
 def keywords(tmp_path_factory) -> Path:
     return write_keyword_dataset(tmp_path_factory.mktemp("data") / "keywords.jsonl")

@@ -20,8 +20,6 @@ TEXTS = ["a fine film", "awful", "what a movie it was", "the plot"]
 SPEC = ProjectionSpec(seed=11, dim=40, num_tokens=3, scale=1.0)
 
 
-
-
 def _classifier(backbone, head_kind: str = "verbalizer", chunk_size: int = 2, spec: ProjectionSpec = SPEC):
     if head_kind == "similarity":
         head = SimilarityHeadSpec(descriptions=("It was bad.", "It was good."))

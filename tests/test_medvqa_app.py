@@ -147,4 +147,3 @@ def test_the_app_refuses_configs_it_cannot_report():
         method_configs(load_config({**base, "strategy": {"kind": "fedavg"}}), ["fedavg"])
     with pytest.raises(ConfigError, match=r"methods: \['fedprox'\]"):
         method_configs(load_config(base), ["fedprox"])
-
