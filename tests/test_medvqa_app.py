@@ -92,9 +92,11 @@ def test_every_method_and_baseline_scores_every_client(table):
     assert set(rows) == {(m, c) for m in METHOD_NAMES for c in clients}
     assert "| personalised | circle |" in markdown and "## Runs" in markdown
     runs = markdown.split("## Runs")[1].split("## Accuracy")[0].strip().splitlines()
-    seconds = runs[0].strip("| ").split(" | ").index("time s")
-    for line in runs[2:]:  # seconds to one decimal place, not four
-        assert re.fullmatch(r"\d+\.\d", line.strip("| ").split(" | ")[seconds]), line
+    titles = runs[0].strip("| ").split(" | ")
+    seconds, sent = titles.index("time s"), titles.index("bytes up/client/round")
+    for line in runs[2:]:  # seconds to one decimal place, bytes whole
+        cells = line.strip("| ").split(" | ")
+        assert re.fullmatch(r"\d+\.\d", cells[seconds]) and re.fullmatch(r"\d+", cells[sent]), line
     for method in METHOD_NAMES:
         per_client = [rows[method, shape] for shape in SHAPES]
         sizes = [int(r["questions"]) for r in per_client]

@@ -13,12 +13,16 @@ MARKDOWN_FILE, CSV_FILE = "results.md", "results.csv"
 
 SECONDS_SUFFIX = " s"
 """A column whose title ends so holds seconds, written to one decimal place (accuracies to four)."""
+BYTES_PREFIX = "bytes"
+"""A column whose title starts so holds bytes, written whole."""
 
 
 def format_cell(column: str, value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
+        if column.startswith(BYTES_PREFIX):
+            return f"{value:.0f}"
         return f"{value:.1f}" if column.endswith(SECONDS_SUFFIX) else f"{value:.4f}"
     return str(value)
 
