@@ -215,7 +215,7 @@ def base_config(task: Task, files: dict[str, str], args: argparse.Namespace, rou
     }
 
 
-def partition(split: str, clients: int) -> dict[str, Any]:
+def partition(split: str, clients: int, min_size: int = 2) -> dict[str, Any]:
     if split == "central":
         return {"kind": "iid", "num_clients": 1, "local_val_fraction": 0.0}
     if split == "iid":
@@ -226,7 +226,7 @@ def partition(split: str, clients: int) -> dict[str, Any]:
         "alpha": alpha,
         "num_clients": clients,
         "local_val_fraction": 0.0,
-        "min_partition_size": 2,
+        "min_partition_size": min_size,
     }
 
 
@@ -278,6 +278,12 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=None, help="subsample each training set")
     parser.add_argument("--test-examples", type=int, default=None, help="subsample each test set")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--min-partition-size",
+        type=int,
+        default=2,
+        help="fewest examples a Dirichlet client may hold (1 lets SST-2's two classes split 50 ways)",
+    )
     parser.add_argument("--tune", action="store_true", help="choose each setting from TRIALS first")
     parser.add_argument(
         "--settings", type=Path, default=None, help="the `chosen` settings of a --json report"
@@ -329,7 +335,7 @@ def main() -> None:
                 )
                 for name in methods:
                     cfg = merge(base_config(task, files, args, args.rounds), chosen[name])
-                    cfg["partition"] = partition(split, clients)
+                    cfg["partition"] = partition(split, clients, args.min_partition_size)
                     cfg["optimizer"]["batch_size"] = args.federated_batch_size or args.batch_size
                     curve, seconds = grow(cfg, args.rounds, limit, 0.98 * target, tmp / "runs")
                     budget = curve[: args.rounds + 1]
@@ -391,7 +397,9 @@ def tune(
             if name in SHARED_LR and "fedavg" in chosen:
                 trial = merge(trial, {"optimizer": {"lr": chosen["fedavg"]["optimizer"]["lr"]}})
             cfg = merge(base_config(task, files, args, args.rounds), trial)
-            cfg["partition"] = partition("central" if name == "central" else split, clients)
+            cfg["partition"] = partition(
+                "central" if name == "central" else split, clients, args.min_partition_size
+            )
             if name != "central":
                 cfg["optimizer"]["batch_size"] = args.federated_batch_size or args.batch_size
             try:
