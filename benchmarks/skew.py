@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import random
 import tempfile
@@ -248,6 +249,17 @@ def grow(
     return curve, time.perf_counter() - start
 
 
+def federated_rounds(args: argparse.Namespace, examples: int, clients: int) -> int:
+    """The federated budget in rounds: --rounds, or with --local-steps as many rounds of that many
+    steps as a client holding the mean share takes in --rounds rounds of --epochs epochs (the same
+    examples seen; a client with fewer examples than a batch sees fewer)."""
+    if args.local_steps is None:
+        return args.rounds
+    batch = args.federated_batch_size or args.batch_size
+    steps = args.rounds * args.epochs * math.ceil(examples / clients / batch)
+    return math.ceil(steps / args.local_steps)
+
+
 def rounds_to(curve: list[float], target: float) -> int | None:
     """The first round whose accuracy reaches ``target`` (None: never)."""
     return next((r for r, acc in enumerate(curve) if r > 0 and acc >= target), None)
@@ -273,6 +285,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--federated-batch-size", type=int, default=None, help="the federated runs' (default --batch-size)"
+    )
+    parser.add_argument(
+        "--local-steps",
+        type=int,
+        default=None,
+        help="federated clients take at most this many steps a round (optimizer.max_steps), in as many "
+        "more rounds as keep the examples seen: rounds x ceil(steps per epoch of a mean client / this)",
     )
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--train-examples", type=int, default=None, help="subsample each training set")
@@ -305,7 +324,6 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="skew-"))
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": [], "chosen": {}}
     lines = []
-    limit = args.rounds * max(1, args.more_rounds)
     for task_name in args.tasks.split(","):
         task = TASKS[task_name]
         train, test = task.read(args.data_dir, args.seed)
@@ -317,6 +335,8 @@ def main() -> None:
         }
         print(f"\n{task.name}: {len(train)} train, {len(test)} test", flush=True)
         for clients in (int(c) for c in args.clients.split(",")):
+            budget_rounds = federated_rounds(args, len(train), clients)
+            limit = budget_rounds * max(1, args.more_rounds)
             for split in args.partitions.split(","):
                 chosen = {m: DEFAULTS[m] for m in ["central", *methods]}
                 if loaded is not None:
@@ -337,8 +357,9 @@ def main() -> None:
                     cfg = merge(base_config(task, files, args, args.rounds), chosen[name])
                     cfg["partition"] = partition(split, clients, args.min_partition_size)
                     cfg["optimizer"]["batch_size"] = args.federated_batch_size or args.batch_size
-                    curve, seconds = grow(cfg, args.rounds, limit, 0.98 * target, tmp / "runs")
-                    budget = curve[: args.rounds + 1]
+                    cfg["optimizer"]["max_steps"] = args.local_steps
+                    curve, seconds = grow(cfg, budget_rounds, limit, 0.98 * target, tmp / "runs")
+                    budget = curve[: budget_rounds + 1]
                     row = {
                         "task": task.name,
                         "clients": clients,
@@ -365,8 +386,10 @@ def main() -> None:
                     print(line, json.dumps(chosen[name], separators=(",", ":")), flush=True)
                     if args.json:
                         args.json.write_text(json.dumps(report, indent=1))
+    steps = f" (federated: at most {args.local_steps} local steps a round)" if args.local_steps else ""
     print(
-        f"\nbudget {args.rounds} rounds x {args.epochs} epoch; 0.95x/0.98x: rounds to that share of central"
+        f"\nbudget {args.rounds} rounds x {args.epochs} epoch{steps}; 0.95x/0.98x: rounds to that share "
+        "of central"
     )
     print("\n".join(lines))
 
@@ -400,10 +423,14 @@ def tune(
             cfg["partition"] = partition(
                 "central" if name == "central" else split, clients, args.min_partition_size
             )
+            rounds = args.rounds
             if name != "central":
                 cfg["optimizer"]["batch_size"] = args.federated_batch_size or args.batch_size
+                cfg["optimizer"]["max_steps"] = args.local_steps
+                rounds = federated_rounds(args, len(rows) - cut, clients)
+                cfg["federation"]["rounds"] = rounds
             try:
-                curve, seconds = grow(cfg, args.rounds, args.rounds, 2.0, tmp / "runs")
+                curve, seconds = grow(cfg, rounds, rounds, 2.0, tmp / "runs")
             except RuntimeError as exc:  # every client diverged (a learning rate too large)
                 curve, seconds = [float("nan")], 0.0
                 print(f"  tune {task.name} {name}: {json.dumps(trial)} failed: {exc}", flush=True)
