@@ -23,6 +23,7 @@ setting then runs on the test set. --settings reuses the settings a --json repor
     python benchmarks/skew.py --clients 10,50 --partitions iid,dirichlet0.5,dirichlet0.1
     python benchmarks/skew.py --tasks trec --tune --json trec.json      # choose settings on TREC
     python benchmarks/skew.py --tasks agnews --settings trec.json       # and use them elsewhere
+    python benchmarks/skew.py --tasks trec --settings trec.json --local-steps 1  # average every step
 """
 
 from __future__ import annotations
@@ -249,6 +250,14 @@ def grow(
     return curve, time.perf_counter() - start
 
 
+def federate(config: dict[str, Any], split: str, clients: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``config`` as a federated run: its partition and the clients' batch size and step cap."""
+    config["partition"] = partition(split, clients, args.min_partition_size)
+    config["optimizer"]["batch_size"] = args.federated_batch_size or args.batch_size
+    config["optimizer"]["max_steps"] = args.local_steps
+    return config
+
+
 def federated_rounds(args: argparse.Namespace, examples: int, clients: int) -> int:
     """The federated budget in rounds: --rounds, or with --local-steps as many rounds of that many
     steps as a client holding the mean share takes in --rounds rounds of --epochs epochs (the same
@@ -354,10 +363,9 @@ def main() -> None:
                     {"task": task.name, "split": "central", "curve": central, "seconds": seconds}
                 )
                 for name in methods:
-                    cfg = merge(base_config(task, files, args, args.rounds), chosen[name])
-                    cfg["partition"] = partition(split, clients, args.min_partition_size)
-                    cfg["optimizer"]["batch_size"] = args.federated_batch_size or args.batch_size
-                    cfg["optimizer"]["max_steps"] = args.local_steps
+                    cfg = federate(
+                        merge(base_config(task, files, args, args.rounds), chosen[name]), split, clients, args
+                    )
                     curve, seconds = grow(cfg, budget_rounds, limit, 0.98 * target, tmp / "runs")
                     budget = curve[: budget_rounds + 1]
                     row = {
@@ -420,15 +428,12 @@ def tune(
             if name in SHARED_LR and "fedavg" in chosen:
                 trial = merge(trial, {"optimizer": {"lr": chosen["fedavg"]["optimizer"]["lr"]}})
             cfg = merge(base_config(task, files, args, args.rounds), trial)
-            cfg["partition"] = partition(
-                "central" if name == "central" else split, clients, args.min_partition_size
-            )
-            rounds = args.rounds
-            if name != "central":
-                cfg["optimizer"]["batch_size"] = args.federated_batch_size or args.batch_size
-                cfg["optimizer"]["max_steps"] = args.local_steps
+            if name == "central":
+                cfg["partition"] = partition("central", 1)
+                rounds = args.rounds
+            else:
+                cfg = federate(cfg, split, clients, args)
                 rounds = federated_rounds(args, len(rows) - cut, clients)
-                cfg["federation"]["rounds"] = rounds
             try:
                 curve, seconds = grow(cfg, rounds, rounds, 2.0, tmp / "runs")
             except RuntimeError as exc:  # every client diverged (a learning rate too large)
