@@ -222,9 +222,10 @@ def partition(split: str, clients: int, min_size: int = 2) -> dict[str, Any]:
         return {"kind": "iid", "num_clients": 1, "local_val_fraction": 0.0}
     if split == "iid":
         return {"kind": "iid", "num_clients": clients, "local_val_fraction": 0.0}
-    alpha = float(split.removeprefix("dirichlet"))
+    kind = "dirichlet_per_client" if split.startswith("dirichlet_per_client") else "dirichlet"
+    alpha = float(split.removeprefix(kind))
     return {
-        "kind": "dirichlet",
+        "kind": kind,
         "alpha": alpha,
         "num_clients": clients,
         "local_val_fraction": 0.0,
@@ -281,7 +282,12 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=DATA)
     parser.add_argument("--tasks", default="trec,agnews,sst2")
     parser.add_argument("--clients", default="10", help="comma-separated client counts")
-    parser.add_argument("--partitions", default="dirichlet0.5", help="iid, dirichlet<alpha>, comma-separated")
+    parser.add_argument(
+        "--partitions",
+        default="dirichlet0.5",
+        help="iid, dirichlet<alpha> (each class over the clients), dirichlet_per_client<alpha> "
+        "(each client's class mix, equal sizes), comma-separated",
+    )
     parser.add_argument(
         "--methods", default=",".join(m for m in DEFAULTS if m not in ("central", "fedavg-sgd"))
     )

@@ -664,9 +664,14 @@ class DataConfig(StrictModel):
 class PartitionConfig(StrictModel):
     """How the training examples are split among clients."""
 
-    kind: Literal["iid", "dirichlet", "shards", "classes"] = "dirichlet"
+    kind: Literal["iid", "dirichlet", "dirichlet_per_client", "shards", "classes"] = "dirichlet"
     num_clients: int = Field(10, ge=1)
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller means more label skew.")
+    alpha: float = Field(
+        0.5,
+        gt=0,
+        description="Dirichlet concentration (dirichlet: of each class over clients; dirichlet_per_client: "
+        "of each client's class mix); smaller means more label skew.",
+    )
     min_partition_size: int = Field(
         5, ge=0, description="Dirichlet: resample until each client has this many."
     )

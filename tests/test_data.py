@@ -281,8 +281,10 @@ def _max_class_share(labels: npt.NDArray[np.int64], parts: list[npt.NDArray[np.i
     return float(np.mean([np.bincount(labels[p]).max() / len(p) for p in parts]))
 
 
-@pytest.mark.parametrize("kind", ["iid", "dirichlet"])
-def test_iid_and_dirichlet_are_disjoint_complete_and_seeded(kind: Literal["iid", "dirichlet"]) -> None:
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "dirichlet_per_client"])
+def test_iid_and_dirichlet_are_disjoint_complete_and_seeded(
+    kind: Literal["iid", "dirichlet", "dirichlet_per_client"],
+) -> None:
     labels = _balanced_labels()
     config = PartitionConfig(kind=kind, num_clients=7, alpha=0.5, min_partition_size=5)
     parts = partition_indices(labels, config, seed=0)
@@ -308,6 +310,27 @@ def test_dirichlet_small_alpha_skews_labels_far_more_than_iid() -> None:
     iid_share, skewed_share = _max_class_share(labels, iid), _max_class_share(labels, skewed)
     assert iid_share < 0.25  # about 1/10 plus noise
     assert skewed_share > iid_share + 0.3
+
+
+def test_dirichlet_per_client_splits_two_classes_among_fifty_equal_skewed_clients() -> None:
+    labels = np.repeat(np.array([3, 7]), [500, 300])  # two classes, numbered apart, unequal
+    per_class = PartitionConfig(kind="dirichlet", num_clients=50, alpha=0.1, min_partition_size=1)
+    with pytest.raises(DataError, match="never gave every client min_partition_size=1"):
+        partition_indices(labels, per_class, seed=0)
+
+    config = PartitionConfig(kind="dirichlet_per_client", num_clients=50, alpha=0.1)
+    parts = partition_indices(labels, config, seed=0)
+    assert sorted(_assert_disjoint(parts).tolist()) == list(range(800))
+    assert [len(p) for p in parts] == [16] * 50
+    majority = [np.max(np.unique(labels[p], return_counts=True)[1]) / 16 for p in parts]
+    assert np.mean(majority) > 0.85  # most clients hold (nearly) one class
+    iid = partition_indices(labels, PartitionConfig(kind="iid", num_clients=50), seed=0)
+    iid_majority = [np.max(np.unique(labels[p], return_counts=True)[1]) / 16 for p in iid]
+    assert np.mean(majority) > np.mean(iid_majority) + 0.15
+
+    more = np.concatenate([labels, [3, 7, 7]])
+    uneven = partition_indices(more, PartitionConfig(kind="dirichlet_per_client", num_clients=50), seed=0)
+    assert [len(p) for p in uneven] == [17] * 3 + [16] * 47
 
 
 # datasets' sort (inside ShardPartitioner) trips a pyarrow deprecation that is none of ours

@@ -17,6 +17,7 @@ import numpy.typing as npt
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
+    InnerDirichletPartitioner,
     Partitioner,
     PathologicalPartitioner,
     ShardPartitioner,
@@ -34,7 +35,14 @@ def partition_indices(labels: Labels, config: PartitionConfig, seed: int) -> lis
     - ``iid``: ``IidPartitioner``, equal shares (sizes differ by at most one), disjoint and complete.
     - ``dirichlet``: ``DirichletPartitioner(alpha, partition_by="label", min_partition_size,
       self_balancing=False)``: each class is divided among clients in Dirichlet(alpha) shares,
-      redrawn until every client has `min_partition_size` examples; disjoint and complete.
+      redrawn until every client has `min_partition_size` examples; disjoint and complete. Client
+      sizes vary; with few classes among many clients at small alpha (2 classes, 50 clients, alpha
+      0.1) almost every draw leaves some client empty, and the partition fails.
+    - ``dirichlet_per_client``: ``InnerDirichletPartitioner`` (Hsu et al. 2019; FedDyn's split):
+      each client draws its class mix from Dirichlet(alpha) and is filled to an equal size
+      (n // num_clients, one more for the first n mod num_clients) one example at a time from the
+      classes in that mix; a class that runs out is dropped from every mix. Disjoint and complete;
+      every client holds data at any alpha, so it splits few classes among many clients.
     - ``shards``: ``ShardPartitioner(num_shards_per_partition=shards_per_client)``: the label-sorted
       examples are cut into k = num_clients * shards_per_client shards of floor(n / k) examples and
       each client gets shards_per_client random shards. Disjoint, but not complete: the n mod k
@@ -70,6 +78,13 @@ def partition_indices(labels: Labels, config: PartitionConfig, seed: int) -> lis
             self_balancing=False,
             seed=seed,
         )
+    elif config.kind == "dirichlet_per_client":
+        sizes = [n // clients + (i < n % clients) for i in range(clients)]
+        partitioner = InnerDirichletPartitioner(
+            partition_sizes=sizes, partition_by="label", alpha=float(config.alpha), seed=seed
+        )
+        # the partitioner reads classes as 0..C-1: number the classes present in order
+        label_array = np.unique(label_array, return_inverse=True)[1].astype(np.int64)
     else:
         shards = clients * config.shards_per_client
         if shards > n:
