@@ -315,7 +315,7 @@ def test_dirichlet_small_alpha_skews_labels_far_more_than_iid() -> None:
 def test_dirichlet_per_client_splits_two_classes_among_fifty_equal_skewed_clients() -> None:
     labels = np.repeat(np.array([3, 7]), [500, 300])  # two classes, numbered apart, unequal
     per_class = PartitionConfig(kind="dirichlet", num_clients=50, alpha=0.1, min_partition_size=1)
-    with pytest.raises(DataError, match="never gave every client min_partition_size=1"):
+    with pytest.raises(DataError, match=r"min_partition_size=1 examples.*or use kind: dirichlet_per_client"):
         partition_indices(labels, per_class, seed=0)
 
     config = PartitionConfig(kind="dirichlet_per_client", num_clients=50, alpha=0.1)

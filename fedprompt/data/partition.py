@@ -105,7 +105,8 @@ def partition_indices(labels: Labels, config: PartitionConfig, seed: int) -> lis
             raise DataError(
                 f"Dirichlet partitioning (alpha={config.alpha}) of {n} examples among {clients} clients "
                 f"never gave every client min_partition_size={config.min_partition_size} examples: {exc} "
-                "Lower partition.min_partition_size or raise partition.alpha."
+                "Lower partition.min_partition_size or raise partition.alpha, or use kind: "
+                "dirichlet_per_client (equal clients, each with its own Dirichlet class mix)."
             ) from exc
         raise DataError(f"cannot make {clients} {config.kind} partitions of {n} examples: {exc}") from exc
 
