@@ -673,7 +673,9 @@ class PartitionConfig(StrictModel):
         "of each client's class mix); smaller means more label skew.",
     )
     min_partition_size: int = Field(
-        5, ge=0, description="Dirichlet: resample until each client has this many."
+        5,
+        ge=0,
+        description="dirichlet: resample until each client has this many (dirichlet_per_client: equal sizes)",
     )
     shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards given to each client.")
     classes_per_client: int = Field(2, ge=1, description="classes: the classes each client sees.")
