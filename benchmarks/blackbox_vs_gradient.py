@@ -32,12 +32,12 @@ from typing import Any
 import torch
 
 import fedprompt
-from fedprompt.experiment import build_experiment
-from fedprompt.remote_task import build_remote_model
-from fedprompt.results import RunResult
+from fedprompt.execution.results import RunResult
+from fedprompt.execution.simulation import run_in_process
 from fedprompt.serving import InferenceService, create_app, serve_in_thread
-from fedprompt.simulation import run_in_process
-from fedprompt.text_task import load_backbone
+from fedprompt.tasks.registry import build_experiment
+from fedprompt.tasks.text.parts import load_backbone
+from fedprompt.tasks.text.remote import build_remote_model
 
 LABELS = ("negative", "positive")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"

@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from clip_support import build_tiny_clip, clip_run_config
 
 from fedprompt.api import run
-from fedprompt.augment import CropFlip
 from fedprompt.config import load_config
 from fedprompt.data.images import load_image_task
-from fedprompt.experiment import build_experiment
-from fedprompt.feature_cache import FeatureCache
 from fedprompt.seeding import derive_seed
-from fedprompt.vision_task import augmented_views, image_tensors
+from fedprompt.tasks.clip.classification import augmented_views, image_tensors
+from fedprompt.tasks.clip.feature_cache import FeatureCache
+from fedprompt.tasks.registry import build_experiment
+from fedprompt.training.augment import CropFlip
 
 
 def config(tiny, views: int | None, seed: int, args: argparse.Namespace) -> dict:

@@ -26,9 +26,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fedprompt.batching import TensorData
-from fedprompt.payload import encode_state
-from fedprompt.training import FitInstructions, GradientTrainer
+from fedprompt.federation.payload import encode_state
+from fedprompt.training.batching import TensorData
+from fedprompt.training.gradient import FitInstructions, GradientTrainer
 from optimizers.gradient import GradientOptimizer, GradientSettings
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier

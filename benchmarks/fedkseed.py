@@ -32,9 +32,9 @@ import torch
 
 import fedprompt
 from fedprompt.config import load_config
-from fedprompt.experiment import build_experiment
-from fedprompt.results import RunResult
-from fedprompt.simulation import make_server
+from fedprompt.execution.results import RunResult
+from fedprompt.execution.simulation import make_server
+from fedprompt.tasks.registry import build_experiment
 
 LABELS = ("negative", "positive")
 SHARED_DATA = Path(

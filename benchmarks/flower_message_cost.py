@@ -41,7 +41,7 @@ MESSAGE = textwrap.dedent(
     from fedprompt.flower import build_client_app
     from fedprompt.flower.records import INSTRUCTIONS_RECORD, instructions_record
     from fedprompt.flower.records import payload_content, read_payload
-    from fedprompt.instructions import FitInstructions
+    from fedprompt.federation.instructions import FitInstructions
     config_file, downlink_file, round_num, worker = sys.argv[1:5]
     for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
         setattr(TaskIdentity, name, value)
@@ -58,8 +58,8 @@ MESSAGE = textwrap.dedent(
 def downlink_bytes(config_file: Path) -> bytes:
     """The round-1 downlink the ServerApp sends client 0 (built here once, not timed)."""
     from fedprompt.config import load_config
-    from fedprompt.experiment import build_experiment
-    from fedprompt.simulation import make_server
+    from fedprompt.execution.simulation import make_server
+    from fedprompt.tasks.registry import build_experiment
 
     config = load_config(config_file)
     return make_server(build_experiment(config, client_ids=[0]), config).downlink(1, 0)

@@ -32,8 +32,8 @@ CHILD = textwrap.dedent(
     import json, resource, sys
     mode, n = sys.argv[1], int(sys.argv[2])
     from fedprompt.config import load_config
-    from fedprompt.experiment import build_experiment
-    from fedprompt.simulation import make_server, run_in_process
+    from fedprompt.tasks.experiment import build_experiment
+    from fedprompt.execution.simulation import make_server, run_in_process
     after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     config = load_config(None, [
         f"partition.num_clients={n}", "partition.kind=iid", "federation.rounds=1",

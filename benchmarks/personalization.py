@@ -24,9 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from fedprompt.config import load_config
-from fedprompt.experiment import build_experiment
+from fedprompt.execution.simulation import run_in_process
 from fedprompt.seeding import derive_seed, torch_generator
-from fedprompt.simulation import run_in_process
+from fedprompt.tasks.registry import build_experiment
 
 NOISY = (2, 6)
 

@@ -30,12 +30,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from fedprompt.client import Client, FitResult
 from fedprompt.config import load_config
-from fedprompt.experiment import build_experiment
+from fedprompt.execution.simulation import run_in_process
+from fedprompt.federation.state import Update
 from fedprompt.seeding import derive_seed, torch_generator
-from fedprompt.simulation import run_in_process
-from fedprompt.state import Update
+from fedprompt.tasks.registry import build_experiment
+from fedprompt.training.client import Client, FitResult
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 ATTACKERS = (3, 7)

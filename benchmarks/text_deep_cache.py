@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fedprompt.config import load_config
-from fedprompt.text_task import build_text_experiment
+from fedprompt.tasks.text.classification import build_text_experiment
 from prompt_modules.text_classifier import LAYER_INPUT
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-deep-prompt.yaml"

@@ -15,11 +15,11 @@ from fedprompt.config import ConfigError, RunConfig, load_config
 
 if TYPE_CHECKING:
     from fedprompt.api import run
-    from fedprompt.results import RunResult
+    from fedprompt.execution.results import RunResult
 
 __all__ = ["ConfigError", "RunConfig", "RunResult", "load_config", "run"]
 
-_LAZY = {"run": "fedprompt.api", "RunResult": "fedprompt.results"}
+_LAZY = {"run": "fedprompt.api", "RunResult": "fedprompt.execution.results"}
 
 
 def __getattr__(name: str) -> Any:

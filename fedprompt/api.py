@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from fedprompt.config import RunConfig, load_config
-from fedprompt.experiment import build_experiment
-from fedprompt.results import CONFIG_HASH_KEY, RunDirectory, RunResult
-from fedprompt.simulation import check_in_process, run_in_process
+from fedprompt.execution.results import CONFIG_HASH_KEY, RunDirectory, RunResult
+from fedprompt.execution.simulation import check_in_process, run_in_process
+from fedprompt.tasks.registry import build_experiment
 
 
 def run(

@@ -20,7 +20,7 @@ from fedprompt.config import load_config
 from fedprompt.errors import UserError
 
 if TYPE_CHECKING:
-    from fedprompt.results import RunResult
+    from fedprompt.execution.results import RunResult
 
 app = typer.Typer(
     add_completion=False,
@@ -233,7 +233,7 @@ def demo_backbone(
     ] = None,
 ) -> None:
     """Build (once) or show bundled:demo-clip, the small CLIP pre-trained offline for the demos."""
-    from fedprompt.demo_backbone import demo_clip
+    from fedprompt.tasks.clip.demo_backbone import demo_clip
 
     logging.getLogger("fedprompt.demo_backbone").setLevel(logging.INFO)
     demo = demo_clip(cache_dir=cache_dir)
@@ -266,7 +266,7 @@ def export(
     ] = ExportFormat.peft,
 ) -> None:
     """Export a run's trained prompt: a text soft prompt as a PEFT prompt-tuning adapter."""
-    from fedprompt.peft_export import export_peft
+    from fedprompt.execution.peft_export import export_peft
 
     typer.echo(export_peft(run_dir, out).instructions())
 
@@ -284,9 +284,9 @@ def plot(
     ] = None,
 ) -> None:
     """Plot accuracy per round and against cumulative bytes (personalised curves and ε when present)."""
-    from fedprompt.plots import plot_runs
-    from fedprompt.results import PLOT_FILE
-    from fedprompt.run_report import load_run
+    from fedprompt.execution.plots import plot_runs
+    from fedprompt.execution.report import load_run
+    from fedprompt.execution.results import PLOT_FILE
 
     runs = [load_run(path) for path in run_dirs]
     if output is None:
@@ -303,7 +303,7 @@ def report(
     ] = Path("report"),
 ) -> None:
     """Compare runs in one table: accuracy (final, best, base/novel/HM, personalised), bytes, time, ε."""
-    from fedprompt.run_report import comparison_rows, format_value, load_run, write_csv, write_markdown
+    from fedprompt.execution.report import comparison_rows, format_value, load_run, write_csv, write_markdown
 
     rows = comparison_rows([load_run(path) for path in run_dirs])
     table = Table(title="fedprompt runs")

@@ -9,6 +9,18 @@ class UserError(Exception):
     """
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot run; the message names each bad field and what is allowed."""
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot be loaded or split as configured; the message names the problem and the fix."""
+
+
+class ExportError(UserError):
+    """A run whose prompt cannot be exported as asked; the message says why and what would work."""
+
+
 class RunFolderError(UserError, FileNotFoundError):
     """A folder given as a run's results folder (to resume, export, plot or report) that is not one."""
 

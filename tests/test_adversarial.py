@@ -12,11 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from fedprompt.payload import CLIENT_ID_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
-from fedprompt.server import RoundRecord, Server
-from fedprompt.strategies import CoordinateMedian, FedAvg, FedOpt, Krum, TrimmedMean
-from fedprompt.strategies.fedbpt import FedBPT
-from fedprompt.update_pipeline import ExampleBounds
+from fedprompt.federation.payload import CLIENT_ID_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from fedprompt.federation.server import RoundRecord, Server
+from fedprompt.federation.strategies.fedavg import FedAvg
+from fedprompt.federation.strategies.fedbpt import FedBPT
+from fedprompt.federation.strategies.fedopt import FedOpt
+from fedprompt.federation.strategies.robust import CoordinateMedian, Krum, TrimmedMean
+from fedprompt.federation.update_pipeline import ExampleBounds
 
 GLOBAL = {"prompt": torch.tensor([[0.5, -0.25, 1.0], [0.0, 2.0, -1.0]])}
 FEDBPT_GLOBAL = {"z": torch.zeros(6)}

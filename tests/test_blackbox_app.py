@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 import fedprompt
 from apps.blackbox_api.__main__ import app as blackbox_cli
 from apps.blackbox_api.report import SERVER_TOKEN, site_token
-from fedprompt.results import CLIENTS_FILE, FINAL_PROMPT_FILE
+from fedprompt.execution.results import CLIENTS_FILE, FINAL_PROMPT_FILE
 
 from conftest import KEYWORDS, write_keyword_dataset
 

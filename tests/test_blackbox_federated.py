@@ -11,7 +11,7 @@ import torch
 import fedprompt
 from fedprompt.config import load_config
 from fedprompt.serving import InferenceService, create_app, serve_in_thread
-from fedprompt.text_task import load_backbone
+from fedprompt.tasks.text.parts import load_backbone
 
 from conftest import shared_dataset, tiny_run_config, write_keyword_dataset
 

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 from fedprompt.config import DataConfig, load_config
-from fedprompt.data import load_text_classification
 from fedprompt.data.images import load_image_classification
+from fedprompt.data.loading import load_text_classification
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

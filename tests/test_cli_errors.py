@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fedprompt.cli import app
-from fedprompt.data.loading import DataError
+from fedprompt.errors import DataError
 
 from conftest import tiny_run_config, write_keyword_dataset
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from fedprompt.client_state import (
+from fedprompt.federation.client_state import (
     NEVER,
     ClientStateError,
     DirectoryClientStates,

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from fedprompt.config import BUILTIN_IMAGE_DATASETS, ConfigError, DataConfig, PartitionConfig, load_config
-from fedprompt.data import DataError, partition_indices
 from fedprompt.data.images import (
     DIGIT_NAMES,
     IMAGE_BUILTINS,
@@ -20,7 +19,9 @@ from fedprompt.data.images import (
     load_image_classification,
     split_base_novel,
 )
-from fedprompt.feature_cache import FeatureCache, image_fingerprint
+from fedprompt.data.partition import partition_indices
+from fedprompt.errors import DataError
+from fedprompt.tasks.clip.feature_cache import FeatureCache, image_fingerprint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CLIP_BASE = {

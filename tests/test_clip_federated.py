@@ -137,7 +137,7 @@ def test_disk_feature_cache_is_written_once_and_reused(tiny_clip, tmp_path):
 
 def test_a_process_hosting_some_clients_encodes_only_their_images(tiny_clip):
     from fedprompt.config import load_config
-    from fedprompt.experiment import build_experiment
+    from fedprompt.tasks.registry import build_experiment
 
     config = load_config(clip_run_config(tiny_clip, PROMPTS["coop"], _data("generated", tiny_clip)))
     everyone = build_experiment(config)

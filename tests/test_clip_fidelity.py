@@ -16,15 +16,15 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from clip_support import clip_run_config
 
-from fedprompt.augment import VIEWS, CropFlip, SeededTrainData
-from fedprompt.batching import TensorData
 from fedprompt.config import ConfigError, load_config
-from fedprompt.contrastive import NEGATIVE, POSITIVE, ContrastiveTrainer
 from fedprompt.data.images import clean_class_name, load_image_task
-from fedprompt.data.loading import DataError
-from fedprompt.experiment import build_experiment
+from fedprompt.errors import DataError
 from fedprompt.seeding import derive_seed
-from fedprompt.training import FitInstructions, GradientTrainer, LocalContext
+from fedprompt.tasks.registry import build_experiment
+from fedprompt.training.augment import VIEWS, CropFlip, SeededTrainData
+from fedprompt.training.batching import TensorData
+from fedprompt.training.contrastive import NEGATIVE, POSITIVE, ContrastiveTrainer
+from fedprompt.training.gradient import FitInstructions, GradientTrainer, LocalContext
 from optimizers.gradient import GradientOptimizer, GradientSettings
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
@@ -211,7 +211,7 @@ def test_vision_section_is_refused_for_text_runs():
 
 
 def test_init_phrase_sets_the_number_of_context_vectors_without_repeating_it(tiny_clip):
-    from fedprompt.vision_task import build_text_context
+    from fedprompt.tasks.clip.classification import build_text_context
 
     backbone = OpenCLIPBackbone.load(str(tiny_clip.config), str(tiny_clip.checkpoint))
     config = load_config(

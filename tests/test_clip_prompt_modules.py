@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedprompt.batching import TensorData
-from fedprompt.contrastive import NEGATIVE, POSITIVE, PREVIOUS, ContrastiveTrainer
-from fedprompt.training import FitInstructions, GradientTrainer, LocalContext
+from fedprompt.training.batching import TensorData
+from fedprompt.training.contrastive import NEGATIVE, POSITIVE, PREVIOUS, ContrastiveTrainer
+from fedprompt.training.gradient import FitInstructions, GradientTrainer, LocalContext
 from optimizers.gradient import GradientOptimizer, GradientSettings
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier

@@ -15,16 +15,10 @@ import numpy.typing as npt
 import pytest
 
 from fedprompt.config import BUILTIN_DATASETS, DataConfig, PartitionConfig
-from fedprompt.data import (
-    DataError,
-    TextClassificationData,
-    load_chatterbot_corpus,
-    load_text_classification,
-    partition_by_class,
-    partition_indices,
-    split_local,
-)
-from fedprompt.data.builtin import BUILTIN_LOADERS
+from fedprompt.data.builtin import BUILTIN_LOADERS, load_chatterbot_corpus
+from fedprompt.data.loading import TextClassificationData, load_text_classification
+from fedprompt.data.partition import partition_by_class, partition_indices, split_local
+from fedprompt.errors import DataError
 
 SST2_DIR = Path("/work/shared/data/sst2")
 

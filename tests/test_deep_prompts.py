@@ -11,8 +11,8 @@ from transformers import DynamicCache
 
 import fedprompt
 from fedprompt.config import load_config
-from fedprompt.experiment import build_experiment
-from fedprompt.text_task import build_prompt
+from fedprompt.tasks.registry import build_experiment
+from fedprompt.tasks.text.parts import build_prompt
 from prompt_modules.attention_prefix import attention_prefixes
 from prompt_modules.soft_prompt import DeepPrompt, PrefixPrompt, init_token_ids
 from prompt_modules.text_classifier import LAYER_INPUT, TextPromptClassifier, VerbalizerHead
@@ -224,7 +224,7 @@ def test_cached_layer_inputs_give_the_same_logits_and_gradients(family, mode):
 def test_cached_layer_inputs_are_trimmed_and_left_aligned_with_their_batch():
     """Cached states travel through TensorData batches (trimmed to the batch's width) and, for a
     decoder, are left-aligned as its ids are: the logits equal those of the uncached batch."""
-    from fedprompt.batching import TensorData
+    from fedprompt.training.batching import TensorData
 
     backbone = tiny_backbone(THREE_LAYERS["llama"])
     clf = _classifier(backbone, DeepPrompt(torch.randn(2, 2, 32), 1))

@@ -11,10 +11,10 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 import fedprompt
-from fedprompt import demo_backbone
 from fedprompt.config import ConfigError, OpenCLIPBackboneConfig, load_config
-from fedprompt.demo_backbone import DemoClipRecipe, demo_clip
-from fedprompt.vision_task import load_clip_backbone
+from fedprompt.tasks.clip import demo_backbone
+from fedprompt.tasks.clip.classification import load_clip_backbone
+from fedprompt.tasks.clip.demo_backbone import DemoClipRecipe, demo_clip
 
 TINY_MODEL = {
     "embed_dim": 32,

@@ -16,12 +16,14 @@ from fedprompt.config import (
     ScaffoldConfig,
     load_config,
 )
-from fedprompt.instructions import FitInstructions
-from fedprompt.state import State, Update
-from fedprompt.strategies import FedAvg, FedAvgM, FedDyn, FedNova, Scaffold, build_client_rule, build_strategy
-from fedprompt.strategies.feddyn import FedDynRule
-from fedprompt.strategies.fednova import LocalStepBound, normalizer
-from fedprompt.strategies.scaffold import ScaffoldRule
+from fedprompt.federation.instructions import FitInstructions
+from fedprompt.federation.state import State, Update
+from fedprompt.federation.strategies.fedavg import FedAvg
+from fedprompt.federation.strategies.fedavgm import FedAvgM
+from fedprompt.federation.strategies.feddyn import FedDyn, FedDynRule
+from fedprompt.federation.strategies.fednova import FedNova, LocalStepBound, normalizer
+from fedprompt.federation.strategies.registry import build_client_rule, build_strategy
+from fedprompt.federation.strategies.scaffold import Scaffold, ScaffoldRule
 from optimizers.base import OptimizationStats
 from optimizers.gradient import GradientOptimizer, GradientSettings
 

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 import fedprompt
 import fedprompt.flower.client_app as client_app_module
 from fedprompt.config import load_config
-from fedprompt.flower import build_client_app, run_server
+from fedprompt.flower import run_server
 from fedprompt.flower.app_config import AppSettings
+from fedprompt.flower.client_app import build_client_app
 from fedprompt.flower.site import ExperimentCache
 from fedprompt.flower.site_worker import SiteWorker
 

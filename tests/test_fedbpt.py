@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from fedprompt.config import FedBPTConfig
-from fedprompt.payload import decode_state, encode_update
-from fedprompt.server import RoundRecord, Server
-from fedprompt.state import Update, unpack
-from fedprompt.strategies import FedBPT, build_strategy
-from fedprompt.strategies.fedbpt import UPLINK_EXTRAS, global_sigma
+from fedprompt.federation.payload import decode_state, encode_update
+from fedprompt.federation.server import RoundRecord, Server
+from fedprompt.federation.state import Update, unpack
+from fedprompt.federation.strategies.fedbpt import UPLINK_EXTRAS, FedBPT, global_sigma
+from fedprompt.federation.strategies.registry import build_strategy
 from optimizers.cma_update import CMAState, cma_tell
 
 NAME = "prompt.z"

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 import fedprompt
 from fedprompt.cli import app
-from fedprompt.client import FitResult
 from fedprompt.config import load_config
-from fedprompt.state import Update
+from fedprompt.federation.state import Update
+from fedprompt.training.client import FitResult
 
 from conftest import TINY_LLAMA, shared_dataset, tiny_run_config, write_keyword_dataset
 
@@ -117,7 +117,7 @@ def test_half_precision_wire_halves_the_bytes_and_still_learns(keyword_file):
 
 
 def test_a_bad_client_is_rejected_and_the_round_goes_on(keyword_file, tmp_path, monkeypatch, caplog):
-    original_fit = fedprompt.client.Client.fit
+    original_fit = fedprompt.training.client.Client.fit
 
     def fit(self, global_state, instructions, carried=None):
         result = original_fit(self, global_state, instructions, carried)
@@ -129,7 +129,7 @@ def test_a_bad_client_is_rejected_and_the_round_goes_on(keyword_file, tmp_path, 
             raise RuntimeError("disk full")
         return result
 
-    monkeypatch.setattr(fedprompt.client.Client, "fit", fit)
+    monkeypatch.setattr(fedprompt.training.client.Client, "fit", fit)
     result = fedprompt.run(tiny_run_config(keyword_file, federation={"rounds": 2}), output_dir=tmp_path)
     assert [r["clients_accepted"] for r in result.history[1:]] == [2, 2]
     assert [r["clients_rejected"] for r in result.history[1:]] == [2, 2]
@@ -143,7 +143,7 @@ def test_a_round_where_every_client_fails_stops_the_run(keyword_file, monkeypatc
     def fit(self, *args, **kwargs):
         raise RuntimeError("broken")
 
-    monkeypatch.setattr(fedprompt.client.Client, "fit", fit)
+    monkeypatch.setattr(fedprompt.training.client.Client, "fit", fit)
     with pytest.raises(
         RuntimeError, match="every sampled client failed; first reason: client failed: RuntimeError"
     ):

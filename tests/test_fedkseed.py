@@ -14,23 +14,24 @@ import pytest
 import torch
 
 import fedprompt
-from fedprompt.blackbox import KSeedTrainer
 from fedprompt.config import ConfigError, load_config
-from fedprompt.experiment import build_experiment
-from fedprompt.instructions import FitInstructions
-from fedprompt.payload import encode_update
-from fedprompt.simulation import _fit_client, make_server
-from fedprompt.state import Update
-from fedprompt.strategies import FedKSeed, build_strategy
-from fedprompt.strategies.fedkseed import (
+from fedprompt.execution.simulation import _fit_client, make_server
+from fedprompt.federation.instructions import FitInstructions
+from fedprompt.federation.payload import encode_update
+from fedprompt.federation.state import Update
+from fedprompt.federation.strategies.fedkseed import (
     PROJECTED_GRAD,
     SEED_INDEX,
     SEED_POOL,
+    FedKSeed,
     KSeedRule,
     KSeedSetup,
     check_pairs,
     kseed_setup,
 )
+from fedprompt.federation.strategies.registry import build_strategy
+from fedprompt.tasks.registry import build_experiment
+from fedprompt.training.blackbox import KSeedTrainer
 from optimizers.seed_pool import SeedPool
 from prompt_modules.soft_prompt import PrefixPrompt, SoftPrompt
 from prompt_modules.text_classifier import TextPromptClassifier, VerbalizerHead
@@ -68,7 +69,7 @@ def _classifier(kind: str) -> TextPromptClassifier:
 
 
 def _data(clf: TextPromptClassifier):
-    from fedprompt.batching import TensorData
+    from fedprompt.training.batching import TensorData
 
     return TensorData({**clf.encode_texts(TEXTS), "labels": torch.tensor([0, 1, 0, 1, 0, 1, 0])})
 

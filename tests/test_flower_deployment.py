@@ -34,10 +34,10 @@ from tls_support import Certificates
 
 import fedprompt
 from fedprompt.config import load_config
-from fedprompt.experiment import build_experiment
+from fedprompt.execution.results import CLIENTS_FILE, FINAL_PROMPT_FILE
+from fedprompt.execution.simulation import run_in_process
 from fedprompt.flower.site_worker import SiteWorkerClient, SiteWorkerError
-from fedprompt.results import CLIENTS_FILE, FINAL_PROMPT_FILE
-from fedprompt.simulation import run_in_process
+from fedprompt.tasks.registry import build_experiment
 
 pytestmark = pytest.mark.slow
 

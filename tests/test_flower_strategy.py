@@ -23,9 +23,18 @@ from flwr.supercore.task_identity import TaskIdentity
 import fedprompt
 import fedprompt.flower.client_app as client_app_module
 from fedprompt.config import ConfigError, load_config
-from fedprompt.flower import FedPromptStrategy, NotEnoughClientsError, build_client_app, run_server
+from fedprompt.federation.payload import decode_state, encode_update
+from fedprompt.federation.privacy.accounting import PrivacyPlan
+from fedprompt.federation.privacy.central import CentralPrivacy
+from fedprompt.federation.sampling import poisson_sample_clients, sample_clients
+from fedprompt.federation.server import Server
+from fedprompt.federation.state import Update
+from fedprompt.federation.strategies.fedavg import FedAvg
+from fedprompt.federation.update_pipeline import ExampleBounds
+from fedprompt.flower import run_server
 from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.bindings import NodeIdentity, PartitionBindings
+from fedprompt.flower.client_app import build_client_app
 from fedprompt.flower.records import (
     EVAL_RECORD,
     INSTRUCTIONS_RECORD,
@@ -38,14 +47,8 @@ from fedprompt.flower.records import (
     read_payload,
 )
 from fedprompt.flower.site import ExperimentCache
-from fedprompt.payload import decode_state, encode_update
-from fedprompt.privacy import CentralPrivacy, PrivacyPlan
-from fedprompt.sampling import poisson_sample_clients, sample_clients
-from fedprompt.server import Server
-from fedprompt.state import Update
-from fedprompt.strategies import FedAvg
-from fedprompt.training import FitInstructions
-from fedprompt.update_pipeline import ExampleBounds
+from fedprompt.flower.strategy import FedPromptStrategy, NotEnoughClientsError
+from fedprompt.training.gradient import FitInstructions
 
 STATE = {"prompt": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
 

@@ -24,7 +24,7 @@ KILLER = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     import fedprompt
-    from fedprompt.client import Client
+    from fedprompt.training.client import Client
 
     config, output, kill_at = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     original, calls = Client.fit, []

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from apps.medvqa.__main__ import app
 from apps.medvqa.methods import method_configs
 from fedprompt.config import ConfigError, load_config
-from fedprompt.demo_backbone import DEFAULT_RECIPE, demo_clip
+from fedprompt.tasks.clip.demo_backbone import DEFAULT_RECIPE, demo_clip
 
 TINY_DEMO = replace(
     DEFAULT_RECIPE,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fedprompt.payload import (
+from fedprompt.federation.payload import (
     CLIENT_ID_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
@@ -20,7 +20,7 @@ from fedprompt.payload import (
     encode_state,
     encode_update,
 )
-from fedprompt.state import State, Update
+from fedprompt.federation.state import State, Update
 
 MAX_BYTES = 1 << 20
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 import fedprompt
 from fedprompt.cli import app
 from fedprompt.config import load_config
-from fedprompt.results import RunDirectory
-from fedprompt.text_task import build_head, load_backbone
+from fedprompt.execution.results import RunDirectory
+from fedprompt.tasks.text.parts import build_head, load_backbone
 from prompt_modules.soft_prompt import SoftPrompt
 from prompt_modules.text_classifier import (
     SimilarityHead,

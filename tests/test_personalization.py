@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 import fedprompt
 from fedprompt.config import ConfigError, load_config
-from fedprompt.personalization import LOCAL_PREFIX, PromptSplit, build_split
-from fedprompt.state import Update
-from fedprompt.strategies.reliability import ReliabilityRule, ReliabilityWeighted, flatten
+from fedprompt.federation.personalization import LOCAL_PREFIX, PromptSplit, build_split
+from fedprompt.federation.state import Update
+from fedprompt.federation.strategies.fedavg import FedAvg
+from fedprompt.federation.strategies.reliability import ReliabilityRule, ReliabilityWeighted, flatten
 
 from conftest import tiny_run_config, write_keyword_dataset
 
@@ -93,7 +94,7 @@ def _split_config(keyword_file, rounds=3, **extra):
 
 def test_a_split_prompt_aggregates_only_its_shared_rows(keyword_file, monkeypatch):
     seen = []
-    original = fedprompt.strategies.FedAvg._aggregate
+    original = FedAvg._aggregate
 
     def spy(self, global_state, updates):
         seen.append(
@@ -101,7 +102,7 @@ def test_a_split_prompt_aggregates_only_its_shared_rows(keyword_file, monkeypatc
         )
         return original(self, global_state, updates)
 
-    monkeypatch.setattr(fedprompt.strategies.FedAvg, "_aggregate", spy)
+    monkeypatch.setattr(FedAvg, "_aggregate", spy)
     result = fedprompt.run(_split_config(keyword_file), write=False)
     assert result.final_state["prompt.embeddings"].shape == (4, 32)  # 4 of the 8 vectors travel
     last = seen[-1]

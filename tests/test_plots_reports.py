@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import fedprompt
 from fedprompt.cli import app
 from fedprompt.config import load_config
-from fedprompt.results import RunDirectory
+from fedprompt.execution.results import RunDirectory
 
 from conftest import tiny_run_config, write_keyword_dataset
 
@@ -70,7 +70,7 @@ def test_plot_writes_a_png_for_one_run_into_its_folder_and_for_several_where_tol
 
 
 def test_cumulative_bytes_count_up_and_down_of_every_round():
-    from fedprompt.run_report import RunRecord
+    from fedprompt.execution.report import RunRecord
 
     assert RunRecord("r", PLAIN).cumulative_bytes() == {0: 0, 1: 1000, 2: 2000, 3: 2750}
 

@@ -6,8 +6,8 @@ import pytest
 from clip_support import write_tiny_clip_config
 
 from fedprompt.config import ConfigError, load_config
-from fedprompt.experiment import build_experiment
-from fedprompt.preflight import check_model_fields
+from fedprompt.tasks.preflight import check_model_fields
+from fedprompt.tasks.registry import build_experiment
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.hf_text import HFTextBackbone
 

@@ -12,24 +12,18 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 
 import fedprompt
-from fedprompt.client_rules import ClientRule
 from fedprompt.config import AdaptiveClippingConfig, ConfigError, load_config
-from fedprompt.instructions import FitInstructions
-from fedprompt.payload import encode_update
-from fedprompt.privacy import (
-    CentralPrivacy,
-    LocalPrivacyAccountant,
-    LocalPrivacyRule,
-    PrivacyCheckFailed,
-    PrivacyPlan,
-    plan_privacy,
-)
-from fedprompt.privacy.accounting import RDP_ORDERS
-from fedprompt.sampling import poisson_sample_clients
+from fedprompt.federation.client_rules import ClientRule
+from fedprompt.federation.instructions import FitInstructions
+from fedprompt.federation.payload import encode_update
+from fedprompt.federation.privacy.accounting import RDP_ORDERS, PrivacyPlan, plan_privacy
+from fedprompt.federation.privacy.central import CentralPrivacy, PrivacyCheckFailed
+from fedprompt.federation.privacy.local import LocalPrivacyAccountant, LocalPrivacyRule
+from fedprompt.federation.sampling import poisson_sample_clients
+from fedprompt.federation.server import RoundRecord, Server
+from fedprompt.federation.state import Update
+from fedprompt.federation.strategies.fedavg import FedAvg
 from fedprompt.seeding import derive_seed, torch_generator
-from fedprompt.server import RoundRecord, Server
-from fedprompt.state import Update
-from fedprompt.strategies import FedAvg
 from optimizers.base import OptimizationStats
 
 from conftest import tiny_run_config, write_keyword_dataset

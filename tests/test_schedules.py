@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fedprompt.config import GradientOptimizerConfig
-from fedprompt.instructions import FitInstructions
-from fedprompt.training import GradientTrainer, round_schedule
+from fedprompt.federation.instructions import FitInstructions
+from fedprompt.training.gradient import GradientTrainer, round_schedule
 from optimizers.schedules import RoundSchedule
 
 

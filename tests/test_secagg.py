@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedprompt.secagg import (
+from fedprompt.federation.secagg import (
     ClientSession,
     RingQuantizer,
     SecAggError,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedprompt.sampling import sample_clients
+from fedprompt.federation.sampling import sample_clients
 from fedprompt.seeding import derive_seed
 
 

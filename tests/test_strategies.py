@@ -20,18 +20,12 @@ from fedprompt.config import (
     RunConfig,
     TrimmedMeanConfig,
 )
-from fedprompt.state import State, Update
-from fedprompt.strategies import (
-    CoordinateMedian,
-    FedAvg,
-    FedOpt,
-    FedOptVariant,
-    FedProx,
-    Krum,
-    Strategy,
-    TrimmedMean,
-    build_strategy,
-)
+from fedprompt.federation.state import State, Update
+from fedprompt.federation.strategies.base import Strategy
+from fedprompt.federation.strategies.fedavg import FedAvg, FedProx
+from fedprompt.federation.strategies.fedopt import FedOpt, FedOptVariant
+from fedprompt.federation.strategies.registry import build_strategy
+from fedprompt.federation.strategies.robust import CoordinateMedian, Krum, TrimmedMean
 
 
 def t(*values: float) -> torch.Tensor:
@@ -505,7 +499,7 @@ def test_fedavg_uniform_weighting_counts_each_client_once() -> None:
 
 def test_fedavg_weighting_comes_from_config() -> None:
     from fedprompt.config import FedAvgConfig
-    from fedprompt.strategies import build_strategy
+    from fedprompt.federation.strategies.registry import build_strategy
 
     assert FedAvgConfig().weighting == "examples"  # FedAvg's own rule stays the default
     strategy = build_strategy(FedAvgConfig(weighting="uniform"))

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from fedprompt.config import ConfigError, load_config
-from fedprompt.payload import METRICS_KEY, PayloadError, encode_state, encode_update
-from fedprompt.server import RoundRecord, Server
-from fedprompt.state import Update
-from fedprompt.strategies import FedAvg, FedOpt, Krum
-from fedprompt.strategies.base import Strategy
-from fedprompt.update_pipeline import (
+from fedprompt.federation.payload import METRICS_KEY, PayloadError, encode_state, encode_update
+from fedprompt.federation.server import RoundRecord, Server
+from fedprompt.federation.state import Update
+from fedprompt.federation.strategies.base import Strategy
+from fedprompt.federation.strategies.fedavg import FedAvg
+from fedprompt.federation.strategies.fedopt import FedOpt
+from fedprompt.federation.strategies.robust import Krum
+from fedprompt.federation.update_pipeline import (
     ExampleBounds,
     UpdateRejected,
     check_metrics,
@@ -96,7 +98,7 @@ def test_a_client_cannot_overwrite_its_row_or_send_unbounded_metrics():
 
 
 def test_payload_metric_limits_are_checked_before_parsing():
-    from fedprompt.payload import parse_metrics
+    from fedprompt.federation.payload import parse_metrics
 
     with pytest.raises(PayloadError, match="over the limit of 8192"):
         parse_metrics('{"a": ' + "[" * 10_000 + "]" * 10_000 + "}")

@@ -18,8 +18,8 @@ from apps.vl_experiments.cli import main
 from apps.vl_experiments.config import default_experiment_dict
 from apps.vl_experiments.methods import METHOD_SETTINGS, METHOD_TITLES, SECTIONS
 from fedprompt.config import ConfigError, load_config
-from fedprompt.experiment import build_experiment
-from fedprompt.training import evaluate
+from fedprompt.tasks.registry import build_experiment
+from fedprompt.training.gradient import evaluate
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
 from prompt_modules.clip_text_context import FixedClassText

@@ -19,10 +19,10 @@ from vqa_support import (
 )
 
 from fedprompt.config import ConfigError, DataConfig, load_config
-from fedprompt.data import DataError
 from fedprompt.data.easy_vqa import pixel_attributes, read_split, shape_images
 from fedprompt.data.vqa import load_vqa
-from fedprompt.vqa_task import majority_baselines
+from fedprompt.errors import DataError
+from fedprompt.tasks.clip.vqa import majority_baselines
 
 
 def vqa_config(**vqa) -> DataConfig:

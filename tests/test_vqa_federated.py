@@ -10,7 +10,7 @@ from vqa_support import write_slake
 
 import fedprompt
 from fedprompt.config import ConfigError, load_config
-from fedprompt.experiment import build_experiment
+from fedprompt.tasks.registry import build_experiment
 
 
 @pytest.fixture(scope="module")

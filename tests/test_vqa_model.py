@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedprompt.training import evaluate
-from fedprompt.vqa_task import QuestionData
+from fedprompt.tasks.clip.vqa import QuestionData
+from fedprompt.training.gradient import evaluate
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_text_context import FixedClassText, TextContext
 from prompt_modules.clip_vqa import MASKED, CLIPVQAModel, JointQuery, QuestionContext, context_start

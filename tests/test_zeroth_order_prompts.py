@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedprompt.batching import TensorData
-from fedprompt.blackbox import CMAESTrainer, SPSATrainer
 from fedprompt.config import ConfigError, load_config
-from fedprompt.experiment import build_experiment
-from fedprompt.instructions import FitInstructions
-from fedprompt.training import evaluate
+from fedprompt.federation.instructions import FitInstructions
+from fedprompt.tasks.registry import build_experiment
+from fedprompt.training.batching import TensorData
+from fedprompt.training.blackbox import CMAESTrainer, SPSATrainer
+from fedprompt.training.gradient import evaluate
 from optimizers.cmaes import CMAESOptimizer, CMAESSettings
 from optimizers.zeroth_order import (
     InPlaceSPSA,

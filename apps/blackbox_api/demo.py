@@ -9,7 +9,7 @@ from typing import Any
 import fedprompt
 from fedprompt.config import load_config
 from fedprompt.serving import InferenceService, create_app, serve_in_thread
-from fedprompt.text_task import load_backbone
+from fedprompt.tasks.text.parts import load_backbone
 
 TOKEN_ENV = "FEDPROMPT_DEMO_TOKEN"
 

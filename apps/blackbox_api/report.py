@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedprompt.config import CMAESOptimizerConfig, FedBPTConfig, load_config
-from fedprompt.results import CLIENTS_FILE, CONFIG_FILE, SUMMARY_FILE, RunDirectory
+from fedprompt.execution.results import CLIENTS_FILE, CONFIG_FILE, SUMMARY_FILE, RunDirectory
 from prompt_modules.remote_schema import Usage
 
 SERVER_TOKEN = "server"

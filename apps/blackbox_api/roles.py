@@ -32,9 +32,9 @@ from pathlib import Path
 
 from apps.blackbox_api.processes import FEDPROMPT, ProcessError, Processes, executable, interrupted_by_signals
 from fedprompt.config import ConfigError, RunConfig, load_config
+from fedprompt.execution.results import SUMMARY_FILE
 from fedprompt.flower.site_worker import SiteWorkerClient, SiteWorkerError
 from fedprompt.flower.template import new_app
-from fedprompt.results import SUMMARY_FILE
 
 log = logging.getLogger("apps.blackbox_api")
 

@@ -13,9 +13,10 @@ from apps.medvqa.methods import METHODS, PERSONAL_METHODS, method_configs
 from apps.medvqa.report import write_results
 from apps.medvqa.scoring import MEAN, Scored, client_questions, majority_scores, score_run, table_rows
 from fedprompt.config import RunConfig
-from fedprompt.experiment import Experiment, build_experiment
-from fedprompt.results import RunDirectory
-from fedprompt.simulation import check_in_process, run_in_process
+from fedprompt.execution.results import RunDirectory
+from fedprompt.execution.simulation import check_in_process, run_in_process
+from fedprompt.tasks.experiment import Experiment
+from fedprompt.tasks.registry import build_experiment
 
 log = logging.getLogger("apps.medvqa")
 

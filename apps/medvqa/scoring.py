@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedprompt.experiment import Experiment
-from fedprompt.results import RunResult
-from fedprompt.state import State
+from fedprompt.execution.results import RunResult
+from fedprompt.federation.state import State
+from fedprompt.tasks.experiment import Experiment
 
 ALL, MEAN = "all clients", "mean over clients"
 

@@ -205,8 +205,8 @@ class ExperimentConfig(_Strict):
 
 
 def bundled_clip_available() -> bool:
-    """Whether this fedprompt has its bundled demo CLIP (``fedprompt.demo_backbone``)."""
-    return importlib.util.find_spec("fedprompt.demo_backbone") is not None
+    """Whether this fedprompt has its bundled demo CLIP (``fedprompt.tasks.clip.demo_backbone``)."""
+    return importlib.util.find_spec("fedprompt.tasks.clip.demo_backbone") is not None
 
 
 def default_experiment_dict() -> dict[str, Any]:

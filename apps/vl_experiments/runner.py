@@ -31,12 +31,12 @@ from apps.vl_experiments.table import (
 )
 from apps.vl_experiments.zero_shot import run_zero_shot
 from fedprompt.config import ConfigError, RunConfig
-from fedprompt.experiment import build_experiment
+from fedprompt.execution.report import load_run
+from fedprompt.execution.results import SUMMARY_FILE, RunDirectory
+from fedprompt.execution.simulation import run_in_process
 from fedprompt.files import write_text_atomically
-from fedprompt.preflight import check_model_fields
-from fedprompt.results import SUMMARY_FILE, RunDirectory
-from fedprompt.run_report import load_run
-from fedprompt.simulation import run_in_process
+from fedprompt.tasks.preflight import check_model_fields
+from fedprompt.tasks.registry import build_experiment
 
 log = logging.getLogger("apps.vl_experiments")
 
@@ -206,7 +206,7 @@ def write_tables(
 def write_plots(config: ExperimentConfig, folder: Path, runs: Sequence[RunValues]) -> list[Path]:
     """One PNG per metric of ``PLOTS`` with one curve per trained method (its mean over the seeds)
     per round and against the cumulative bytes, and zero-shot CLIP as a horizontal line."""
-    from fedprompt.plots import plot_runs
+    from fedprompt.execution.plots import plot_runs
 
     records = {}
     floors: dict[str, dict[str, float]] = {}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedprompt.run_report import RunRecord, comparison_rows
+from fedprompt.execution.report import RunRecord, comparison_rows
 
 WALL_TIME = "wall_time_s"
 """The summary.json key of a method's wall time in this process (loading, encoding, rounds)."""

@@ -12,18 +12,19 @@ from __future__ import annotations
 import yaml
 
 from fedprompt.config import RunConfig
-from fedprompt.experiment import Experiment, build_experiment
-from fedprompt.files import write_text_atomically
-from fedprompt.metrics import (
+from fedprompt.execution.metrics import (
     RunRecorder,
     client_evaluation_row,
     evaluate_global,
     summarize,
     summarize_client_evaluations,
 )
-from fedprompt.personalization import PromptSplit
-from fedprompt.results import CONFIG_FILE, RunDirectory, RunResult
-from fedprompt.training import evaluate
+from fedprompt.execution.results import CONFIG_FILE, RunDirectory, RunResult
+from fedprompt.federation.personalization import PromptSplit
+from fedprompt.files import write_text_atomically
+from fedprompt.tasks.experiment import Experiment
+from fedprompt.tasks.registry import build_experiment
+from fedprompt.training.gradient import evaluate
 from prompt_modules.clip_classifier import CLIPPromptClassifier
 from prompt_modules.clip_text_context import FixedClassText
 from prompt_modules.visual_prompts import FrozenImage

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedprompt.data.loading import DataError
-from fedprompt.data.vqa import RawRow
+from fedprompt.data.vqa_rows import RawRow
+from fedprompt.errors import DataError
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = {

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from fedprompt.config import DataConfig
-from fedprompt.data.loading import DataError, prepare_splits, with_builtin_columns
+from fedprompt.data.loading import prepare_splits, with_builtin_columns
+from fedprompt.errors import DataError
 from fedprompt.seeding import derive_seed
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -19,15 +19,11 @@ import pyarrow as pa
 
 from fedprompt.config import DataConfig
 from fedprompt.data.builtin import BUILTIN_COLUMNS, load_builtin
-from fedprompt.errors import UserError
+from fedprompt.errors import DataError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fedprompt.data.loading")
 
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DataError(UserError, ValueError):
-    """Data that cannot be loaded or split as configured; the message names the problem and the fix."""
 
 
 @dataclass

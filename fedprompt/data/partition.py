@@ -24,7 +24,7 @@ from flwr_datasets.partitioner import (
 )
 
 from fedprompt.config import PartitionConfig
-from fedprompt.data.loading import DataError
+from fedprompt.errors import DataError
 
 Labels = Sequence[int] | npt.NDArray[np.integer]
 

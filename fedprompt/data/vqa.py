@@ -36,10 +36,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fedprompt.config import DataConfig, VQADataConfig
-from fedprompt.data.loading import DataError
+from fedprompt.data.easy_vqa import easy_vqa_rows
+from fedprompt.data.vqa_rows import RawRow, unreadable_row
+from fedprompt.errors import DataError
 from fedprompt.seeding import derive_seed
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fedprompt.data.vqa")
 
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "vqa-rad": ("organ",),
@@ -85,26 +87,6 @@ class VQAData:
         """The answer indices of a split's rows (every answer is in the vocabulary)."""
         index = {answer: i for i, answer in enumerate(self.answers)}
         return np.array([index[a] for a in split["answer"]], dtype=np.int64)
-
-
-@dataclass
-class RawRow:
-    """One question as a format reader yields it, before it is checked."""
-
-    file: str
-    row: int
-    image: Any  # a path (str or Path), a PIL image, or {"bytes": ..., "path": ...}; None when absent
-    question: Any
-    answer: Any
-    answer_type: Any = None
-    question_type: Any = None
-    fields: dict[str, Any] = field(default_factory=dict)
-    problem: str | None = None  # set by a reader that cannot read the row at all
-
-
-def unreadable_row(file: str, row: int, record: Any) -> RawRow:
-    """A row that is not a JSON object of fields."""
-    return RawRow(file, row, None, None, None, problem=f"the row is a {type(record).__name__}, not an object")
 
 
 class BadRowPolicy:
@@ -282,8 +264,6 @@ def _unreadable(path: Path) -> str | None:
 def _read_format(vqa: VQADataConfig, config: DataConfig, seed: int) -> dict[str, list[RawRow]]:
     """{"train": rows, "test": rows} of the configured format and place."""
     if vqa.format == "easy-vqa":
-        from fedprompt.data.easy_vqa import easy_vqa_rows
-
         return {split: list(easy_vqa_rows(split)) for split in ("train", "test")}
     if vqa.hub is not None:
         return {

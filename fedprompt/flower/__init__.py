@@ -8,7 +8,7 @@ ready Flower app around them; ``fedprompt flower site-worker`` keeps a site's ba
 across the per-message ClientApp processes of the deployment engine
 (``fedprompt.flower.site_worker``). Partitions stay bound to the node that first claimed them
 (``fedprompt.flower.bindings``); with ``secure_aggregation.enabled`` the server learns only the sum
-of the updates (``fedprompt.flower.secure_round`` and ``secure_client``, on ``fedprompt.secagg``).
+of the updates (``fedprompt.flower.secure_round`` and ``secure_client``, on ``fedprompt.federation.secagg``).
 Needs the ``flower`` extra (``pip install 'fedprompt[flower]'``); ``fedprompt.flower.template`` alone
 does not import Flower.
 """
@@ -23,7 +23,7 @@ _EXPORTS = {
     "build_server_app": "fedprompt.flower.server_app",
     "run_server": "fedprompt.flower.server_app",
     "FedPromptStrategy": "fedprompt.flower.strategy",
-    "NotEnoughClientsError": "fedprompt.flower.strategy",
+    "NotEnoughClientsError": "fedprompt.flower.rounds",
     "new_app": "fedprompt.flower.template",
 }
 

@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 
 from fedprompt.config import ConfigError, RunConfig
 from fedprompt.errors import PayloadError
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.records import (
     EVAL_RECORD,
@@ -45,10 +46,9 @@ from fedprompt.flower.records import (
 )
 from fedprompt.flower.secure_records import SECAGG_RECORD
 from fedprompt.flower.site_worker import SITE_WORKER, SiteWorkerClient
-from fedprompt.instructions import FitInstructions
 
 if TYPE_CHECKING:
-    from fedprompt.client_state import ClientStateStore
+    from fedprompt.federation.client_state import ClientStateStore
     from fedprompt.flower.site import ExperimentCache
 
 CLIENT_STATE_DIR = "client-state-dir"
@@ -136,7 +136,7 @@ def site_for(context: Context, settings: AppSettings) -> SiteWorkerClient | InPr
             raise ConfigError(
                 f"node config {CLIENT_STATE_DIR!r} is {folder!r}; give a folder path as a string"
             )
-        from fedprompt.client_state import DirectoryClientStates
+        from fedprompt.federation.client_state import DirectoryClientStates
 
         return InProcessSite(DirectoryClientStates(folder))
     if not isinstance(path, str) or not path:

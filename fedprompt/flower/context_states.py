@@ -11,8 +11,8 @@ import json
 from flwr.app import Array, ArrayRecord, RecordDict
 from safetensors.torch import load, save
 
-from fedprompt.client_state import ClientStateStore, Versions
-from fedprompt.state import State
+from fedprompt.federation.client_state import ClientStateStore, Versions
+from fedprompt.federation.state import State
 
 STATE_RECORD = "fedprompt.client-state"
 """The key of the ArrayRecord in ``Context.state`` that holds the carried states."""

@@ -4,7 +4,7 @@ A payload travels unchanged: the safetensors bytes that fedprompt's ``encode_*``
 the data of one ``Array`` (dtype ``uint8``, stype ``safetensors``) in an ``ArrayRecord``, and come
 out as the same bytes, which fedprompt's own ``decode_*`` then validates. Flower never sees a
 tensor and nothing is pickled. Everything read from a record is checked here first; a record
-that does not have the expected shape raises :class:`~fedprompt.payload.PayloadError`.
+that does not have the expected shape raises :class:`~fedprompt.federation.payload.PayloadError`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedprompt.errors import PayloadError
-from fedprompt.instructions import FitInstructions
+from fedprompt.federation.instructions import FitInstructions
 
 PAYLOAD_RECORD = "fedprompt.payload"
 """RecordDict key of the ArrayRecord that carries a payload."""

@@ -1,5 +1,5 @@
 """A site's side of a securely aggregated round on Flower: the four stage messages of
-``fedprompt.secagg``, answered by the ClientApp.
+``fedprompt.federation.secagg``, answered by the ClientApp.
 
 The round's secrets (key pairs, self-mask seed, the shares other clients sent) live in the node's
 Flower context between the stage messages, never on the server. At the masked-input stage the
@@ -23,6 +23,8 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedprompt.config import RunConfig
 from fedprompt.errors import PayloadError
+from fedprompt.federation.instructions import FitInstructions
+from fedprompt.federation.secagg import ClientSession, RingQuantizer, SecAggError
 from fedprompt.flower.records import payload_content, read_instructions, read_payload
 from fedprompt.flower.secure_records import (
     METRICS_KEY,
@@ -34,8 +36,6 @@ from fedprompt.flower.secure_records import (
     read_stage_request,
     reply_record,
 )
-from fedprompt.instructions import FitInstructions
-from fedprompt.secagg import ClientSession, RingQuantizer, SecAggError
 
 SESSION_RECORD = "fedprompt.secagg-session"
 """The key of the ConfigRecord in ``Context.state`` that holds the round's client session."""

@@ -1,4 +1,4 @@
-"""The messages of a securely aggregated round (``fedprompt.secagg``) as Flower records, and back.
+"""The messages of a securely aggregated round (``fedprompt.federation.secagg``) as Flower records, and back.
 
 Every stage is a Flower ``train`` message with a ConfigRecord under :data:`SECAGG_RECORD` naming
 the stage, the round and the client; the masked-input stage also carries the usual downlink payload

@@ -1,4 +1,4 @@
-"""One securely aggregated round on the ServerApp's side: the four stages of ``fedprompt.secagg``
+"""One securely aggregated round on the ServerApp's side: the four stages of ``fedprompt.federation.secagg``
 through the Flower grid, then fedprompt's Server and Strategy on what they reveal.
 
 Weights are public and fixed before masking: uniform, or the example count each site declared when
@@ -7,7 +7,7 @@ p_k = w_k / max_j w_j over the clients left at the masked-input stage. The unmas
 gives the weighted mean delta Σ p_k Δ_k / Σ p_k of the survivors, to the quantisation error
 ``RingQuantizer`` states; the
 server adds it to the global state as the clients received it (in the wire dtype), and each
-survivor's :class:`~fedprompt.state.Update` carries that same aggregate with its weight w_k — the
+survivor's :class:`~fedprompt.federation.state.Update` carries that same aggregate with its weight w_k — the
 server knows nothing else of any client's update — so a strategy whose step depends on the weighted
 mean only (FedAvg, FedProx, FedAvgM, FedOpt; the configuration refuses the others) aggregates exactly the
 secure result, and the bookkeeping (client rows, accepted rounds for the clients' carried states,
@@ -28,7 +28,13 @@ from flwr.serverapp import Grid
 
 from fedprompt.config import SecureAggregationConfig
 from fedprompt.errors import PayloadError
+from fedprompt.federation.payload import WIRE_DTYPES, parse_metrics
+from fedprompt.federation.secagg import RingQuantizer, SecAggError, ServerSession
+from fedprompt.federation.server import RoundRecord
+from fedprompt.federation.state import State, Update
+from fedprompt.federation.update_pipeline import UpdateRejected, check_metrics
 from fedprompt.flower.records import INSTRUCTIONS_RECORD, instructions_record, payload_content, read_payload
+from fedprompt.flower.rounds import NotEnoughClientsError, RoundHost, match_replies
 from fedprompt.flower.secure_records import (
     SECAGG_RECORD,
     client_ids,
@@ -37,12 +43,6 @@ from fedprompt.flower.secure_records import (
     read_stage_reply,
     stage_record,
 )
-from fedprompt.flower.strategy import FedPromptStrategy, NotEnoughClientsError, match_replies
-from fedprompt.payload import WIRE_DTYPES, parse_metrics
-from fedprompt.secagg import RingQuantizer, SecAggError, ServerSession
-from fedprompt.server import RoundRecord
-from fedprompt.state import State, Update
-from fedprompt.update_pipeline import UpdateRejected, check_metrics
 
 log = logging.getLogger("fedprompt.flower")
 
@@ -53,7 +53,7 @@ class SecureRound:
 
     def __init__(
         self,
-        strategy: FedPromptStrategy,
+        strategy: RoundHost,
         grid: Grid,
         round_num: int,
         settings: SecureAggregationConfig,
@@ -231,7 +231,7 @@ class SecureRound:
 
 
 def _weights(
-    strategy: FedPromptStrategy, record: RoundRecord, settings: SecureAggregationConfig
+    strategy: RoundHost, record: RoundRecord, settings: SecureAggregationConfig
 ) -> dict[int, int]:
     """Client id -> its public weight, for the sampled clients that can take part (a node hosts
     them and, with declared weights, they declared a count); the others are rejected."""

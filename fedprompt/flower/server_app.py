@@ -21,13 +21,14 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedprompt.config import RunConfig, load_config
-from fedprompt.experiment import Experiment, build_experiment
+from fedprompt.execution.metrics import RunRecorder, client_rows, evaluate_global, round_metrics
+from fedprompt.execution.results import CONFIG_HASH_KEY, RunDirectory, RunResult
+from fedprompt.execution.simulation import make_server
 from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.bindings import BINDINGS_FILE, PartitionBindings
 from fedprompt.flower.strategy import FedPromptStrategy
-from fedprompt.metrics import RunRecorder, client_rows, evaluate_global, round_metrics
-from fedprompt.results import CONFIG_HASH_KEY, RunDirectory, RunResult
-from fedprompt.simulation import make_server
+from fedprompt.tasks.experiment import Experiment
+from fedprompt.tasks.registry import build_experiment
 
 log = logging.getLogger("fedprompt.flower")
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from fedprompt.client_state import ClientStateError, ClientStateStore
 from fedprompt.config import RunConfig
-from fedprompt.experiment import Experiment, build_experiment
+from fedprompt.execution.metrics import evaluate_client
+from fedprompt.execution.simulation import make_server
+from fedprompt.federation.client_state import ClientStateError, ClientStateStore
+from fedprompt.federation.payload import PayloadSpec, decode_state
+from fedprompt.federation.state import State
 from fedprompt.flower.strategy import EVAL_WIRE_DTYPE
-from fedprompt.metrics import evaluate_client
-from fedprompt.payload import PayloadSpec, decode_state
-from fedprompt.simulation import make_server
-from fedprompt.state import State
-from fedprompt.training import FitInstructions
+from fedprompt.tasks.experiment import Experiment
+from fedprompt.tasks.registry import build_experiment
+from fedprompt.training.gradient import FitInstructions
 
 CLIENT_STATE_RESET = "client_state_reset"
 """Update metric of a client whose carried state this site had lost (it started afresh)."""

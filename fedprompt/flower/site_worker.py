@@ -45,8 +45,8 @@ from pydantic import ValidationError
 
 from fedprompt.config import RunConfig
 from fedprompt.errors import PayloadError
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.flower.records import INSTRUCTIONS_RECORD, instructions_record, read_instructions
-from fedprompt.instructions import FitInstructions
 
 log = logging.getLogger("fedprompt.flower")
 
@@ -205,7 +205,10 @@ class SiteWorker:
     def __init__(
         self, socket_path: str | Path, state_dir: str | Path | None = None, read_timeout: float = READ_TIMEOUT
     ) -> None:
-        from fedprompt.client_state import DirectoryClientStates, MemoryClientStates  # worker side only
+        from fedprompt.federation.client_state import (  # worker side only
+            DirectoryClientStates,
+            MemoryClientStates,
+        )
         from fedprompt.flower.site import ExperimentCache
 
         if not read_timeout > 0:

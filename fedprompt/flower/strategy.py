@@ -1,6 +1,6 @@
 """The server side of fedprompt as a Flower message strategy: Flower carries the bytes, fedprompt decides.
 
-Every decision a round needs is made by fedprompt's :class:`~fedprompt.server.Server`, exactly as
+Every decision a round needs is made by fedprompt's :class:`~fedprompt.federation.server.Server`, exactly as
 in the in-process runtime: which clients take part (``Server.sample``, seeded by the run, never
 Flower's unseeded node sampling), the downlink bytes and fit instructions, the validation of
 every uplink payload, aggregation by the configured strategy in client-id order, and the
@@ -28,6 +28,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedprompt.config import SecureAggregationConfig
+from fedprompt.execution.metrics import client_evaluation_row, round_metrics, summarize_client_evaluations
+from fedprompt.federation.payload import PayloadError, encode_state
+from fedprompt.federation.server import RoundRecord, Server
+from fedprompt.federation.update_pipeline import ExampleBounds
 from fedprompt.flower.bindings import NodeIdentity, PartitionBindings
 from fedprompt.flower.records import (
     EVAL_INSTRUCTIONS_RECORD,
@@ -40,10 +44,8 @@ from fedprompt.flower.records import (
     read_node_reply,
     read_payload,
 )
-from fedprompt.metrics import client_evaluation_row, round_metrics, summarize_client_evaluations
-from fedprompt.payload import PayloadError, encode_state
-from fedprompt.server import RoundRecord, Server
-from fedprompt.update_pipeline import ExampleBounds
+from fedprompt.flower.rounds import NotEnoughClientsError, match_replies
+from fedprompt.flower.secure_round import SecureRound
 
 log = logging.getLogger("fedprompt.flower")
 
@@ -51,8 +53,6 @@ EVAL_WIRE_DTYPE = "float32"
 """Local evaluation gets the global state in fp32, as the in-process runtime evaluates it."""
 
 
-class NotEnoughClientsError(RuntimeError):
-    """A round ended with fewer valid updates than ``federation.min_clients``."""
 
 
 class FedPromptStrategy(Strategy):
@@ -177,8 +177,6 @@ class FedPromptStrategy(Strategy):
         the four stages of secure aggregation when it is enabled (``fedprompt.flower.secure_round``).
         Raises NotEnoughClientsError when too few clients remain."""
         if self.secure is not None and self.secure.enabled:
-            from fedprompt.flower.secure_round import SecureRound
-
             return SecureRound(self, grid, server_round, self.secure, timeout).run()
         messages = self.configure_train(server_round, self.global_arrays(), ConfigRecord(), grid)
         self.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
@@ -317,21 +315,6 @@ class FedPromptStrategy(Strategy):
         )
 
 
-def match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> dict[int, Message | None]:
-    """Client id -> its reply (None when none came), matched on the id of the message replied to.
-
-    Matching on the message id, not the sender, also places the errors the SuperLink writes for
-    nodes that went offline (they come from the SuperLink's own node id).
-    """
-    by_message = {message.metadata.message_id: cid for cid, message in messages.items()}
-    matched: dict[int, Message | None] = dict.fromkeys(messages)
-    for reply in replies:
-        cid = by_message.get(reply.metadata.reply_to_message_id)
-        if cid is None or matched[cid] is not None:
-            log.warning("ignoring a reply to unknown message %r", reply.metadata.reply_to_message_id)
-            continue
-        matched[cid] = reply
-    return matched
 
 
 _EVAL_KEYS = ("accuracy", "loss", "num-examples")

@@ -1,0 +1,197 @@
+"""Settings of the data package: where labelled examples come from (``data``) and how they are
+split among clients (``partition``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from fedprompt.config_base import StrictModel
+
+BUILTIN_DATASETS = ("chatterbot-corpus",)
+
+
+BUILTIN_IMAGE_DATASETS = ("digits",)
+
+
+class VQADataConfig(StrictModel):
+    """Visual question answering data (``data.source: vqa``): a public format read from local files
+    or the Hugging Face Hub, or the easy-vqa package's set (offline)."""
+
+    format: Literal["vqa-rad", "slake", "pathvqa", "easy-vqa"] = Field(
+        "easy-vqa",
+        description="vqa-rad: one json (image_name, question, answer, answer_type, image_organ) and an "
+        "image folder; slake: train/test json files (img_name, question, answer, answer_type, location, "
+        "modality, q_lang) and imgs/; pathvqa: <split>.jsonl/.csv/.parquet tables (image, question, "
+        "answer); easy-vqa: the easy-vqa package's shapes.",
+    )
+    path: Path | None = Field(None, description="Local folder of the dataset (vqa-rad: or its json file).")
+    hub: str | None = Field(
+        None, description="A Hugging Face dataset name with image, question and answer columns."
+    )
+    image_dir: Path | None = Field(
+        None, description="Folder the image names are relative to, if not the format's usual one."
+    )
+    language: str | None = Field("en", description="slake: keep questions in this q_lang (null: all).")
+    on_bad_row: Literal["skip", "error"] = Field(
+        "skip",
+        description="A row with no image, an empty question, or an answer that cannot be scored: skip it "
+        "(counted and logged with its file and row) or stop with an error naming them.",
+    )
+    client_field: str | None = Field(
+        None,
+        description="One client per value of this field (vqa-rad: organ; slake: organ, modality; easy-vqa: "
+        "question_type, shape, color); partition.num_clients must equal the number of values. "
+        "null: the partition section splits the questions.",
+    )
+    max_train_questions: int | None = Field(
+        None,
+        ge=1,
+        description="A seeded choice of this many training questions (made before rows are checked).",
+    )
+    max_test_questions: int | None = Field(
+        None, ge=1, description="A seeded choice of this many test questions (made before rows are checked)."
+    )
+
+    @model_validator(mode="after")
+    def _where_from(self) -> VQADataConfig:
+        if self.format == "easy-vqa" and (self.path or self.hub):
+            raise ValueError("format easy-vqa is read from the easy-vqa package; remove path and hub")
+        if self.format != "easy-vqa" and (self.path is None) == (self.hub is None):
+            raise ValueError(
+                f"format {self.format} needs exactly one of path (a local folder) and hub (a dataset name)"
+            )
+        return self
+
+
+class DataConfig(StrictModel):
+    """Where the labelled examples come from and which columns hold text and label.
+
+    ``source: datasets`` pools several image datasets (FedTPG's setting): each entry of
+    ``datasets`` is a data section of its own (source, name, columns, splits, caps), and
+    ``novel_class_fraction`` applies to each of them. ``source: vqa`` reads visual question
+    answering data (the ``vqa`` section).
+    """
+
+    source: Literal["builtin", "hub", "files", "image-folder", "datasets", "vqa"] = "builtin"
+    name: str | None = Field(
+        "chatterbot-corpus",
+        description="builtin: one of "
+        + ", ".join(BUILTIN_DATASETS + BUILTIN_IMAGE_DATASETS)
+        + "; hub: a dataset name or local folder; image-folder: a local folder of images in one "
+        "subfolder per class (datasets' imagefolder).",
+    )
+    subset: str | None = Field(None, description="Dataset configuration name (hub).")
+    files: dict[str, str | list[str]] | None = Field(
+        None, description="Split -> local .csv/.tsv/.json/.jsonl/.parquet file(s) (source: files)."
+    )
+    text_column: str = Field("text", description="Column of the texts (builtin datasets name their own).")
+    label_column: str = Field("label", description="Column of the labels (builtin datasets name their own).")
+    train_split: str = "train"
+    test_split: str | None = Field("test", description="None: hold out `test_fraction` of train.")
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    max_per_class: int | None = Field(None, ge=1, description="Cap on training examples per class (seeded).")
+    max_test_examples: int | None = Field(None, ge=1)
+    label_names: list[str] | None = Field(
+        None, description="Class names in label order (overrides the data's)."
+    )
+    image_column: str = Field(
+        "image", description="Column of the images (open-clip backbones; builtin datasets name their own)."
+    )
+    novel_class_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Base-to-novel evaluation (open-clip): this last share of the classes, in label order, "
+        "is novel: kept out of training and reported as novel_accuracy beside base_accuracy (FedTPG: 0.5).",
+    )
+    vqa: VQADataConfig | None = Field(
+        None, description="source: vqa: the question answering data (its columns come from its format)."
+    )
+
+    datasets: list[DataConfig] | None = Field(
+        None,
+        description="source: datasets: the image datasets pooled, each a data section (open-clip; partition "
+        "kind classes gives each client some classes of one of them).",
+    )
+
+    @model_validator(mode="after")
+    def _several_datasets(self) -> DataConfig:
+        if self.source != "datasets":
+            if self.datasets is not None:
+                raise ValueError("`datasets` goes with source: datasets; remove it or set source: datasets")
+            return self
+        if not self.datasets:
+            raise ValueError("source: datasets needs `datasets`, a list of data sections, one per dataset")
+        shared = {"source", "datasets", "novel_class_fraction"}
+        own = sorted(
+            name  # set and not the default (a resolved configuration repeats every default)
+            for name, field in type(self).model_fields.items()
+            if name not in shared and getattr(self, name) != field.get_default(call_default_factory=True)
+        )
+        if own:
+            raise ValueError(
+                f"with source: datasets, {own} belong in each entry of `datasets` (only novel_class_fraction "
+                "applies to all of them)"
+            )
+        for index, entry in enumerate(self.datasets):
+            if entry.source == "datasets":
+                raise ValueError(f"datasets.{index}: an entry cannot itself be source: datasets")
+            if entry.novel_class_fraction is not None:
+                raise ValueError(
+                    f"datasets.{index}.novel_class_fraction: set it once, beside `datasets`, for all of them"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DataConfig:
+        if self.source == "datasets":
+            return self
+        if self.source == "builtin" and self.name not in BUILTIN_DATASETS + BUILTIN_IMAGE_DATASETS:
+            raise ValueError(
+                f"builtin dataset {self.name!r} is unknown; choose one of "
+                f"{list(BUILTIN_DATASETS + BUILTIN_IMAGE_DATASETS)}"
+            )
+        if self.source == "hub" and not self.name:
+            raise ValueError("source: hub needs `name`, a dataset name or a local dataset folder")
+        if self.source == "image-folder" and not self.name:
+            raise ValueError("source: image-folder needs `name`, the folder with one subfolder per class")
+        if self.source == "vqa" and self.vqa is None:
+            raise ValueError("source: vqa needs a `vqa` section, e.g. {format: easy-vqa}")
+        if self.source != "vqa" and self.vqa is not None:
+            raise ValueError("the `vqa` section applies to source: vqa only")
+        if self.source == "vqa" and self.novel_class_fraction is not None:
+            raise ValueError("novel_class_fraction (base-to-novel) applies to image classification, not vqa")
+        if self.source == "files" and (not self.files or self.train_split not in self.files):
+            raise ValueError(
+                f"source: files needs `files` with a {self.train_split!r} entry, e.g. {{train: a.csv}}"
+            )
+        return self
+
+
+class PartitionConfig(StrictModel):
+    """How the training examples are split among clients."""
+
+    kind: Literal["iid", "dirichlet", "dirichlet_per_client", "shards", "classes"] = "dirichlet"
+    num_clients: int = Field(10, ge=1)
+    alpha: float = Field(
+        0.5,
+        gt=0,
+        description="Dirichlet concentration (dirichlet: of each class over clients; dirichlet_per_client: "
+        "of each client's class mix); smaller means more label skew.",
+    )
+    min_partition_size: int = Field(
+        5,
+        ge=0,
+        description="dirichlet: resample until each client has this many (dirichlet_per_client: equal sizes)",
+    )
+    shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards given to each client.")
+    classes_per_client: int = Field(2, ge=1, description="classes: the classes each client sees.")
+    local_val_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of each client's data kept for local eval."
+    )
+
+
+DataConfig.model_rebuild()

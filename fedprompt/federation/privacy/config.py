@@ -1,0 +1,106 @@
+"""The ``privacy`` section: client-level differential privacy (central or local)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from fedprompt.config_base import StrictModel
+
+
+class AdaptiveClippingConfig(StrictModel):
+    """Adaptive clipping (Andrew et al. 2021): the clipping norm C follows a quantile of the
+    clients' update norms, C ← C·exp(−η·(b̃ − γ)), b̃ the share of updates within C estimated from a
+    noised count. Its noise takes part of the privacy budget (the noise split of the paper)."""
+
+    target_quantile: float = Field(
+        0.5, gt=0, lt=1, description="γ, the share of updates meant to lie within C."
+    )
+    learning_rate: float = Field(0.2, gt=0, description="η, the step of the geometric update of C.")
+    count_stddev: float | None = Field(
+        None,
+        gt=0,
+        description="σ_b, the standard deviation of the noise on the count of updates within C; null: the "
+        "expected clients per round / 20 (the paper's choice). Must exceed noise_multiplier / 2.",
+    )
+
+
+class PrivacyConfig(StrictModel):
+    """Client-level differential privacy of the prompt updates (DP-FedAvg, McMahan et al. 2018).
+
+    central: the server (trusted) clips each client's delta to ``clip_norm``, averages the clipped
+    deltas with uniform weights over the expected number of clients K, and adds N(0, (σC/K)²) to
+    each coordinate; an RDP accountant (dp-accounting) reports ε at ``delta`` every round.
+    local: each client clips its own delta and adds N(0, σ²C²) before upload (no trusted server).
+    """
+
+    kind: Literal["none", "central", "local"] = "none"
+    clip_norm: float | None = Field(
+        None,
+        gt=0,
+        description="C, the L2 bound on each client's delta (the initial C with adaptive clipping).",
+    )
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="σ, the noise standard deviation in units of C (null: from target_epsilon)."
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="The ε at `delta` the whole run (federation.rounds) may spend: σ is computed from it, "
+        "or a given noise_multiplier too small for it is refused at start.",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee.")
+    sampling: Literal["poisson", "fixed"] = Field(
+        "poisson",
+        description="central: poisson samples each client independently with probability federation.fraction "
+        "(what DP-FedAvg's accountant assumes; a round may have any number of clients); fixed samples "
+        "federation.min_clients/fraction clients without replacement, accounted for replace-one neighbours.",
+    )
+    adaptive_clipping: AdaptiveClippingConfig | None = Field(
+        None, description="central only: let C track a quantile of the update norms."
+    )
+    server_lr: float = Field(1.0, gt=0, description="central only: η of the server step θ ← θ + η·v.")
+    server_momentum: float = Field(
+        0.0, ge=0, lt=1, description="central only: β of the server momentum v ← β·v + (noised mean delta)."
+    )
+    noise_seed: Literal["run", "secret"] = Field(
+        "run",
+        description="run: noise drawn from the run seed and round (bit-identical runs and resumes; whoever "
+        "knows the seed can subtract it); secret: from the operating system's entropy.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> PrivacyConfig:
+        given = [  # fields off their defaults (a dumped config sets every field)
+            name
+            for name, field in type(self).model_fields.items()
+            if name != "kind" and getattr(self, name) != field.get_default(call_default_factory=True)
+        ]
+        if self.kind == "none":
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} apply to a differentially private run; set kind: central or "
+                    "local, or remove them"
+                )
+            return self
+        if self.clip_norm is None:
+            raise ValueError(
+                f"kind {self.kind} needs clip_norm, the L2 bound C on each client's delta (about a typical "
+                "update norm; see update_norm in clients.jsonl of a non-private run)"
+            )
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError(
+                f"kind {self.kind} needs noise_multiplier (σ, in units of clip_norm) or target_epsilon "
+                "(the ε at delta the run may spend; σ is then computed)"
+            )
+        if self.kind == "local":
+            central = ("adaptive_clipping", "server_lr", "server_momentum", "sampling")
+            central_only = [name for name in central if name in given]
+            if central_only:
+                raise ValueError(
+                    f"{', '.join(central_only)} apply to kind central; local DP noises each upload on its "
+                    "client, so sampling gives no amplification against the server and any strategy is "
+                    "post-processing (e.g. strategy.kind fedadam for a server optimiser); remove them"
+                )
+        return self

@@ -1,0 +1,253 @@
+"""The ``strategy`` section: one configuration class per aggregation rule, each declaring what its
+strategy can do (``StrategySettings``), which the cross-section checks of ``fedprompt.config``
+read instead of lists of kind names."""
+
+from __future__ import annotations
+
+import operator
+from functools import reduce
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from fedprompt.config_base import StrictModel
+
+
+class StrategySettings(StrictModel):
+    """A strategy's configuration and what its strategy declares it can do. The cross-section
+    checks (``fedprompt.config``) read these declarations, never lists of kind names, so a new
+    strategy states its needs here, beside its settings."""
+
+    each_update: ClassVar[str | None] = None
+    """What of each single client update the server step reads (None: the weighted mean of the
+    updates is all it needs, which is all secure aggregation reveals)."""
+    gradient_steps: ClassVar[str | None] = None
+    """What the strategy does to the clients' gradient steps (None: it works with any local
+    optimiser; otherwise black-box optimisers, which take no gradient steps, are refused)."""
+    steps_as_sgd: ClassVar[str | None] = None
+    """Why the strategy reads the local steps as plain SGD's with one learning rate and momentum
+    (None: any gradient optimiser)."""
+    needs_optimizer: ClassVar[tuple[str, str] | None] = None
+    """(optimizer.kind, why) when the strategy works with one local optimiser only."""
+    sent_beside_prompt: ClassVar[str | None] = None
+    """What clients send beside the prompt tensors, which local differential privacy does not
+    noise (None: the prompt tensors alone, so local DP protects the whole upload)."""
+    dp_fedavg: ClassVar[bool] = False
+    """Whether central DP may stand in for the server step: DP-FedAvg's noised uniform mean of the
+    clipped deltas replaces the strategy's mean (FedAvg, and FedProx, whose server is FedAvg's)."""
+    personal_prompts: ClassVar[bool] = False
+    """Whether each client keeps a whole personal prompt (so no split prompt goes beside it)."""
+
+
+class FedAvgConfig(StrategySettings):
+    """Average of client states, weighted by their example counts or uniform."""
+
+    dp_fedavg = True
+
+    kind: Literal["fedavg"] = "fedavg"
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples",
+        description="examples: w_k = n_k (FedAvg); uniform: every client counts once (FedTPG's and "
+        "PromptFL's reference code).",
+    )
+    server_lr: float = Field(
+        1.0, gt=0, description="η_g, the server's step along the average update: θ ← θ + η·(average − θ)."
+    )
+
+
+class FedProxConfig(StrategySettings):
+    """FedAvg on the server; clients add (mu/2)·||θ - θ_global||² to their loss."""
+
+    gradient_steps = "adds a gradient term to the clients' loss"
+    dp_fedavg = True
+
+    kind: Literal["fedprox"] = "fedprox"
+    mu: float = Field(0.01, ge=0)
+
+
+class FedOptConfig(StrategySettings):
+    """Server optimiser on the pseudo-gradient (FedAdam, FedYogi, FedAdagrad)."""
+
+    kind: Literal["fedadam", "fedyogi", "fedadagrad"] = "fedadam"
+    server_lr: float = Field(1e-2, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+
+
+class MedianConfig(StrategySettings):
+    """Coordinate-wise median."""
+
+    each_update = "the coordinate-wise median of the updates"
+
+    kind: Literal["median"] = "median"
+
+
+class TrimmedMeanConfig(StrategySettings):
+    """Coordinate-wise mean after dropping the `beta` largest and smallest shares."""
+
+    each_update = "the coordinate-wise order of the updates"
+
+    kind: Literal["trimmed-mean"] = "trimmed-mean"
+    beta: float = Field(0.1, ge=0, lt=0.5)
+
+
+class KrumConfig(StrategySettings):
+    """Krum: the update closest to its n - f - 2 nearest neighbours; Multi-Krum: the mean of the
+    `keep` closest."""
+
+    each_update = "the distances between the updates"
+
+    kind: Literal["krum"] = "krum"
+    num_byzantine: int = Field(0, ge=0, description="f, the number of clients that may be adversarial.")
+    keep: int = Field(1, ge=1, description="m: 1 is Krum; more averages the m best-scored (Multi-Krum).")
+
+
+class FedBPTConfig(StrategySettings):
+    """FedBPT: clients search z by CMA-ES from the server's mean and σ; the server aggregates.
+
+    rule ``cma`` (the reference's): one global CMA-ES is told every client's final mean and its local
+    loss as injected solutions (repaired as pycma repairs solutions it did not sample), from the
+    step size σ_g the clients' local step sizes give; the σ sent down is then scaled by the global
+    CMA-ES's step-size change, σ ← max(sigma_floor, σ · σ_after/σ_g). rule ``mean``: the
+    example-weighted mean of the clients' z; σ ← max(sigma_floor, min(σ, the clients' RMS final σ)).
+    A client's report is rejected when its loss is not in [0, max_loss] or its step sizes are not
+    within a factor max_sigma_ratio of the σ it was sent.
+    """
+
+    each_update = "each client's CMA-ES search state and losses (its CMA rule)"
+    needs_optimizer = ("cmaes", "aggregates CMA-ES searches")
+    sent_beside_prompt = "CMA-ES losses"
+
+    kind: Literal["fedbpt"] = "fedbpt"
+    rule: Literal["cma", "mean"] = "cma"
+    sigma_floor: float = Field(
+        0.5, ge=0, description="Lowest step size sent to clients (0.5 as the reference intends; 0: none)."
+    )
+    max_loss: float = Field(
+        100.0, gt=0, description="Largest local cross-entropy a client may report (p = e^-100 for its class)."
+    )
+    max_sigma_ratio: float = Field(
+        10.0,
+        gt=1,
+        description="A client's final σ and √(Σ_t σ_t²/μ) must lie within this factor of the σ it was sent "
+        "(honest: about √(generations/μ), 2 in the reference's setting).",
+    )
+
+
+class ReliabilityConfig(StrategySettings):
+    """Reliability-weighted personalised aggregation (prompt-based personalised FL for medical VQA).
+
+    Each client keeps its own prompt p_t. The server sends client t the shared prompt
+    p_t^s = Σ_{i≠t} η_i p_i, η_i ∝ acc_i · max(0, cos(p_i, p_t)) over the other clients' last
+    prompts (acc_i: their reported validation accuracy), and the client adds
+    α · (1 − cos(p_t, p_t^s)) to its loss. The global prompt (the server's evaluation) is the
+    mean of the clients' prompts weighted by acc_i · (mean clipped cosine to the others).
+    """
+
+    each_update = "each client's prompt and its agreement with the others"
+    sent_beside_prompt = "validation accuracy"
+    personal_prompts = True
+
+    kind: Literal["reliability"] = "reliability"
+    alpha: float = Field(1.0, ge=0, description="α, the weight of the pull toward the shared prompt.")
+
+
+class FedKSeedConfig(StrategySettings):
+    """FedKSeed (Qin et al. 2024): zeroth-order steps along a shared pool of K seeds; clients send
+    (seed index, projected gradient ĝ) pairs instead of the prompt, and every party rebuilds the
+    prompt by replaying them: θ ← θ − η·w_k·ĝ·u(seed), the clients' pairs in client-id order, each
+    client's in step order, w_k its aggregation weight. Needs optimizer.kind spsa (η = optimizer.lr,
+    ε = optimizer.epsilon; the paper's ε is 5e-4), a round of budget // (2·batch_size) steps.
+    """
+
+    each_update = "each client's (seed, projected gradient) pairs"
+    needs_optimizer = ("spsa", "replays SPSA steps")
+    sent_beside_prompt = "seed-gradient pairs"
+
+    kind: Literal["fedkseed"] = "fedkseed"
+    num_seeds: int = Field(
+        4096, ge=1, le=2**24, description="K, the seeds in the shared pool (the paper's 4096)."
+    )
+    weighting: Literal["examples", "equal"] = Field(
+        "examples", description="A client's weight w_k in the replay: by its example count, or 1/(clients)."
+    )
+    max_projected_grad: float = Field(
+        1000.0,
+        gt=0,
+        description="Largest |ĝ| the server accepts; a client skips (sends ĝ = 0 for) a step above it, as "
+        "the reference's loss-gap clip does.",
+    )
+    downlink: Literal["prompt", "seed-pool"] = Field(
+        "prompt",
+        description="What clients are sent: the global prompt, or the K accumulated ĝ per seed since "
+        "round 0, from which every client replays the prompt (the paper's downlink: 4·K bytes whatever "
+        "the prompt).",
+    )
+
+
+class ScaffoldConfig(StrategySettings):
+    """SCAFFOLD (option II): server and client control variates, the size of the prompt, correct
+    each client's local gradient (g + c − c_i); they travel with the prompt both ways. Clients
+    train by SGD (`optimizer.algorithm: sgd`)."""
+
+    each_update = "each client's control-variate update beside its prompt"
+    gradient_steps = "corrects or counts the clients' gradient steps"
+    steps_as_sgd = (
+        "its control-variate update c_i + (x − y_i)/(K·η_l) − c reads the local steps as η_l times the "
+        "corrected gradient, which AdamW's per-coordinate scaling breaks"
+    )
+    sent_beside_prompt = "control variates"
+
+    kind: Literal["scaffold"] = "scaffold"
+    server_lr: float = Field(1.0, gt=0, description="η_g: x ← x + η_g·(weighted mean of y_i − x).")
+
+
+class FedDynConfig(StrategySettings):
+    """FedDyn: each client adds −⟨g_k, θ⟩ + (α/2)‖θ − θ_server‖² to its loss (g_k carried from round to
+    round); the server keeps h and sends mean(θ_k) − h/α."""
+
+    each_update = "each client's prompt for its dynamic regulariser's state"
+    gradient_steps = "corrects or counts the clients' gradient steps"
+
+    kind: Literal["feddyn"] = "feddyn"
+    alpha: float = Field(0.01, gt=0, description="α, the dynamic regulariser's weight (paper: 0.01-0.1).")
+
+
+class FedAvgMConfig(StrategySettings):
+    """Server momentum: v ← β·v + Δ, θ ← θ + η·v, with Δ the example-weighted average update."""
+
+    kind: Literal["fedavgm"] = "fedavgm"
+    server_lr: float = Field(1.0, gt=0, description="η, the server learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="β, the server momentum.")
+
+
+class FedNovaConfig(StrategySettings):
+    """FedNova: each client's update is divided by its a_i (from its local steps and the SGD
+    momentum) and the average rescaled by τ_eff = Σ p_i a_i."""
+
+    each_update = "each client's local step count"
+    gradient_steps = "corrects or counts the clients' gradient steps"
+    sent_beside_prompt = "step counts"
+
+    kind: Literal["fednova"] = "fednova"
+
+
+STRATEGY_CONFIGS: tuple[type[StrategySettings], ...] = (
+    FedAvgConfig,
+    FedProxConfig,
+    FedOptConfig,
+    MedianConfig,
+    TrimmedMeanConfig,
+    KrumConfig,
+    FedBPTConfig,
+    ReliabilityConfig,
+    FedKSeedConfig,
+    ScaffoldConfig,
+    FedDynConfig,
+    FedAvgMConfig,
+    FedNovaConfig,
+)
+"""Every strategy configuration, one per ``strategy.kind`` (FedOpt's three kinds share one)."""
+
+StrategyConfig = Annotated[reduce(operator.or_, STRATEGY_CONFIGS), Field(discriminator="kind")]

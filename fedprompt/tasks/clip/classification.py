@@ -1,0 +1,460 @@
+"""Image classification with prompts on a frozen open_clip CLIP: config -> backbone, module, clients.
+
+The sibling of ``text_task``. Images are preprocessed with the backbone's own transform and turned,
+once per dataset, into what the prompt module's image side reads (``ImageInput``): CLIP image
+features for text-side prompts, hidden states below the first prompted layer for VPT, pixels for
+pixel-space prompts. Those tensors go through ``FeatureCache`` (in memory; on disk when
+``backbone.feature_cache_dir`` is set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Sequence
+
+import datasets
+import numpy as np
+import open_clip
+import torch
+
+from fedprompt.config import (
+    ConfigError,
+    CoOpPromptConfig,
+    GeneratorPromptConfig,
+    OpenCLIPBackboneConfig,
+    PartOptimizerConfig,
+    PixelPromptConfig,
+    RunConfig,
+    TwinPromptConfig,
+    VPTPromptConfig,
+)
+from fedprompt.data.images import ImageTask, load_image_task
+from fedprompt.data.partition import partition_class_ranges, partition_indices, split_local
+from fedprompt.errors import DataError
+from fedprompt.federation.strategies.registry import build_strategy
+from fedprompt.seeding import derive_seed, torch_generator
+from fedprompt.tasks.clip.demo_backbone import backbone_notes, resolve_clip_weights
+from fedprompt.tasks.clip.feature_cache import FeatureCache, image_fingerprint
+from fedprompt.tasks.experiment import EvalSet, Experiment
+from fedprompt.tasks.preflight import check_coupled_depth, context_phrase, vpt_layers
+from fedprompt.training.augment import VIEWS, CropFlip, SeededTrainData, view_seed
+from fedprompt.training.batching import TensorData
+from fedprompt.training.client import Client
+from fedprompt.training.contrastive import ContrastiveTrainer
+from fedprompt.training.device import make_accelerator
+from fedprompt.training.gradient import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
+from optimizers.gradient import GradientOptimizer
+from prompt_modules.clip_backbone import OpenCLIPBackbone
+from prompt_modules.clip_classifier import CLIPPromptClassifier
+from prompt_modules.clip_text_context import FixedClassText, TextContext
+from prompt_modules.prompt_generator import PromptGenerator
+from prompt_modules.soft_prompt import init_prompt_embeddings
+from prompt_modules.twin_prompt import CoupledVisualPrompt
+from prompt_modules.visual_prompts import FrozenImage, PixelPrompt, VisualTokenPrompt, vpt_init
+
+
+def load_clip_backbone(config: OpenCLIPBackboneConfig, seed: int) -> OpenCLIPBackbone:
+    """The frozen CLIP a run needs (seeded random weights when ``pretrained`` is null; the demo
+    backbone's cached checkpoint, built on first use, for ``bundled:demo-clip``)."""
+    model, pretrained = resolve_clip_weights(config)
+    return OpenCLIPBackbone.load(
+        model,
+        pretrained,
+        precision=config.precision,
+        image_size=config.image_size,
+        seed=derive_seed(seed, "random-backbone"),
+    )
+
+
+# --------------------------------------------------------------------------- prompt modules
+
+
+def build_text_context(
+    config: CoOpPromptConfig, backbone: OpenCLIPBackbone, class_names: Sequence[str], seed: int, field: str
+) -> TextContext:
+    """CoOp context: from a phrase (one vector per token), sampled vocabulary or N(0, init_std²);
+    deep layers N(0, init_std²)."""
+    if config.depth > backbone.num_text_layers:
+        raise ConfigError(
+            f"{field}.depth: {config.depth} exceeds the text tower's {backbone.num_text_layers} layers"
+        )
+    num_tokens, phrase = context_phrase(config, backbone.tokenizer, field)
+    generator = torch_generator(derive_seed(seed, "prompt-init", "text"))
+
+    def init() -> torch.Tensor:
+        return init_prompt_embeddings(
+            backbone.token_embedding_matrix,
+            num_tokens,
+            config.init,
+            generator=generator,
+            text_ids=phrase,
+            excluded_ids=backbone.special_token_ids,
+            std=config.init_std,
+        )
+
+    context = torch.stack([init() for _ in class_names]) if config.class_specific else init()
+    deep = torch.randn(config.depth - 1, num_tokens, backbone.text_width, generator=generator)
+    return TextContext(
+        context,
+        deep * config.init_std if config.depth > 1 else None,
+        class_names if config.class_specific else None,
+        class_position=config.class_position,
+    )
+
+
+def build_visual_side(
+    config: VPTPromptConfig | PixelPromptConfig, backbone: OpenCLIPBackbone, seed: int, field: str
+) -> VisualTokenPrompt | PixelPrompt:
+    """A pixel prompt or VPT tokens (layers checked against the tower), seeded from the run seed."""
+    if isinstance(config, PixelPromptConfig):
+        try:
+            return PixelPrompt(
+                config.method,
+                config.size,
+                backbone.image_size,
+                config.init_std,
+                derive_seed(seed, "pixel"),
+                random_at_eval=config.random_at_eval,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{field}.size: {exc}") from None
+    layers = vpt_layers(config, backbone.num_vision_layers, field)
+    generator = torch_generator(derive_seed(seed, "prompt-init", "vpt"))
+    return VisualTokenPrompt(
+        vpt_init(backbone, layers, config.num_tokens, generator),
+        config.start_layer,
+        placement=config.placement,
+        dropout=config.dropout,
+    )
+
+
+def _part_settings(config: PartOptimizerConfig) -> dict[str, float]:
+    return {name: value for name, value in config.model_dump().items() if value is not None}
+
+
+def build_clip_model(
+    config: RunConfig, backbone: OpenCLIPBackbone, class_names: Sequence[str]
+) -> CLIPPromptClassifier:
+    """The prompt module the config asks for, on ``backbone``, scoring ``class_names``."""
+    prompt, seed = config.prompt, config.seed
+    if isinstance(prompt, CoOpPromptConfig):
+        text = build_text_context(prompt, backbone, class_names, seed, "prompt")
+        return CLIPPromptClassifier(backbone, text, FrozenImage(), class_names)
+    if isinstance(prompt, VPTPromptConfig | PixelPromptConfig):
+        image = build_visual_side(prompt, backbone, seed, "prompt")
+        return CLIPPromptClassifier(backbone, FixedClassText(prompt.class_template), image, class_names)
+    if isinstance(prompt, GeneratorPromptConfig):
+        generator = PromptGenerator(
+            prompt.num_tokens,
+            backbone.text_width,
+            backbone.embed_dim,
+            heads=prompt.heads,
+            ff_mult=prompt.ff_mult,
+            self_attention_layers=prompt.self_attention_layers,
+            template=prompt.name_template,
+            init_std=prompt.init_std,
+            seed=derive_seed(seed, "prompt-init", "generator"),
+        )
+        return CLIPPromptClassifier(backbone, generator, FrozenImage(), class_names)
+    if isinstance(prompt, TwinPromptConfig):
+        text = build_text_context(prompt.text, backbone, class_names, seed, "prompt.text")
+        if prompt.coupled:
+            assert isinstance(prompt.visual, VPTPromptConfig)  # TwinPromptConfig guarantees it
+            layers = vpt_layers(prompt.visual, backbone.num_vision_layers, "prompt.visual")
+            check_coupled_depth(prompt.visual.start_layer, layers, text.depth)
+            if prompt.visual.num_tokens != text.num_tokens:
+                raise ConfigError(
+                    f"prompt.visual.num_tokens: {prompt.visual.num_tokens} must equal the text context's "
+                    f"{text.num_tokens} vectors (from prompt.text.init_text) when coupled"
+                )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(seed, "prompt-init", "coupling"))
+                image = CoupledVisualPrompt(
+                    backbone.text_width,
+                    backbone.vision_width,
+                    layers,
+                    prompt.visual.start_layer,
+                    placement=prompt.visual.placement,
+                )
+        else:
+            image = build_visual_side(prompt.visual, backbone, seed, "prompt.visual")
+        settings = {
+            "text": _part_settings(prompt.text_optimizer),
+            "image": _part_settings(prompt.visual_optimizer),
+        }
+        return CLIPPromptClassifier(backbone, text, image, class_names, settings)
+    raise ConfigError(f"prompt.kind {prompt.kind!r} is not a CLIP prompt")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _pixels(backbone: OpenCLIPBackbone, images: list) -> torch.Tensor:
+    """Preprocessed images [B, 3, H, W] (the backbone's evaluation transform)."""
+    return torch.stack([backbone.preprocess(image.convert("RGB")) for image in images])
+
+
+def _cache_parts(model: CLIPPromptClassifier, dataset: datasets.Dataset, what: str) -> dict[str, str]:
+    """What cached image tensors depend on: model, weights, precision, transform, images, ``what``."""
+    backbone: OpenCLIPBackbone = model.backbone
+    return {
+        "model": backbone.name,
+        "architecture": repr(open_clip.get_model_config(backbone.name)),
+        "weights": backbone.weights,
+        "dtype": f"{backbone.dtype}/{backbone.image_dtype}",
+        "transform": repr(backbone.preprocess),
+        "input": what,
+        "images": image_fingerprint(dataset),
+    }
+
+
+def image_tensors(
+    model: CLIPPromptClassifier,
+    dataset: datasets.Dataset,
+    cache: FeatureCache,
+    batch_size: int,
+) -> TensorData:
+    """The dataset as the model's image input (cached, computed once) plus ``labels``."""
+    backbone: OpenCLIPBackbone = model.backbone
+    image_input = model.image_input
+
+    def compute() -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(dataset), batch_size):
+            pixels = _pixels(backbone, dataset[start : start + batch_size]["image"])
+            chunks.append(model.prepare_images(pixels.to(backbone.device)).cpu())
+        return torch.cat(chunks)
+
+    parts = _cache_parts(model, dataset, image_input.name)
+    values = cache.get(parts, compute, persist=image_input.key != "pixels")  # pixels: memory only
+    labels = torch.tensor(dataset["label"], dtype=torch.long)
+    return TensorData({image_input.key: values, "labels": labels})
+
+
+def augmented_views(
+    model: CLIPPromptClassifier,
+    dataset: datasets.Dataset,
+    rows: np.ndarray,
+    augment: CropFlip,
+    views: int,
+    seed: int,
+    cache: FeatureCache,
+    batch_size: int,
+) -> torch.Tensor:
+    """Image features [N, K, D] of K augmented views of each image (cached, computed once).
+
+    View k of the image at row r of the full training set is ``augment`` with seed
+    ``view_seed(seed, r, k)``: the same whichever clients a process builds.
+    """
+    backbone: OpenCLIPBackbone = model.backbone
+
+    def compute() -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(dataset), batch_size):
+            pixels = _pixels(backbone, dataset[start : start + batch_size]["image"])
+            stacked = torch.stack(
+                [
+                    augment(image, view_seed(seed, int(row), k))
+                    for image, row in zip(pixels, rows[start : start + batch_size], strict=True)
+                    for k in range(views)
+                ]
+            )
+            features = model.prepare_images(stacked.to(backbone.device)).cpu()
+            chunks.append(features.reshape(len(pixels), views, -1))
+        return torch.cat(chunks)
+
+    parts = _cache_parts(model, dataset, f"{model.image_input.name}-views")
+    parts["augment"] = f"{augment!r} views={views} seed={derive_seed(seed, 'augment-view')}"
+    parts["rows"] = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
+    return cache.get(parts, compute)
+
+
+def pixel_tensor(
+    backbone: OpenCLIPBackbone,
+    dataset: datasets.Dataset,
+    cache: FeatureCache,
+    batch_size: int,
+    model: CLIPPromptClassifier,
+) -> torch.Tensor:
+    """Preprocessed images [N, 3, H, W] of the dataset (kept in memory only: cheap to redo)."""
+
+    def compute() -> torch.Tensor:
+        return torch.cat(
+            [
+                _pixels(backbone, dataset[i : i + batch_size]["image"])
+                for i in range(0, len(dataset), batch_size)
+            ]
+        )
+
+    return cache.get(_cache_parts(model, dataset, "pixels"), compute, persist=False)
+
+
+def seeded_train_data(
+    data: TensorData, replacements: dict[str, torch.Tensor], augment: CropFlip | None
+) -> SeededTrainData:
+    """A client's training data whose batches carry the step's randomness (``SeededTrainData``):
+    cached views (``VIEWS``) replace the plain image features, pixels the cached hidden states (VPT
+    then runs the whole tower on augmented images)."""
+    tensors = dict(data.tensors)
+    if VIEWS in replacements:
+        tensors.pop("image_features", None)
+    if "pixels" in replacements:
+        tensors.pop("image_tokens", None)
+    tensors.update(replacements)
+    return SeededTrainData(tensors, augment=augment if "pixels" in tensors else None)
+
+
+def relabel(data: TensorData, classes: np.ndarray) -> TensorData:
+    """``data`` with its labels renumbered within ``classes`` (sorted label values): c -> index of c."""
+    labels = torch.as_tensor(np.searchsorted(classes, data.labels.numpy()), dtype=torch.long)
+    return TensorData({**data.tensors, "labels": labels})
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+def _trainer(config: RunConfig, optimizer: GradientOptimizer, device: torch.device) -> LocalTrainer:
+    prompt, batch_size = config.prompt, config.optimizer.batch_size
+    schedule = round_schedule(config.optimizer, config.federation.rounds)
+    if isinstance(prompt, TwinPromptConfig) and prompt.contrastive:
+        return ContrastiveTrainer(
+            optimizer,
+            batch_size,
+            device,
+            ce_weight=prompt.ce_weight,
+            temperature=prompt.temperature,
+            eval_batch_size=config.runtime.eval_batch_size,
+            text_contrast=prompt.contrast == "image-and-text",
+            schedule=schedule,
+        )
+    return GradientTrainer(optimizer, batch_size, device, schedule)
+
+
+def _random_visual_prompt(config: RunConfig) -> bool:
+    """Whether the visual prompt draws random numbers while training (it then reads the step's seed)."""
+    prompt = config.prompt
+    visual = prompt.visual if isinstance(prompt, TwinPromptConfig) else prompt
+    if isinstance(visual, PixelPromptConfig):
+        return visual.method == "random-patch"
+    return isinstance(visual, VPTPromptConfig) and visual.dropout > 0
+
+
+def _partition(config: RunConfig, task: ImageTask, labels: np.ndarray) -> list[np.ndarray]:
+    seed = derive_seed(config.seed, "partition")
+    if task.datasets is None:
+        return partition_indices(labels, config.partition, seed=seed)
+    try:
+        return partition_class_ranges(
+            labels,
+            [d.classes for d in task.datasets],
+            config.partition.classes_per_client,
+            config.partition.num_clients,
+        )
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _eval_sets(
+    model: CLIPPromptClassifier, task: ImageTask, test: TensorData, cache: FeatureCache, batch: int
+) -> dict[str, EvalSet]:
+    """Base and novel classes (base-to-novel runs) and, for pooled datasets, each dataset apart:
+    ``<label>_base`` and ``<label>_novel`` (grouped into ``base`` and ``novel``, their mean over
+    datasets as FedTPG reports it), or ``<label>`` (grouped into ``dataset_mean``)."""
+    novel = image_tensors(model, task.novel_test, cache, batch) if task.novel_test is not None else None
+    if task.datasets is None:
+        if novel is None or task.novel_names is None:
+            return {}
+        return {
+            "base": EvalSet(test, list(task.class_names)),
+            "novel": EvalSet(novel, list(task.novel_names)),
+        }
+
+    def part(data: TensorData, names: list[str], span: tuple[int, int], group: str) -> EvalSet:
+        rows = np.flatnonzero((data.labels.numpy() >= span[0]) & (data.labels.numpy() < span[1]))
+        return EvalSet(
+            relabel(data.subset(rows), np.arange(span[0], span[1])), names[span[0] : span[1]], group
+        )
+
+    sets = {}
+    for dataset in task.datasets:
+        if novel is None or task.novel_names is None or dataset.novel_classes is None:
+            sets[dataset.label] = part(test, task.class_names, dataset.classes, "dataset_mean")
+            continue
+        sets[f"{dataset.label}_base"] = part(test, task.class_names, dataset.classes, "base")
+        sets[f"{dataset.label}_novel"] = part(novel, task.novel_names, dataset.novel_classes, "novel")
+    return sets
+
+
+def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | None = None) -> Experiment:
+    """Load images and CLIP, build the prompt module, encode images once, partition, make the clients.
+
+    With ``client_classes: own`` each client scores only the classes in its own data (its labels
+    renumbered within them); the server scores the test set against every training class, and
+    base/novel (and each pooled dataset) against their own class names.
+    """
+    assert isinstance(config.backbone, OpenCLIPBackboneConfig)  # experiment.py dispatches on the kind
+    accelerator = make_accelerator(config.runtime)
+    task = load_image_task(config.data, seed=derive_seed(config.seed, "data"))
+    backbone = load_clip_backbone(config.backbone, config.seed).to(accelerator.device)
+    model = build_clip_model(config, backbone, task.class_names)
+    model.to(accelerator.device).eval()
+
+    labels = np.asarray(task.train["label"], dtype=np.int64)
+    parts = _partition(config, task, labels)
+    built = [cid for cid in range(len(parts)) if client_ids is None or cid in client_ids]
+    # encode only the built clients' images (a Flower SuperNode hosts one client of many)
+    needed = np.unique(np.concatenate([parts[cid] for cid in built] or [np.zeros(0, np.int64)]))
+    cache = FeatureCache(config.backbone.feature_cache_dir)
+    batch = config.runtime.eval_batch_size
+    subset = task.train if len(needed) == len(task.train) else task.train.select(needed)
+    # a process with no clients (a Flower ServerApp) encodes no training images at all
+    train = image_tensors(model, subset, cache, batch) if built else None
+    test = image_tensors(model, task.test, cache, batch)
+
+    augment_config = config.vision.augment
+    augment = None
+    replacements: dict[str, torch.Tensor] = {}  # training inputs that differ from the evaluation ones
+    if augment_config is not None:
+        augment = CropFlip(scale=augment_config.crop_scale, flip=augment_config.flip)
+        if built and model.image_input.key == "image_features":  # text-side prompts: K cached views
+            replacements[VIEWS] = augmented_views(
+                model, subset, needed, augment, augment_config.views, config.seed, cache, batch
+            )
+        elif built and model.image_input.key == "image_tokens":  # VPT: the tower runs on augmented pixels
+            replacements["pixels"] = pixel_tensor(backbone, subset, cache, batch, model)
+    seeded = augment is not None or _random_visual_prompt(config)
+
+    optimizer = gradient_optimizer(config.optimizer, accelerator)
+    own_classes = config.client_classes == "own"
+    clients = {}
+    for cid in built:
+        assert train is not None
+        positions = np.searchsorted(needed, parts[cid])  # positions in the encoded subset, same order
+        local_train, local_val = split_local(
+            positions, config.partition.local_val_fraction, seed=derive_seed(config.seed, "local-split", cid)
+        )
+        classes = np.unique(labels[parts[cid]]) if own_classes else np.arange(len(task.class_names))
+        train_k = relabel(train.subset(local_train), classes)
+        if seeded:
+            rows = torch.as_tensor(local_train)
+            train_k = seeded_train_data(train_k, {k: v[rows] for k, v in replacements.items()}, augment)
+        clients[cid] = Client(
+            cid,
+            train_k,
+            relabel(train.subset(local_val), classes) if len(local_val) else None,
+            model,
+            _trainer(config, optimizer, accelerator.device),  # one per client: ATPFL keeps client state in it
+            eval_batch_size=config.runtime.eval_batch_size,
+            class_names=[task.class_names[c] for c in classes] if own_classes else None,
+        )
+    return Experiment(
+        model=model,
+        clients=clients,
+        test_data=test,
+        strategy=build_strategy(config.strategy, run=config),
+        device=accelerator.device,
+        backbone_bytes=backbone.num_bytes(),
+        label_names=list(task.class_names),
+        eval_sets=_eval_sets(model, task, test, cache, batch),
+        notes=backbone_notes(config.backbone),
+    )

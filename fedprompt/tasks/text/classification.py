@@ -1,0 +1,159 @@
+"""Text classification with a soft prompt on a frozen HF model: config -> backbone, module, clients."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from accelerate import Accelerator
+
+from fedprompt.config import (
+    CMAESOptimizerConfig,
+    ConfigError,
+    DeepPromptConfig,
+    HFTextBackboneConfig,
+    RemoteBackboneConfig,
+    RunConfig,
+    SoftPromptConfig,
+    SPSAOptimizerConfig,
+)
+from fedprompt.data.loading import load_text_classification
+from fedprompt.data.partition import partition_indices, split_local
+from fedprompt.federation.strategies.fedkseed import kseed_setup
+from fedprompt.federation.strategies.registry import build_strategy
+from fedprompt.seeding import derive_seed
+from fedprompt.tasks.experiment import Experiment
+from fedprompt.tasks.text.parts import build_head, build_prompt, load_backbone
+from fedprompt.tasks.text.remote import build_remote_model
+from fedprompt.training.batching import TensorData
+from fedprompt.training.blackbox import build_blackbox_trainer, search_sigma
+from fedprompt.training.client import Client
+from fedprompt.training.device import make_accelerator
+from fedprompt.training.gradient import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
+from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier
+from prompt_modules.text_classifier import (
+    LAYER_INPUT,
+    TextPromptClassifier,
+)
+
+
+def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None = None) -> Experiment:
+    """Load data and backbone, build the prompt module, tokenise once, partition, make the clients."""
+    accelerator = make_accelerator(config.runtime)
+    data = load_text_classification(config.data, seed=derive_seed(config.seed, "data"))
+    if isinstance(config.backbone, RemoteBackboneConfig):
+        model, backbone_bytes = build_remote_model(config, config.backbone, data.label_names)
+    else:
+        model, backbone_bytes = _local_model(config, config.backbone, data.label_names, accelerator.device)
+    model.to(accelerator.device).eval()
+
+    cache_layer = _cached_layer(config, model)
+
+    def tensors(dataset) -> TensorData:
+        encoded = model.encode_texts(dataset["text"])
+        if cache_layer:
+            encoded[LAYER_INPUT] = _layer_inputs(
+                model, encoded, config.runtime.eval_batch_size, accelerator.device
+            )
+        return TensorData({**encoded, "labels": torch.tensor(dataset["label"], dtype=torch.long)})
+
+    with _checked_against_the_model("head.template"):
+        train, test = tensors(data.train), tensors(data.test)
+    parts = partition_indices(
+        train.labels.numpy(), config.partition, seed=derive_seed(config.seed, "partition")
+    )
+    trainer = _trainer(config, accelerator)
+    clients = {}
+    for cid, indices in enumerate(parts):
+        if client_ids is not None and cid not in client_ids:
+            continue
+        local_train, local_val = split_local(
+            indices, config.partition.local_val_fraction, seed=derive_seed(config.seed, "local-split", cid)
+        )
+        clients[cid] = Client(
+            cid,
+            train.subset(local_train),
+            train.subset(local_val) if len(local_val) else None,
+            model,
+            trainer,
+            eval_batch_size=config.runtime.eval_batch_size,
+        )
+    return Experiment(
+        model=model,
+        clients=clients,
+        test_data=test,
+        strategy=build_strategy(
+            config.strategy, search_sigma(config.optimizer), kseed_setup(config), run=config
+        ),
+        device=accelerator.device,
+        backbone_bytes=backbone_bytes,
+        label_names=list(data.label_names),
+    )
+
+
+def _cached_layer(config: RunConfig, model: object) -> int:
+    """The deep prompt's first layer when the states entering it are to be cached, else 0."""
+    prompt = config.prompt
+    if not (isinstance(prompt, DeepPromptConfig) and prompt.cache_frozen_layers):
+        return 0
+    return model.cached_layer if isinstance(model, TextPromptClassifier) else 0
+
+
+def _layer_inputs(
+    model: TextPromptClassifier, encoded: dict[str, torch.Tensor], batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """The unprompted states entering the deep prompt's first layer for every example [N, L, h],
+    computed once in batches of ``batch_size`` (in the data's right-padded layout, on the CPU)."""
+    chunks = []
+    for start in range(0, len(encoded["input_ids"]), batch_size):
+        batch = {name: t[start : start + batch_size].to(device) for name, t in encoded.items()}
+        chunks.append(model.layer_inputs(batch).cpu())
+    return torch.cat(chunks)
+
+
+def _local_model(
+    config: RunConfig, backbone_config: HFTextBackboneConfig, label_names: Sequence[str], device: torch.device
+) -> tuple[TextPromptClassifier, int]:
+    """The prompt module on a backbone loaded in this process, and the backbone's size in bytes."""
+    backbone = load_backbone(backbone_config, config.head.kind, config.seed).to(device)
+    with _checked_against_the_model("head"):
+        head = build_head(config.head, backbone, label_names)
+    with _checked_against_the_model("prompt"):
+        prompt = build_prompt(config.prompt, backbone, config.seed, search_sigma(config.optimizer))
+    with _checked_against_the_model("head.template"):
+        if not isinstance(prompt, IntrinsicPrompt):
+            placement = (
+                config.prompt.placement if isinstance(config.prompt, SoftPromptConfig) else "after-cls"
+            )
+            model = TextPromptClassifier(backbone, prompt, head, config.head.template, placement)
+            return model, backbone.num_bytes()
+        opt = config.optimizer
+        chunk = opt.chunk_size if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig) else 1
+        model = IntrinsicTextClassifier(backbone, prompt, head, config.head.template, chunk)
+        return model, backbone.num_bytes()
+
+
+@contextmanager
+def _checked_against_the_model(field: str) -> Iterator[None]:
+    """Report a setting that only the loaded model could check (a [MASK]-less masked-LM template,
+    label words sharing a first token, an init phrase of no tokens) as a ConfigError on ``field``."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc
+
+
+def _trainer(config: RunConfig, accelerator: Accelerator) -> LocalTrainer:
+    """The local trainer the optimizer section describes: by gradient, or black-box over z."""
+    opt = config.optimizer
+    if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig):
+        return build_blackbox_trainer(opt, config.strategy, accelerator.device, kseed_setup(config))
+    return GradientTrainer(
+        gradient_optimizer(opt, accelerator),
+        batch_size=opt.batch_size,
+        device=accelerator.device,
+        schedule=round_schedule(opt, config.federation.rounds),
+    )

@@ -1,0 +1,144 @@
+"""The parts of a text task, each from its configuration section: the frozen backbone, the class
+head (as plain data too, for a remote backbone) and the trainable prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedprompt.config import (
+    ConfigError,
+    DeepPromptConfig,
+    HFTextBackboneConfig,
+    IntrinsicPromptConfig,
+    SimilarityHeadConfig,
+    SoftPromptConfig,
+    VerbalizerHeadConfig,
+)
+from fedprompt.seeding import derive_seed, torch_generator
+from fedprompt.tasks.preflight import check_deep_start_layer
+from fedprompt.training.blackbox import projection_spec
+from prompt_modules.heads import HeadSpec, SimilarityHeadSpec, VerbalizerHeadSpec
+from prompt_modules.heads import build_head as build_head_from_spec
+from prompt_modules.hf_text import HFTextBackbone
+from prompt_modules.intrinsic import IntrinsicPrompt
+from prompt_modules.soft_prompt import (
+    DeepPrompt,
+    PrefixPrompt,
+    SoftPrompt,
+    init_prompt_embeddings,
+    init_token_ids,
+)
+from prompt_modules.text_classifier import (
+    SimilarityHead,
+    VerbalizerHead,
+)
+
+
+def load_backbone(config: HFTextBackboneConfig, head_kind: str, seed: int) -> HFTextBackbone:
+    """The frozen backbone a text run needs (with an LM head for verbalisers)."""
+    return HFTextBackbone.load(
+        config.model,
+        head="lm" if head_kind == "verbalizer" else "none",
+        gguf_file=config.gguf_file,
+        revision=config.revision,
+        random_config=config.random_config,
+        tokenizer=config.tokenizer,
+        dtype=config.dtype,
+        max_length=config.max_length,
+        seed=derive_seed(seed, "random-backbone"),
+    )
+
+
+def build_head(
+    config: SimilarityHeadConfig | VerbalizerHeadConfig, backbone: HFTextBackbone, label_names: Sequence[str]
+) -> SimilarityHead | VerbalizerHead:
+    """The class head: encoded label descriptions, or label words of the LM head."""
+    return build_head_from_spec(backbone, head_spec(config, label_names))
+
+
+def head_spec(config: SimilarityHeadConfig | VerbalizerHeadConfig, label_names: Sequence[str]) -> HeadSpec:
+    """The head as plain data (each class's description or label words), for a local or remote backbone."""
+    if isinstance(config, SimilarityHeadConfig):
+        given = config.label_descriptions or {}
+        _check_known_labels("head.label_descriptions", given, label_names)
+        descriptions = [
+            given.get(name, config.description_template.format(label=name)) for name in label_names
+        ]
+        return SimilarityHeadSpec(
+            descriptions=tuple(descriptions), temperature=config.temperature, pooling=config.pooling
+        )
+    given_words = config.label_words or {}
+    _check_known_labels("head.label_words", given_words, label_names)
+    return VerbalizerHeadSpec(label_words=tuple(tuple(given_words.get(name, [name])) for name in label_names))
+
+
+def build_prompt(
+    config: SoftPromptConfig | DeepPromptConfig | IntrinsicPromptConfig,
+    backbone: HFTextBackbone,
+    seed: int,
+    sigma: float = 1.0,
+) -> SoftPrompt | DeepPrompt | PrefixPrompt | IntrinsicPrompt:
+    """The trainable prompt, initialised from text, sampled vocabulary or noise (seeded); or an
+    intrinsic prompt z = 0 on the projection the run seed fixes (``sigma``: BBT's σ in its scale).
+    A key/value prefix starts at the frozen model's keys and values of the text's or sampled
+    tokens, or at N(0, init_std²) entries."""
+    if isinstance(config, IntrinsicPromptConfig):
+        return IntrinsicPrompt.from_backbone(backbone, projection_spec(config, seed, sigma))
+    generator = torch_generator(derive_seed(seed, "prompt-init"))
+    text_ids = (
+        backbone.tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+        if config.init_text
+        else []
+    )
+
+    def init() -> torch.Tensor:
+        return init_prompt_embeddings(
+            backbone.embedding_matrix,
+            config.num_tokens,
+            config.init,
+            generator=generator,
+            text_ids=text_ids,
+            excluded_ids=backbone.tokenizer.all_special_ids,
+            std=config.init_std,
+        )
+
+    if isinstance(config, SoftPromptConfig):
+        return SoftPrompt(init())
+    check_deep_start_layer(config.start_layer, backbone.num_layers)
+    if config.mode == "prefix":
+        return PrefixPrompt(_prefix_init(config, backbone, generator, text_ids), config.start_layer)
+    layers = backbone.num_layers - config.start_layer
+    return DeepPrompt(torch.stack([init() for _ in range(layers)]), config.start_layer)
+
+
+def _prefix_init(
+    config: DeepPromptConfig, backbone: HFTextBackbone, generator: torch.Generator, text_ids: list[int]
+) -> torch.Tensor:
+    """Starting key/value prefixes [layers from start_layer, 2, kv_heads, m, head_dim] (fp32, CPU):
+    the frozen model's keys and values of m tokens (init text/vocab), or N(0, init_std²) entries
+    (random; the shape read from the keys of m arbitrary tokens)."""
+    if config.init == "random":
+        ids = torch.full((config.num_tokens,), backbone.tokenizer.pad_token_id)
+    else:
+        ids = init_token_ids(
+            backbone.embedding_matrix.shape[0],
+            config.num_tokens,
+            config.init,
+            generator=generator,
+            text_ids=text_ids,
+            excluded_ids=backbone.tokenizer.all_special_ids,
+        )
+    own = backbone.key_values(ids)[config.start_layer :].float().cpu()
+    if config.init == "random":
+        return torch.randn(own.shape, generator=generator) * config.init_std
+    return own
+
+
+def _check_known_labels(field: str, given: dict, label_names: Sequence[str]) -> None:
+    unknown = sorted(set(given) - set(label_names))
+    if unknown:
+        raise ConfigError(
+            f"{field}: labels {unknown} are not in the data; its labels are {list(label_names)}"
+        )

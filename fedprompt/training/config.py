@@ -1,0 +1,174 @@
+"""Settings of local training: the local optimiser (``optimizer``: gradient, CMA-ES, SPSA) and its
+learning-rate schedule, per-part optimiser settings of twin prompts, image augmentation, and where
+a process computes (``runtime``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from fedprompt.config_base import StrictModel
+
+
+class LRScheduleConfig(StrictModel):
+    """How the clients' learning rate changes from round to round (constant within a round, the
+    same for every client): a factor of `optimizer.lr` that is a pure function of the round."""
+
+    kind: Literal["constant", "step", "exponential", "cosine"] = Field(
+        "constant",
+        description="step: ×gamma every `step_rounds` rounds; exponential: ×gamma every round; cosine: "
+        "from lr down to `min_lr` over `rounds` rounds (torch's CosineAnnealingLR, per round).",
+    )
+    gamma: float = Field(0.5, gt=0, le=1, description="step/exponential: the decay factor.")
+    step_rounds: int = Field(1, ge=1, description="step: rounds between two decays.")
+    min_lr: float = Field(0.0, ge=0, description="cosine: the learning rate it decays to.")
+    rounds: int | None = Field(
+        None,
+        ge=1,
+        description="cosine: the rounds it spans; null: federation.rounds (so a resume that adds rounds "
+        "stretches the rest of the cosine; pin it to keep the schedule).",
+    )
+    warmup_rounds: int = Field(
+        0, ge=0, description="Rounds at the warmup learning rate first; the decay counts from after them."
+    )
+    warmup: Literal["constant", "linear"] = Field(
+        "constant", description="constant: `warmup_lr` (CoOp); linear: from `warmup_lr` up to lr."
+    )
+    warmup_lr: float = Field(1e-5, gt=0, description="The warmup's learning rate (CoOp: 1e-5).")
+
+
+class GradientOptimizerConfig(StrictModel):
+    """Local training by gradient (torch optimisers; device and precision through accelerate)."""
+
+    kind: Literal["gradient"] = "gradient"
+    algorithm: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only.")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Cap on steps per round, whatever the epochs.")
+    batch_size: int = Field(16, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+
+    @model_validator(mode="after")
+    def _schedule_below_lr(self) -> GradientOptimizerConfig:
+        if self.schedule.min_lr > self.lr:
+            raise ValueError(
+                f"schedule.min_lr ({self.schedule.min_lr}) exceeds lr ({self.lr}); a cosine decays to min_lr"
+            )
+        return self
+
+
+ScoreOn = Literal["batch", "local-set"]
+
+
+SCORE_ON_HELP = (
+    "batch: each generation/step scores its candidates on a fresh random batch of batch_size local "
+    "examples; local-set: on the whole local training set (Black-Box Tuning, FedBPT), batch_size then "
+    "only splits it into forward passes"
+)
+
+
+class CMAESOptimizerConfig(StrictModel):
+    """Black-box local search over an intrinsic prompt's z by CMA-ES (nevergrad ParametrizedCMA).
+
+    A round's length: ``budget`` in model queries per client, one query being one candidate scored
+    on one example, so a round runs budget // (popsize · examples per candidate) generations; or a
+    fixed number of ``generations`` (FedBPT's 8 local iterations), whatever they cost.
+    """
+
+    kind: Literal["cmaes"] = "cmaes"
+    popsize: int = Field(10, ge=2, description="λ, candidates per generation (BBT: 20; FedBPT: 5).")
+    sigma: float = Field(1.0, gt=0, description="Initial step size σ; with strategy fedbpt, the server's.")
+    budget: int | None = Field(
+        1280, ge=1, description="Model queries per client per round (null when `generations` is given)."
+    )
+    generations: int | None = Field(
+        None, ge=1, description="Local generations per round whatever they cost (FedBPT: 8); replaces budget."
+    )
+    score_on: ScoreOn = Field("batch", description=SCORE_ON_HELP)
+    batch_size: int = Field(32, ge=1, description="Examples scored per candidate in each generation.")
+    chunk_size: int = Field(10, ge=1, description="Candidates per forward pass (local backbones).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generations_replace_the_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("generations") is not None and "budget" not in data:
+            return {**data, "budget": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_length(self) -> CMAESOptimizerConfig:
+        if (self.budget is None) == (self.generations is None):
+            raise ValueError(
+                "give the length of a local round as `budget` (model queries) or `generations`, not both"
+            )
+        return self
+
+
+class SPSAOptimizerConfig(StrictModel):
+    """Zeroth-order local search by SPSA: two seeded-perturbation queries per step (MeZO-style).
+
+    Works on an intrinsic prompt's z (through one population call, also against a remote backbone)
+    and on any text prompt whose parameters can be perturbed in place (soft and deep prompts on a
+    local backbone: MeZO's case). Budget in model queries per client per round: each step scores
+    2 candidates on ``batch_size`` examples (or on the whole local set).
+    """
+
+    kind: Literal["spsa"] = "spsa"
+    lr: float = Field(1.0, gt=0, description="η in θ ← θ − η·ĝ·u.")
+    epsilon: float = Field(0.1, gt=0, description="ε, the perturbation size in units of the prompt entries.")
+    budget: int = Field(1280, ge=1, description="Model queries per client per round.")
+    score_on: ScoreOn = Field("batch", description=SCORE_ON_HELP)
+    batch_size: int = Field(32, ge=1, description="Examples scored per candidate in each step.")
+    chunk_size: int = Field(
+        2, ge=1, le=2, description="Candidates per forward pass of an intrinsic z (1: a loop, 2: stacked)."
+    )
+
+
+OptimizerConfig = Annotated[
+    GradientOptimizerConfig | CMAESOptimizerConfig | SPSAOptimizerConfig, Field(discriminator="kind")
+]
+
+
+class PartOptimizerConfig(StrictModel):
+    """Optimiser settings of one part of a twin prompt; unset ones keep the `optimizer` section's."""
+
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    momentum: float | None = Field(None, ge=0, lt=1, description="sgd only.")
+
+
+class AugmentConfig(StrictModel):
+    """CoOp's training augmentation: a random resized crop (area share in ``crop_scale``, aspect
+    ratio in [3/4, 4/3]) resized to the model's input, then a horizontal flip with probability 1/2.
+
+    Text-side prompts (coop, generator) read cached image features: ``views`` augmented views of
+    each training image are encoded once and cached, and each training step draws one of them
+    per example. Visual prompts (vpt, pixel, twin), which run the image tower anyway, augment
+    each batch on the fly. Evaluation always sees the plain images.
+    """
+
+    views: int = Field(8, ge=1, le=64, description="K, the augmented views cached per training image.")
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="Range of the crop's share of the image area (CoOp: 0.08 to 1)."
+    )
+    flip: bool = Field(True, description="Flip horizontally with probability 1/2.")
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> AugmentConfig:
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale {list(self.crop_scale)} must satisfy 0 < low <= high <= 1")
+        return self
+
+
+class RuntimeConfig(StrictModel):
+    """Where the process computes."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    eval_batch_size: int = Field(64, ge=1)
+    progress: bool = True
