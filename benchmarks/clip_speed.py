@@ -26,9 +26,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.payload import encode_state
 from fedprompt.training.batching import TensorData
-from fedprompt.training.gradient import FitInstructions, GradientTrainer
+from fedprompt.training.gradient import GradientTrainer, LocalRound
 from optimizers.gradient import GradientOptimizer, GradientSettings
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
@@ -70,7 +71,7 @@ def timed(*fns: Callable[[], object], repeats: int) -> list[float]:
 def epoch(model: CLIPPromptClassifier, data: TensorData, batch_size: int) -> Callable[[], object]:
     """One local epoch of the real trainer (AdamW, as a client runs it)."""
     trainer = GradientTrainer(GradientOptimizer(GradientSettings(lr=1e-3, epochs=1)), batch_size, "cpu")
-    return lambda: trainer.train(model, data, FitInstructions(round=1, seed=0))
+    return lambda: trainer.train(model, data, LocalRound(FitInstructions(round=1, seed=0)))
 
 
 def train_step(model: CLIPPromptClassifier, batch: dict[str, torch.Tensor]) -> Callable[[], object]:

@@ -303,7 +303,8 @@ def report(
     ] = Path("report"),
 ) -> None:
     """Compare runs in one table: accuracy (final, best, base/novel/HM, personalised), bytes, time, ε."""
-    from fedprompt.execution.report import comparison_rows, format_value, load_run, write_csv, write_markdown
+    from fedprompt.execution.report import comparison_rows, format_value, load_run, write_markdown
+    from fedprompt.execution.tables import write_csv
 
     rows = comparison_rows([load_run(path) for path in run_dirs])
     table = Table(title="fedprompt runs")

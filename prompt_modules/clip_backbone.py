@@ -201,6 +201,10 @@ class OpenCLIPBackbone:
         self.model.to(device)
         return self
 
+    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """PIL images as the model's input [B, 3, H, W], through its own evaluation transform (RGB)."""
+        return torch.stack([self.preprocess(image.convert("RGB")) for image in images])
+
     # ------------------------------------------------------------------ text seams
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

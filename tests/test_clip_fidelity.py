@@ -19,12 +19,13 @@ from clip_support import clip_run_config
 from fedprompt.config import ConfigError, load_config
 from fedprompt.data.images import clean_class_name, load_image_task
 from fedprompt.errors import DataError
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.seeding import derive_seed
 from fedprompt.tasks.registry import build_experiment
 from fedprompt.training.augment import VIEWS, CropFlip, SeededTrainData
 from fedprompt.training.batching import TensorData
 from fedprompt.training.contrastive import NEGATIVE, POSITIVE, ContrastiveTrainer
-from fedprompt.training.gradient import FitInstructions, GradientTrainer, LocalContext
+from fedprompt.training.gradient import GradientTrainer, LocalRound
 from optimizers.gradient import GradientOptimizer, GradientSettings
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
@@ -211,7 +212,7 @@ def test_vision_section_is_refused_for_text_runs():
 
 
 def test_init_phrase_sets_the_number_of_context_vectors_without_repeating_it(tiny_clip):
-    from fedprompt.tasks.clip.classification import build_text_context
+    from fedprompt.tasks.clip.parts import build_text_context
 
     backbone = OpenCLIPBackbone.load(str(tiny_clip.config), str(tiny_clip.checkpoint))
     config = load_config(
@@ -335,12 +336,12 @@ def test_contrast_covers_the_class_text_features_beside_a_pixel_patch(backbone):
         assert got.item() == pytest.approx(expected, rel=1e-5)
 
     global_state = model.prompt_state()
-    first = LocalContext()
-    trainer.train(model, data, FitInstructions(round=1, seed=0), first)
+    first = LocalRound(FitInstructions(round=1, seed=0))
+    trainer.train(model, data, first)
     positive, negative = trainer._class_targets
     assert positive.shape == (4, 32) and torch.equal(positive, negative)  # first round: no previous prompt
     model.load_state_dict(global_state)
-    trainer.train(model, data, FitInstructions(round=2, seed=0), LocalContext(carried=first.carry_out))
+    trainer.train(model, data, LocalRound(FitInstructions(round=2, seed=0), carried=first.carry_out))
     positive, negative = trainer._class_targets
     model.load_state_dict(global_state)
     with torch.no_grad():

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.training.batching import TensorData
 from fedprompt.training.contrastive import NEGATIVE, POSITIVE, PREVIOUS, ContrastiveTrainer
-from fedprompt.training.gradient import FitInstructions, GradientTrainer, LocalContext
+from fedprompt.training.gradient import GradientTrainer, LocalRound
 from optimizers.gradient import GradientOptimizer, GradientSettings
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
@@ -294,7 +295,7 @@ def test_param_groups_give_each_part_its_own_settings(backbone):
     assert [len(g["params"]) for g in groups] == [1, 1] and groups[1]["lr"] == 0.0 and "lr" not in groups[0]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = TensorData({"pixels": torch.randn(8, 3, 32, 32, generator=_gen(5)), "labels": torch.arange(8) % 4})
-    _trainer().train(model, data, FitInstructions(round=1, seed=0))
+    _trainer().train(model, data, LocalRound(FitInstructions(round=1, seed=0)))
     assert not torch.equal(model.state_dict()["text.context"], before["text.context"])
     assert torch.equal(model.state_dict()["image.patch"], before["image.patch"])  # lr 0: unchanged
     with pytest.raises(ValueError, match="unknown parts"):
@@ -316,18 +317,18 @@ def test_contrastive_objective_and_the_previous_prompts_it_keeps(backbone):
         assert trainer.objective(model, flipped) > trainer.objective(model, same)
 
     global_state = model.prompt_state()
-    first = LocalContext()  # the first round: no previous prompt, the global one stands in
-    trainer.train(model, data, FitInstructions(round=1, seed=0), first)
+    first = LocalRound(FitInstructions(round=1, seed=0))  # no previous prompt: the global one stands in
+    trainer.train(model, data, first)
     local = {k.removeprefix(PREVIOUS): v for k, v in first.carry_out.items()}
     assert set(first.carry_out) == {PREVIOUS + k for k in global_state}  # carried as previous/<name>
     assert all(torch.equal(local[k], v) for k, v in model.prompt_state().items())
     model.load_state_dict(global_state)
-    second = LocalContext(carried=first.carry_out)  # now the negative is the round-1 prompt
-    trainer.train(model, data, FitInstructions(round=2, seed=0), second)
+    second = LocalRound(FitInstructions(round=2, seed=0), first.carry_out)  # negative: the round-1 prompt
+    trainer.train(model, data, second)
     assert not torch.equal(second.carry_out[PREVIOUS + "image.patch"], local["image.patch"])
-    replay = LocalContext()  # without the carried prompt the same round trains differently
+    replay = LocalRound(FitInstructions(round=2, seed=0))  # no carried prompt: it trains differently
     model.load_state_dict(global_state)
-    trainer.train(model, data, FitInstructions(round=2, seed=0), replay)
+    trainer.train(model, data, replay)
     assert not torch.equal(
         replay.carry_out[PREVIOUS + "text.context"], second.carry_out[PREVIOUS + "text.context"]
     )

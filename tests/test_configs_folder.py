@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apps.vl_experiments import load_experiment
+from apps.vl_experiments.config import load_experiment
 from fedprompt.config import default_config_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 import fedprompt
 from fedprompt.config import ConfigError, OpenCLIPBackboneConfig, load_config
 from fedprompt.tasks.clip import demo_backbone
-from fedprompt.tasks.clip.classification import load_clip_backbone
 from fedprompt.tasks.clip.demo_backbone import DemoClipRecipe, demo_clip
+from fedprompt.tasks.clip.parts import load_clip_backbone
 
 TINY_MODEL = {
     "embed_dim": 32,

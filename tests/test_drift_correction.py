@@ -16,6 +16,7 @@ from fedprompt.config import (
     ScaffoldConfig,
     load_config,
 )
+from fedprompt.federation.client_rules import RoundInputs
 from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.state import State, Update
 from fedprompt.federation.strategies.fedavg import FedAvg
@@ -100,7 +101,7 @@ def test_scaffold_rule_corrects_the_gradient_by_c_minus_ci():
     downlink = {"p": t(1, 1)}
     instructions = FitInstructions(round=2, seed=0, extras={"control/p": t(0.25, -0.5)})
     carried = {"control/p": t(0.75, 0)}
-    penalty = rule.penalty(downlink, carried, instructions)
+    penalty = rule.penalty(RoundInputs(downlink, carried, instructions))
     theta = torch.tensor([3.0, -1.0], requires_grad=True)
     value = penalty({"p": theta})
     value.backward()
@@ -112,22 +113,20 @@ def test_scaffold_rule_corrects_the_gradient_by_c_minus_ci():
 def test_scaffold_rule_option_two_by_hand():
     rule = ScaffoldRule()
     instructions = FitInstructions(round=2, seed=0, extras={"control/p": t(0.25, -0.5)})
-    out = rule.finish(
-        {"p": t(0.5, 2)}, {"p": t(1, 1)}, {"control/p": t(0.75, 0)}, instructions, stats(scale=0.5)
-    )
+    inputs = RoundInputs({"p": t(1, 1)}, {"control/p": t(0.75, 0)}, instructions)
+    out = rule.finish(inputs, {"p": t(0.5, 2)}, stats(scale=0.5))
     # c_i⁺ = c_i − c + (x − y)/(K·η) = [0.75, 0] − [0.25, −0.5] + [0.5, −1]/0.5 = [1.5, −1.5]
     assert_values(out.carried["control/p"], [1.5, -1.5])
     assert_values(out.extras["control/p"], [0.75, -1.5])  # Δc_i = c_i⁺ − c_i
     assert_values(out.state["p"], [0.5, 2])  # y_i is what travels
-    first = rule.finish({"p": t(0.5, 2)}, {"p": t(1, 1)}, {}, instructions, stats(scale=0.5))
+    first = rule.finish(RoundInputs({"p": t(1, 1)}, {}, instructions), {"p": t(0.5, 2)}, stats(scale=0.5))
     assert_values(first.carried["control/p"], [0.75, -1.5])  # c_i starts at zero
 
 
 def test_scaffold_rule_needs_a_gradient_scale():
     with pytest.raises(ValueError, match=r"optimizer\.algorithm: sgd"):
-        ScaffoldRule().finish(
-            {"p": t(0, 0)}, {"p": t(1, 1)}, {}, FitInstructions(round=1, seed=0), stats(scale=None)
-        )
+        inputs = RoundInputs({"p": t(1, 1)}, {}, FitInstructions(round=1, seed=0))
+        ScaffoldRule().finish(inputs, {"p": t(0, 0)}, stats(scale=None))
 
 
 # --------------------------------------------------------------------------- the gradient scale
@@ -186,14 +185,14 @@ def test_feddyn_rule_by_hand():
     rule = FedDynRule()
     instructions = FitInstructions(round=3, seed=0, client_config={"feddyn_alpha": 0.5})
     downlink, carried = {"p": t(1, 1)}, {"dynamic/p": t(0.5, -1)}
-    penalty = rule.penalty(downlink, carried, instructions)
+    penalty = rule.penalty(RoundInputs(downlink, carried, instructions))
     theta = torch.tensor([2.0, 0.0], requires_grad=True)
     value = penalty({"p": theta})
     value.backward()
     # −⟨g, θ − x⟩ + (α/2)‖θ − x‖² = −(0.5 + 1) + 0.25·2; gradient −g + α(θ − x) = [0, 0.5]
     assert value.item() == -1.0
     assert torch.equal(theta.grad, t(0, 0.5))
-    out = rule.finish({"p": t(2, 0)}, downlink, carried, instructions, stats(None))
+    out = rule.finish(RoundInputs(downlink, carried, instructions), {"p": t(2, 0)}, stats(None))
     assert_values(out.carried["dynamic/p"], [0, -0.5])  # g − α(θ_k − x)
     assert out.extras == {}
 
@@ -212,7 +211,7 @@ def test_feddyn_h_stays_the_mean_of_every_clients_linear_term():
         for k, values in enumerate(states):
             if values is None:
                 continue
-            out = rule.finish({"p": t(*values)}, x, carried[k], instructions, stats(None))
+            out = rule.finish(RoundInputs(x, carried[k], instructions), {"p": t(*values)}, stats(None))
             carried[k] = out.carried
             updates.append(upd(k, 1, values))
         x = server.aggregate(x, updates)

@@ -16,6 +16,7 @@ import torch
 import fedprompt
 from fedprompt.config import ConfigError, load_config
 from fedprompt.execution.simulation import _fit_client, make_server
+from fedprompt.federation.client_rules import RoundInputs
 from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.payload import encode_update
 from fedprompt.federation.state import Update
@@ -32,6 +33,7 @@ from fedprompt.federation.strategies.fedkseed import (
 from fedprompt.federation.strategies.registry import build_strategy
 from fedprompt.tasks.registry import build_experiment
 from fedprompt.training.blackbox import KSeedTrainer
+from fedprompt.training.gradient import LocalRound
 from optimizers.seed_pool import SeedPool
 from prompt_modules.soft_prompt import PrefixPrompt, SoftPrompt
 from prompt_modules.text_classifier import TextPromptClassifier, VerbalizerHead
@@ -78,7 +80,7 @@ def _train(clf, start: dict, seed: int, setup: KSeedSetup = SETUP):
     """One client's round from ``start``: (its update, its local prompt afterwards)."""
     clf.load_state_dict(start)
     data = _data(clf)
-    stats = KSeedTrainer(setup, 4, "cpu").train(clf, data, FitInstructions(1, seed))
+    stats = KSeedTrainer(setup, 4, "cpu").train(clf, data, LocalRound(FitInstructions(1, seed)))
     return Update(seed, {}, len(data) + seed, {}, stats.tensors), clf.prompt_state()
 
 
@@ -255,7 +257,7 @@ def test_seed_pool_downlink_rebuilds_the_servers_prompt_on_every_client(experime
             server.aggregate(record)
         pool = server.strategy.downlink_extras()[SEED_POOL]
         assert 0 < int(torch.count_nonzero(pool)) <= 2 * 2 * setup.steps
-        start = rule.start({}, {}, FitInstructions(3, 0, extras={SEED_POOL: pool}))
+        start = rule.start(RoundInputs({}, {}, FitInstructions(3, 0, extras={SEED_POOL: pool})))
         assert torch.equal(start["prompt.embeddings"], server.global_state["prompt.embeddings"])
         assert not torch.equal(start["prompt.embeddings"], initial["prompt.embeddings"])
         resumed = FedKSeed(setup)

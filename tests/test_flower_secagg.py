@@ -14,15 +14,15 @@ from safetensors import deserialize
 import fedprompt
 from fedprompt.config import ConfigError, load_config
 from fedprompt.execution.simulation import run_in_process
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.sampling import sample_clients
 from fedprompt.flower import run_server
 from fedprompt.flower.app_config import AppSettings
 from fedprompt.flower.client_app import build_client_app
 from fedprompt.flower.records import INSTRUCTIONS_RECORD, PAYLOAD_RECORD, instructions_record, payload_content
+from fedprompt.flower.rounds import NotEnoughClientsError
 from fedprompt.flower.secure_records import SECAGG_RECORD, read_stage_request, stage_record
-from fedprompt.flower.strategy import NotEnoughClientsError
 from fedprompt.tasks.registry import build_experiment
-from fedprompt.training.gradient import FitInstructions
 
 SECURE = {"enabled": True}
 

@@ -30,13 +30,13 @@ from flwr.supercore.task_identity import TaskIdentity
 import fedprompt
 import fedprompt.flower.client_app as client_app_module
 from fedprompt.config import ConfigError, load_config
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.flower import run_server
 from fedprompt.flower.app_config import AppSettings
 from fedprompt.flower.client_app import build_client_app
 from fedprompt.flower.records import INSTRUCTIONS_RECORD, instructions_record, payload_content
 from fedprompt.flower.site import ExperimentCache
 from fedprompt.flower.site_worker import Frame, SiteWorker, SiteWorkerClient, SiteWorkerError
-from fedprompt.training.gradient import FitInstructions
 
 
 @pytest.fixture(autouse=True)

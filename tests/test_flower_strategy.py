@@ -23,6 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 import fedprompt
 import fedprompt.flower.client_app as client_app_module
 from fedprompt.config import ConfigError, load_config
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.payload import decode_state, encode_update
 from fedprompt.federation.privacy.accounting import PrivacyPlan
 from fedprompt.federation.privacy.central import CentralPrivacy
@@ -46,9 +47,9 @@ from fedprompt.flower.records import (
     read_instructions,
     read_payload,
 )
+from fedprompt.flower.rounds import NotEnoughClientsError
 from fedprompt.flower.site import ExperimentCache
-from fedprompt.flower.strategy import FedPromptStrategy, NotEnoughClientsError
-from fedprompt.training.gradient import FitInstructions
+from fedprompt.flower.strategy import FedPromptStrategy
 
 STATE = {"prompt": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
 

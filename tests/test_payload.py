@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
+from fedprompt.errors import PayloadError
 from fedprompt.federation.payload import (
     CLIENT_ID_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     WIRE_DTYPES,
     ByteCounter,
-    PayloadError,
     PayloadSpec,
     decode_state,
     decode_update,

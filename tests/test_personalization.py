@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 import fedprompt
 from fedprompt.config import ConfigError, load_config
+from fedprompt.federation.client_rules import RoundInputs
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.personalization import LOCAL_PREFIX, PromptSplit, build_split
 from fedprompt.federation.state import Update
 from fedprompt.federation.strategies.fedavg import FedAvg
@@ -193,11 +195,13 @@ def test_reliability_weights_and_shared_prompts_match_a_hand_computation():
 def test_reliability_rule_pulls_the_own_prompt_toward_the_shared_one():
     rule = ReliabilityRule(alpha=2.0)
     shared = {"p": torch.tensor([1.0, 0.0])}
-    penalty = rule.penalty(shared, {}, None)
+    penalty = rule.penalty(RoundInputs(shared, {}, FitInstructions(0, 0)))
     assert penalty({"p": torch.tensor([0.0, 3.0])}).item() == pytest.approx(2.0)  # 2·(1 − cos 90°)
     assert penalty({"p": torch.tensor([5.0, 0.0])}).item() == pytest.approx(0.0, abs=1e-6)
     own = {"personal/p": torch.tensor([0.5, 0.5])}
-    assert torch.equal(rule.start(shared, own, None)["p"], torch.tensor([0.5, 0.5]))
+    assert torch.equal(
+        rule.start(RoundInputs(shared, own, FitInstructions(0, 0)))["p"], torch.tensor([0.5, 0.5])
+    )
     assert torch.equal(
         flatten({"b": torch.ones(1), "a": torch.zeros(2)}), torch.tensor([0.0, 0.0, 1.0]).double()
     )

@@ -13,7 +13,7 @@ from dp_accounting.rdp import RdpAccountant
 
 import fedprompt
 from fedprompt.config import AdaptiveClippingConfig, ConfigError, load_config
-from fedprompt.federation.client_rules import ClientRule
+from fedprompt.federation.client_rules import ClientRule, RoundInputs
 from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.payload import encode_update
 from fedprompt.federation.privacy.accounting import RDP_ORDERS, PrivacyPlan, plan_privacy
@@ -240,7 +240,7 @@ def test_local_rule_clips_and_noises_the_upload_with_the_clients_seed():
     rule = LocalPrivacyRule(ClientRule(), clip_norm=1.0, noise_multiplier=0.5)
     trained = {"a": GLOBAL["a"] + torch.tensor([3.0, 0.0]), "b": GLOBAL["b"] + torch.tensor([[0.0], [4.0]])}
     instructions = FitInstructions(round=3, seed=123)
-    output = rule.finish(trained, GLOBAL, {}, instructions, OptimizationStats())
+    output = rule.finish(RoundInputs(GLOBAL, {}, instructions), trained, OptimizationStats())
     generator = torch_generator(derive_seed(123, "local-dp-noise"))
     noise = {
         n: 0.5 * torch.randn(GLOBAL[n].shape, generator=generator, dtype=torch.float64) for n in ("a", "b")

@@ -10,7 +10,7 @@ import torch
 
 from fedprompt.config import GradientOptimizerConfig
 from fedprompt.federation.instructions import FitInstructions
-from fedprompt.training.gradient import GradientTrainer, round_schedule
+from fedprompt.training.gradient import GradientTrainer, LocalRound, round_schedule
 from optimizers.schedules import RoundSchedule
 
 
@@ -96,5 +96,5 @@ def test_the_trainer_runs_each_round_at_its_factor(monkeypatch):
 
     trainer.optimizer = Recorder()
     for round_num in (1, 3):
-        trainer.train(Module(), data=None, instructions=FitInstructions(round=round_num, seed=0))
+        trainer.train(Module(), data=None, local=LocalRound(FitInstructions(round=round_num, seed=0)))
     assert seen == [[1.0, 1.0, 1.0], [0.25, 0.25, 0.25]]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fedprompt.config import ConfigError, load_config
-from fedprompt.federation.payload import METRICS_KEY, PayloadError, encode_state, encode_update
+from fedprompt.errors import PayloadError
+from fedprompt.federation.payload import METRICS_KEY, encode_state, encode_update
 from fedprompt.federation.server import RoundRecord, Server
 from fedprompt.federation.state import Update
 from fedprompt.federation.strategies.base import Strategy

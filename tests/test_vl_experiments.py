@@ -13,10 +13,10 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from apps.vl_experiments import load_experiment, run_comparison, select
 from apps.vl_experiments.cli import main
-from apps.vl_experiments.config import default_experiment_dict
+from apps.vl_experiments.config import default_experiment_dict, load_experiment
 from apps.vl_experiments.methods import METHOD_SETTINGS, METHOD_TITLES, SECTIONS
+from apps.vl_experiments.runner import run_comparison, select
 from fedprompt.config import ConfigError, load_config
 from fedprompt.tasks.registry import build_experiment
 from fedprompt.training.gradient import evaluate

@@ -12,7 +12,7 @@ from fedprompt.federation.instructions import FitInstructions
 from fedprompt.tasks.registry import build_experiment
 from fedprompt.training.batching import TensorData
 from fedprompt.training.blackbox import CMAESTrainer, SPSATrainer
-from fedprompt.training.gradient import evaluate
+from fedprompt.training.gradient import LocalRound, evaluate
 from optimizers.cmaes import CMAESOptimizer, CMAESSettings
 from optimizers.zeroth_order import (
     InPlaceSPSA,
@@ -79,7 +79,7 @@ def test_one_spsa_step_on_a_prompt_is_theta_minus_lr_ghat_u(kind):
     ghat = (losses[0] - losses[1]) / (2 * eps)
     settings = SPSASettings(lr=lr, epsilon=eps, budget=2 * len(data))  # one step on the local set
     stats = SPSATrainer(SPSAOptimizer(settings), 4, "cpu", "local-set").train(
-        clf, data, FitInstructions(1, seed)
+        clf, data, LocalRound(FitInstructions(1, seed))
     )
     assert stats.steps == 1 and stats.queries == 2 * len(data)
     # fp32: the trainer reaches θ − εu as (θ + εu) − 2εu, so ĝ carries rounding of order 1e-7/ε
@@ -128,7 +128,7 @@ def test_spsa_on_a_soft_prompt_of_a_tiny_model_learns(keyword_file):
     before = evaluate(model, experiment.test_data, 64, "cpu")["accuracy"]
     settings = SPSASettings(lr=0.1, epsilon=0.01, budget=2 * 16 * 300)
     stats = SPSATrainer(SPSAOptimizer(settings), 16, "cpu").train(
-        model, client.train_data, FitInstructions(1, 3)
+        model, client.train_data, LocalRound(FitInstructions(1, 3))
     )
     after = evaluate(model, experiment.test_data, 64, "cpu")["accuracy"]
     assert stats.steps == 300
@@ -189,7 +189,7 @@ def test_local_set_scoring_scores_every_candidate_on_every_local_example():
 
     clf.population_losses = recording
     sigma = {"sigma": torch.tensor([1.0])}
-    stats = trainer.train(clf, data, FitInstructions(1, 0, extras=sigma))
+    stats = trainer.train(clf, data, LocalRound(FitInstructions(1, 0, extras=sigma)))
     assert stats.steps == 3 and stats.queries == 3 * 4 * 7 + 7
     assert sum(len(labels) for labels in seen) == 4 * 7  # 3 generations and the final score, 7 each
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from fedprompt.config import CMAESOptimizerConfig, FedBPTConfig, load_config
 from fedprompt.execution.results import CLIENTS_FILE, CONFIG_FILE, SUMMARY_FILE, RunDirectory
+from fedprompt.execution.tables import format_number, text_table
 from prompt_modules.remote_schema import Usage
 
 SERVER_TOKEN = "server"
@@ -122,7 +123,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"{report['initial_accuracy']:.4f} -> {report['final_accuracy']:.4f}",
         f"prompt: {prompt['kind']}, dim {prompt.get('dim')}, {prompt.get('num_tokens')} tokens",
         plan,
-        _table(headers, rows),
+        text_table(headers, rows),
     ]
     lines += [f"client {c['client_id']} failed: {r}" for c in report["clients"] for r in c["failures"]]
     if report["server"]:
@@ -134,11 +135,4 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-    return "\n".join(
-        "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in [headers, *rows]
-    )
+    return format_number(value, 0, missing="-")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedprompt.execution.tables import format_number, markdown_table, write_csv
 from fedprompt.files import write_text_atomically
 
 MARKDOWN_FILE, CSV_FILE = "results.md", "results.csv"
@@ -18,20 +18,18 @@ BYTES_PREFIX = "bytes"
 
 
 def format_cell(column: str, value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if column.startswith(BYTES_PREFIX):
-            return f"{value:.0f}"
-        return f"{value:.1f}" if column.endswith(SECONDS_SUFFIX) else f"{value:.4f}"
-    return str(value)
+    """A cell: bytes whole, seconds to one place, other numbers to four, the rest as text."""
+    if not isinstance(value, float):
+        return "" if value is None else str(value)
+    return format_number(
+        value, 0 if column.startswith(BYTES_PREFIX) else 1 if column.endswith(SECONDS_SUFFIX) else 4
+    )
 
 
-def markdown_table(rows: Sequence[dict[str, object]]) -> str:
+def results_table(rows: Sequence[dict[str, object]]) -> str:
+    """Rows (one mapping each, the first one's keys as the columns) as a Markdown table."""
     columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(format_cell(c, row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(columns, [[format_cell(c, row[c]) for c in columns] for row in rows])
 
 
 def write_results(
@@ -48,18 +46,15 @@ def write_results(
             "",
             "## Runs",
             "",
-            markdown_table(runs),
+            results_table(runs),
             "",
             "## Accuracy on each client's test questions",
             "",
-            markdown_table(rows),
+            results_table(rows),
             "",
         ]
     )
     markdown, table = folder / MARKDOWN_FILE, folder / CSV_FILE
     write_text_atomically(markdown, text)
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    write_csv(rows, table)
     return markdown, table

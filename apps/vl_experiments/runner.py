@@ -22,18 +22,18 @@ from apps.vl_experiments.methods import METHOD_TITLES, ZERO_SHOT
 from apps.vl_experiments.table import (
     WALL_TIME,
     RunValues,
-    markdown_table,
+    comparison_table,
     mean_record,
     per_run_rows,
     run_values,
     summary_rows,
-    write_csv,
 )
 from apps.vl_experiments.zero_shot import run_zero_shot
 from fedprompt.config import ConfigError, RunConfig
 from fedprompt.execution.report import load_run
 from fedprompt.execution.results import SUMMARY_FILE, RunDirectory
 from fedprompt.execution.simulation import run_in_process
+from fedprompt.execution.tables import write_csv
 from fedprompt.files import write_text_atomically
 from fedprompt.tasks.preflight import check_model_fields
 from fedprompt.tasks.registry import build_experiment
@@ -197,7 +197,7 @@ def write_tables(
     """``comparison.md`` (described, mean ± std), ``comparison.csv`` (means and stds, full precision)
     and ``runs.csv`` (every run's values)."""
     write_text_atomically(
-        folder / f"{TABLE_FILE}.md", describe(config, runs) + markdown_table(rows, METHOD_TITLES)
+        folder / f"{TABLE_FILE}.md", describe(config, runs) + comparison_table(rows, METHOD_TITLES)
     )
     write_csv(rows, folder / f"{TABLE_FILE}.csv")
     write_csv(per_run_rows(runs), folder / RUNS_TABLE_FILE)

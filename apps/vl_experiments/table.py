@@ -3,7 +3,6 @@ Markdown and CSV files; the mean curves over seeds that the plots draw."""
 
 from __future__ import annotations
 
-import csv
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedprompt.execution.report import RunRecord, comparison_rows
+from fedprompt.execution.tables import format_number, markdown_table
 
 WALL_TIME = "wall_time_s"
 """The summary.json key of a method's wall time in this process (loading, encoding, rounds)."""
@@ -78,30 +78,18 @@ def summary_rows(runs: Sequence[RunValues]) -> list[dict[str, Any]]:
 
 def format_cell(key: str, mean: float | None, std: float | None) -> str:
     """``mean ± std`` (or the mean alone): accuracies to 4 places, bytes whole, seconds to 1 place."""
-    if mean is None:
-        return ""
-    digits = 0 if key.startswith("bytes") else 1 if key == WALL_TIME else 4
-    text = f"{mean:.{digits}f}"
-    return text if std is None else f"{text} ± {std:.{digits}f}"
+    return format_number(mean, 0 if key.startswith("bytes") else 1 if key == WALL_TIME else 4, std)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
+def comparison_table(rows: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
     """The comparison as a GitHub Markdown table, one line per method."""
     headers = ["method", "seeds", *(header for _, header in COLUMNS)]
-    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-    for row in rows:
-        cells = [titles.get(row["method"], row["method"]), str(len(row["seeds"].split()))]
-        cells += [format_cell(key, row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Rows as CSV, full precision, empty where a value is None."""
-    with path.open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
+    cells = [
+        [titles.get(row["method"], row["method"]), str(len(row["seeds"].split()))]
+        + [format_cell(key, row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in COLUMNS]
+        for row in rows
+    ]
+    return markdown_table(headers, cells)
 
 
 def per_run_rows(runs: Sequence[RunValues]) -> list[dict[str, Any]]:

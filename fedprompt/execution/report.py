@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import Any
 
 from fedprompt.errors import RunFolderError
 from fedprompt.execution.results import METRICS_FILE, SUMMARY_FILE, RunDirectory
+from fedprompt.execution.tables import format_number, markdown_table
 
 ACCURACY_CURVES = (
     ("global_accuracy", "global"),
@@ -109,33 +109,13 @@ def _mean(values: list[float]) -> float | None:
 
 def format_value(column: str, value: Any) -> str:
     """A table cell: accuracies to 4 places, bytes whole, seconds to 1 place, epsilon to 3."""
-    if value is None:
-        return ""
-    if isinstance(value, str) or column in ("rounds", "best round", "total bytes"):
-        return str(value)
-    if "B/" in column:
-        return f"{value:.0f}"
-    if column == "wall s":
-        return f"{value:.1f}"
-    if column == "epsilon":
-        return f"{value:.3f}"
-    return f"{value:.4f}"
+    if value is None or isinstance(value, str) or column in ("rounds", "best round", "total bytes"):
+        return "" if value is None else str(value)
+    digits = 0 if "B/" in column else 1 if column == "wall s" else 3 if column == "epsilon" else 4
+    return format_number(value, digits)
 
 
 def write_markdown(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """The table as GitHub Markdown (values as printed)."""
     columns = list(rows[0])
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "| " + " | ".join("---" for _ in columns) + " |",
-        *("| " + " | ".join(format_value(c, row[c]) for c in columns) + " |" for row in rows),
-    ]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """The table as CSV with full-precision values (empty where a run has none)."""
-    with path.open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
+    path.write_text(markdown_table(columns, [[format_value(c, row[c]) for c in columns] for row in rows]))

@@ -24,6 +24,16 @@ Penalty = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 """A term added to the local loss: maps the trainable wire tensors (differentiable) to a scalar."""
 
 
+@dataclass(frozen=True)
+class RoundInputs:
+    """What a client's round starts from: the wire state the server sent down, the state the
+    client carries from earlier rounds, and the server's instructions (seed, extras, client config)."""
+
+    downlink: State
+    carried: State
+    instructions: FitInstructions
+
+
 @dataclass
 class RoundOutput:
     """What a rule makes of a finished local round: the wire state to send, extra tensors to send
@@ -42,22 +52,15 @@ class ClientRule:
     uses_validation = False
     """Whether the client reports ``val_accuracy`` of its trained prompt on its held-out split."""
 
-    def start(self, downlink: State, carried: State, instructions: FitInstructions) -> State:
+    def start(self, inputs: RoundInputs) -> State:
         """The wire state the round trains from."""
-        return downlink
+        return inputs.downlink
 
-    def penalty(self, downlink: State, carried: State, instructions: FitInstructions) -> Penalty | None:
+    def penalty(self, inputs: RoundInputs) -> Penalty | None:
         """A term for the local loss, or None."""
         return None
 
-    def finish(
-        self,
-        trained: State,
-        downlink: State,
-        carried: State,
-        instructions: FitInstructions,
-        stats: OptimizationStats,
-    ) -> RoundOutput:
+    def finish(self, inputs: RoundInputs, trained: State, stats: OptimizationStats) -> RoundOutput:
         """What to send and carry after local training ended at ``trained``."""
         return RoundOutput(trained, {}, {})
 
@@ -66,11 +69,11 @@ class ProximalRule(ClientRule):
     """FedProx's client side: adds (μ/2)·‖θ − θ_global‖² to the local loss, μ from the server's
     client config (``proximal_mu``), θ_global the wire state the round started from."""
 
-    def penalty(self, downlink: State, carried: State, instructions: FitInstructions) -> Penalty | None:
-        mu = float(instructions.client_config.get("proximal_mu", 0.0))
+    def penalty(self, inputs: RoundInputs) -> Penalty | None:
+        mu = float(inputs.instructions.client_config.get("proximal_mu", 0.0))
         if mu <= 0:
             return None
-        anchor = {name: t.detach().clone() for name, t in downlink.items()}
+        anchor = {name: t.detach().clone() for name, t in inputs.downlink.items()}
 
         def proximal(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
             return mu / 2 * sum(((params[n] - a.to(params[n].device)) ** 2).sum() for n, a in anchor.items())

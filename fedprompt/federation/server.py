@@ -10,9 +10,10 @@ from typing import Any, Protocol
 
 import torch
 
+from fedprompt.errors import PayloadError
 from fedprompt.federation.client_state import NEVER
 from fedprompt.federation.instructions import FitInstructions
-from fedprompt.federation.payload import ByteCounter, PayloadError, PayloadSpec, decode_update, encode_state
+from fedprompt.federation.payload import ByteCounter, PayloadSpec, decode_update, encode_state
 from fedprompt.federation.sampling import poisson_sample_clients, sample_clients
 from fedprompt.federation.state import State, Update, clone_state, pack
 from fedprompt.federation.strategies.base import Strategy

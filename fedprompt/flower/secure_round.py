@@ -230,9 +230,7 @@ class SecureRound:
             self.server.reject(self.record, cid, f"secure aggregation, stage {stage}: {reason}")
 
 
-def _weights(
-    strategy: RoundHost, record: RoundRecord, settings: SecureAggregationConfig
-) -> dict[int, int]:
+def _weights(strategy: RoundHost, record: RoundRecord, settings: SecureAggregationConfig) -> dict[int, int]:
     """Client id -> its public weight, for the sampled clients that can take part (a node hosts
     them and, with declared weights, they declared a count); the others are rejected."""
     server = strategy.server

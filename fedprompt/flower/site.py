@@ -14,12 +14,12 @@ from fedprompt.config import RunConfig
 from fedprompt.execution.metrics import evaluate_client
 from fedprompt.execution.simulation import make_server
 from fedprompt.federation.client_state import ClientStateError, ClientStateStore
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.payload import PayloadSpec, decode_state
 from fedprompt.federation.state import State
 from fedprompt.flower.strategy import EVAL_WIRE_DTYPE
 from fedprompt.tasks.experiment import Experiment
 from fedprompt.tasks.registry import build_experiment
-from fedprompt.training.gradient import FitInstructions
 
 CLIENT_STATE_RESET = "client_state_reset"
 """Update metric of a client whose carried state this site had lost (it started afresh)."""

@@ -28,8 +28,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedprompt.config import SecureAggregationConfig
+from fedprompt.errors import PayloadError
 from fedprompt.execution.metrics import client_evaluation_row, round_metrics, summarize_client_evaluations
-from fedprompt.federation.payload import PayloadError, encode_state
+from fedprompt.federation.payload import encode_state
 from fedprompt.federation.server import RoundRecord, Server
 from fedprompt.federation.update_pipeline import ExampleBounds
 from fedprompt.flower.bindings import NodeIdentity, PartitionBindings
@@ -51,8 +52,6 @@ log = logging.getLogger("fedprompt.flower")
 
 EVAL_WIRE_DTYPE = "float32"
 """Local evaluation gets the global state in fp32, as the in-process runtime evaluates it."""
-
-
 
 
 class FedPromptStrategy(Strategy):
@@ -313,8 +312,6 @@ class FedPromptStrategy(Strategy):
             self.server.seed,
             self.num_rounds,
         )
-
-
 
 
 _EVAL_KEYS = ("accuracy", "loss", "num-examples")

@@ -146,7 +146,8 @@ def vision_layer_count(config: OpenCLIPBackboneConfig) -> int | None:
     import open_clip
 
     from fedprompt.tasks.clip.demo_backbone import DEMO_CLIP_ALIAS, DEMO_CLIP_MODEL
-    from prompt_modules.clip_backbone import BackboneLoadError, register_model_config
+    from prompt_modules.clip_backbone import register_model_config
+    from prompt_modules.hf_text import BackboneLoadError
 
     if config.model == DEMO_CLIP_ALIAS:
         return int(DEMO_CLIP_MODEL["vision_cfg"]["layers"])

@@ -29,11 +29,12 @@ from fedprompt.config import (
     SPSAOptimizerConfig,
     StrategyConfig,
 )
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.strategies.fedbpt import FINAL_SIGMA, LOSS, PARENTS, SIGMA, SIGMA_SQ_SUM
 from fedprompt.federation.strategies.fedkseed import PROJECTED_GRAD, SEED_INDEX, KSeedSetup
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.training.batching import TensorData
-from fedprompt.training.gradient import FitInstructions, LocalContext, LocalTrainer
+from fedprompt.training.gradient import LocalRound, LocalTrainer
 from optimizers.base import OptimizationStats, checked_losses
 from optimizers.cmaes import CMAESOptimizer, CMAESSettings
 from optimizers.seed_pool import step_along_, step_coefficient
@@ -149,21 +150,16 @@ class CMAESTrainer(_BlackBoxTrainer):
         self.optimizer = optimizer
         self.report_search_state = report_search_state
 
-    def train(
-        self,
-        model: PromptModule,
-        data: TensorData,
-        instructions: FitInstructions,
-        context: LocalContext | None = None,
-    ) -> OptimizationStats:
-        _no_penalty(context)
+    def train(self, model: PromptModule, data: TensorData, local: LocalRound) -> OptimizationStats:
+        _no_penalty(local)
         module, name, z0 = self._vector(model)
-        sigma = float(instructions.extras[SIGMA].reshape(-1)[0]) if SIGMA in instructions.extras else None
+        extras = local.instructions.extras
+        sigma = float(extras[SIGMA].reshape(-1)[0]) if SIGMA in extras else None
         if self.report_search_state and sigma is None:
             raise ValueError("this client reports a FedBPT search state but the server sent no 'sigma'")
-        loss, size = self._population_loss(module, data, instructions.seed)
+        loss, size = self._population_loss(module, data, local.instructions.seed)
         result = self.optimizer.run(
-            z0, loss, examples_per_candidate=size, seed=instructions.seed, sigma=sigma
+            z0, loss, examples_per_candidate=size, seed=local.instructions.seed, sigma=sigma
         )
         if result.stopped:
             log.info("local CMA-ES stopped after %d generations: %s", result.stats.steps, result.stopped)
@@ -211,19 +207,13 @@ class SPSATrainer(_BlackBoxTrainer):
         super().__init__(batch_size, device, score_on)
         self.optimizer = optimizer
 
-    def train(
-        self,
-        model: PromptModule,
-        data: TensorData,
-        instructions: FitInstructions,
-        context: LocalContext | None = None,
-    ) -> OptimizationStats:
-        _no_penalty(context)
+    def train(self, model: PromptModule, data: TensorData, local: LocalRound) -> OptimizationStats:
+        _no_penalty(local)
         if not _is_one_vector(model):
-            return self._train_in_place(model, data, instructions)
+            return self._train_in_place(model, data, local.instructions)
         module, name, z0 = self._vector(model)
-        loss, size = self._population_loss(module, data, instructions.seed)
-        result = self.optimizer.run(z0, loss, examples_per_candidate=size, seed=instructions.seed)
+        loss, size = self._population_loss(module, data, local.instructions.seed)
+        result = self.optimizer.run(z0, loss, examples_per_candidate=size, seed=local.instructions.seed)
         model.load_state_dict({name: result.params}, strict=True)
         result.stats.extra["mean_abs_projected_grad"] = float(result.projected_grads.abs().mean())
         return result.stats
@@ -278,20 +268,16 @@ class KSeedTrainer(_BlackBoxTrainer):
         super().__init__(batch_size, device, "batch")
         self.setup = setup
 
-    def train(
-        self,
-        model: PromptModule,
-        data: TensorData,
-        instructions: FitInstructions,
-        context: LocalContext | None = None,
-    ) -> OptimizationStats:
-        _no_penalty(context)
+    def train(self, model: PromptModule, data: TensorData, local: LocalRound) -> OptimizationStats:
+        _no_penalty(local)
         setup, pool = self.setup, self.setup.pool
         state = model.state_dict()
         names = sorted(state)
         theta = [state[name].detach().to("cpu", torch.float64).clone() for name in names]
-        indices = pool.sample(setup.steps, torch_generator(derive_seed(instructions.seed, "kseed-seeds")))
-        batches = torch_generator(instructions.seed)
+        indices = pool.sample(
+            setup.steps, torch_generator(derive_seed(local.instructions.seed, "kseed-seeds"))
+        )
+        batches = torch_generator(local.instructions.seed)
         size = min(self.batch_size, len(data))
         score = self._scorer(model, names)
         grads: list[float] = []
@@ -364,7 +350,7 @@ def _is_one_vector(model: PromptModule) -> bool:
     return len(state) == 1 and next(iter(state.values())).dim() == 1
 
 
-def _no_penalty(context: LocalContext | None) -> None:
+def _no_penalty(context: LocalRound | None) -> None:
     if context is not None and context.penalty is not None:
         raise ValueError("black-box optimisers cannot add a gradient term to the local loss")
 

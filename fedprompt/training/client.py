@@ -9,12 +9,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fedprompt.federation.client_rules import ClientRule, Penalty
+from fedprompt.federation.client_rules import ClientRule, Penalty, RoundInputs
+from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.payload import PayloadSpec, decode_state, encode_update
 from fedprompt.federation.personalization import PromptSplit
 from fedprompt.federation.state import State, Update, unpack
 from fedprompt.training.batching import TensorData
-from fedprompt.training.gradient import FitInstructions, LocalContext, LocalTrainer, evaluate
+from fedprompt.training.gradient import LocalRound, LocalTrainer, evaluate
 from prompt_modules.base import PromptModule
 
 
@@ -86,14 +87,14 @@ class Client:
     def fit(self, downlink: State, instructions: FitInstructions, carried: State | None = None) -> FitResult:
         """Train from the downlink (and the carried state) on local data; return the update and the
         state to carry forward."""
-        carried = carried or {}
-        start = self.rule.start(downlink, carried, instructions)
-        self.model.load_state_dict(self.split.join(start, carried), strict=True)
-        context = LocalContext(carried=carried, penalty=self._penalty(downlink, carried, instructions))
+        inputs = RoundInputs(downlink, carried or {}, instructions)
+        start = self.rule.start(inputs)
+        self.model.load_state_dict(self.split.join(start, inputs.carried), strict=True)
+        local = LocalRound(instructions, inputs.carried, self._penalty(inputs))
         with self._own_classes():
-            stats = self.trainer.train(self.model, self.train_data, instructions, context)
+            stats = self.trainer.train(self.model, self.train_data, local)
         full = self.model.prompt_state()
-        output = self.rule.finish(self.split.wire(full), downlink, carried, instructions, stats)
+        output = self.rule.finish(inputs, self.split.wire(full), stats)
         metrics = stats.as_metrics()
         if self.rule.uses_validation:
             if self.val_data is None or len(self.val_data) == 0:
@@ -109,11 +110,11 @@ class Client:
             metrics,
             {**stats.tensors, **output.extras},
         )
-        return FitResult(update, {**output.carried, **context.carry_out, **self.split.local(full)})
+        return FitResult(update, {**output.carried, **local.carry_out, **self.split.local(full)})
 
-    def _penalty(self, downlink: State, carried: State, instructions: FitInstructions) -> Penalty | None:
+    def _penalty(self, inputs: RoundInputs) -> Penalty | None:
         """The rule's loss term on the wire part of the module's parameters."""
-        rule_penalty = self.rule.penalty(downlink, carried, instructions)
+        rule_penalty = self.rule.penalty(inputs)
         if rule_penalty is None:
             return None
         split = self.split
@@ -153,7 +154,7 @@ class Client:
         self.model.load_state_dict(self.split.join(global_state, carried), strict=True)
         instructions = FitInstructions(round=0, seed=tuning.seed)
         with self._own_classes():
-            tuning.trainer.train(self.model, self.train_data, instructions, LocalContext(carried=carried))
+            tuning.trainer.train(self.model, self.train_data, LocalRound(instructions, carried))
         return self._accuracy()
 
     def _accuracy(self) -> float:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fedprompt.training.batching import TensorData
-from fedprompt.training.gradient import FitInstructions, GradientTrainer, LocalContext
+from fedprompt.training.gradient import GradientTrainer, LocalRound
 from optimizers.base import OptimizationStats
 from optimizers.gradient import GradientOptimizer
 from optimizers.schedules import RoundSchedule
@@ -57,16 +57,9 @@ class ContrastiveTrainer(GradientTrainer):
         self.text_contrast = text_contrast
         self._class_targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def train(
-        self,
-        model: PromptModule,
-        data: TensorData,
-        instructions: FitInstructions,
-        context: LocalContext | None = None,
-    ) -> OptimizationStats:
-        context = context if context is not None else LocalContext()
+    def train(self, model: PromptModule, data: TensorData, local: LocalRound) -> OptimizationStats:
         global_state = model.prompt_state()
-        previous = {k.removeprefix(PREVIOUS): v for k, v in context.carried.items() if k.startswith(PREVIOUS)}
+        previous = {k.removeprefix(PREVIOUS): v for k, v in local.carried.items() if k.startswith(PREVIOUS)}
         positive, positive_classes = self._features(model, data), self._class_features(model)
         negative, negative_classes = positive, positive_classes
         if previous:
@@ -78,8 +71,8 @@ class ContrastiveTrainer(GradientTrainer):
         if positive_classes is not None and negative_classes is not None:
             self._class_targets = (positive_classes, negative_classes)
         augmented = replace(data, tensors={**data.tensors, POSITIVE: positive, NEGATIVE: negative})
-        stats = super().train(model, augmented, instructions, context)
-        context.carry_out.update({PREVIOUS + k: v for k, v in model.prompt_state().items()})
+        stats = super().train(model, augmented, local)
+        local.carry_out.update({PREVIOUS + k: v for k, v in model.prompt_state().items()})
         return stats
 
     def objective(self, model: PromptModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:

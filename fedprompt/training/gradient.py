@@ -63,12 +63,13 @@ def round_schedule(config: GradientOptimizerConfig, rounds: int) -> RoundSchedul
 
 
 @dataclass
-class LocalContext:
-    """What a local round sees beyond its data and instructions: the state the client carries
-    from earlier rounds (read-only), a term the strategy's client side adds to the loss (on the
-    module's named trainable parameters), and ``carry_out``, where a trainer puts state of its own
-    to carry into the next round (e.g. ATPFL's previous local prompt)."""
+class LocalRound:
+    """What a local round sees beyond its data: the server's instructions (round, seed, extras),
+    the state the client carries from earlier rounds (read-only), a term the strategy's client side
+    adds to the loss (on the module's named trainable parameters), and ``carry_out``, where a
+    trainer puts state of its own to carry into the next round (e.g. ATPFL's previous local prompt)."""
 
+    instructions: FitInstructions
     carried: State = field(default_factory=dict)
     penalty: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None
     carry_out: State = field(default_factory=dict)
@@ -78,13 +79,7 @@ class LocalTrainer(ABC):
     """Trains the prompt state of a module in place on one client's data."""
 
     @abstractmethod
-    def train(
-        self,
-        model: PromptModule,
-        data: TensorData,
-        instructions: FitInstructions,
-        context: LocalContext | None = None,
-    ) -> OptimizationStats:
+    def train(self, model: PromptModule, data: TensorData, local: LocalRound) -> OptimizationStats:
         """Update ``model``'s prompt state; return what the optimisation did."""
 
 
@@ -110,15 +105,9 @@ class GradientTrainer(LocalTrainer):
         self.device = device
         self.schedule = schedule
 
-    def train(
-        self,
-        model: PromptModule,
-        data: TensorData,
-        instructions: FitInstructions,
-        context: LocalContext | None = None,
-    ) -> OptimizationStats:
+    def train(self, model: PromptModule, data: TensorData, local: LocalRound) -> OptimizationStats:
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        penalty = context.penalty if context is not None else None
+        penalty = local.penalty
 
         def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
             loss = self.objective(model, batch)
@@ -126,9 +115,9 @@ class GradientTrainer(LocalTrainer):
                 loss = loss + penalty(params)
             return loss, len(batch["labels"])
 
-        generator = torch_generator(instructions.seed)
+        generator = torch_generator(local.instructions.seed)
         param_groups = getattr(model, "param_groups", None)
-        factor = 1.0 if self.schedule is None else self.schedule.factor(instructions.round)
+        factor = 1.0 if self.schedule is None else self.schedule.factor(local.instructions.round)
         model.train()
         try:
             return self.optimizer.run(

@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedprompt.federation.client_rules import ClientRule, Penalty, RoundOutput
-from fedprompt.federation.instructions import FitInstructions
+from fedprompt.federation.client_rules import ClientRule, Penalty, RoundInputs, RoundOutput
 from fedprompt.federation.privacy.accounting import PrivacyPlan
 from fedprompt.federation.privacy.central import check_clipped
 from fedprompt.federation.state import State
@@ -37,24 +36,21 @@ class LocalPrivacyRule(ClientRule):
         self.secret_noise = secret_noise
         self.uses_validation = inner.uses_validation
 
-    def start(self, downlink: State, carried: State, instructions: FitInstructions) -> State:
-        return self.inner.start(downlink, carried, instructions)
+    def start(self, inputs: RoundInputs) -> State:
+        return self.inner.start(inputs)
 
-    def penalty(self, downlink: State, carried: State, instructions: FitInstructions) -> Penalty | None:
-        return self.inner.penalty(downlink, carried, instructions)
+    def penalty(self, inputs: RoundInputs) -> Penalty | None:
+        return self.inner.penalty(inputs)
 
-    def finish(
-        self,
-        trained: State,
-        downlink: State,
-        carried: State,
-        instructions: FitInstructions,
-        stats: OptimizationStats,
-    ) -> RoundOutput:
-        output = self.inner.finish(trained, downlink, carried, instructions, stats)
-        clipped, _ = clip_delta(output.state, downlink, self.clip_norm)
-        check_clipped("this client's delta", delta_norm(clipped, downlink), self.clip_norm)
-        seed = secrets.randbits(63) if self.secret_noise else derive_seed(instructions.seed, "local-dp-noise")
+    def finish(self, inputs: RoundInputs, trained: State, stats: OptimizationStats) -> RoundOutput:
+        output = self.inner.finish(inputs, trained, stats)
+        clipped, _ = clip_delta(output.state, inputs.downlink, self.clip_norm)
+        check_clipped("this client's delta", delta_norm(clipped, inputs.downlink), self.clip_norm)
+        seed = (
+            secrets.randbits(63)
+            if self.secret_noise
+            else derive_seed(inputs.instructions.seed, "local-dp-noise")
+        )
         generator = torch_generator(seed)
         std = self.noise_multiplier * self.clip_norm
         noised = {

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedprompt.federation.client_rules import ClientRule, Penalty, RoundOutput
+from fedprompt.federation.client_rules import ClientRule, Penalty, RoundInputs, RoundOutput
 from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.state import State, Update
 from fedprompt.federation.strategies.base import Strategy
@@ -92,10 +92,10 @@ class FedDynRule(ClientRule):
     """FedDyn's client side: the dynamic regulariser on the local loss, and g_k carried from round
     to round as ``dynamic/<name>``. Owns nothing; α comes with the instructions."""
 
-    def penalty(self, downlink: State, carried: State, instructions: FitInstructions) -> Penalty | None:
-        alpha = _alpha(instructions)
-        anchor = {n: t.detach().clone() for n, t in downlink.items()}
-        linear = _linear_terms(carried, downlink)
+    def penalty(self, inputs: RoundInputs) -> Penalty | None:
+        alpha = _alpha(inputs.instructions)
+        anchor = {n: t.detach().clone() for n, t in inputs.downlink.items()}
+        linear = _linear_terms(inputs.carried, inputs.downlink)
 
         def dynamic(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
             total = 0.0
@@ -106,19 +106,12 @@ class FedDynRule(ClientRule):
 
         return dynamic
 
-    def finish(
-        self,
-        trained: State,
-        downlink: State,
-        carried: State,
-        instructions: FitInstructions,
-        stats: OptimizationStats,
-    ) -> RoundOutput:
-        alpha = _alpha(instructions)
-        linear = _linear_terms(carried, downlink)
+    def finish(self, inputs: RoundInputs, trained: State, stats: OptimizationStats) -> RoundOutput:
+        alpha = _alpha(inputs.instructions)
+        linear = _linear_terms(inputs.carried, inputs.downlink)
         new: State = {}
-        for n in downlink:
-            moved = trained[n].detach().to("cpu", torch.float64) - downlink[n].detach().to(
+        for n in inputs.downlink:
+            moved = trained[n].detach().to("cpu", torch.float64) - inputs.downlink[n].detach().to(
                 "cpu", torch.float64
             )
             new[DYNAMIC + n] = (linear[n].double() - alpha * moved).to(torch.float32)

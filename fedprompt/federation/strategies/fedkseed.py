@@ -30,8 +30,7 @@ from typing import Any, Literal
 import torch
 
 from fedprompt.config import FedKSeedConfig, RunConfig, SPSAOptimizerConfig
-from fedprompt.federation.client_rules import ClientRule, RoundOutput
-from fedprompt.federation.instructions import FitInstructions
+from fedprompt.federation.client_rules import ClientRule, RoundInputs, RoundOutput
 from fedprompt.federation.state import State, Update
 from fedprompt.federation.strategies.base import Strategy
 from fedprompt.seeding import derive_seed
@@ -236,21 +235,14 @@ class KSeedRule(ClientRule):
         self.setup = setup
         self.initial_state = initial_state
 
-    def start(self, downlink: State, carried: State, instructions: FitInstructions) -> State:
+    def start(self, inputs: RoundInputs) -> State:
         if self.setup.downlink == "prompt":
-            return downlink
-        if SEED_POOL not in instructions.extras:
-            raise ValueError(f"FedKSeed's seed-pool downlink sent no {SEED_POOL!r}")
-        return rebuild_from_pool(self.initial_state, instructions.extras[SEED_POOL], self.setup)
+            return inputs.downlink
+        if SEED_POOL not in inputs.instructions.extras:
+            raise ValueError(f"FedKSeed's seed-pool inputs.downlink sent no {SEED_POOL!r}")
+        return rebuild_from_pool(self.initial_state, inputs.instructions.extras[SEED_POOL], self.setup)
 
-    def finish(
-        self,
-        trained: State,
-        downlink: State,
-        carried: State,
-        instructions: FitInstructions,
-        stats: OptimizationStats,
-    ) -> RoundOutput:
+    def finish(self, inputs: RoundInputs, trained: State, stats: OptimizationStats) -> RoundOutput:
         if SEED_INDEX not in stats.tensors or PROJECTED_GRAD not in stats.tensors:
             raise ValueError("FedKSeed clients send the pairs of their steps; the trainer reported none")
         return RoundOutput({}, {}, {})

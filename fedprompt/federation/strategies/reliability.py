@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from fedprompt.federation.client_rules import ClientRule, Penalty, RoundOutput
-from fedprompt.federation.instructions import FitInstructions
+from fedprompt.federation.client_rules import ClientRule, Penalty, RoundInputs, RoundOutput
 from fedprompt.federation.state import State, Update
 from fedprompt.federation.strategies.base import Strategy
 from optimizers.base import OptimizationStats
@@ -148,14 +147,14 @@ class ReliabilityRule(ClientRule):
             raise ValueError(f"reliability alpha must be >= 0, got {alpha}")
         self.alpha = alpha
 
-    def start(self, downlink: State, carried: State, instructions: FitInstructions) -> State:
-        own = {k.removeprefix(PERSONAL): v for k, v in carried.items() if k.startswith(PERSONAL)}
-        return own or downlink
+    def start(self, inputs: RoundInputs) -> State:
+        own = {k.removeprefix(PERSONAL): v for k, v in inputs.carried.items() if k.startswith(PERSONAL)}
+        return own or inputs.downlink
 
-    def penalty(self, downlink: State, carried: State, instructions: FitInstructions) -> Penalty | None:
+    def penalty(self, inputs: RoundInputs) -> Penalty | None:
         if self.alpha == 0:
             return None
-        shared = flatten(downlink).to(torch.float32)
+        shared = flatten(inputs.downlink).to(torch.float32)
         alpha = self.alpha
 
         def pull(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -165,12 +164,5 @@ class ReliabilityRule(ClientRule):
 
         return pull
 
-    def finish(
-        self,
-        trained: State,
-        downlink: State,
-        carried: State,
-        instructions: FitInstructions,
-        stats: OptimizationStats,
-    ) -> RoundOutput:
+    def finish(self, inputs: RoundInputs, trained: State, stats: OptimizationStats) -> RoundOutput:
         return RoundOutput(trained, {}, {PERSONAL + name: t.detach().clone() for name, t in trained.items()})

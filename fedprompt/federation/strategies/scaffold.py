@@ -30,8 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedprompt.federation.client_rules import ClientRule, Penalty, RoundOutput
-from fedprompt.federation.instructions import FitInstructions
+from fedprompt.federation.client_rules import ClientRule, Penalty, RoundInputs, RoundOutput
 from fedprompt.federation.state import State, Update
 from fedprompt.federation.strategies.base import Strategy
 from fedprompt.federation.strategies.server_tensors import (
@@ -122,11 +121,11 @@ class ScaffoldRule(ClientRule):
     ``control/<name>``) by option II and sends Δc_i up. Owns nothing: c comes down with the round,
     c_i lives in the client's carried state."""
 
-    def penalty(self, downlink: State, carried: State, instructions: FitInstructions) -> Penalty | None:
-        server = _controls(instructions.extras, downlink)
-        own = _controls(carried, downlink)
-        correction = {n: server[n] - own[n] for n in downlink}
-        anchor = {n: t.detach().clone() for n, t in downlink.items()}
+    def penalty(self, inputs: RoundInputs) -> Penalty | None:
+        server = _controls(inputs.instructions.extras, inputs.downlink)
+        own = _controls(inputs.carried, inputs.downlink)
+        correction = {n: server[n] - own[n] for n in inputs.downlink}
+        anchor = {n: t.detach().clone() for n, t in inputs.downlink.items()}
 
         def linear(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
             return sum(
@@ -136,26 +135,19 @@ class ScaffoldRule(ClientRule):
 
         return linear
 
-    def finish(
-        self,
-        trained: State,
-        downlink: State,
-        carried: State,
-        instructions: FitInstructions,
-        stats: OptimizationStats,
-    ) -> RoundOutput:
+    def finish(self, inputs: RoundInputs, trained: State, stats: OptimizationStats) -> RoundOutput:
         scale = stats.gradient_scale
         if scale is None or not scale > 0:
             raise ValueError(
                 "SCAFFOLD's control-variate update needs the local optimiser's gradient scale K·η_l, which "
                 "only SGD (one learning rate for the whole prompt) reports; set optimizer.algorithm: sgd"
             )
-        server = _controls(instructions.extras, downlink)
-        own = _controls(carried, downlink)
+        server = _controls(inputs.instructions.extras, inputs.downlink)
+        own = _controls(inputs.carried, inputs.downlink)
         new_own: State = {}
         change: State = {}
-        for n in downlink:
-            drift = downlink[n].detach().to("cpu", torch.float64) - trained[n].detach().to(
+        for n in inputs.downlink:
+            drift = inputs.downlink[n].detach().to("cpu", torch.float64) - trained[n].detach().to(
                 "cpu", torch.float64
             )
             new_own[n] = (own[n].double() - server[n].double() + drift / scale).to(torch.float32)

@@ -1,10 +1,10 @@
 """Image classification with prompts on a frozen open_clip CLIP: config -> backbone, module, clients.
 
-The sibling of ``text_task``. Images are preprocessed with the backbone's own transform and turned,
-once per dataset, into what the prompt module's image side reads (``ImageInput``): CLIP image
-features for text-side prompts, hidden states below the first prompted layer for VPT, pixels for
-pixel-space prompts. Those tensors go through ``FeatureCache`` (in memory; on disk when
-``backbone.feature_cache_dir`` is set).
+The sibling of ``tasks.text.classification``. Images are preprocessed with the backbone's own
+transform and turned, once per dataset, into what the prompt module's image side reads
+(``ImageInput``): CLIP image features for text-side prompts, hidden states below the first prompted
+layer for VPT, pixels for pixel-space prompts. Those tensors go through ``FeatureCache`` (in memory;
+on disk when ``backbone.feature_cache_dir`` is set).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Collection, Sequence
 
 import datasets
 import numpy as np
-import open_clip
 import torch
 
 from fedprompt.config import (
@@ -22,114 +21,41 @@ from fedprompt.config import (
     CoOpPromptConfig,
     GeneratorPromptConfig,
     OpenCLIPBackboneConfig,
-    PartOptimizerConfig,
     PixelPromptConfig,
     RunConfig,
     TwinPromptConfig,
     VPTPromptConfig,
 )
 from fedprompt.data.images import ImageTask, load_image_task
-from fedprompt.data.partition import partition_class_ranges, partition_indices, split_local
+from fedprompt.data.partition import partition_class_ranges, partition_indices
 from fedprompt.errors import DataError
 from fedprompt.federation.strategies.registry import build_strategy
-from fedprompt.seeding import derive_seed, torch_generator
-from fedprompt.tasks.clip.demo_backbone import backbone_notes, resolve_clip_weights
-from fedprompt.tasks.clip.feature_cache import FeatureCache, image_fingerprint
+from fedprompt.seeding import derive_seed
+from fedprompt.tasks.clients import ClientData, HostedRows, build_clients
+from fedprompt.tasks.clip.demo_backbone import backbone_notes
+from fedprompt.tasks.clip.feature_cache import FeatureCache
+from fedprompt.tasks.clip.parts import (
+    build_text_context,
+    build_visual_side,
+    encoded_images,
+    image_cache_key,
+    load_clip_backbone,
+    part_settings,
+)
 from fedprompt.tasks.experiment import EvalSet, Experiment
-from fedprompt.tasks.preflight import check_coupled_depth, context_phrase, vpt_layers
+from fedprompt.tasks.preflight import check_coupled_depth, vpt_layers
 from fedprompt.training.augment import VIEWS, CropFlip, SeededTrainData, view_seed
 from fedprompt.training.batching import TensorData
-from fedprompt.training.client import Client
 from fedprompt.training.contrastive import ContrastiveTrainer
 from fedprompt.training.device import make_accelerator
 from fedprompt.training.gradient import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
 from optimizers.gradient import GradientOptimizer
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
-from prompt_modules.clip_text_context import FixedClassText, TextContext
+from prompt_modules.clip_text_context import FixedClassText
 from prompt_modules.prompt_generator import PromptGenerator
-from prompt_modules.soft_prompt import init_prompt_embeddings
 from prompt_modules.twin_prompt import CoupledVisualPrompt
-from prompt_modules.visual_prompts import FrozenImage, PixelPrompt, VisualTokenPrompt, vpt_init
-
-
-def load_clip_backbone(config: OpenCLIPBackboneConfig, seed: int) -> OpenCLIPBackbone:
-    """The frozen CLIP a run needs (seeded random weights when ``pretrained`` is null; the demo
-    backbone's cached checkpoint, built on first use, for ``bundled:demo-clip``)."""
-    model, pretrained = resolve_clip_weights(config)
-    return OpenCLIPBackbone.load(
-        model,
-        pretrained,
-        precision=config.precision,
-        image_size=config.image_size,
-        seed=derive_seed(seed, "random-backbone"),
-    )
-
-
-# --------------------------------------------------------------------------- prompt modules
-
-
-def build_text_context(
-    config: CoOpPromptConfig, backbone: OpenCLIPBackbone, class_names: Sequence[str], seed: int, field: str
-) -> TextContext:
-    """CoOp context: from a phrase (one vector per token), sampled vocabulary or N(0, init_std²);
-    deep layers N(0, init_std²)."""
-    if config.depth > backbone.num_text_layers:
-        raise ConfigError(
-            f"{field}.depth: {config.depth} exceeds the text tower's {backbone.num_text_layers} layers"
-        )
-    num_tokens, phrase = context_phrase(config, backbone.tokenizer, field)
-    generator = torch_generator(derive_seed(seed, "prompt-init", "text"))
-
-    def init() -> torch.Tensor:
-        return init_prompt_embeddings(
-            backbone.token_embedding_matrix,
-            num_tokens,
-            config.init,
-            generator=generator,
-            text_ids=phrase,
-            excluded_ids=backbone.special_token_ids,
-            std=config.init_std,
-        )
-
-    context = torch.stack([init() for _ in class_names]) if config.class_specific else init()
-    deep = torch.randn(config.depth - 1, num_tokens, backbone.text_width, generator=generator)
-    return TextContext(
-        context,
-        deep * config.init_std if config.depth > 1 else None,
-        class_names if config.class_specific else None,
-        class_position=config.class_position,
-    )
-
-
-def build_visual_side(
-    config: VPTPromptConfig | PixelPromptConfig, backbone: OpenCLIPBackbone, seed: int, field: str
-) -> VisualTokenPrompt | PixelPrompt:
-    """A pixel prompt or VPT tokens (layers checked against the tower), seeded from the run seed."""
-    if isinstance(config, PixelPromptConfig):
-        try:
-            return PixelPrompt(
-                config.method,
-                config.size,
-                backbone.image_size,
-                config.init_std,
-                derive_seed(seed, "pixel"),
-                random_at_eval=config.random_at_eval,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"{field}.size: {exc}") from None
-    layers = vpt_layers(config, backbone.num_vision_layers, field)
-    generator = torch_generator(derive_seed(seed, "prompt-init", "vpt"))
-    return VisualTokenPrompt(
-        vpt_init(backbone, layers, config.num_tokens, generator),
-        config.start_layer,
-        placement=config.placement,
-        dropout=config.dropout,
-    )
-
-
-def _part_settings(config: PartOptimizerConfig) -> dict[str, float]:
-    return {name: value for name, value in config.model_dump().items() if value is not None}
+from prompt_modules.visual_prompts import FrozenImage
 
 
 def build_clip_model(
@@ -179,8 +105,8 @@ def build_clip_model(
         else:
             image = build_visual_side(prompt.visual, backbone, seed, "prompt.visual")
         settings = {
-            "text": _part_settings(prompt.text_optimizer),
-            "image": _part_settings(prompt.visual_optimizer),
+            "text": part_settings(prompt.text_optimizer),
+            "image": part_settings(prompt.visual_optimizer),
         }
         return CLIPPromptClassifier(backbone, text, image, class_names, settings)
     raise ConfigError(f"prompt.kind {prompt.kind!r} is not a CLIP prompt")
@@ -189,23 +115,7 @@ def build_clip_model(
 # --------------------------------------------------------------------------- data
 
 
-def _pixels(backbone: OpenCLIPBackbone, images: list) -> torch.Tensor:
-    """Preprocessed images [B, 3, H, W] (the backbone's evaluation transform)."""
-    return torch.stack([backbone.preprocess(image.convert("RGB")) for image in images])
-
-
-def _cache_parts(model: CLIPPromptClassifier, dataset: datasets.Dataset, what: str) -> dict[str, str]:
-    """What cached image tensors depend on: model, weights, precision, transform, images, ``what``."""
-    backbone: OpenCLIPBackbone = model.backbone
-    return {
-        "model": backbone.name,
-        "architecture": repr(open_clip.get_model_config(backbone.name)),
-        "weights": backbone.weights,
-        "dtype": f"{backbone.dtype}/{backbone.image_dtype}",
-        "transform": repr(backbone.preprocess),
-        "input": what,
-        "images": image_fingerprint(dataset),
-    }
+# --------------------------------------------------------------------------- data
 
 
 def image_tensors(
@@ -215,20 +125,9 @@ def image_tensors(
     batch_size: int,
 ) -> TensorData:
     """The dataset as the model's image input (cached, computed once) plus ``labels``."""
-    backbone: OpenCLIPBackbone = model.backbone
-    image_input = model.image_input
-
-    def compute() -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(dataset), batch_size):
-            pixels = _pixels(backbone, dataset[start : start + batch_size]["image"])
-            chunks.append(model.prepare_images(pixels.to(backbone.device)).cpu())
-        return torch.cat(chunks)
-
-    parts = _cache_parts(model, dataset, image_input.name)
-    values = cache.get(parts, compute, persist=image_input.key != "pixels")  # pixels: memory only
+    values = encoded_images(model, dataset, cache, batch_size)
     labels = torch.tensor(dataset["label"], dtype=torch.long)
-    return TensorData({image_input.key: values, "labels": labels})
+    return TensorData({model.image_input.key: values, "labels": labels})
 
 
 def augmented_views(
@@ -251,7 +150,7 @@ def augmented_views(
     def compute() -> torch.Tensor:
         chunks = []
         for start in range(0, len(dataset), batch_size):
-            pixels = _pixels(backbone, dataset[start : start + batch_size]["image"])
+            pixels = backbone.preprocess_images(dataset[start : start + batch_size]["image"])
             stacked = torch.stack(
                 [
                     augment(image, view_seed(seed, int(row), k))
@@ -263,7 +162,7 @@ def augmented_views(
             chunks.append(features.reshape(len(pixels), views, -1))
         return torch.cat(chunks)
 
-    parts = _cache_parts(model, dataset, f"{model.image_input.name}-views")
+    parts = image_cache_key(model, dataset, f"{model.image_input.name}-views")
     parts["augment"] = f"{augment!r} views={views} seed={derive_seed(seed, 'augment-view')}"
     parts["rows"] = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
     return cache.get(parts, compute)
@@ -281,12 +180,12 @@ def pixel_tensor(
     def compute() -> torch.Tensor:
         return torch.cat(
             [
-                _pixels(backbone, dataset[i : i + batch_size]["image"])
+                backbone.preprocess_images(dataset[i : i + batch_size]["image"])
                 for i in range(0, len(dataset), batch_size)
             ]
         )
 
-    return cache.get(_cache_parts(model, dataset, "pixels"), compute, persist=False)
+    return cache.get(image_cache_key(model, dataset, "pixels"), compute, persist=False)
 
 
 def seeded_train_data(
@@ -401,9 +300,8 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
 
     labels = np.asarray(task.train["label"], dtype=np.int64)
     parts = _partition(config, task, labels)
-    built = [cid for cid in range(len(parts)) if client_ids is None or cid in client_ids]
-    # encode only the built clients' images (a Flower SuperNode hosts one client of many)
-    needed = np.unique(np.concatenate([parts[cid] for cid in built] or [np.zeros(0, np.int64)]))
+    rows = HostedRows.of(parts, client_ids)  # encode only the hosted clients' images (a SuperNode hosts one)
+    needed, built = rows.needed, list(rows.positions)
     cache = FeatureCache(config.backbone.feature_cache_dir)
     batch = config.runtime.eval_batch_size
     subset = task.train if len(needed) == len(task.train) else task.train.select(needed)
@@ -426,27 +324,22 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
 
     optimizer = gradient_optimizer(config.optimizer, accelerator)
     own_classes = config.client_classes == "own"
-    clients = {}
-    for cid in built:
+
+    def share(cid: int, local_train: np.ndarray, local_val: np.ndarray) -> ClientData:
+        """The client's rows relabelled within its classes (``own``), with the step's randomness."""
         assert train is not None
-        positions = np.searchsorted(needed, parts[cid])  # positions in the encoded subset, same order
-        local_train, local_val = split_local(
-            positions, config.partition.local_val_fraction, seed=derive_seed(config.seed, "local-split", cid)
-        )
         classes = np.unique(labels[parts[cid]]) if own_classes else np.arange(len(task.class_names))
         train_k = relabel(train.subset(local_train), classes)
         if seeded:
-            rows = torch.as_tensor(local_train)
-            train_k = seeded_train_data(train_k, {k: v[rows] for k, v in replacements.items()}, augment)
-        clients[cid] = Client(
-            cid,
-            train_k,
-            relabel(train.subset(local_val), classes) if len(local_val) else None,
-            model,
-            _trainer(config, optimizer, accelerator.device),  # one per client: ATPFL keeps client state in it
-            eval_batch_size=config.runtime.eval_batch_size,
-            class_names=[task.class_names[c] for c in classes] if own_classes else None,
-        )
+            positions = torch.as_tensor(local_train)
+            train_k = seeded_train_data(train_k, {k: v[positions] for k, v in replacements.items()}, augment)
+        val_k = relabel(train.subset(local_val), classes) if len(local_val) else None
+        return ClientData(train_k, val_k, [task.class_names[c] for c in classes] if own_classes else None)
+
+    # one trainer per client: ATPFL keeps client state in it
+    clients = build_clients(
+        config, model, train, rows, lambda cid: _trainer(config, optimizer, accelerator.device), share
+    )
     return Experiment(
         model=model,
         clients=clients,

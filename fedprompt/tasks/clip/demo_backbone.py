@@ -258,7 +258,7 @@ def _digit_images(rows: Sequence[int], backbone: OpenCLIPBackbone) -> CaptionedI
     from PIL import Image
 
     images, labels = digit_arrays()
-    pixels = _preprocess(backbone, [Image.fromarray(images[row], mode="L") for row in rows])
+    pixels = backbone.preprocess_images([Image.fromarray(images[row], mode="L") for row in rows])
     return CaptionedImages(pixels, [{"digit": DIGIT_NAMES[labels[row]]} for row in rows])
 
 
@@ -271,12 +271,8 @@ def _shape_images(split: str, limit: int | None, seed: int, backbone: OpenCLIPBa
     if limit is not None and limit < len(images):
         rng = np.random.default_rng(derive_seed(seed, "demo-clip", "shape-images", split))
         images = [images[i] for i in np.sort(rng.choice(len(images), size=limit, replace=False))]
-    pixels = _preprocess(backbone, [Image.open(image.path) for image in images])
+    pixels = backbone.preprocess_images([Image.open(image.path) for image in images])
     return CaptionedImages(pixels, [{"shape": image.shape, "color": image.color} for image in images])
-
-
-def _preprocess(backbone: OpenCLIPBackbone, images: Sequence[Any]) -> torch.Tensor:
-    return torch.stack([backbone.preprocess(image.convert("RGB")) for image in images])
 
 
 def _captions() -> tuple[list[str], list[dict[str, str]]]:

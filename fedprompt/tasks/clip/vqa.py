@@ -1,12 +1,13 @@
 """Visual question answering with prompts on a frozen open_clip CLIP: config -> data, model, clients.
 
-The sibling of ``vision_task``. Each distinct image is encoded once into what the prompt module's
-image side reads (features, hidden states below the first prompted layer, or pixels), through the
-``FeatureCache``; questions share their image's row of that table (``QuestionData``), so an image
-asked about ten times is stored once. Questions are tokenised once, with placeholders where the
-learned question context goes. Clients are the values of a field (organ, modality, question type,
-shape, ...) or a partition of the questions; the server reports accuracy overall, on closed and on
-open questions, and per question type, beside the majority-answer baseline of each.
+The sibling of ``tasks.clip.classification``. Each distinct image is encoded once into what the
+prompt module's image side reads (features, hidden states below the first prompted layer, or
+pixels), through the ``FeatureCache``; questions share their image's row of that table
+(``QuestionData``), so an image asked about ten times is stored once. Questions are tokenised once,
+with placeholders where the learned question context goes. Clients are the values of a field (organ,
+modality, question type, shape, ...) or a partition of the questions; the server reports accuracy
+overall, on closed and on open questions, and per question type, beside the majority-answer baseline
+of each.
 """
 
 from __future__ import annotations
@@ -19,22 +20,27 @@ from typing import Any
 
 import datasets
 import numpy as np
-import open_clip
 import torch
 
-from fedprompt.config import ConfigError, PartOptimizerConfig, RunConfig, VQAPromptConfig
-from fedprompt.data.partition import partition_indices, split_local
+from fedprompt.config import ConfigError, RunConfig, VQAPromptConfig
+from fedprompt.data.partition import partition_indices
 from fedprompt.data.vqa import VQAData, load_vqa
 from fedprompt.errors import DataError
 from fedprompt.federation.strategies.registry import build_strategy
 from fedprompt.seeding import derive_seed, torch_generator
-from fedprompt.tasks.clip.classification import build_text_context, build_visual_side, load_clip_backbone
+from fedprompt.tasks.clients import HostedRows, build_clients
 from fedprompt.tasks.clip.demo_backbone import backbone_notes
-from fedprompt.tasks.clip.feature_cache import FeatureCache, image_fingerprint
+from fedprompt.tasks.clip.feature_cache import FeatureCache
+from fedprompt.tasks.clip.parts import (
+    build_text_context,
+    build_visual_side,
+    encoded_images,
+    load_clip_backbone,
+    part_settings,
+)
 from fedprompt.tasks.experiment import EvalSet, Experiment
 from fedprompt.tasks.preflight import context_phrase
 from fedprompt.training.batching import TensorData
-from fedprompt.training.client import Client
 from fedprompt.training.device import make_accelerator
 from fedprompt.training.gradient import GradientTrainer, gradient_optimizer, round_schedule
 from prompt_modules.clip_backbone import OpenCLIPBackbone
@@ -67,10 +73,6 @@ NO_VALUE = "(none)"
 """The client of rows whose client field is empty."""
 
 # --------------------------------------------------------------------------- model
-
-
-def _settings(config: PartOptimizerConfig) -> dict[str, float]:
-    return {name: value for name, value in config.model_dump().items() if value is not None}
 
 
 def build_vqa_model(config: RunConfig, backbone: OpenCLIPBackbone, data: VQAData) -> CLIPVQAModel:
@@ -109,9 +111,9 @@ def build_vqa_model(config: RunConfig, backbone: OpenCLIPBackbone, data: VQAData
         {a for a, c in zip(data.train["answer"], data.train["closed"], strict=True) if not c}
     )
     settings = {
-        "text": _settings(prompt.text_optimizer),
-        "image": _settings(prompt.visual_optimizer),
-        "fusion": _settings(prompt.fusion_optimizer),
+        "text": part_settings(prompt.text_optimizer),
+        "image": part_settings(prompt.visual_optimizer),
+        "fusion": part_settings(prompt.fusion_optimizer),
     }
     return CLIPVQAModel(
         backbone, question, answer, image, fusion, answers, data.closed_answers, open_answers, settings
@@ -119,32 +121,6 @@ def build_vqa_model(config: RunConfig, backbone: OpenCLIPBackbone, data: VQAData
 
 
 # --------------------------------------------------------------------------- data
-
-
-def encode_images(
-    model: CLIPVQAModel, images: datasets.Dataset, cache: FeatureCache, batch_size: int
-) -> torch.Tensor:
-    """The image side's input [N, ...] of each image of ``images`` (cached, computed once)."""
-    backbone: OpenCLIPBackbone = model.backbone
-    parts = {
-        "model": backbone.name,
-        "architecture": repr(open_clip.get_model_config(backbone.name)),
-        "weights": backbone.weights,
-        "dtype": f"{backbone.dtype}/{backbone.image_dtype}",
-        "transform": repr(backbone.preprocess),
-        "input": model.image_input.name,
-        "images": image_fingerprint(images),
-    }
-
-    def compute() -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]["image"]
-            pixels = torch.stack([backbone.preprocess(image.convert("RGB")) for image in batch])
-            chunks.append(model.prepare_images(pixels.to(backbone.device)).cpu())
-        return torch.cat(chunks)
-
-    return cache.get(parts, compute, persist=model.image_input.key != "pixels")
 
 
 @dataclass(frozen=True)
@@ -280,14 +256,14 @@ def build_vqa_experiment(config: RunConfig, client_ids: Collection[int] | None =
 
     train_labels = data.labels(data.train)
     parts, names = client_groups(data, config, train_labels)
-    built = [cid for cid in range(len(parts)) if client_ids is None or cid in client_ids]
-    needed = np.unique(np.concatenate([parts[cid] for cid in built] or [np.zeros(0, np.int64)]))
+    rows = HostedRows.of(parts, client_ids)
+    needed = rows.needed
     train = data.train.select(needed) if len(needed) != len(data.train) else data.train
     keys = list(dict.fromkeys([*train["image_key"], *data.test["image_key"]]))
     image_rows = {key: row for row, key in enumerate(keys)}
     distinct = _distinct_images(train, data.test, keys)
     cache = FeatureCache(config.backbone.feature_cache_dir)
-    table = encode_images(model, distinct, cache, config.runtime.eval_batch_size)
+    table = encoded_images(model, distinct, cache, config.runtime.eval_batch_size)
     images = {model.image_input.key: table}
     types = sorted({t for t in data.train["question_type"] if t is not None})
     field_name = config.data.vqa.client_field if config.data.vqa else None
@@ -302,21 +278,7 @@ def build_vqa_experiment(config: RunConfig, client_ids: Collection[int] | None =
     optimizer = gradient_optimizer(config.optimizer, accelerator)
     schedule = round_schedule(config.optimizer, config.federation.rounds)
     trainer = GradientTrainer(optimizer, config.optimizer.batch_size, accelerator.device, schedule)
-    clients = {}
-    for cid in built:
-        local_train, local_val = split_local(
-            np.searchsorted(needed, parts[cid]),
-            config.partition.local_val_fraction,
-            seed=derive_seed(config.seed, "local-split", cid),
-        )
-        clients[cid] = Client(
-            cid,
-            train_data.subset(local_train),
-            train_data.subset(local_val) if len(local_val) else None,
-            model,
-            trainer,
-            eval_batch_size=config.runtime.eval_batch_size,
-        )
+    clients = build_clients(config, model, train_data, rows, lambda cid: trainer)
     notes: dict[str, Any] = {
         **backbone_notes(config.backbone),
         "majority_baseline": majority_baselines(data),

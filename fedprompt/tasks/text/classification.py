@@ -19,16 +19,16 @@ from fedprompt.config import (
     SPSAOptimizerConfig,
 )
 from fedprompt.data.loading import load_text_classification
-from fedprompt.data.partition import partition_indices, split_local
+from fedprompt.data.partition import partition_indices
 from fedprompt.federation.strategies.fedkseed import kseed_setup
 from fedprompt.federation.strategies.registry import build_strategy
 from fedprompt.seeding import derive_seed
+from fedprompt.tasks.clients import HostedRows, build_clients
 from fedprompt.tasks.experiment import Experiment
 from fedprompt.tasks.text.parts import build_head, build_prompt, load_backbone
 from fedprompt.tasks.text.remote import build_remote_model
 from fedprompt.training.batching import TensorData
 from fedprompt.training.blackbox import build_blackbox_trainer, search_sigma
-from fedprompt.training.client import Client
 from fedprompt.training.device import make_accelerator
 from fedprompt.training.gradient import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
 from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier
@@ -64,21 +64,8 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         train.labels.numpy(), config.partition, seed=derive_seed(config.seed, "partition")
     )
     trainer = _trainer(config, accelerator)
-    clients = {}
-    for cid, indices in enumerate(parts):
-        if client_ids is not None and cid not in client_ids:
-            continue
-        local_train, local_val = split_local(
-            indices, config.partition.local_val_fraction, seed=derive_seed(config.seed, "local-split", cid)
-        )
-        clients[cid] = Client(
-            cid,
-            train.subset(local_train),
-            train.subset(local_val) if len(local_val) else None,
-            model,
-            trainer,
-            eval_batch_size=config.runtime.eval_batch_size,
-        )
+    rows = HostedRows.of_all_rows(parts, client_ids, len(train))
+    clients = build_clients(config, model, train, rows, lambda cid: trainer)
     return Experiment(
         model=model,
         clients=clients,
