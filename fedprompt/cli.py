@@ -133,6 +133,7 @@ def show_config(
 
 
 @app.command()
+@user_errors
 def serve(
     model: Annotated[
         str, typer.Option(help="Hub name, local folder or bundled alias.")
@@ -189,40 +190,35 @@ def serve(
     from fedprompt.serving.launch import serve as serve_forever
     from fedprompt.serving.service import QueryQuotas, ServiceLimits
     from fedprompt.serving.tls import TLSFiles
-    from prompt_modules.hf_text import BackboneLoadError
 
-    try:
-        settings = ServeSettings(
-            model,
-            lm_head,
-            max_length,
-            device,
-            host,
-            port,
-            tokens_env,
-            chunk_size,
-            limits=ServiceLimits(
-                max_candidates=max_candidates,
-                max_examples=max_examples,
-                max_queries=max_queries,
-                max_request_bytes=max_request_bytes,
-                max_projection_floats=max_projection_floats,
-            ),
-            quotas=QueryQuotas.from_options(query_quota, client_quota or []),
-            admission=AdmissionSettings(
-                rate=rate_limit,
-                burst=rate_burst,
-                max_failures=max_failed_tokens,
-                lockout=lockout,
-                max_lockout=max(lockout, 300.0),
-            ),
-            tls=TLSFiles.from_options(ssl_certfile, ssl_keyfile, ssl_ca_certfile),
-            usage_file=usage_file,
-        )
-        serve_forever(settings)
-    except (BackboneLoadError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    settings = ServeSettings(
+        model,
+        lm_head,
+        max_length,
+        device,
+        host,
+        port,
+        tokens_env,
+        chunk_size,
+        limits=ServiceLimits(
+            max_candidates=max_candidates,
+            max_examples=max_examples,
+            max_queries=max_queries,
+            max_request_bytes=max_request_bytes,
+            max_projection_floats=max_projection_floats,
+        ),
+        quotas=QueryQuotas.from_options(query_quota, client_quota or []),
+        admission=AdmissionSettings(
+            rate=rate_limit,
+            burst=rate_burst,
+            max_failures=max_failed_tokens,
+            lockout=lockout,
+            max_lockout=max(lockout, 300.0),
+        ),
+        tls=TLSFiles.from_options(ssl_certfile, ssl_keyfile, ssl_ca_certfile),
+        usage_file=usage_file,
+    )
+    serve_forever(settings)
 
 
 @app.command("demo-backbone")

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fedprompt.cli import app
-from fedprompt.errors import DataError
+from fedprompt.errors import ConfigError, DataError
 
 from conftest import tiny_run_config, write_keyword_dataset
 
@@ -107,6 +107,9 @@ def test_a_mistake_in_a_run_is_one_error_line_and_leaves_no_run_folder(
         (["plot", "{missing}"], ["is not a fedprompt run folder: it does not exist"]),
         (["report", "{plain}"], ["is not a fedprompt run folder: it has no config.yaml"]),
         (["export", "{missing}", "{plain}/adapter"], ["is not a fedprompt run folder: it does not exist"]),
+        (["serve", "--client-quota", "site-0"], ["--client-quota 'site-0' is not NAME=QUERIES"]),
+        (["serve", "--ssl-certfile", "{missing}"], ["TLS needs both --ssl-certfile and --ssl-keyfile"]),
+        (["serve", "--tokens-env", "FEDPROMPT_TEST_NO_TOKENS"], ["FEDPROMPT_TEST_NO_TOKENS holds no tokens"]),
     ],
     ids=[
         "yaml-syntax",
@@ -117,6 +120,9 @@ def test_a_mistake_in_a_run_is_one_error_line_and_leaves_no_run_folder(
         "plot-missing",
         "report-not-a-run",
         "export-missing",
+        "serve-quota",
+        "serve-tls",
+        "serve-tokens",
     ],
 )
 def test_mistakes_before_anything_loads_are_one_error_line(arguments, fragments, tmp_path, monkeypatch):
@@ -134,6 +140,8 @@ def test_debug_lets_the_mistake_through_and_a_bug_is_not_a_user_error(keyword_fi
     config = _config_file(tmp_path, tiny_run_config(keyword_file, data=_data(tmp_path / "nowhere.csv")))
     result = CliRunner().invoke(app, ["--debug", "run", str(config), "--output-dir", str(tmp_path / "r")])
     assert isinstance(result.exception, DataError) and result.exit_code == 1
+    served = CliRunner().invoke(app, ["--debug", "serve", "--client-quota", "site-0"])
+    assert isinstance(served.exception, ConfigError) and served.exit_code == 1  # serve, like every command
 
     def bug(*args, **kwargs):
         raise KeyError("a genuine bug")

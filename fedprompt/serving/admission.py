@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fedprompt.errors import ConfigError
+
 Clock = Callable[[], float]
 """Seconds from an arbitrary origin that never go back (``time.monotonic``)."""
 
@@ -59,14 +61,14 @@ class AdmissionSettings:
 
     def __post_init__(self) -> None:
         if self.rate < 0 or not math.isfinite(self.rate):
-            raise ValueError(f"rate must be a finite number >= 0 (0: no limit), got {self.rate}")
+            raise ConfigError(f"rate must be a finite number >= 0 (0: no limit), got {self.rate}")
         counts = ("burst", "max_failures", "tracked_addresses", "replay_entries")
         times = ("lockout", "max_lockout", "replay_ttl")
         bad = {n: getattr(self, n) for n in counts + times if not getattr(self, n) > 0}
         if bad:
-            raise ValueError(f"admission settings must be positive, got {bad}")
+            raise ConfigError(f"admission settings must be positive, got {bad}")
         if self.max_lockout < self.lockout:
-            raise ValueError(f"max_lockout ({self.max_lockout}) is below lockout ({self.lockout})")
+            raise ConfigError(f"max_lockout ({self.max_lockout}) is below lockout ({self.lockout})")
 
 
 class RateLimiter:

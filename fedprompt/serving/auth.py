@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 from fastapi import HTTPException
 
+from fedprompt.errors import ConfigError
+
 MIN_TOKEN_LENGTH = 16
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -22,14 +24,14 @@ def parse_tokens(text: str, source: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, token = item.partition(":")
         if not sep or not _NAME.fullmatch(name):
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: entries are name:token with a name of letters, digits, '.', '_', '-'"
             )
         if name in tokens:
-            raise ValueError(f"{source}: client {name!r} appears more than once")
+            raise ConfigError(f"{source}: client {name!r} appears more than once")
         tokens[name] = token
     if not tokens:
-        raise ValueError(f"{source} holds no tokens; set it to name:token[,name:token...]")
+        raise ConfigError(f"{source} holds no tokens; set it to name:token[,name:token...]")
     return check_tokens(tokens, source)
 
 
@@ -37,9 +39,9 @@ def check_tokens(tokens: Mapping[str, str], source: str) -> dict[str, str]:
     """The tokens, after refusing short ones and one token shared by two clients."""
     short = sorted(name for name, token in tokens.items() if len(token) < MIN_TOKEN_LENGTH)
     if short:
-        raise ValueError(f"{source}: the tokens of {short} are shorter than {MIN_TOKEN_LENGTH} characters")
+        raise ConfigError(f"{source}: the tokens of {short} are shorter than {MIN_TOKEN_LENGTH} characters")
     if len(set(tokens.values())) != len(tokens):
-        raise ValueError(f"{source}: two clients share a token; give each its own")
+        raise ConfigError(f"{source}: two clients share a token; give each its own")
     return dict(tokens)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from fedprompt.errors import ConfigError
 from fedprompt.serving.admission import Admission, AdmissionSettings
 from fedprompt.serving.app import create_app
 from fedprompt.serving.auth import parse_tokens
@@ -48,11 +49,11 @@ def build_service(settings: ServeSettings) -> tuple[InferenceService, dict[str, 
     )
     unknown = sorted(set(settings.quotas.per_client) - set(tokens))
     if unknown:
-        raise ValueError(f"--client-quota names clients without a token: {unknown}; known: {sorted(tokens)}")
+        raise ConfigError(f"--client-quota names clients without a token: {unknown}; known: {sorted(tokens)}")
     if settings.usage_file is not None and not settings.usage_file.parent.is_dir():
-        raise ValueError(f"--usage-file {settings.usage_file}: its folder does not exist")
+        raise ConfigError(f"--usage-file {settings.usage_file}: its folder does not exist")
     if settings.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
     backbone = HFTextBackbone.load(
         settings.model, head="lm" if settings.lm_head else "none", max_length=settings.max_length
     ).to(settings.device)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fedprompt.errors import ConfigError
 from prompt_modules.heads import SimilarityHeadSpec, VerbalizerHeadSpec, build_head
 from prompt_modules.hf_text import HFTextBackbone
 from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier, ProjectionSpec
@@ -61,7 +62,7 @@ class ServiceLimits:
     def __post_init__(self) -> None:
         bad = {name: value for name, value in vars(self).items() if value < 1}
         if bad:
-            raise ValueError(f"service limits must be positive, got {bad}")
+            raise ConfigError(f"service limits must be positive, got {bad}")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class QueryQuotas:
         given = {"default": self.default} if self.default is not None else {}
         bad = {name: q for name, q in {**given, **self.per_client}.items() if q < 1}
         if bad:
-            raise ValueError(f"query quotas must be positive, got {bad}")
+            raise ConfigError(f"query quotas must be positive, got {bad}")
 
     @classmethod
     def from_options(cls, default: int | None, items: Sequence[str]) -> QueryQuotas:
@@ -85,7 +86,7 @@ class QueryQuotas:
         for item in items:
             name, sep, value = item.partition("=")
             if not sep or not name or not value.strip().isdigit():
-                raise ValueError(f"--client-quota {item!r} is not NAME=QUERIES (e.g. site-0=200000)")
+                raise ConfigError(f"--client-quota {item!r} is not NAME=QUERIES (e.g. site-0=200000)")
             per_client[name] = int(value)
         return cls(default, per_client)
 
@@ -109,7 +110,7 @@ class InferenceService:
         usage_file: Path | None = None,
     ) -> None:
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
         self.backbone = backbone
         self.limits = limits or ServiceLimits()
         self.chunk_size = chunk_size

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedprompt.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class TLSFiles:
@@ -27,17 +29,17 @@ class TLSFiles:
         HTTP); ValueError naming the option when one is missing, unreadable or not a valid pair."""
         if certfile is None and keyfile is None:
             if ca_certfile is not None:
-                raise ValueError("--ssl-ca-certfile needs --ssl-certfile and --ssl-keyfile too")
+                raise ConfigError("--ssl-ca-certfile needs --ssl-certfile and --ssl-keyfile too")
             return None
         if certfile is None or keyfile is None:
-            raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+            raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile")
         for option, path in (
             ("--ssl-certfile", certfile),
             ("--ssl-keyfile", keyfile),
             ("--ssl-ca-certfile", ca_certfile),
         ):
             if path is not None and not Path(path).is_file():
-                raise ValueError(f"{option} {path} is not a file")
+                raise ConfigError(f"{option} {path} is not a file")
         files = cls(Path(certfile), Path(keyfile), Path(ca_certfile) if ca_certfile else None)
         files.server_context()  # a wrong pair or a bad file fails now, with its reason
         return files
@@ -50,7 +52,7 @@ class TLSFiles:
             if self.ca_certfile is not None:
                 context.load_verify_locations(self.ca_certfile)
         except (ssl.SSLError, OSError) as exc:
-            raise ValueError(
+            raise ConfigError(
                 f"the TLS files do not load (--ssl-certfile {self.certfile}, --ssl-keyfile {self.keyfile}"
                 + (f", --ssl-ca-certfile {self.ca_certfile}" if self.ca_certfile else "")
                 + f"): {exc}"
