@@ -16,7 +16,8 @@ from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.personalization import LOCAL_PREFIX, PromptSplit, build_split
 from fedprompt.federation.state import Update
 from fedprompt.federation.strategies.fedavg import FedAvg
-from fedprompt.federation.strategies.reliability import ReliabilityRule, ReliabilityWeighted, flatten
+from fedprompt.federation.strategies.reliability import ReliabilityRule, ReliabilityWeighted
+from fedprompt.federation.strategies.server_tensors import flatten
 
 from conftest import tiny_run_config, write_keyword_dataset
 

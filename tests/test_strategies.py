@@ -24,6 +24,7 @@ from fedprompt.federation.state import State, Update
 from fedprompt.federation.strategies.base import Strategy
 from fedprompt.federation.strategies.fedavg import FedAvg, FedProx
 from fedprompt.federation.strategies.fedopt import FedOpt, FedOptVariant
+from fedprompt.federation.strategies.geometric_median import GeometricMedian
 from fedprompt.federation.strategies.registry import build_strategy
 from fedprompt.federation.strategies.robust import CoordinateMedian, Krum, TrimmedMean
 
@@ -448,6 +449,34 @@ def test_a_rejected_round_leaves_fedopt_moments_alone() -> None:
     assert_state(s.state_dict(), {"m/p": [0.5, -1.5], "v/p": [0.25, 2.25]})
 
 
+# --------------------------------------------------------------------------- geometric median (RFA)
+
+
+def test_geometric_median_is_the_fermat_point_of_a_triangle() -> None:
+    # an equilateral triangle's geometric median is its centre (every angle is below 120 degrees)
+    corners = [upd(0, 1, 0, 0), upd(1, 1, 2, 0), upd(2, 1, 1, math.sqrt(3))]
+    out = GeometricMedian(iterations=2000, ftol=0).aggregate({"p": t(0, 0)}, corners)
+    torch.testing.assert_close(out["p"], t(1, math.sqrt(3) / 3), rtol=0, atol=1e-5)
+
+
+def test_geometric_median_weights_by_examples_unless_uniform() -> None:
+    # two points: the heavier one is the minimiser of 3·|v − 0| + 1·|v − 5|
+    pair = [upd(0, 3, 0.0), upd(1, 1, 5.0)]
+    assert abs(GeometricMedian().aggregate({"p": t(0)}, pair)["p"].item()) < 1e-4
+    middle = GeometricMedian(weighting="uniform").aggregate({"p": t(0)}, pair)["p"].item()
+    assert 0 <= middle <= 5  # equal weights: every point between them minimises the sum
+
+
+def test_geometric_median_stays_with_the_majority_whatever_the_outliers_send() -> None:
+    generator = torch.Generator().manual_seed(0)
+    honest = [Update(i, {"p": t(1, 1) + 0.1 * torch.randn(2, generator=generator)}, 10) for i in range(6)]
+    outliers = [upd(6 + i, 10, 1e6, -1e6) for i in range(4)]
+    centre = torch.stack([u.state["p"] for u in honest]).mean(0)
+    robust = GeometricMedian().aggregate({"p": t(0, 0)}, honest + outliers)["p"]
+    mean = FedAvg().aggregate({"p": t(0, 0)}, honest + outliers)["p"]
+    assert (robust - centre).norm() < 0.5 and (mean - centre).norm() > 1e5
+
+
 # --------------------------------------------------------------------------- build_strategy
 
 
@@ -476,6 +505,7 @@ def test_build_strategy_covers_the_whole_config_union() -> None:
         "median",
         "trimmed-mean",
         "krum",
+        "geometric-median",
         "reliability",
     ]
     for kind in kinds:

@@ -103,6 +103,22 @@ class KrumConfig(StrategySettings):
     keep: int = Field(1, ge=1, description="m: 1 is Krum; more averages the m best-scored (Multi-Krum).")
 
 
+class GeometricMedianConfig(StrategySettings):
+    """RFA: the (example-weighted) geometric median of the client states, by smoothed Weiszfeld."""
+
+    each_update = "the distances between the updates"
+
+    kind: Literal["geometric-median"] = "geometric-median"
+    iterations: int = Field(
+        100, ge=1, description="Most Weiszfeld iterations, from the coordinate-wise median (RFA: 3-10)."
+    )
+    ftol: float = Field(1e-6, ge=0, description="Stop once the objective falls by less than this share.")
+    nu: float = Field(1e-6, gt=0, description="ν, the smoothing: no distance counts as less than it.")
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples", description="α_k: by example count (RFA), or 1/K (a client can claim any count)."
+    )
+
+
 class FedBPTConfig(StrategySettings):
     """FedBPT: clients search z by CMA-ES from the server's mean and σ; the server aggregates.
 
@@ -240,6 +256,7 @@ STRATEGY_CONFIGS: tuple[type[StrategySettings], ...] = (
     MedianConfig,
     TrimmedMeanConfig,
     KrumConfig,
+    GeometricMedianConfig,
     FedBPTConfig,
     ReliabilityConfig,
     FedKSeedConfig,

@@ -25,6 +25,7 @@ from fedprompt.federation.strategies.config import (
     FedNovaConfig,
     FedOptConfig,
     FedProxConfig,
+    GeometricMedianConfig,
     KrumConfig,
     MedianConfig,
     ReliabilityConfig,
@@ -40,6 +41,7 @@ from fedprompt.federation.strategies.feddyn import FedDyn, FedDynRule
 from fedprompt.federation.strategies.fedkseed import FedKSeed, KSeedRule, KSeedSetup
 from fedprompt.federation.strategies.fednova import FedNova, LocalStepBound
 from fedprompt.federation.strategies.fedopt import FedOpt, FedOptVariant
+from fedprompt.federation.strategies.geometric_median import GeometricMedian
 from fedprompt.federation.strategies.reliability import ReliabilityRule, ReliabilityWeighted
 from fedprompt.federation.strategies.robust import CoordinateMedian, Krum, TrimmedMean
 from fedprompt.federation.strategies.scaffold import Scaffold, ScaffoldRule
@@ -134,6 +136,9 @@ STRATEGIES: dict[type[StrategySettings], StrategyParts] = {
     MedianConfig: StrategyParts(lambda c, s: CoordinateMedian()),
     TrimmedMeanConfig: StrategyParts(lambda c, s: TrimmedMean(beta=c.beta)),
     KrumConfig: StrategyParts(lambda c, s: Krum(num_byzantine=c.num_byzantine, keep=c.keep)),
+    GeometricMedianConfig: StrategyParts(
+        lambda c, s: GeometricMedian(c.iterations, c.nu, c.weighting, c.ftol)
+    ),
     FedBPTConfig: StrategyParts(_fedbpt),
     ReliabilityConfig: StrategyParts(
         lambda c, s: ReliabilityWeighted(), lambda c, s: ReliabilityRule(c.alpha)

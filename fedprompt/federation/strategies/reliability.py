@@ -26,15 +26,11 @@ import torch
 from fedprompt.federation.client_rules import ClientRule, Penalty, RoundInputs, RoundOutput
 from fedprompt.federation.state import State, Update
 from fedprompt.federation.strategies.base import Strategy
+from fedprompt.federation.strategies.server_tensors import flatten, unflatten
 from optimizers.base import OptimizationStats
 
 VAL_ACCURACY = "val_accuracy"
 PERSONAL = "personal/"
-
-
-def flatten(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """One float64 vector of every tensor, in name order."""
-    return torch.cat([state[name].detach().to("cpu", torch.float64).reshape(-1) for name in sorted(state)])
 
 
 def _clipped_cosines(prompts: torch.Tensor) -> torch.Tensor:
@@ -44,17 +40,6 @@ def _clipped_cosines(prompts: torch.Tensor) -> torch.Tensor:
     cos = (unit @ unit.T).clamp_min(0.0)
     cos.fill_diagonal_(0.0)
     return cos
-
-
-def _unflatten(vector: torch.Tensor, like: State) -> State:
-    """``flatten``'s inverse: float32 tensors of ``like``'s names and shapes."""
-    out: State = {}
-    offset = 0
-    for name in sorted(like):
-        size = like[name].numel()
-        out[name] = vector[offset : offset + size].reshape(like[name].shape).to(torch.float32)
-        offset += size
-    return out
 
 
 class ReliabilityWeighted(Strategy):
@@ -88,7 +73,7 @@ class ReliabilityWeighted(Strategy):
             weights = torch.ones(len(ids), dtype=torch.float64)
         weights = weights / weights.sum()
         self.last_weights = {cid: float(w) for cid, w in zip(ids, weights, strict=True)}
-        return _unflatten(weights @ prompts, global_state)
+        return unflatten(weights @ prompts, global_state)
 
     def downlink_state(self, client_id: int, global_state: State) -> State:
         """Client t's shared prompt p_t^s; the global prompt until t and another client are known."""
@@ -101,7 +86,7 @@ class ReliabilityWeighted(Strategy):
         eta = torch.tensor([self._accuracy[i] for i in others], dtype=torch.float64) * cos
         if float(eta.sum()) <= 0:
             return global_state
-        return _unflatten((eta / eta.sum()) @ prompts, global_state)
+        return unflatten((eta / eta.sum()) @ prompts, global_state)
 
     def report(self) -> dict[str, Any]:
         """The weights of the last aggregation, by client id."""

@@ -13,6 +13,7 @@ import torch
 
 from fedprompt.federation.state import State, Update
 from fedprompt.federation.strategies.base import Strategy
+from fedprompt.federation.strategies.server_tensors import flatten
 
 
 def _sorted_stack(updates: Sequence[Update], name: str) -> torch.Tensor:
@@ -92,15 +93,7 @@ class Krum(Strategy):
                 f"Krum with num_byzantine={f} needs at least 2f + 3 = {2 * f + 3} updates, got {n}; "
                 "sample more clients or lower num_byzantine"
             )
-        names = sorted(global_state)
-        flat = torch.stack(
-            [
-                torch.cat(
-                    [update.state[name].detach().to("cpu", torch.float64).reshape(-1) for name in names]
-                )
-                for update in updates
-            ]
-        )
+        flat = torch.stack([flatten(update.state) for update in updates])
         distances = torch.zeros(n, n, dtype=torch.float64)
         for i in range(n - 1):
             row = (flat[i + 1 :] - flat[i]).square().sum(dim=1)

@@ -1,9 +1,10 @@
 """Helpers for strategies that keep server state shaped like the prompt (a momentum buffer, a
-control variate, FedDyn's h): checkpoint naming and validation, and weighted sums of tensors."""
+control variate, FedDyn's h): checkpoint naming and validation, weighted sums of tensors, and a
+state as one vector (for rules that measure distances or angles between whole states)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -64,3 +65,19 @@ def example_weights(updates: Sequence[Update]) -> list[float]:
     """n_k / Σ_j n_j for each update."""
     total = sum(update.num_examples for update in updates)
     return [update.num_examples / total for update in updates]
+
+
+def flatten(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One float64 vector of every tensor, in name order."""
+    return torch.cat([state[name].detach().to("cpu", torch.float64).reshape(-1) for name in sorted(state)])
+
+
+def unflatten(vector: torch.Tensor, like: State) -> State:
+    """``flatten``'s inverse: float32 tensors of ``like``'s names and shapes."""
+    out: State = {}
+    offset = 0
+    for name in sorted(like):
+        size = like[name].numel()
+        out[name] = vector[offset : offset + size].reshape(like[name].shape).to(torch.float32)
+        offset += size
+    return out
