@@ -49,21 +49,18 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
 
 
 def load_run_config() -> type:
-    """`fedprompt.config.RunConfig`, from the installed package or, failing that, this checkout."""
+    """`fedprompt.config.RunConfig` of the checkout being built (the installed package otherwise)."""
+    if (_REPO / "fedprompt" / "config.py").is_file() and str(_REPO) not in sys.path:
+        sys.path.insert(0, str(_REPO))  # document this checkout's code, whatever else is installed
     try:
         module = importlib.import_module("fedprompt.config")
-    except ImportError:
-        if str(_REPO) not in sys.path:
-            sys.path.insert(0, str(_REPO))
-        try:
-            module = importlib.import_module("fedprompt.config")
-        except ImportError as exc:  # fail the build: an empty reference must never be published
-            from mkdocs.exceptions import PluginError
+    except ImportError as exc:  # fail the build: an empty reference must never be published
+        from mkdocs.exceptions import PluginError
 
-            raise PluginError(
-                f"the configuration reference needs fedprompt.config ({exc}); "
-                'run `pip install -e ".[docs]"` or set PYTHONPATH to the repository'
-            ) from exc
+        raise PluginError(
+            f"the configuration reference needs fedprompt.config ({exc}); "
+            'run `pip install -e ".[docs]"` in the repository'
+        ) from exc
     return module.RunConfig
 
 
