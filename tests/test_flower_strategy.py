@@ -27,6 +27,7 @@ from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.payload import decode_state, encode_update
 from fedprompt.federation.privacy.accounting import PrivacyPlan
 from fedprompt.federation.privacy.central import CentralPrivacy
+from fedprompt.federation.privacy.noise import SeededNoise
 from fedprompt.federation.sampling import poisson_sample_clients, sample_clients
 from fedprompt.federation.server import Server
 from fedprompt.federation.state import Update
@@ -177,7 +178,7 @@ def test_a_poisson_round_without_clients_still_releases_dp_noise():
         seed=7,
         wire_dtype="float32",
         max_bytes=1 << 20,
-        stages=[CentralPrivacy(plan, 7, robustness_bound=None)],
+        stages=[CentralPrivacy(plan, robustness_bound=None, noise=SeededNoise(7))],
         poisson_sampling=True,
     )
     empty = next(r for r in range(1, 200) if not poisson_sample_clients(range(5), 0.3, 7, r))
@@ -458,6 +459,19 @@ def test_the_server_may_override_how_the_federation_learns(tmp_path):
     config = load_app_config(app / "fedprompt.yaml", settings)
     assert (config.name, config.seed, config.federation.rounds, config.optimizer.lr) == ("other", 9, 7, 0.5)
     assert config.strategy.mu == 0.2 and config.robustness.max_examples == 9
+
+
+def test_reproducible_dp_noise_is_refused_on_flower(tmp_path):
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"))
+    config["federation"]["min_clients"] = 1
+    config["strategy"] = {"kind": "fedavg"}
+    config["privacy"] = {"kind": "central", "clip_norm": 1.0, "noise_multiplier": 1.0}
+    app = write_app(tmp_path / "app", config)
+    assert load_app_config(app / "fedprompt.yaml", AppSettings()).privacy.noise_seed == "system"
+    config["privacy"]["noise_seed"] = "reproducible-insecure"
+    app = write_app(tmp_path / "app2", config)
+    with pytest.raises(ConfigError, match="reproducible-insecure derives the noise from the configuration"):
+        load_app_config(app / "fedprompt.yaml", AppSettings())
 
 
 def test_fedbpt_runs_on_the_flower_runtime_as_in_process(tmp_path):

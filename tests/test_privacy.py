@@ -5,6 +5,7 @@ sampling, every refusal, and tiny private runs end to end with a bit-exact resum
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import dp_accounting
 import pytest
@@ -12,13 +13,15 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 
 import fedprompt
-from fedprompt.config import AdaptiveClippingConfig, ConfigError, load_config
+from fedprompt.config import AdaptiveClippingConfig, ConfigError, PrivacyConfig, load_config
 from fedprompt.federation.client_rules import ClientRule, RoundInputs
 from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.payload import encode_update
 from fedprompt.federation.privacy.accounting import RDP_ORDERS, PrivacyPlan, plan_privacy
 from fedprompt.federation.privacy.central import CentralPrivacy, PrivacyCheckFailed
 from fedprompt.federation.privacy.local import LocalPrivacyAccountant, LocalPrivacyRule
+from fedprompt.federation.privacy.noise import SeededNoise
+from fedprompt.federation.privacy.stages import privacy_stages
 from fedprompt.federation.sampling import poisson_sample_clients
 from fedprompt.federation.server import RoundRecord, Server
 from fedprompt.federation.state import Update
@@ -92,7 +95,7 @@ def _as64(state):
 
 def test_central_noise_is_the_clipped_uniform_mean_plus_gaussian_noise_of_scale_sigma_c_over_k():
     plan = _plan()
-    stage = CentralPrivacy(plan, SEED, robustness_bound=None)
+    stage = CentralPrivacy(plan, robustness_bound=None, noise=SeededNoise(SEED))
     server = _server(stage)
     record = server.begin_round(1)
     assert server.max_update_norm == 1.0
@@ -110,7 +113,9 @@ def test_central_noise_is_the_clipped_uniform_mean_plus_gaussian_noise_of_scale_
     assert record.stage_metrics["noise_std"] == 1.0
     assert record.stage_metrics["epsilon"] == plan.epsilon(1)
 
-    again = CentralPrivacy(plan, SEED, robustness_bound=None)  # the stage run by the server
+    again = CentralPrivacy(
+        plan, robustness_bound=None, noise=SeededNoise(SEED)
+    )  # the stage run by the server
     server = _server(again)
     record = server.begin_round(1)
     _send(server, record, 0, [0.3, 0.4], [[0.0], [0.0]])
@@ -123,16 +128,16 @@ def test_central_noise_is_the_clipped_uniform_mean_plus_gaussian_noise_of_scale_
 
 
 def test_the_bound_in_force_is_the_smaller_of_the_robustness_and_privacy_bounds():
-    server = _server(CentralPrivacy(_plan(clip_norm=1.0), SEED, robustness_bound=0.25), robustness_bound=0.25)
+    server = _server(CentralPrivacy(_plan(clip_norm=1.0), robustness_bound=0.25), robustness_bound=0.25)
     server.begin_round(1)
     assert server.max_update_norm == 0.25
-    server = _server(CentralPrivacy(_plan(clip_norm=0.1), SEED, robustness_bound=0.25), robustness_bound=0.25)
+    server = _server(CentralPrivacy(_plan(clip_norm=0.1), robustness_bound=0.25), robustness_bound=0.25)
     server.begin_round(1)
     assert server.max_update_norm == 0.1
 
 
 def test_a_round_without_clients_still_releases_noise():
-    stage = CentralPrivacy(_plan(), SEED, robustness_bound=None)
+    stage = CentralPrivacy(_plan(), robustness_bound=None, noise=SeededNoise(SEED))
     server = _server(stage)
     record = server.begin_round(2)
     record.sampled = []
@@ -146,7 +151,9 @@ def test_a_round_without_clients_still_releases_noise():
 
 def test_server_momentum_steps_on_the_noised_mean():
     plan = _plan(noise_multiplier=0.5)
-    stage = CentralPrivacy(plan, SEED, robustness_bound=None, server_lr=0.5, server_momentum=0.9)
+    stage = CentralPrivacy(
+        plan, robustness_bound=None, server_lr=0.5, server_momentum=0.9, noise=SeededNoise(SEED)
+    )
     server = _server(stage)
     theta = _as64(GLOBAL)
     velocity = None
@@ -173,7 +180,7 @@ def test_adaptive_clipping_moves_the_norm_by_the_noised_share_of_updates_within_
         1 / math.sqrt(1 / 2.0**2 - 1 / (2 * 1.5) ** 2), rel=1e-12
     )
     adaptive = AdaptiveClippingConfig(target_quantile=0.5, learning_rate=0.2)
-    stage = CentralPrivacy(plan, SEED, robustness_bound=None, adaptive=adaptive)
+    stage = CentralPrivacy(plan, robustness_bound=None, adaptive=adaptive, noise=SeededNoise(SEED))
     server = _server(stage)
     record = server.begin_round(1)
     _send(server, record, 0, [0.3, 0.4], [[0.0], [0.0]])  # within C = 1
@@ -190,22 +197,68 @@ def test_adaptive_clipping_moves_the_norm_by_the_noised_share_of_updates_within_
     assert server.max_update_norm == stage.clip_norm
 
 
-def test_secret_noise_differs_between_runs():
-    outputs = []
+def test_by_default_the_noise_cannot_be_reproduced_from_the_configuration():
+    # Today's code drew it from derive_seed(run seed, "dp-noise", round): whoever held the config
+    # subtracted it. By default it now comes from the operating system: two servers with the same
+    # seed release different prompts, and neither release is the seeded noise.
+    config = load_config(overrides=_CENTRAL)
+    assert config.privacy.noise_seed == "system"
+    released = []
     for _ in range(2):
-        server = _server(CentralPrivacy(_plan(), SEED, robustness_bound=None, secret_noise=True))
+        (stage,) = privacy_stages(config)
+        server = _server(stage)
         record = server.begin_round(1)
-        _send(server, record, 0, [0.3, 0.4], [[0.0], [0.0]])
-        server.aggregate(record)
-        outputs.append(server.global_state["a"])
-    assert not torch.equal(outputs[0], outputs[1])
+        _send(server, record, 0, [0.0, 0.0], [[0.0], [0.0]])
+        previous = _as64(server.global_state)
+        released.append(
+            {n: t - previous[n] for n, t in stage.apply(server, record, previous, previous).items()}
+        )
+    assert not torch.equal(released[0]["a"], released[1]["a"])
+    std = config.privacy.noise_multiplier * config.privacy.clip_norm / stage.plan.expected_clients
+    for seed in (SEED, config.seed):
+        seeded = {
+            n: std * t for n, t in SeededNoise(seed).normal({"a": (2,), "b": (2, 1)}, "dp-noise", 1).items()
+        }
+        assert not any(torch.allclose(released[0][n], seeded[n]) for n in seeded)
+
+
+def test_under_central_dp_the_client_sample_cannot_be_reproduced_from_the_seed():
+    config = load_config(overrides=[*_CENTRAL, "partition.num_clients=200", "federation.fraction=0.1"])
+    from fedprompt.execution.simulation import make_server
+
+    experiment = SimpleNamespace(initial_state=lambda: dict(GLOBAL), strategy=FedAvg())
+    samples = [make_server(experiment, config, range(200)).sample(1) for _ in range(2)]
+    seeded = poisson_sample_clients(range(200), 0.1, config.seed, 1)
+    assert samples[0] != samples[1] and seeded not in samples  # P(equal by chance) ~ 1e-14
+    plain = load_config(overrides=["partition.num_clients=200", "federation.fraction=0.1"])
+    first, second = (make_server(experiment, plain, range(200)).sample(1) for _ in range(2))
+    assert first == second  # without DP the run seed decides, as before
+
+
+def test_reproducible_noise_is_a_named_mode_and_says_so():
+    config = load_config(overrides=[*_CENTRAL, "privacy.noise_seed=reproducible-insecure"])
+    (stage,) = privacy_stages(config)
+    assert isinstance(stage.noise, SeededNoise) and stage.noise.seed == config.seed
+    assert "not private" in PrivacyConfig.model_fields["noise_seed"].description
+
+
+@pytest.mark.parametrize(
+    ("legacy", "kind", "now"),
+    [("run", "central", "reproducible-insecure"), ("secret", "central", "system"), ("run", "none", None)],
+)
+def test_old_noise_seed_values_read_as_what_they_meant(legacy, kind, now):
+    section = {"kind": kind, "noise_seed": legacy}
+    if kind != "none":
+        section.update({"clip_norm": 1.0, "noise_multiplier": 1.0})
+    privacy = PrivacyConfig.model_validate(section)
+    assert privacy.noise_seed == (now or "system") and privacy.kind == kind
 
 
 # --------------------------------------------------------------------------- loud checks
 
 
 def test_an_update_that_skipped_clipping_fails_the_round_instead_of_being_released():
-    server = _server(CentralPrivacy(_plan(), SEED, robustness_bound=None))
+    server = _server(CentralPrivacy(_plan(), robustness_bound=None, noise=SeededNoise(SEED)))
     record = server.begin_round(1)
     server.max_update_norm = None  # a pipeline that did not clip
     _send(server, record, 0, [3.0, 0.0], [[0.0], [4.0]])
@@ -216,7 +269,7 @@ def test_an_update_that_skipped_clipping_fails_the_round_instead_of_being_releas
 
 
 def test_an_update_longer_than_the_bound_fails_the_round():
-    server = _server(CentralPrivacy(_plan(), SEED, robustness_bound=None))
+    server = _server(CentralPrivacy(_plan(), robustness_bound=None, noise=SeededNoise(SEED)))
     record = server.begin_round(1)
     server.max_update_norm = 10.0  # clipped, but to a bound above C
     _send(server, record, 0, [3.0, 0.0], [[0.0], [4.0]])
@@ -226,7 +279,7 @@ def test_an_update_longer_than_the_bound_fails_the_round():
 
 
 def test_an_update_of_other_shapes_than_the_noise_is_refused():
-    stage = CentralPrivacy(_plan(), SEED, robustness_bound=None)
+    stage = CentralPrivacy(_plan(), robustness_bound=None, noise=SeededNoise(SEED))
     record = RoundRecord(1, [0], accepted=[Update(0, {"a": torch.zeros(3), "b": torch.zeros(2, 1)}, 1)])
     record.norms[0] = 0.0
     with pytest.raises(PrivacyCheckFailed, match="the noise covers"):
@@ -236,8 +289,10 @@ def test_an_update_of_other_shapes_than_the_noise_is_refused():
 # --------------------------------------------------------------------------- local DP
 
 
-def test_local_rule_clips_and_noises_the_upload_with_the_clients_seed():
-    rule = LocalPrivacyRule(ClientRule(), clip_norm=1.0, noise_multiplier=0.5)
+def test_local_rule_clips_and_noises_the_upload_with_the_clients_seed_only_when_asked():
+    rule = LocalPrivacyRule(
+        ClientRule(), clip_norm=1.0, noise_multiplier=0.5, noise_mode="reproducible-insecure"
+    )
     trained = {"a": GLOBAL["a"] + torch.tensor([3.0, 0.0]), "b": GLOBAL["b"] + torch.tensor([[0.0], [4.0]])}
     instructions = FitInstructions(round=3, seed=123)
     output = rule.finish(RoundInputs(GLOBAL, {}, instructions), trained, OptimizationStats())
@@ -249,6 +304,20 @@ def test_local_rule_clips_and_noises_the_upload_with_the_clients_seed():
     for name in GLOBAL:
         expected = GLOBAL[name].double() + clipped[name].double() + noise[name]
         assert torch.allclose(output.state[name], expected, atol=1e-12)
+
+
+def test_local_noise_does_not_depend_on_what_the_server_sends():
+    # Today's default drew the client's noise from the round seed in the server's instructions, so
+    # the server could subtract it. By default it is now the client's own operating system's.
+    rule = LocalPrivacyRule(ClientRule(), clip_norm=1.0, noise_multiplier=0.5)
+    assert rule.noise_mode == "system"
+    trained = {"a": GLOBAL["a"] + torch.tensor([0.3, 0.0]), "b": GLOBAL["b"].clone()}
+    inputs = RoundInputs(GLOBAL, {}, FitInstructions(round=3, seed=123))
+    first, second = (rule.finish(inputs, trained, OptimizationStats()).state for _ in range(2))
+    assert not torch.equal(first["a"], second["a"])  # the same instructions, other noise
+    generator = torch_generator(derive_seed(123, "local-dp-noise"))
+    seeded = 0.5 * torch.randn((2,), generator=generator, dtype=torch.float64)
+    assert not torch.allclose(first["a"] - trained["a"].double(), seeded)
 
 
 def test_local_accountant_reports_the_client_that_uploaded_most():
@@ -449,7 +518,12 @@ def _private_run(keyword_file, rounds: int, **privacy) -> dict:
 
 
 def test_a_private_run_reports_epsilon_each_round_and_resumes_bit_exactly(keyword_file, tmp_path):
-    settings = {"noise_multiplier": 0.8, "adaptive_clipping": {"count_stddev": 1.0}, "server_momentum": 0.5}
+    settings = {
+        "noise_multiplier": 0.8,
+        "adaptive_clipping": {"count_stddev": 1.0},
+        "server_momentum": 0.5,
+        "noise_seed": "reproducible-insecure",  # bit-identical runs: a simulation's named mode
+    }
     assert [poisson_sample_clients(range(4), 0.5, 1, r) for r in (1, 2, 3)][1] == []  # round 2: nobody
     straight = fedprompt.run(_private_run(keyword_file, 3, **settings), output_dir=tmp_path / "a")
     plan = plan_privacy(load_config(_private_run(keyword_file, 3, **settings)))
@@ -461,6 +535,8 @@ def test_a_private_run_reports_epsilon_each_round_and_resumes_bit_exactly(keywor
     assert summary["final_epsilon"] == plan.epsilon(3)
     assert summary["privacy"] == "central" and summary["sampling"] == "poisson"
     assert (summary["delta"], summary["noise_multiplier"], summary["sampling_rate"]) == (1e-5, 0.8, 0.5)
+    assert summary["noise_seed"] == "reproducible-insecure"
+    assert "does not hold against anyone who holds its configuration" in summary["privacy_warning"]
 
     partial = fedprompt.run(_private_run(keyword_file, 2, **settings), output_dir=tmp_path / "b")
     resumed = fedprompt.run(resume=partial.run_dir, overrides=["federation.rounds=3"])
@@ -485,3 +561,4 @@ def test_a_local_dp_run_accounts_each_clients_uploads(keyword_file):
     assert [r["epsilon"] for r in result.history[1:]] == [plan.epsilon(1), plan.epsilon(2)]
     assert [r["clients_accepted"] for r in result.history[1:]] == [4, 4]
     assert result.summary["sampling"].startswith("fixed (no amplification")
+    assert result.summary["noise_seed"] == "system" and "privacy_warning" not in result.summary

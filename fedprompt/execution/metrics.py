@@ -20,6 +20,7 @@ from fedprompt.execution.results import (
 )
 from fedprompt.federation.client_state import MemoryClientStates
 from fedprompt.federation.privacy.accounting import plan_privacy
+from fedprompt.federation.privacy.noise import REPRODUCIBLE, REPRODUCIBLE_WARNING
 from fedprompt.federation.server import RoundRecord, Server
 from fedprompt.federation.state import State
 from fedprompt.tasks.experiment import Experiment
@@ -196,6 +197,9 @@ def summarize(result: RunResult) -> dict[str, Any]:
     plan = plan_privacy(result.config)
     if plan is not None:
         summary.update({"privacy": plan.kind, "sampling": plan.sampling})
+        summary["noise_seed"] = result.config.privacy.noise_seed
+        if result.config.privacy.noise_seed == REPRODUCIBLE:
+            summary["privacy_warning"] = REPRODUCIBLE_WARNING
         summary.update({key: trained[-1][key] for key in _PRIVACY_SETTINGS if trained and key in trained[-1]})
     return summary
 

@@ -46,10 +46,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def config_fingerprint(config: RunConfig) -> str:
-    """A hash of the resolved configuration, leaving out what a resume may change."""
-    fields = _flatten(config.model_dump(mode="json"))
-    kept = {key: value for key, value in fields.items() if key not in RESUMABLE_CHANGES}
+def config_fingerprint(config: RunConfig | dict[str, Any]) -> str:
+    """A hash of the resolved configuration (or of a run folder's config.yaml as written), leaving
+    out what a resume may change."""
+    raw = config if isinstance(config, dict) else config.model_dump(mode="json")
+    kept = {key: value for key, value in _flatten(raw).items() if key not in RESUMABLE_CHANGES}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
@@ -97,8 +98,13 @@ class RunDirectory:
     def check_resume(self, stored: RunConfig, resumed: RunConfig, checkpoint_hash: str | None) -> None:
         """Refuse a resume whose configuration differs from the run's in a field a resume may not
         change (the checkpoint's config hash, and the stored config.yaml, say what the run was);
-        record the changes a resume may make (more rounds) in config.yaml and resumes.jsonl."""
-        if checkpoint_hash is not None and checkpoint_hash != config_fingerprint(stored):
+        record the changes a resume may make (more rounds) in config.yaml and resumes.jsonl.
+
+        The hash is checked against the configuration as read today and against config.yaml as
+        written: a folder written by an earlier release (fewer fields, or a value since renamed,
+        such as ``privacy.noise_seed: run``) still resumes, and any edit of it is still refused."""
+        known = (config_fingerprint(stored), config_fingerprint(self.read_config()))
+        if checkpoint_hash is not None and checkpoint_hash not in known:
             raise ConfigError(
                 f"resume: {self.path / CONFIG_FILE} was changed after the checkpoint was written (its hash "
                 "no longer matches); restore the run's config.yaml"

@@ -45,6 +45,7 @@ def make_server(experiment: Experiment, config: RunConfig, client_ids: Sequence[
         max_update_norm=config.robustness.max_update_norm,
         stages=build_stages(config),
         poisson_sampling=config.privacy.kind == "central" and config.privacy.sampling == "poisson",
+        system_sampling=config.privacy.kind == "central" and config.privacy.noise_seed == "system",
     )
 
 

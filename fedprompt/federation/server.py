@@ -103,6 +103,7 @@ class Server:
         max_update_norm: float | None = None,
         stages: Sequence[AggregationStage] = (),
         poisson_sampling: bool = False,
+        system_sampling: bool = False,
     ) -> None:
         self.global_state = clone_state(initial_state)
         self.strategy = strategy
@@ -120,6 +121,8 @@ class Server:
         self.poisson_sampling = poisson_sampling
         """Sample each client with probability ``fraction`` (differential privacy's assumption) instead
         of a fixed number of clients; a round may then have none."""
+        self.system_sampling = system_sampling
+        """Draw the sample from the operating system's CSPRNG, not the run seed (central DP)."""
         self.bytes = ByteCounter()
         self.completed_rounds = 0
         self.accepted_rounds: dict[int, int] = {}
@@ -144,9 +147,12 @@ class Server:
         return PayloadSpec({**shapes, **extras}, self.wire_dtype, self.max_bytes)
 
     def sample(self, round_num: int) -> list[int]:
+        system = self.system_sampling
         if self.poisson_sampling:
-            return poisson_sample_clients(self.client_ids, self.fraction, self.seed, round_num)
-        return sample_clients(self.client_ids, self.fraction, self.min_clients, self.seed, round_num)
+            return poisson_sample_clients(self.client_ids, self.fraction, self.seed, round_num, system=system)
+        return sample_clients(
+            self.client_ids, self.fraction, self.min_clients, self.seed, round_num, system=system
+        )
 
     def accepted_round(self, client_id: int) -> int:
         """The last round whose update of ``client_id`` the server used (0: none)."""

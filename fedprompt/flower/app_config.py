@@ -74,9 +74,23 @@ def check_overrides(overrides: tuple[str, ...]) -> None:
 
 def load_app_config(config_file: str | Path, settings: AppSettings) -> RunConfig:
     """The fedprompt configuration of an app: its YAML file with the run's overrides applied, after
-    checking that each override is one a server may make."""
+    checking that each override is one a server may make, and that it asks for nothing that is
+    safe only in a simulation (:func:`check_deployable`)."""
     check_overrides(settings.overrides)
-    return load_config(Path(config_file), settings.overrides)
+    config = load_config(Path(config_file), settings.overrides)
+    check_deployable(config)
+    return config
+
+
+def check_deployable(config: RunConfig) -> None:
+    """Refuse on Flower what only a simulation may do: differential privacy whose noise derives from
+    the configuration (``privacy.noise_seed: reproducible-insecure``), which every site holds."""
+    if config.privacy.kind != "none" and config.privacy.noise_seed == "reproducible-insecure":
+        raise ConfigError(
+            "privacy.noise_seed: reproducible-insecure derives the noise from the configuration, which "
+            "every site holds, so anyone could subtract it; it is for in-process simulations only. On "
+            "Flower set privacy.noise_seed: system (the default)"
+        )
 
 
 def _typed(run_config: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:

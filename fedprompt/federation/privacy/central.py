@@ -4,16 +4,15 @@ adaptive clipping (Andrew et al. 2021) and a server step with momentum applied t
 from __future__ import annotations
 
 import math
-import secrets
 from typing import TYPE_CHECKING
 
 import torch
 
 from fedprompt.config import AdaptiveClippingConfig
 from fedprompt.federation.privacy.accounting import PrivacyPlan
+from fedprompt.federation.privacy.noise import NoiseSource, SystemNoise
 from fedprompt.federation.state import State
 from fedprompt.federation.update_pipeline import delta_norm
-from fedprompt.seeding import derive_seed, torch_generator
 
 if TYPE_CHECKING:
     from fedprompt.federation.server import RoundRecord, Server
@@ -39,7 +38,8 @@ def check_clipped(what: str, norm: float, bound: float) -> None:
 class CentralPrivacy:
     """DP-FedAvg on the server, after the strategy (FedAvg/FedProx, whose example-weighted mean it
     replaces). Owns the clipping norm in force C (changed by adaptive clipping), the server momentum
-    and the noise seeds.
+    and the source of the noise (the operating system's CSPRNG unless a reproducible source is
+    asked for: ``fedprompt.federation.privacy.noise``).
 
     Each round: ``begin_round`` sets the update pipeline's bound to min(robustness bound, C), so
     every accepted delta Δ_k = θ_k − θ is clipped to C, and reports ε at δ after this round.
@@ -57,25 +57,23 @@ class CentralPrivacy:
     def __init__(
         self,
         plan: PrivacyPlan,
-        seed: int,
         robustness_bound: float | None,
         *,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         adaptive: AdaptiveClippingConfig | None = None,
-        secret_noise: bool = False,
+        noise: NoiseSource | None = None,
     ) -> None:
         if plan.kind != "central":
             raise ValueError(f"CentralPrivacy needs a central privacy plan, got {plan.kind!r}")
         if (adaptive is None) != (plan.count_stddev is None):
             raise ValueError("adaptive clipping and the plan's count noise go together")
         self.plan = plan
-        self.seed = seed
+        self.noise = noise if noise is not None else SystemNoise()
         self.robustness_bound = robustness_bound
         self.server_lr = server_lr
         self.server_momentum = server_momentum
         self.adaptive = adaptive
-        self.secret_noise = secret_noise
         self.clip_norm = plan.clip_norm
         self.momentum: State = {}
 
@@ -108,12 +106,10 @@ class CentralPrivacy:
                 total[name] += tensor.detach().to("cpu", torch.float64) - previous[name].to(torch.float64)
             below += (1.0 if record.norms[update.client_id] <= clip else 0.0) - 0.5
         std = self.plan.delta_noise_multiplier * clip / expected
-        noise = self._generator("dp-noise", record.round)
-        noised = {
-            name: total[name] / expected
-            + std * torch.randn(total[name].shape, generator=noise, dtype=torch.float64)
-            for name in sorted(total)
-        }
+        noise = self.noise.normal(
+            {name: tuple(t.shape) for name, t in total.items()}, "dp-noise", record.round
+        )
+        noised = {name: total[name] / expected + std * noise[name] for name in sorted(total)}
         if self.server_momentum > 0:
             noised = {
                 name: self.server_momentum * self.momentum.get(name, torch.zeros_like(value)) + value
@@ -122,10 +118,8 @@ class CentralPrivacy:
             self.momentum = {name: value.clone() for name, value in noised.items()}
         record.stage_metrics["noise_std"] = std
         if self.adaptive is not None:
-            count_noise = self._generator("dp-count-noise", record.round)
-            noisy_below = below + self.plan.count_stddev * float(
-                torch.randn((), generator=count_noise, dtype=torch.float64)
-            )
+            count_noise = self.noise.normal({"count": ()}, "dp-count-noise", record.round)["count"]
+            noisy_below = below + self.plan.count_stddev * float(count_noise)
             fraction = min(1.0, max(0.0, noisy_below / expected + 0.5))
             self.clip_norm = clip * math.exp(
                 -self.adaptive.learning_rate * (fraction - self.adaptive.target_quantile)
@@ -145,10 +139,6 @@ class CentralPrivacy:
         if client_id not in record.norms:
             raise PrivacyCheckFailed(f"the update of client {client_id} did not go through norm clipping")
         check_clipped(f"the delta of client {client_id}", delta_norm(state, previous), clip)
-
-    def _generator(self, purpose: str, round_num: int) -> torch.Generator:
-        seed = secrets.randbits(63) if self.secret_noise else derive_seed(self.seed, purpose, round_num)
-        return torch_generator(seed)
 
     def state_dict(self) -> State:
         state = {

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from fedprompt.config_base import StrictModel
+
+LEGACY_NOISE_SEEDS = {"run": "reproducible-insecure", "secret": "system"}
+"""``privacy.noise_seed`` values of earlier releases -> what they mean now."""
 
 
 class AdaptiveClippingConfig(StrictModel):
@@ -64,11 +67,29 @@ class PrivacyConfig(StrictModel):
     server_momentum: float = Field(
         0.0, ge=0, lt=1, description="central only: β of the server momentum v ← β·v + (noised mean delta)."
     )
-    noise_seed: Literal["run", "secret"] = Field(
-        "run",
-        description="run: noise drawn from the run seed and round (bit-identical runs and resumes; whoever "
-        "knows the seed can subtract it); secret: from the operating system's entropy.",
+    noise_seed: Literal["system", "reproducible-insecure"] = Field(
+        "system",
+        description="Where the noise (and, under central DP, the client sample) comes from. system: the "
+        "operating system's CSPRNG, which no one can reproduce. reproducible-insecure: the run seed (or, "
+        "local DP, the round seed the server sends), so runs and resumes are bit-identical, but anyone "
+        "who holds the configuration can subtract the noise: not private against them; simulations "
+        "only (refused on Flower), and written in the run's summary. Old values: run means "
+        "reproducible-insecure, secret means system.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_noise_seed(cls, data: Any) -> Any:
+        """Configurations written before the noise came from the operating system by default said
+        ``noise_seed: run`` (the run seed) or ``secret``: read them as what they meant, and drop the
+        field from a run without privacy (whose dumped configuration always carried it)."""
+        if not isinstance(data, dict) or data.get("noise_seed") not in LEGACY_NOISE_SEEDS:
+            return data
+        data = dict(data)
+        legacy = data.pop("noise_seed")
+        if data.get("kind", "none") != "none":
+            data["noise_seed"] = LEGACY_NOISE_SEEDS[legacy]
+        return data
 
     @model_validator(mode="after")
     def _complete(self) -> PrivacyConfig:

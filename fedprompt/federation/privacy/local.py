@@ -3,7 +3,6 @@ server needs no trust; the server's stage only accounts what each client has rel
 
 from __future__ import annotations
 
-import secrets
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,9 +10,9 @@ import torch
 from fedprompt.federation.client_rules import ClientRule, Penalty, RoundInputs, RoundOutput
 from fedprompt.federation.privacy.accounting import PrivacyPlan
 from fedprompt.federation.privacy.central import check_clipped
+from fedprompt.federation.privacy.noise import REPRODUCIBLE, NoiseMode, SeededNoise, SystemNoise
 from fedprompt.federation.state import State
 from fedprompt.federation.update_pipeline import clip_delta, delta_norm
-from fedprompt.seeding import derive_seed, torch_generator
 from optimizers.base import OptimizationStats
 
 if TYPE_CHECKING:
@@ -23,17 +22,18 @@ if TYPE_CHECKING:
 class LocalPrivacyRule(ClientRule):
     """Wraps the strategy's client rule (``inner``) on the client: the round starts, trains and
     carries state as ``inner`` says; what it would send, θ + Δ, goes up as θ + clip_C(Δ) + N(0, σ²C²)
-    per coordinate (θ the downlink). Owns C, σ and where the noise comes from: seeded by the round's
-    client seed (``noise_seed: run``; reproducible, so only a simulation of an untrusted server) or
-    drawn from the operating system (``secret``)."""
+    per coordinate (θ the downlink). Owns C, σ and where the noise comes from: the client's own
+    operating system (``noise_seed: system``, the default: nothing the server sends enters it), or,
+    in a simulation only, the round seed the server sent (``reproducible-insecure``: the server can
+    subtract it)."""
 
     def __init__(
-        self, inner: ClientRule, clip_norm: float, noise_multiplier: float, secret_noise: bool = False
+        self, inner: ClientRule, clip_norm: float, noise_multiplier: float, noise_mode: NoiseMode = "system"
     ):
         self.inner = inner
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
-        self.secret_noise = secret_noise
+        self.noise_mode = noise_mode
         self.uses_validation = inner.uses_validation
 
     def start(self, inputs: RoundInputs) -> State:
@@ -46,16 +46,11 @@ class LocalPrivacyRule(ClientRule):
         output = self.inner.finish(inputs, trained, stats)
         clipped, _ = clip_delta(output.state, inputs.downlink, self.clip_norm)
         check_clipped("this client's delta", delta_norm(clipped, inputs.downlink), self.clip_norm)
-        seed = (
-            secrets.randbits(63)
-            if self.secret_noise
-            else derive_seed(inputs.instructions.seed, "local-dp-noise")
-        )
-        generator = torch_generator(seed)
+        source = SeededNoise(inputs.instructions.seed) if self.noise_mode == REPRODUCIBLE else SystemNoise()
+        noise = source.normal({name: tuple(t.shape) for name, t in clipped.items()}, "local-dp-noise")
         std = self.noise_multiplier * self.clip_norm
         noised = {
-            name: clipped[name].detach().to("cpu", torch.float64)
-            + std * torch.randn(clipped[name].shape, generator=generator, dtype=torch.float64)
+            name: clipped[name].detach().to("cpu", torch.float64) + std * noise[name]
             for name in sorted(clipped)
         }
         return RoundOutput(noised, output.extras, output.carried)

@@ -3,6 +3,7 @@ noise and accountant, or local DP's accountant) and the clients' upload rule (lo
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from fedprompt.config import RunConfig
@@ -10,9 +11,13 @@ from fedprompt.federation.client_rules import ClientRule
 from fedprompt.federation.privacy.accounting import plan_privacy
 from fedprompt.federation.privacy.central import CentralPrivacy
 from fedprompt.federation.privacy.local import LocalPrivacyAccountant, LocalPrivacyRule
+from fedprompt.federation.privacy.noise import REPRODUCIBLE, REPRODUCIBLE_WARNING, noise_source
 
 if TYPE_CHECKING:
     from fedprompt.federation.server import AggregationStage
+
+
+log = logging.getLogger("fedprompt.privacy")
 
 
 def privacy_stages(config: RunConfig) -> list[AggregationStage]:
@@ -22,17 +27,18 @@ def privacy_stages(config: RunConfig) -> list[AggregationStage]:
     if plan is None:
         return []
     privacy = config.privacy
+    if privacy.noise_seed == REPRODUCIBLE:
+        log.warning(REPRODUCIBLE_WARNING)
     if plan.kind == "local":
         return [LocalPrivacyAccountant(plan)]
     return [
         CentralPrivacy(
             plan,
-            config.seed,
             config.robustness.max_update_norm,
             server_lr=privacy.server_lr,
             server_momentum=privacy.server_momentum,
             adaptive=privacy.adaptive_clipping,
-            secret_noise=privacy.noise_seed == "secret",
+            noise=noise_source(privacy.noise_seed, config.seed),
         )
     ]
 
@@ -42,6 +48,4 @@ def privacy_client_rule(rule: ClientRule, config: RunConfig) -> ClientRule:
     plan = plan_privacy(config)
     if plan is None or plan.kind != "local":
         return rule
-    return LocalPrivacyRule(
-        rule, plan.clip_norm, plan.noise_multiplier, config.privacy.noise_seed == "secret"
-    )
+    return LocalPrivacyRule(rule, plan.clip_norm, plan.noise_multiplier, config.privacy.noise_seed)
