@@ -562,3 +562,48 @@ def test_a_local_dp_run_accounts_each_clients_uploads(keyword_file):
     assert [r["clients_accepted"] for r in result.history[1:]] == [4, 4]
     assert result.summary["sampling"].startswith("fixed (no amplification")
     assert result.summary["noise_seed"] == "system" and "privacy_warning" not in result.summary
+
+
+# --------------------------------------------------------------------------- nothing released twice
+
+
+def test_a_resumed_run_never_recomputes_a_round_whose_aggregate_was_released(
+    keyword_file, tmp_path, monkeypatch
+):
+    # Round 2 is aggregated without client 1 (it failed), its noised prompt goes out to the
+    # evaluation, and the run stops there. Recomputing round 2 on resume, with client 1 back, would
+    # release a second noised prompt of round 2 whose difference from the first exposes client 1.
+    import fedprompt.execution.simulation as simulation
+
+    config = _private_run(keyword_file, 2, noise_multiplier=0.8)
+    config["privacy"]["sampling"] = "fixed"
+    config["federation"].update({"fraction": 1.0, "min_clients": 2})
+    fit, evaluate = simulation._fit_client, simulation.evaluate_round
+    released = {}
+
+    def failing_fit(experiment, server, record, cid):
+        if record.round == 2 and cid == 1:
+            server.reject(record, cid, "client failed: ConnectionError: gone")
+            return
+        fit(experiment, server, record, cid)
+
+    def crashing_evaluation(experiment, server, cfg):
+        if server.completed_rounds == 2:
+            released.update({k: v.clone() for k, v in server.global_state.items()})
+            raise KeyboardInterrupt("the server stops after releasing round 2")
+        return evaluate(experiment, server, cfg)
+
+    monkeypatch.setattr(simulation, "_fit_client", failing_fit)
+    monkeypatch.setattr(simulation, "evaluate_round", crashing_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        fedprompt.run(config, output_dir=tmp_path)
+    (run_dir,) = tmp_path.iterdir()
+    monkeypatch.setattr(simulation, "_fit_client", fit)
+    monkeypatch.setattr(simulation, "evaluate_round", evaluate)
+
+    resumed = fedprompt.run(resume=run_dir)
+    assert torch.equal(resumed.final_state["prompt.embeddings"], released["prompt.embeddings"])
+    assert [r["round"] for r in resumed.history] == [0, 1, 2]
+    assert resumed.history[2]["clients_accepted"] == 3 and "global_accuracy" in resumed.history[2]
+    rows = [r for r in resumed.client_history if r["event"] == "fit" and r["round"] == 2]
+    assert sorted(r["client_id"] for r in rows) == [0, 1, 2, 3]  # written once

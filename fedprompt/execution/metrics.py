@@ -5,6 +5,7 @@ Shared by every runtime (in-process, Flower), so their metrics files are the sam
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -161,6 +162,8 @@ def client_rows(server: Server, record: RoundRecord) -> list[dict[str, Any]]:
     return rows
 
 
+PENDING_ROUND_KEY = "fedprompt.pending_round"
+"""Checkpoint metadata of a round released but not yet recorded: its row and client rows (JSON)."""
 _MAIN_ACCURACIES = ("global_accuracy", "local_accuracy")
 _SUMMARIZED = re.compile(r"^harmonic_mean$|_accuracy$|_accuracy_(mean|worst)$|^epsilon$|^clip_norm$")
 _PRIVACY_SETTINGS = ("delta", "noise_multiplier", "sampling_rate")
@@ -207,7 +210,15 @@ def summarize(result: RunResult) -> dict[str, Any]:
 class RunRecorder:
     """Owns a run's growing record: the per-round history, the per-client rows and, when the run
     writes one, its results folder (rows appended as they come, a checkpoint after every round,
-    the final prompt and summary at the end). Every runtime records through it."""
+    the final prompt and summary at the end). Every runtime records through it.
+
+    A round is recorded in two steps, so that nothing the server releases is released twice for
+    one round: :meth:`release` checkpoints the round's new global state (and the round's rows so
+    far) the moment it is aggregated, before it leaves the server for an evaluation or the next
+    round's downlink; :meth:`record_round` adds the evaluation and writes the rows. A run that
+    stops in between resumes with that round's aggregate as it was released (``pending``: the
+    round whose evaluation and rows are still to be written), never by computing the round again.
+    """
 
     def __init__(
         self,
@@ -221,18 +232,27 @@ class RunRecorder:
         """Checkpointed with the server when the clients live in this process."""
         self.history: list[dict[str, Any]] = []
         self.client_history: list[dict[str, Any]] = []
+        self.pending: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
+        """The released round's row and client rows, until its evaluation is recorded."""
 
     def resume(self, server: Server) -> bool:
         """Restore ``server``, the clients' carried states and the rows from the folder's last
-        complete round; False without a checkpoint."""
+        released round; False without a checkpoint. When that round's rows were not yet written,
+        ``pending`` holds them for the runtime to evaluate and record."""
         checkpoint = self.run_dir.load_checkpoint() if self.run_dir else None
         if checkpoint is None or self.run_dir is None:
             return False
         server.restore(*checkpoint)
         if self.client_states is not None:
             self.client_states.restore(*checkpoint)
+        pending = checkpoint[1].get(PENDING_ROUND_KEY)
+        self.pending = None
+        if pending is not None:
+            saved = json.loads(pending)
+            self.pending = (saved["row"], saved["clients"])
+        written = server.completed_rounds - (1 if self.pending else 0)
         for file in (METRICS_FILE, CLIENTS_FILE):
-            self.run_dir.truncate_after(file, server.completed_rounds)
+            self.run_dir.truncate_after(file, written)
         self.history = self.run_dir.read(METRICS_FILE)
         self.client_history = self.run_dir.read(CLIENTS_FILE)
         return True
@@ -245,14 +265,32 @@ class RunRecorder:
             self.run_dir.append(METRICS_FILE, self.history[-1:])
             self.run_dir.append(CLIENTS_FILE, list(clients))
 
-    def record_round(self, row: dict[str, Any], clients: list[dict[str, Any]], server: Server) -> None:
-        """One completed round: its row, its client rows, and the checkpoint that makes it resumable."""
+    def release(self, row: dict[str, Any], clients: list[dict[str, Any]], server: Server) -> None:
+        """A round was just aggregated: checkpoint its global state (with its rows so far) before
+        anything of it leaves the server."""
+        self.pending = (row, clients)
+        if self.run_dir:
+            pending = json.dumps({"row": row, "clients": clients}, default=float)
+            tensors, metadata = self._checkpoint(server)
+            self.run_dir.save_checkpoint(tensors, {**metadata, PENDING_ROUND_KEY: pending})
+
+    def record_round(
+        self, evaluated: dict[str, Any], evaluations: list[dict[str, Any]], server: Server
+    ) -> dict[str, Any]:
+        """The released round's evaluation (``evaluated``: metrics for its row; ``evaluations``:
+        client rows): write its rows and the checkpoint that marks it complete. Returns the row."""
+        if self.pending is None:
+            raise RuntimeError("record_round without a released round: call release first")
+        row, clients = self.pending
+        row, clients = {**row, **evaluated}, [*clients, *evaluations]
+        self.pending = None
         self.history.append(row)
         self.client_history.extend(clients)
         if self.run_dir:
             self.run_dir.append(METRICS_FILE, [row])
             self.run_dir.append(CLIENTS_FILE, clients)
             self.run_dir.save_checkpoint(*self._checkpoint(server))
+        return row
 
     def _checkpoint(self, server: Server) -> tuple[State, dict[str, str]]:
         tensors, metadata = server.checkpoint()

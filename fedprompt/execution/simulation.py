@@ -67,12 +67,14 @@ def run_in_process(
     server = make_server(experiment, config)
     states = experiment.client_states
     recorder = RunRecorder(config, run_dir, states if isinstance(states, MemoryClientStates) else None)
+    rounds = config.federation.rounds
     if recorder.resume(server):
         log.info("resuming %s after round %d", run_dir.path if run_dir else "", server.completed_rounds)
+        if recorder.pending is not None:  # released before the stop: evaluate it, never recompute it
+            _record(experiment, server, config, recorder, server.completed_rounds, time.perf_counter())
     else:
         recorder.record_initial(*evaluate_round(experiment, server, config))
 
-    rounds = config.federation.rounds
     with _progress(config.runtime.progress) as progress:
         round_task = progress.add_task("rounds", total=rounds, completed=server.completed_rounds)
         client_task = progress.add_task("clients", total=0)
@@ -91,17 +93,30 @@ def run_in_process(
             server.aggregate(record)
             for cid in record.used:
                 states.commit(cid, round_num)
-            row = {"round": round_num, **round_metrics(server, record)}
-            clients = client_rows(server, record)
-            if round_num % config.federation.evaluate_every == 0 or round_num == rounds:
-                evaluated, evaluations = evaluate_round(experiment, server, config)
-                row.update(evaluated)
-                clients += evaluations
-            row["time_s"] = time.perf_counter() - start
-            recorder.record_round(row, clients, server)
+            recorder.release(
+                {"round": round_num, **round_metrics(server, record)}, client_rows(server, record), server
+            )
+            row = _record(experiment, server, config, recorder, round_num, start)
             progress.advance(round_task)
             log.info("round %d: %s", round_num, _brief(row))
     return recorder.finish(server, experiment.backbone_bytes, experiment.label_names, experiment.notes)
+
+
+def _record(
+    experiment: Experiment,
+    server: Server,
+    config: RunConfig,
+    recorder: RunRecorder,
+    round_num: int,
+    start: float,
+) -> dict[str, Any]:
+    """Evaluate the released round ``round_num`` when due and record it; its row."""
+    evaluated: dict[str, Any] = {}
+    evaluations: list[dict[str, Any]] = []
+    if round_num % config.federation.evaluate_every == 0 or round_num == config.federation.rounds:
+        evaluated, evaluations = evaluate_round(experiment, server, config)
+    evaluated = {**evaluated, "time_s": time.perf_counter() - start}
+    return recorder.record_round(evaluated, evaluations, server)
 
 
 def _fit_client(experiment: Experiment, server: Server, record: RoundRecord, cid: int) -> None:

@@ -89,6 +89,8 @@ def run_server(
             raise FileNotFoundError(f"resume: {settings.resume} holds no checkpoint to continue from")
         strategy.bindings.attach(settings.resume / BINDINGS_FILE)
         log.info("resuming %s after round %d", settings.resume, server.completed_rounds)
+        if recorder.pending is not None:  # released before the stop: evaluate it, never recompute it
+            _record(grid, experiment, strategy, config, settings, recorder, time.perf_counter())
     else:
         run_dir = RunDirectory.create(settings.results_dir, config.name)
         run_dir.write_config(config)
@@ -100,16 +102,32 @@ def run_server(
         start = time.perf_counter()
         strategy.map_nodes(grid, wait_for=0, timeout=0, reply_timeout=settings.round_timeout)  # new nodes
         record = strategy.train_round(grid, round_num, settings.round_timeout)
-        row: dict[str, Any] = {"round": round_num, **round_metrics(server, record)}
-        clients = client_rows(server, record)
-        if strategy.evaluation_due(round_num):
-            evaluated, evaluations = _evaluate(grid, experiment, strategy, config, settings, round_num)
-            row.update(evaluated)
-            clients += evaluations
-        row["time_s"] = time.perf_counter() - start
-        recorder.record_round(row, clients, server)
+        recorder.release(
+            {"round": round_num, **round_metrics(server, record)}, client_rows(server, record), server
+        )
+        row = _record(grid, experiment, strategy, config, settings, recorder, start)
         log.info("round %d: %s", round_num, row)
     return recorder.finish(server, experiment.backbone_bytes, experiment.label_names, experiment.notes)
+
+
+def _record(
+    grid: Grid,
+    experiment: Experiment,
+    strategy: FedPromptStrategy,
+    config: RunConfig,
+    settings: AppSettings,
+    recorder: RunRecorder,
+    start: float,
+) -> dict[str, Any]:
+    """Evaluate the round the recorder released (when due) and record it; its row."""
+    round_num = strategy.server.completed_rounds
+    evaluated: dict[str, Any] = {}
+    evaluations: list[dict[str, Any]] = []
+    if strategy.evaluation_due(round_num):
+        evaluated, evaluations = _evaluate(grid, experiment, strategy, config, settings, round_num)
+    return recorder.record_round(
+        {**evaluated, "time_s": time.perf_counter() - start}, evaluations, strategy.server
+    )
 
 
 def _evaluate(
