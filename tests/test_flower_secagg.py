@@ -4,6 +4,8 @@ with clients dropping at each stage."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from flower_support import InMemoryGrid, client_app_nodes, tiny_config, write_app, write_dataset
@@ -146,7 +148,9 @@ def test_a_site_never_sends_a_plain_update_or_plays_along_with_other_settings(tm
         secure_app(keys(participants=[0, 1, 2, 7]), context)
     reply = secure_app(keys(), context)
     assert sorted(reply.content.config_records[SECAGG_RECORD]) == ["c-pk", "s-pk", "seed-hash", "stage"]
-    unmask = RecordDict({SECAGG_RECORD: stage_record("unmask", 1, 1, survivors=[0, 1, 2], dropped=[])})
+    unmask = RecordDict(
+        {SECAGG_RECORD: stage_record("unmask", 1, 1, survivors=[0, 1, 2], dropped=[], reveal=[])}
+    )
     with pytest.raises(RuntimeError, match="stage 'unmask' arrived after stage 'keys'"):
         secure_app(Message(unmask, dst_node_id=5, message_type="train"), context)
 
@@ -212,8 +216,13 @@ def test_a_secure_run_gives_the_plain_runs_prompt_and_no_update_leaves_a_site(tm
 
     assert max_difference(result.final_state, plain.final_state) <= TOLERANCE
     assert [r.get("clients_accepted") for r in result.history] == [None, 3, 3]
-    for got, want in zip(result.history[1:], plain.history[1:], strict=True):
-        assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-5)
+    # Nothing rides beside a masked input: no training loss, no count of clipped coordinates.
+    assert all("train_loss" not in row for row in result.history)
+    fits = [r for r in result.client_history if r["event"] == "fit"]
+    assert fits and all(
+        set(r) == {"round", "client_id", "event", "accepted", "bytes_up", "bytes_down", "num_examples"}
+        for r in fits
+    )
     # What left the sites in the masked stage: one uint32 vector each, nothing that decodes as a prompt.
     assert len(masked_replies) == 6
     for data in masked_replies:
@@ -270,3 +279,70 @@ def test_below_the_threshold_a_secure_round_stops_the_run_with_its_reason(tmp_pa
         run_server(InMemoryGrid(nodes), cfg, AppSettings(results_dir=tmp_path / "runs"))
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert not (run_dir / "checkpoint.safetensors").exists()  # round 1 never completed
+
+
+def garbling(nodes, senders: set[int]):
+    """Node handlers in which the clients in ``senders`` answer the shares stage with random bytes
+    of the right size in place of every encrypted pair of shares."""
+
+    def wrap(handler):
+        def handle(message, node):
+            reply = handler(message, node)
+            if SECAGG_RECORD in message.content.config_records:
+                stage, _, cid, _ = read_stage_request(message.content)
+                if stage == "shares" and cid in senders:
+                    record = reply.content.config_records[SECAGG_RECORD]
+                    record["ciphertexts"] = [os.urandom(len(c)) for c in record["ciphertexts"]]
+            return reply
+
+        return handle
+
+    return {node: wrap(handler) for node, handler in nodes.items()}
+
+
+def test_a_site_sending_garbage_shares_is_dropped_and_the_other_nine_are_summed(tmp_path):
+    # Ten sites, site 6 encrypts garbage for everyone. Today the first honest site to decrypt its
+    # share raised, and the round stopped. Now site 6 is dropped (its masks come off with the
+    # survivors' mask keys with it) and the round is the plain round of the other nine.
+    config = secure_config(
+        write_dataset(tmp_path / "data.jsonl"),
+        partition={"num_clients": 10},
+        federation={"rounds": 1, "min_clients": 9},
+        secure_aggregation={"weights": "declared"},
+    )
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    plain_cfg = without_secure_aggregation(cfg)
+    experiment = build_experiment(plain_cfg)
+
+    def garbage_site(*args, **kwargs):
+        raise ConnectionError("dropped")
+
+    experiment.clients[6].fit_payload = garbage_site
+    expected = run_in_process(experiment, plain_cfg)
+
+    client_app = build_client_app(app / "fedprompt.yaml")
+    declared = {pid: {"num-examples": count} for pid, count in experiment.example_counts().items()}
+    nodes = garbling(client_app_nodes(client_app, range(10), {}, partition_configs=declared), {6})
+    result = run_server(InMemoryGrid(nodes), cfg, AppSettings(results_dir=tmp_path / "runs"))
+    assert max_difference(result.final_state, expected.final_state) <= TOLERANCE
+    (row,) = [r for r in result.client_history if r["client_id"] == 6 and r["event"] == "fit"]
+    assert not row["accepted"] and "could decrypt the shares it sent; dropped" in row["reason"]
+    assert result.history[1]["clients_accepted"] == 9
+
+
+def test_min_clients_is_checked_before_anyone_unmasks(tmp_path):
+    config = secure_config(write_dataset(tmp_path / "data.jsonl"), partition={"num_clients": 4})
+    config["federation"]["min_clients"] = 4
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    client_app = build_client_app(app / "fedprompt.yaml")
+    grid = InMemoryGrid(dropping(client_app_nodes(client_app, range(4), {}), {3: "masked"}))
+    with pytest.raises(
+        NotEnoughClientsError, match=r"3 clients' inputs would be summed, fewer than .*nothing was unmasked"
+    ):
+        run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
+    stages = [
+        read_stage_request(m.content)[0] for m in grid.sent if SECAGG_RECORD in m.content.config_records
+    ]
+    assert "unmask" not in stages  # today the survivors unmasked first, then the round was refused

@@ -3,6 +3,9 @@ Shamir-shared seeds, and the server's unmasking with dropped clients."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+
 import numpy as np
 import pytest
 
@@ -23,10 +26,14 @@ def run_round(
     threshold: int,
     bits: int,
     stops: dict[int, str] | None = None,
+    garbage: Iterable[int] = (),
+    wrong: Iterable[int] = (),
 ) -> tuple[ServerSession, dict[int, np.ndarray]]:
     """One secure round among ``inputs``' clients (ring elements by client id). ``stops[c]`` is the
-    stage client c no longer answers ("keys", "shares", "masked" or "unmask"). Returns the server's
-    session after the unmask stage (call ``result()``) and the masked inputs it received."""
+    stage client c no longer answers ("keys", "shares", "masked" or "unmask"); the clients in
+    ``garbage`` send random bytes (of the right size) for their encrypted shares; those in ``wrong``
+    send a wrong share of every self-mask seed when unmasking. Returns the server's session after
+    the unmask stage (call ``result()``) and the masked inputs it received."""
     stops = stops or {}
     ids = sorted(inputs)
     length = len(next(iter(inputs.values())))
@@ -40,6 +47,8 @@ def run_round(
     keys = server.keys_done()
     for cid in keys:
         ciphertexts = sessions[cid].share(keys)
+        if cid in garbage:
+            ciphertexts = {dst: os.urandom(len(ct)) for dst, ct in ciphertexts.items()}
         if stops.get(cid) != "shares":
             server.add_shares(cid, ciphertexts)
     masked_with = server.shares_done()
@@ -48,12 +57,14 @@ def run_round(
         y = sessions[cid].mask(server.forwarded(cid), inputs[cid], bits)
         if stops.get(cid) != "masked":
             masked[cid] = y
-            server.add_masked(cid, y)
+            server.add_masked(cid, y, sessions[cid].unreadable)
     survivors, dropped = server.masked_done()
     for cid in survivors:
-        seed_shares, key_shares = sessions[cid].unmask(survivors, dropped)
+        seed_shares, key_shares, mask_keys = sessions[cid].unmask(survivors, dropped, server.reveal)
+        if cid in wrong:
+            seed_shares = {v: os.urandom(len(share)) for v, share in seed_shares.items()}
         if stops.get(cid) != "unmask":
-            server.add_unmask(cid, seed_shares, key_shares)
+            server.add_unmask(cid, seed_shares, key_shares, mask_keys)
     return server, masked
 
 
@@ -191,8 +202,10 @@ def test_a_client_refuses_to_reveal_both_seeds_of_one_client_or_unmask_too_few()
         sessions[a].unmask([a], [b, c])
     with pytest.raises(SecAggError, match="stage 'unmask' arrived after stage 'unmask'"):
         sessions[a].unmask([a, b, c], [])  # one unmask per round, even after a refusal
-    seed_shares, key_shares = ClientSession.from_record(saved).unmask([a, c], [b])
-    assert sorted(seed_shares) == [a, c] and sorted(key_shares) == [b]
+    with pytest.raises(SecAggError, match=rf"mask keys with \[{c}\], which did not drop"):
+        ClientSession.from_record(saved).unmask([a, b, c], [], reveal=[c])
+    seed_shares, key_shares, mask_keys = ClientSession.from_record(saved).unmask([a, c], [b])
+    assert sorted(seed_shares) == [a, c] and sorted(key_shares) == [b] and mask_keys == {}
 
 
 def test_out_of_order_stages_and_tampered_shares_are_refused():
@@ -209,8 +222,9 @@ def test_out_of_order_stages_and_tampered_shares_are_refused():
     sessions[2] = ClientSession.start(2, ROUND, ids, 2)  # a fresh session for client 2
     other_keys = {**keys, 2: (sessions[2][1]["c-pk"], sessions[2][1]["s-pk"])}
     sessions[2][0].share(other_keys)
-    with pytest.raises(SecAggError, match="shares from client 1 do not decrypt"):
-        sessions[2][0].mask({1: to_two[:-1] + bytes([to_two[-1] ^ 1])}, np.zeros(4, dtype=np.uint64), 16)
+    # a tampered ciphertext is the sender's problem: the receiver masks on and names it
+    sessions[2][0].mask({1: to_two[:-1] + bytes([to_two[-1] ^ 1])}, np.zeros(4, dtype=np.uint64), 16)
+    assert sessions[2][0].unreadable == (1,) and 1 not in sessions[2][0].held_b
 
 
 def test_the_server_checks_what_clients_send():
@@ -226,3 +240,85 @@ def test_the_server_checks_what_clients_send():
         server.add_masked(1, np.array([1, 2, 3, 2**16], dtype=np.uint64))
     with pytest.raises(SecAggError, match="4 unsigned integers, got int64"):
         server.add_masked(2, np.array([1, 2, 3, 4], dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- one client cannot stop a round
+
+
+def test_a_sender_of_unreadable_shares_is_dropped_and_the_others_are_summed_exactly():
+    # Today the first honest receiver raised on the garbage ciphertext and the round stopped.
+    inputs = ring_inputs(10, 200, bits=24, seed=3)
+    bad = sorted(inputs)[4]
+    server, masked = run_round(inputs, threshold=6, bits=24, garbage=[bad])
+    assert bad in masked  # it even sent a masked input: that input is not summed
+    assert server.reveal == [bad] and bad in server.dropped
+    others = [c for c in sorted(inputs) if c != bad]
+    assert server.survivors == others
+    assert np.array_equal(server.result(), plain_sum(inputs, others, 24))
+
+
+def test_unreadable_shares_of_a_client_that_also_dropped_are_handled_the_same_way():
+    inputs = ring_inputs(6, 50, bits=20, seed=5)
+    ids = sorted(inputs)
+    server, _ = run_round(inputs, threshold=4, bits=20, garbage=[ids[0]], stops={ids[0]: "masked"})
+    assert np.array_equal(server.result(), plain_sum(inputs, ids[1:], 20))
+
+
+def test_a_wrong_unmask_share_is_identified_and_another_subset_rebuilds_the_secrets():
+    inputs = ring_inputs(7, 64, bits=20, seed=9)
+    ids = sorted(inputs)
+    liar = ids[1]  # among the first `threshold` responders, whose shares were the only ones used
+    server, _ = run_round(inputs, threshold=4, bits=20, wrong=[liar])
+    assert np.array_equal(server.result(), plain_sum(inputs, ids, 20))
+    assert sorted(server.wrong_shares) == [liar] and sorted(server.wrong_shares[liar]) == ids
+
+
+def test_too_many_wrong_shares_fail_the_round_with_the_owner_named():
+    inputs = ring_inputs(4, 8, bits=16, seed=1)
+    ids = sorted(inputs)
+    server, _ = run_round(inputs, threshold=3, bits=16, wrong=ids[:2])
+    with pytest.raises(SecAggError, match=rf"no 3 of the 4 shares of client {ids[0]}'s self-mask seed"):
+        server.result()
+
+
+def test_ciphertexts_of_the_wrong_size_drop_their_sender_at_the_shares_stage():
+    ids = [1, 2, 3]
+    server = ServerSession(ROUND, ids, 2, 16, 4)
+    sessions = {}
+    for cid in ids:
+        sessions[cid], advert = ClientSession.start(cid, ROUND, ids, 2)
+        server.add_keys(cid, advert["c-pk"], advert["s-pk"], advert["seed-hash"])
+    keys = server.keys_done()
+    short = {dst: ct[:40] for dst, ct in sessions[1].share(keys).items()}
+    with pytest.raises(
+        SecAggError, match=r"client 1 sent ciphertexts of \[40\] bytes .* every encrypted pair"
+    ):
+        server.add_shares(1, short)
+    for cid in (2, 3):
+        server.add_shares(cid, sessions[cid].share(keys))
+    assert server.shares_done() == [2, 3]
+    # and a receiver given a short ciphertext names its sender instead of raising
+    sessions[2].mask({3: b"\x00" * 7}, np.zeros(4, dtype=np.uint64), 16)
+    assert sessions[2].unreadable == (3,)
+
+
+def test_a_site_pins_the_fewest_clients_it_masks_and_unmasks_with():
+    with pytest.raises(SecAggError, match="3 participants, fewer than the 4 this client requires"):
+        ClientSession.start(1, ROUND, [1, 2, 3], 2, min_survivors=4)
+    inputs = ring_inputs(4, 8, bits=16)
+    ids = sorted(inputs)
+    server = ServerSession(ROUND, ids, 2, 16, 8)
+    sessions = {}
+    for cid in ids:
+        sessions[cid], advert = ClientSession.start(cid, ROUND, ids, 2, min_survivors=4)
+        server.add_keys(cid, advert["c-pk"], advert["s-pk"], advert["seed-hash"])
+    keys = server.keys_done()
+    for cid in ids:
+        server.add_shares(cid, sessions[cid].share(keys))
+    server.shares_done()
+    for cid in ids:
+        sessions[cid].mask(server.forwarded(cid), inputs[cid], 16)
+    with pytest.raises(
+        SecAggError, match=r"3 clients survived, fewer than the threshold 2 \(this site requires 4\)"
+    ):
+        sessions[ids[0]].unmask(ids[:3], ids[3:])

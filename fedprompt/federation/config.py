@@ -102,6 +102,14 @@ class SecureAggregationConfig(StrictModel):
         "declared when it registered (node config num-examples, capped by robustness.max_examples).",
     )
 
+    min_survivors: int | None = Field(
+        None,
+        ge=2,
+        description="A site's pin on the round size: the fewest clients whose inputs it lets be summed "
+        "with its own. It refuses to take part in a round with fewer participants, and to help unmask "
+        "fewer survivors. null: the threshold. Kept by each site; the server cannot override it.",
+    )
+
     def threshold_for(self, sampled: int) -> int:
         """The threshold of a round that samples ``sampled`` clients."""
         return self.threshold if self.threshold is not None else sampled // 2 + 1

@@ -35,8 +35,9 @@ This module is torch- and Flower-free: numpy arrays, ``cryptography`` and ``pycr
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,12 @@ SHARE_BYTES = 32
 MAX_BITS = 48
 """The widest ring: sums and their float64 images stay exact well within float64's 53 bits."""
 _NONCE_BYTES = 12
+_TAG_BYTES = 16
+CIPHERTEXT_BYTES = _NONCE_BYTES + 2 * SHARE_BYTES + _TAG_BYTES
+"""The size of every encrypted pair of shares: nonce, the two 32-byte shares, the AES-GCM tag."""
+MAX_SUBSETS = 5000
+"""How many subsets of ``threshold`` shares the server tries to rebuild one secret when some
+shares are wrong (all of them for up to about 14 answering clients at a majority threshold)."""
 
 
 class SecAggError(RuntimeError):
@@ -239,14 +246,26 @@ class ClientSession:
     s_pks: tuple[bytes, ...] = ()
     masked_with: tuple[int, ...] = ()
     """U2: the clients this one masked its input with (itself included)."""
+    unreadable: tuple[int, ...] = ()
+    """Clients of U2 whose encrypted shares did not decrypt (reported to the server beside the
+    masked input; this client holds no shares of theirs)."""
+    min_survivors: int = 0
+    """The fewest survivors this client helps unmask (at least the threshold): a site's pin."""
     held_b: dict[int, bytes] | None = None
     held_s: dict[int, bytes] | None = None
 
     @classmethod
     def start(
-        cls, client_id: int, round_num: int, participants: Sequence[int], threshold: int
+        cls,
+        client_id: int,
+        round_num: int,
+        participants: Sequence[int],
+        threshold: int,
+        min_survivors: int | None = None,
     ) -> tuple[ClientSession, dict[str, bytes]]:
-        """A fresh session and what the client advertises: ``c-pk``, ``s-pk``, ``seed-hash``."""
+        """A fresh session and what the client advertises: ``c-pk``, ``s-pk``, ``seed-hash``.
+        ``min_survivors`` (default: the threshold) is the fewest clients whose inputs this one lets
+        be summed with its own: it refuses fewer participants now and fewer survivors at unmasking."""
         participants = sorted(participants)
         if client_id not in participants:
             raise SecAggError(f"client {client_id} is not among the participants {participants}")
@@ -254,10 +273,15 @@ class ClientSession:
             raise SecAggError(f"participants {participants} name a client twice")
         if not 2 <= threshold <= len(participants):
             raise SecAggError(f"threshold {threshold} must lie in 2..{len(participants)} (the participants)")
+        pinned = max(threshold, min_survivors or 0)
+        if len(participants) < pinned:
+            raise SecAggError(
+                f"{len(participants)} participants, fewer than the {pinned} this client requires in a round"
+            )
         c_sk, c_pk = _key_pair()
         s_sk, s_pk = _key_pair()
         seed = os.urandom(SECRET_BYTES)
-        session = cls(client_id, round_num, threshold, participants, c_sk, s_sk, seed)
+        session = cls(client_id, round_num, threshold, participants, c_sk, s_sk, seed, min_survivors=pinned)
         return session, {"c-pk": c_pk, "s-pk": s_pk, "seed-hash": commitment(seed)}
 
     def share(self, public_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
@@ -294,7 +318,11 @@ class ClientSession:
 
     def mask(self, ciphertexts: Mapping[int, bytes], quantized: np.ndarray, bits: int) -> np.ndarray:
         """Stage 2: keep the shares the other clients of U2 sent (``ciphertexts``, by source), and
-        mask the ring element ``quantized`` with the self mask and a pairwise mask per client of U2."""
+        mask the ring element ``quantized`` with the self mask and a pairwise mask per client of U2.
+
+        A ciphertext of the wrong size, or one that does not decrypt to two shares, is not this
+        client's problem: it holds no shares of that sender, names it in ``unreadable`` (which goes
+        to the server beside the masked input) and masks with it as with any other client of U2."""
         self._expect("shares", "masked")
         assert self.held_b is not None and self.held_s is not None
         sources = sorted(ciphertexts)
@@ -305,23 +333,14 @@ class ClientSession:
                 f"shares from {len(sources)} other clients: with this one, fewer than the threshold "
                 f"{self.threshold}"
             )
+        unreadable = []
         for src in sources:
-            position = self.order.index(src)
-            key = _derive(_agree(self.c_sk, self.c_pks[position]), "channel", self.round, self.client_id, src)
-            data = ciphertexts[src]
-            try:
-                plain = AESGCM(key).decrypt(
-                    data[:_NONCE_BYTES], data[_NONCE_BYTES:], _aad(self.round, src, self.client_id)
-                )
-            except (InvalidTag, ValueError):
-                raise SecAggError(
-                    f"the shares from client {src} do not decrypt: not for this round and client"
-                ) from None
-            if len(plain) != 2 * SHARE_BYTES:
-                raise SecAggError(
-                    f"the shares from client {src} are {len(plain)} bytes, not {2 * SHARE_BYTES}"
-                )
+            plain = self._decrypt(src, ciphertexts[src])
+            if plain is None:
+                unreadable.append(src)
+                continue
             self.held_b[src], self.held_s[src] = plain[:SHARE_BYTES], plain[SHARE_BYTES:]
+        self.unreadable = tuple(unreadable)
         self.masked_with = (*sources, self.client_id)
         length = quantized.shape[0]
         masked = ring_add(np.asarray(quantized, dtype=np.uint64), prg(self._self_key(), length, bits), bits)
@@ -332,11 +351,31 @@ class ClientSession:
             )
         return masked
 
+    def _decrypt(self, src: int, data: bytes) -> bytes | None:
+        """The two shares ``src`` encrypted for this client, or None when ``data`` is not that."""
+        if not isinstance(data, bytes) or len(data) != CIPHERTEXT_BYTES:
+            return None
+        position = self.order.index(src)
+        key = _derive(_agree(self.c_sk, self.c_pks[position]), "channel", self.round, self.client_id, src)
+        try:
+            return AESGCM(key).decrypt(
+                data[:_NONCE_BYTES], data[_NONCE_BYTES:], _aad(self.round, src, self.client_id)
+            )
+        except (InvalidTag, ValueError):
+            return None
+
     def unmask(
-        self, survivors: Sequence[int], dropped: Sequence[int]
-    ) -> tuple[dict[int, bytes], dict[int, bytes]]:
-        """Stage 3: (shares of b_v for each survivor v, shares of s_v for each dropped v), after
-        checking that the two lists split U2 and that at least ``threshold`` clients survived."""
+        self, survivors: Sequence[int], dropped: Sequence[int], reveal: Sequence[int] = ()
+    ) -> tuple[dict[int, bytes], dict[int, bytes], dict[int, bytes]]:
+        """Stage 3: (shares of b_v for each survivor v, shares of s_v for each dropped v, this
+        client's pairwise mask key with each v of ``reveal``), after checking that the two lists split
+        U2, that ``reveal`` names dropped clients only, and that at least ``threshold`` (and this
+        client's ``min_survivors``) clients survived. Shares this client does not hold (their
+        sender's ciphertext was unreadable) are left out.
+
+        ``reveal``: dropped clients whose secrets too few clients hold to be rebuilt (they sent
+        unreadable shares); their pairwise masks come off with the survivors' own mask keys with
+        them, which tell the server nothing it would not learn from their rebuilt ``s`` key."""
         self._expect("masked", "unmask")
         assert self.held_b is not None and self.held_s is not None
         alive, gone = set(survivors), set(dropped)
@@ -345,12 +384,23 @@ class ClientSession:
                 f"survivors {sorted(alive)} and dropped {sorted(gone)} do not split the clients "
                 f"{sorted(self.masked_with)} this one masked with"
             )
-        if len(alive) < self.threshold:
+        if not set(reveal) <= gone:
             raise SecAggError(
-                f"{len(alive)} clients survived, fewer than the threshold {self.threshold}; unmasking "
-                "would reveal too much"
+                f"asked for the mask keys with {sorted(set(reveal) - gone)}, which did not drop: that would "
+                "unmask their inputs"
             )
-        return {v: self.held_b[v] for v in sorted(alive)}, {v: self.held_s[v] for v in sorted(gone)}
+        needed = max(self.threshold, self.min_survivors)
+        if len(alive) < needed:
+            raise SecAggError(
+                f"{len(alive)} clients survived, fewer than the threshold {self.threshold}"
+                + (f" (this site requires {needed})" if needed > self.threshold else "")
+                + "; unmasking would reveal too much"
+            )
+        return (
+            {v: self.held_b[v] for v in sorted(alive) if v in self.held_b},
+            {v: self.held_s[v] for v in sorted(gone) if v in self.held_s},
+            {v: self._pair_key(v) for v in sorted(set(reveal))},
+        )
 
     def _self_key(self) -> bytes:
         return _derive(self.seed, "self-mask", self.round, self.client_id, self.client_id)
@@ -382,9 +432,11 @@ class ClientSession:
             "c-pks": list(self.c_pks),
             "s-pks": list(self.s_pks),
             "masked-with": list(self.masked_with),
+            "unreadable": list(self.unreadable),
+            "min-survivors": self.min_survivors,
             "held-from": sorted(held_b),
             "held-b": [held_b[v] for v in sorted(held_b)],
-            "held-s": [held_s[v] for v in sorted(held_b)],
+            "held-s": [held_s[v] for v in sorted(held_s)],
         }
 
     @classmethod
@@ -403,6 +455,8 @@ class ClientSession:
             c_pks=tuple(record["c-pks"]),
             s_pks=tuple(record["s-pks"]),
             masked_with=tuple(record["masked-with"]),
+            unreadable=tuple(record["unreadable"]),
+            min_survivors=int(record["min-survivors"]),
             held_b=dict(zip(held, record["held-b"], strict=True)) if held else None,
             held_s=dict(zip(held, record["held-s"], strict=True)) if held else None,
         )
@@ -420,10 +474,18 @@ class _Advertised:
 
 class ServerSession:
     """Owns the server's side of one secure round: who advertised which keys, the encrypted shares
-    it forwards, the masked inputs it sums, and the unmasking. It sees public keys, ciphertexts and
-    masked vectors only, until the unmask stage hands it exactly the seeds that remove the masks.
-    Each ``*_done`` method raises :class:`SecAggError` with the reason when fewer than ``threshold``
-    clients are left."""
+    it forwards, the masked inputs it sums, the clients that could not read a sender's shares, and
+    the unmasking. It sees public keys, ciphertexts and masked vectors only, until the unmask stage
+    hands it exactly the seeds that remove the masks. Each ``*_done`` method raises
+    :class:`SecAggError` with the reason when fewer than ``threshold`` clients are left.
+
+    One client cannot stop a round: a sender whose ciphertexts have the wrong size is refused at the
+    shares stage; a sender whose ciphertexts do not decrypt, so that fewer than ``threshold``
+    survivors hold its shares, is dropped (its input is not summed; its pairwise masks come off with
+    the survivors' mask keys with it); a wrong share in an unmask answer is found by rebuilding each
+    secret from other subsets of ``threshold`` shares until it matches its commitment (self-mask seed)
+    or public key (mask key), and its sender is named in ``wrong_shares``.
+    """
 
     def __init__(self, round_num: int, participants: Iterable[int], threshold: int, bits: int, length: int):
         self.round = round_num
@@ -441,9 +503,15 @@ class ServerSession:
         """destination -> source -> ciphertext."""
         self.masked_with: list[int] = []
         self._masked: dict[int, np.ndarray] = {}
+        self._unreadable: dict[int, set[int]] = {}
+        """Client -> the senders whose shares it could not decrypt."""
         self.survivors: list[int] = []
         self.dropped: list[int] = []
-        self._unmask: dict[int, tuple[dict[int, bytes], dict[int, bytes]]] = {}
+        self.reveal: list[int] = []
+        """Dropped clients whose secrets too few survivors hold: the survivors reveal their mask keys."""
+        self._unmask: dict[int, tuple[dict[int, bytes], dict[int, bytes], dict[int, bytes]]] = {}
+        self.wrong_shares: dict[int, list[int]] = {}
+        """Client -> the owners of the secrets for which it sent a share that fits no rebuild."""
 
     # stage 0
     def add_keys(self, client_id: int, c_pk: bytes, s_pk: bytes, seed_hash: bytes) -> None:
@@ -466,6 +534,12 @@ class ServerSession:
                 f"client {client_id} sent shares for {sorted(ciphertexts)}, expected one for each of "
                 f"{sorted(set(self.order) - {client_id})}"
             )
+        sizes = {dst: len(data) for dst, data in ciphertexts.items() if len(data) != CIPHERTEXT_BYTES}
+        if sizes:
+            raise SecAggError(
+                f"client {client_id} sent ciphertexts of {sorted(set(sizes.values()))} bytes (for "
+                f"{sorted(sizes)}); every encrypted pair of shares is {CIPHERTEXT_BYTES} bytes"
+            )
         for dst, data in ciphertexts.items():
             self._shares.setdefault(dst, {})[client_id] = data
         self._shares.setdefault(client_id, {})
@@ -483,7 +557,8 @@ class ServerSession:
         }
 
     # stage 2
-    def add_masked(self, client_id: int, masked: np.ndarray) -> None:
+    def add_masked(self, client_id: int, masked: np.ndarray, unreadable: Iterable[int] = ()) -> None:
+        """A client's masked input, and the senders whose shares it could not decrypt."""
         self._known(client_id, self.masked_with, "send a masked input")
         values = np.asarray(masked)
         if values.shape != (self.length,) or values.dtype.kind != "u":
@@ -495,62 +570,143 @@ class ServerSession:
             raise SecAggError(
                 f"client {client_id}: masked input values lie outside the ring of 2^{self.bits}"
             )
+        unreadable = set(unreadable)
+        if not unreadable <= set(self.masked_with) - {client_id}:
+            raise SecAggError(
+                f"client {client_id} names unreadable shares from {sorted(unreadable)}, not all other "
+                "clients of this round"
+            )
         self._masked[client_id] = values.astype(np.uint64)
+        self._unreadable[client_id] = unreadable
 
     def drop(self, client_id: int) -> None:
         """Treat a client whose masked input arrived as dropped (its input is not summed)."""
         self._masked.pop(client_id, None)
+        self._unreadable.pop(client_id, None)
 
     def masked_done(self) -> tuple[list[int], list[int]]:
-        """(U3: the survivors whose masked inputs are summed, D: U2's clients that dropped)."""
-        self.survivors = self._enough(self._masked, "sent a masked input")
+        """(U3: the survivors whose masked inputs are summed, D: U2's clients that dropped).
+
+        A client whose shares fewer than ``threshold`` survivors hold (the others could not read
+        them) cannot be unmasked: it is dropped too, and named in ``reveal``, the clients whose
+        pairwise masks come off with the survivors' mask keys with them."""
+        survivors = set(self._enough(self._masked, "sent a masked input"))
+        reveal: set[int] = set()
+        while True:
+            short = {
+                v
+                for v in self.masked_with
+                if v not in reveal and len(self._holders(v, survivors)) < self.threshold
+            }
+            if not short:
+                break
+            reveal |= short
+            survivors -= short
+        self.survivors = self._enough(survivors, "sent a masked input others could unmask")
         self.dropped = sorted(set(self.masked_with) - set(self.survivors))
+        self.reveal = sorted(reveal)
         return self.survivors, self.dropped
+
+    def _holders(self, owner: int, survivors: set[int]) -> set[int]:
+        """The survivors that hold shares of ``owner``'s secrets."""
+        return {u for u in survivors if owner == u or owner not in self._unreadable.get(u, set())}
 
     # stage 3
     def add_unmask(
-        self, client_id: int, seed_shares: Mapping[int, bytes], key_shares: Mapping[int, bytes]
+        self,
+        client_id: int,
+        seed_shares: Mapping[int, bytes],
+        key_shares: Mapping[int, bytes],
+        mask_keys: Mapping[int, bytes] | None = None,
     ) -> None:
+        """A survivor's shares of the survivors' self-mask seeds and of the dropped clients' mask
+        keys (those it holds), and its own mask keys with the clients of ``reveal``."""
         self._known(client_id, self.survivors, "send unmasking shares")
-        if set(seed_shares) != set(self.survivors) or set(key_shares) != set(self.dropped):
+        mask_keys = dict(mask_keys or {})
+        if not set(seed_shares) <= set(self.survivors) or not set(key_shares) <= set(self.dropped):
             raise SecAggError(
                 f"client {client_id} sent seed shares for {sorted(seed_shares)} and key shares for "
-                f"{sorted(key_shares)}, expected {self.survivors} and {self.dropped}"
+                f"{sorted(key_shares)}, expected them for {self.survivors} and {self.dropped}"
+            )
+        if set(mask_keys) != set(self.reveal):
+            raise SecAggError(
+                f"client {client_id} revealed its mask keys with {sorted(mask_keys)}, expected {self.reveal}"
             )
         bad = [v for v, s in (*seed_shares.items(), *key_shares.items()) if len(s) != SHARE_BYTES]
+        bad += [v for v, key in mask_keys.items() if len(key) != SECRET_BYTES]
         if bad:
-            raise SecAggError(f"client {client_id}: shares of {bad} are not {SHARE_BYTES} bytes")
-        self._unmask[client_id] = (dict(seed_shares), dict(key_shares))
+            raise SecAggError(f"client {client_id}: shares or keys of {bad} are not {SHARE_BYTES} bytes")
+        self._unmask[client_id] = (dict(seed_shares), dict(key_shares), mask_keys)
 
     def result(self) -> np.ndarray:
         """Σ_{u ∈ U3} x_u in the ring (uint64), once at least ``threshold`` survivors answered."""
-        responders = self._enough(self._unmask, "sent unmasking shares")[: self.threshold]
+        self._enough(self._unmask, "sent unmasking shares")
         total = np.zeros(self.length, dtype=np.uint64)
         for u in self.survivors:
             total = ring_add(total, self._masked[u], self.bits)
         for u in self.survivors:
-            seed = self._rebuild(u, responders, 0)
-            if commitment(seed) != self.keys[u].seed_hash:
-                raise SecAggError(f"the rebuilt self-mask seed of client {u} does not match its commitment")
+            seed = self._rebuild(
+                u, 0, "self-mask seed", lambda b, u=u: commitment(b) == self.keys[u].seed_hash
+            )
             key = _derive(seed, "self-mask", self.round, u, u)
             total = ring_sub(total, prg(key, self.length, self.bits), self.bits)
         for v in self.dropped:
-            s_sk = self._rebuild(v, responders, 1)
-            if _public(s_sk) != self.keys[v].s_pk:
-                raise SecAggError(f"the rebuilt mask key of dropped client {v} does not match its public key")
+            if v in self.reveal:
+                keys = self._revealed(v)
+            else:
+                s_sk = self._rebuild(v, 1, "mask key", lambda k, v=v: _public(k) == self.keys[v].s_pk)
+                keys = {
+                    u: _derive(_agree(s_sk, self.keys[u].s_pk), "mask", self.round, u, v)
+                    for u in self.survivors
+                }
             for u in self.survivors:
-                pairwise = prg(
-                    _derive(_agree(s_sk, self.keys[u].s_pk), "mask", self.round, u, v), self.length, self.bits
-                )
+                pairwise = prg(keys[u], self.length, self.bits)
                 # u added +PRG when u < v and −PRG when u > v: take that back
                 total = (
                     ring_sub(total, pairwise, self.bits) if u < v else ring_add(total, pairwise, self.bits)
                 )
         return total
 
-    def _rebuild(self, owner: int, responders: list[int], which: int) -> bytes:
+    def _revealed(self, v: int) -> dict[int, bytes]:
+        """Each survivor's mask key with the unreadable dropped client ``v``."""
+        missing = [u for u in self.survivors if u not in self._unmask]
+        if missing:
+            raise SecAggError(
+                f"client {v} sent shares nobody could read, so its masks come off with the survivors' mask "
+                f"keys with it; survivors {missing} did not answer the unmask stage"
+            )
+        return {u: self._unmask[u][2][v] for u in self.survivors}
+
+    def _rebuild(self, owner: int, which: int, what: str, valid: Callable[[bytes], bool]) -> bytes:
+        """``owner``'s secret from ``threshold`` of the shares the responders sent, the first subset
+        (in client order) whose result is ``valid``; shares that fit no valid rebuild name their
+        senders in ``wrong_shares``."""
+        holders = [w for w in sorted(self._unmask) if owner in self._unmask[w][which]]
+        if len(holders) < self.threshold:
+            raise SecAggError(
+                f"round {self.round}: {len(holders)} clients sent shares of client {owner}'s {what}, fewer "
+                f"than the threshold {self.threshold}"
+            )
+        for subset in itertools.islice(itertools.combinations(holders, self.threshold), MAX_SUBSETS):
+            secret = self._combine(owner, which, subset)
+            if secret is not None and valid(secret):
+                for w in holders:
+                    if w not in subset:
+                        other = self._combine(owner, which, (*subset[1:], w))
+                        if other is None or not valid(other):
+                            self.wrong_shares.setdefault(w, []).append(owner)
+                return secret
+        raise SecAggError(
+            f"round {self.round}: no {self.threshold} of the {len(holders)} shares of client {owner}'s "
+            f"{what} rebuild it (too many wrong shares, or the client shared a wrong secret)"
+        )
+
+    def _combine(self, owner: int, which: int, responders: Sequence[int]) -> bytes | None:
         shares = {self.order.index(w): self._unmask[w][which][owner] for w in responders}
-        return combine_secret(shares)
+        try:
+            return combine_secret(shares)
+        except ValueError:
+            return None
 
     def _known(self, client_id: int, allowed: Sequence[int], what: str) -> None:
         if client_id not in allowed:

@@ -5,17 +5,20 @@ The round's secrets (key pairs, self-mask seed, the shares other clients sent) l
 Flower context between the stage messages, never on the server. At the masked-input stage the
 ClientApp has its site fit as usual (in this process or in the site worker), reads the update and
 the downlink it was computed from (as float64, without torch), and sends only the masked
-quantisation of the weighted delta, with the update's metrics.
+quantisation of the weighted delta: no metric of the update or of its training goes beside it (the
+site keeps those in its own log), and the only other thing it reports is which senders' encrypted
+shares it could not read.
 
 The site checks the server's parameters against its own configuration: it takes part only with its
-own threshold, ring and clipping range, a weight in (0, 1], and at most as many participants as a
-round samples; a site configured for secure aggregation refuses a plain train message, and one that
-is not refuses the stages.
+own threshold, ring and clipping range, a weight in (0, 1], at most as many participants as a
+round samples and at least ``secure_aggregation.min_survivors`` (its pin on the round size, which it
+also holds the server to when unmasking); a site configured for secure aggregation refuses a plain
+train message, and one that is not refuses the stages.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from typing import Protocol
 
 import numpy as np
@@ -27,7 +30,6 @@ from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.secagg import ClientSession, RingQuantizer, SecAggError
 from fedprompt.flower.records import payload_content, read_instructions, read_payload
 from fedprompt.flower.secure_records import (
-    METRICS_KEY,
     SECAGG_RECORD,
     client_ids,
     encode_masked,
@@ -37,10 +39,10 @@ from fedprompt.flower.secure_records import (
     reply_record,
 )
 
+log = logging.getLogger("fedprompt.flower")
+
 SESSION_RECORD = "fedprompt.secagg-session"
 """The key of the ConfigRecord in ``Context.state`` that holds the round's client session."""
-CLIPPED_METRIC = "secagg_clipped"
-"""Update metric: how many coordinates of the delta the client clipped to the clip range."""
 EXTRA_PREFIX = "extra/"
 
 
@@ -86,13 +88,18 @@ def answer_stage(
     else:
         survivors = client_ids(fields["survivors"], "unmask: survivors")
         dropped = client_ids(fields["dropped"], "unmask: dropped")
-        seeds, keys = session.unmask(survivors, dropped)
+        reveal = client_ids(fields["reveal"], "unmask: reveal")
+        seeds, keys, mask_keys = session.unmask(survivors, dropped, reveal)
         out = RecordDict(
             {
                 SECAGG_RECORD: reply_record(
                     "unmask",
                     **{"seed-owners": sorted(seeds), "seed-shares": [seeds[v] for v in sorted(seeds)]},
                     **{"key-owners": sorted(keys), "key-shares": [keys[v] for v in sorted(keys)]},
+                    **{
+                        "mask-key-owners": sorted(mask_keys),
+                        "mask-keys": [mask_keys[v] for v in sorted(mask_keys)],
+                    },
                 )
             }
         )
@@ -112,7 +119,9 @@ def _keys(context: Context, config: RunConfig, partition: int, round_num: int, f
         )
     if len(participants) > sampled:
         raise SecAggError(f"{len(participants)} participants, more than the {sampled} a round samples")
-    session, advert = ClientSession.start(partition, round_num, participants, own["threshold"])
+    session, advert = ClientSession.start(
+        partition, round_num, participants, own["threshold"], secure.min_survivors
+    )
     _store(context, session)
     return RecordDict({SECAGG_RECORD: reply_record("keys", **advert)})
 
@@ -133,19 +142,28 @@ def _masked(
         )
     downlink = read_payload(content, config.payload.max_bytes)
     update = site.fit(config, partition, instructions, downlink)
-    delta, metrics = _delta(update, downlink)
+    delta = _delta(update, downlink)
     sampled = config.federation.clients_per_round(config.partition.num_clients)
     quantizer = RingQuantizer(secure.clip_range, secure.bits, sampled)
     quantized, clipped = quantizer.quantize(delta, weight)
+    if clipped:
+        log.info(
+            "round %d: %d coordinates of this site's delta clipped to the clip range", session.round, clipped
+        )
     masked = session.mask(ciphertexts, quantized, secure.bits)
-    metrics[CLIPPED_METRIC] = float(clipped)
-    payload = encode_masked(masked, secure.bits, partition, json.dumps(metrics, sort_keys=True))
-    return payload_content(payload, {SECAGG_RECORD: reply_record("masked")})
+    if session.unreadable:
+        log.warning(
+            "round %d: the encrypted shares of clients %s do not decrypt", session.round, session.unreadable
+        )
+    payload = encode_masked(masked, secure.bits, partition)
+    return payload_content(
+        payload, {SECAGG_RECORD: reply_record("masked", unreadable=list(session.unreadable))}
+    )
 
 
-def _delta(update: bytes, downlink: bytes) -> tuple[np.ndarray, dict[str, float]]:
-    """(the update's delta from the downlink state, flat in name order, float64; its metrics)."""
-    sent, metadata = float_arrays(update)
+def _delta(update: bytes, downlink: bytes) -> np.ndarray:
+    """The update's delta from the downlink state, flat in name order, float64."""
+    sent, _ = float_arrays(update)
     received, _ = float_arrays(downlink)
     names = sorted(name for name in sent if not name.startswith(EXTRA_PREFIX))
     if len(names) != len(sent):
@@ -153,8 +171,7 @@ def _delta(update: bytes, downlink: bytes) -> tuple[np.ndarray, dict[str, float]
     missing = [n for n in names if n not in received or received[n].shape != sent[n].shape]
     if missing:
         raise SecAggError(f"update tensors {missing} do not match the downlink's")
-    delta = np.concatenate([(sent[n] - received[n]).ravel() for n in names]) if names else np.zeros(0)
-    return delta, json.loads(metadata.get(METRICS_KEY, "{}"))
+    return np.concatenate([(sent[n] - received[n]).ravel() for n in names]) if names else np.zeros(0)
 
 
 def _session(context: Context, round_num: int) -> ClientSession:

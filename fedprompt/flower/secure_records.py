@@ -3,7 +3,9 @@
 Every stage is a Flower ``train`` message with a ConfigRecord under :data:`SECAGG_RECORD` naming
 the stage, the round and the client; the masked-input stage also carries the usual downlink payload
 and fit instructions, and its reply carries the masked vector as safetensors bytes (one unsigned
-tensor ``masked``; the client id and the client's metrics in the header) in place of an update.
+tensor ``masked``; the client id in the header, and nothing else: no metric of the update or of its
+training goes beside a masked input) in place of an update, and the senders whose encrypted shares
+the client could not read.
 Everything read from a record is checked here; a record that does not have the expected shape
 raises :class:`~fedprompt.errors.PayloadError`. Torch-free: the ClientApp that relays to a site
 worker imports it.
@@ -27,19 +29,25 @@ SECAGG_RECORD = "fedprompt.secagg"
 STAGES = ("keys", "shares", "masked", "unmask")
 MASKED_TENSOR = "masked"
 CLIENT_ID_KEY = "fedprompt.client_id"
-METRICS_KEY = "fedprompt.metrics"
 
 _REQUEST_FIELDS: dict[str, dict[str, type]] = {
     "keys": {"participants": list, "threshold": int, "bits": int, "clip-range": float},
     "shares": {"ids": list, "c-pks": list, "s-pks": list},
     "masked": {"weight": float, "sources": list, "ciphertexts": list},
-    "unmask": {"survivors": list, "dropped": list},
+    "unmask": {"survivors": list, "dropped": list, "reveal": list},
 }
 _REPLY_FIELDS: dict[str, dict[str, type]] = {
     "keys": {"c-pk": bytes, "s-pk": bytes, "seed-hash": bytes},
     "shares": {"destinations": list, "ciphertexts": list},
-    "masked": {},
-    "unmask": {"seed-owners": list, "seed-shares": list, "key-owners": list, "key-shares": list},
+    "masked": {"unreadable": list},
+    "unmask": {
+        "seed-owners": list,
+        "seed-shares": list,
+        "key-owners": list,
+        "key-shares": list,
+        "mask-key-owners": list,
+        "mask-keys": list,
+    },
 }
 
 
@@ -91,16 +99,18 @@ def client_ids(values: list[Any], what: str) -> list[int]:
     return sorted(paired(values, values, what, int))
 
 
-def encode_masked(masked: np.ndarray, bits: int, client_id: int, metrics_json: str) -> bytes:
-    """A masked input as safetensors bytes: uint32 when the ring fits, else uint64."""
+def encode_masked(masked: np.ndarray, bits: int, client_id: int) -> bytes:
+    """A masked input as safetensors bytes: uint32 when the ring fits, else uint64; the header names
+    the client and holds nothing else."""
     dtype = np.uint32 if bits <= 32 else np.uint64
-    metadata = {CLIENT_ID_KEY: str(client_id), METRICS_KEY: metrics_json}
-    return save({MASKED_TENSOR: np.ascontiguousarray(masked, dtype=dtype)}, metadata=metadata)
+    return save(
+        {MASKED_TENSOR: np.ascontiguousarray(masked, dtype=dtype)}, metadata={CLIENT_ID_KEY: str(client_id)}
+    )
 
 
-def decode_masked(data: bytes, length: int, bits: int, max_bytes: int) -> tuple[np.ndarray, int, str]:
-    """(the masked vector as uint64, the client id, the metrics JSON) of a masked-input payload,
-    after checking its size, tensor, dtype, shape and metadata; the values' range is the server
+def decode_masked(data: bytes, length: int, bits: int, max_bytes: int) -> tuple[np.ndarray, int]:
+    """(the masked vector as uint64, the client id) of a masked-input payload, after checking its
+    size, tensor, dtype, shape and metadata (the client id alone); the values' range is the server
     session's to check."""
     if len(data) > max_bytes:
         raise PayloadError(f"masked input is {len(data)} bytes, over the limit of {max_bytes} bytes")
@@ -118,14 +128,15 @@ def decode_masked(data: bytes, length: int, bits: int, max_bytes: int) -> tuple[
             f"shape ({length},)"
         )
     metadata = _header(data).get("__metadata__", {})
-    if set(metadata) != {CLIENT_ID_KEY, METRICS_KEY}:
+    if set(metadata) != {CLIENT_ID_KEY}:
         raise PayloadError(
-            f"masked input metadata {sorted(metadata)}, expected {[CLIENT_ID_KEY, METRICS_KEY]}"
+            f"masked input metadata {sorted(metadata)}, expected {[CLIENT_ID_KEY]}: nothing goes beside a "
+            "masked input"
         )
     if not metadata[CLIENT_ID_KEY].isdigit():
         raise PayloadError(f"{CLIENT_ID_KEY} is {metadata[CLIENT_ID_KEY][:20]!r}, not a client id")
     values = np.frombuffer(bytes(view["data"]), dtype="<u4" if bits <= 32 else "<u8").astype(np.uint64)
-    return values, int(metadata[CLIENT_ID_KEY]), metadata[METRICS_KEY]
+    return values, int(metadata[CLIENT_ID_KEY])
 
 
 _FLOAT_CODES = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}

@@ -13,7 +13,11 @@ mean only (FedAvg, FedProx, FedAvgM, FedOpt; the configuration refuses the other
 secure result, and the bookkeeping (client rows, accepted rounds for the clients' carried states,
 checkpoints) is that of a plain round. A client that fails or does not answer a stage is rejected
 with the stage in its reason; when fewer than the threshold remain at any stage, or fewer than
-``federation.min_clients`` survive, the round stops with :class:`NotEnoughClientsError`.
+``federation.min_clients`` survive (checked before anyone is asked to unmask), the round stops with
+:class:`NotEnoughClientsError`. A client whose encrypted shares too few others could read is dropped
+(rejected with that reason) and the round goes on; an unmask answer with wrong shares is logged with
+its sender and the secrets are rebuilt from the others' shares. Nothing but the masked vector and
+the list of unreadable senders comes back with a masked input: no metric rides beside it.
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ from flwr.serverapp import Grid
 
 from fedprompt.config import SecureAggregationConfig
 from fedprompt.errors import PayloadError
-from fedprompt.federation.payload import WIRE_DTYPES, parse_metrics
+from fedprompt.federation.payload import WIRE_DTYPES
 from fedprompt.federation.secagg import RingQuantizer, SecAggError, ServerSession
 from fedprompt.federation.server import RoundRecord
 from fedprompt.federation.state import State, Update
-from fedprompt.federation.update_pipeline import UpdateRejected, check_metrics
+from fedprompt.federation.update_pipeline import UpdateRejected
 from fedprompt.flower.records import INSTRUCTIONS_RECORD, instructions_record, payload_content, read_payload
 from fedprompt.flower.rounds import NotEnoughClientsError, RoundHost, match_replies
 from fedprompt.flower.secure_records import (
@@ -49,7 +53,7 @@ log = logging.getLogger("fedprompt.flower")
 
 class SecureRound:
     """Owns one secure round on the server: its record, the protocol session, the public weights,
-    the clients' reported metrics, and the message exchange of each stage through the grid."""
+    and the message exchange of each stage through the grid."""
 
     def __init__(
         self,
@@ -70,8 +74,6 @@ class SecureRound:
         self.weights = _weights(strategy, self.record, settings)
         self.shapes = self.server.strategy.uplink_shapes(self.server.global_state)
         self.length = sum(int(np.prod(shape, dtype=np.int64)) for shape in self.shapes.values())
-        self.metrics: dict[int, dict[str, float]] = {}
-        """Client id -> the metrics its masked input came with (in plain: they are not the update)."""
 
     def run(self) -> RoundRecord:
         """The four stages, then the strategy on the unmasked mean; NotEnoughClientsError when too
@@ -83,19 +85,27 @@ class SecureRound:
             self._keys(session)
             self._shares(session)
             survivors, top = self._masked(session)
+            if len(survivors) < self.server.min_clients:  # before anyone helps unmask
+                raise NotEnoughClientsError(
+                    f"round {self.round}: {len(survivors)} clients' inputs would be summed, fewer than "
+                    f"federation.min_clients={self.server.min_clients}; nothing was unmasked. Rejected: "
+                    f"{self.record.rejected}"
+                )
             self._unmask(session, survivors)
             ring_sum = session.result()
         except SecAggError as exc:
             raise NotEnoughClientsError(f"{exc}; rejected: {self.record.rejected}") from None
-        if len(survivors) < self.server.min_clients:
-            raise NotEnoughClientsError(
-                f"round {self.round}: {len(survivors)} clients' inputs were summed, fewer than "
-                f"federation.min_clients={self.server.min_clients}; rejected: {self.record.rejected}"
+        for cid, owners in sorted(session.wrong_shares.items()):
+            log.warning(
+                "round %d: client %d sent wrong shares of the secrets of %s; rebuilt from the others' shares",
+                self.round,
+                cid,
+                owners,
             )
         total = sum(self.weights[c] / top for c in survivors)
         mean = self.quantizer.mean(ring_sum, total)
         state = _aggregate_state(self.server.global_state, self.server.wire_dtype, self.shapes, mean)
-        self.record.accepted.extend(Update(c, state, self.weights[c], self.metrics[c]) for c in survivors)
+        self.record.accepted.extend(Update(c, state, self.weights[c]) for c in survivors)
         log.info(
             "round %d: securely summed %d clients' updates (quantisation error <= %.3g per coordinate)",
             self.round,
@@ -152,6 +162,14 @@ class SecureRound:
         for cid, reply in self._send("masked", masked_with, request):
             self._take("masked", cid, lambda cid=cid, reply=reply: self._read_masked(session, cid, reply))
         survivors, dropped = session.masked_done()
+        for cid in session.reveal:
+            if cid not in self.record.rejected:
+                self.server.reject(
+                    self.record,
+                    cid,
+                    "secure aggregation, stage masked: fewer than the threshold of the other clients could "
+                    "decrypt the shares it sent; dropped, its masks come off with the others' mask keys",
+                )
         if dropped:
             log.warning(
                 "round %d: clients %s dropped after the key exchange; their masks come off",
@@ -163,19 +181,15 @@ class SecureRound:
     def _read_masked(self, session: ServerSession, cid: int, reply: Message) -> None:
         data = read_payload(reply.content, self.server.max_bytes)
         self.server.bytes.record(self.round, cid, "up", len(data))
-        read_stage_reply(reply.content, "masked")
-        masked, sender, metrics_json = decode_masked(
-            data, self.length, self.settings.bits, self.server.max_bytes
-        )
+        fields = read_stage_reply(reply.content, "masked")
+        unreadable = client_ids(fields["unreadable"], "masked: unreadable")
+        masked, sender = decode_masked(data, self.length, self.settings.bits, self.server.max_bytes)
         if sender != cid:
             raise PayloadError(f"masked input names client {sender}")
-        metrics = parse_metrics(metrics_json)
-        check_metrics(metrics)
-        session.add_masked(cid, masked)
-        self.metrics[cid] = metrics
+        session.add_masked(cid, masked, unreadable)
 
     def _unmask(self, session: ServerSession, survivors: list[int]) -> None:
-        fields = {"survivors": survivors, "dropped": session.dropped}
+        fields = {"survivors": survivors, "dropped": session.dropped, "reveal": session.reveal}
         for cid, reply in self._send("unmask", survivors, lambda cid: self._request("unmask", cid, fields)):
             self._take(
                 "unmask", cid, lambda cid=cid, reply=reply: session.add_unmask(cid, *_read_unmask(reply))
@@ -277,9 +291,10 @@ def _read_shares(reply: Message) -> dict[int, bytes]:
     return paired(fields["destinations"], fields["ciphertexts"], "shares")
 
 
-def _read_unmask(reply: Message) -> tuple[dict[int, bytes], dict[int, bytes]]:
+def _read_unmask(reply: Message) -> tuple[dict[int, bytes], dict[int, bytes], dict[int, bytes]]:
     fields = read_stage_reply(reply.content, "unmask")
     seeds = paired(fields["seed-owners"], fields["seed-shares"], "unmask: seed shares")
     keys = paired(fields["key-owners"], fields["key-shares"], "unmask: key shares")
+    mask_keys = paired(fields["mask-key-owners"], fields["mask-keys"], "unmask: mask keys")
     client_ids(list(seeds) + list(keys), "unmask: owners")  # no client both alive and dropped
-    return seeds, keys
+    return seeds, keys, mask_keys
