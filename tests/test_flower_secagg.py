@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from flower_support import InMemoryGrid, client_app_nodes, tiny_config, write_app, write_dataset
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors import deserialize
 
@@ -346,3 +346,38 @@ def test_min_clients_is_checked_before_anyone_unmasks(tmp_path):
         read_stage_request(m.content)[0] for m in grid.sent if SECAGG_RECORD in m.content.config_records
     ]
     assert "unmask" not in stages  # today the survivors unmasked first, then the round was refused
+
+
+def failing_as_flower_does(nodes):
+    """Node handlers whose exceptions come back as error replies, as a SuperNode sends them."""
+
+    def wrap(handler):
+        def handle(message, node):
+            try:
+                return handler(message, node)
+            except Exception as exc:
+                return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+
+        return handle
+
+    return {node: wrap(handler) for node, handler in nodes.items()}
+
+
+def test_a_site_never_sends_a_second_masked_input_for_a_round(tmp_path):
+    # The server collects round 1's masked inputs, then stops (here: nobody answers the unmask
+    # stage) and runs round 1 again. Today every site masked again, and two sums of round 1 over
+    # different survivors would differ by one site's update. Each site's ledger now refuses.
+    config = secure_config(write_dataset(tmp_path / "data.jsonl"))
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    client_app = build_client_app(app / "fedprompt.yaml")
+    nodes = failing_as_flower_does(client_app_nodes(client_app, range(3), {}))
+    with pytest.raises(NotEnoughClientsError, match="0 clients sent unmasking shares"):
+        run_server(
+            InMemoryGrid(dropping(nodes, dict.fromkeys(range(3), "unmask"))),
+            cfg,
+            AppSettings(results_dir=tmp_path / "first"),
+        )
+    with pytest.raises(NotEnoughClientsError) as stopped:
+        run_server(InMemoryGrid(nodes), cfg, AppSettings(results_dir=tmp_path / "again"))
+    assert str(stopped.value).count("already sent its masked input for round 1 of run 'flower-tiny'") == 3

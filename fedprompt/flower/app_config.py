@@ -84,12 +84,19 @@ def load_app_config(config_file: str | Path, settings: AppSettings) -> RunConfig
 
 def check_deployable(config: RunConfig) -> None:
     """Refuse on Flower what only a simulation may do: differential privacy whose noise derives from
-    the configuration (``privacy.noise_seed: reproducible-insecure``), which every site holds."""
-    if config.privacy.kind != "none" and config.privacy.noise_seed == "reproducible-insecure":
+    the configuration (``privacy.noise_seed: reproducible-insecure``), which every site holds, and
+    local DP without a budget for the sites' ledgers."""
+    privacy = config.privacy
+    if privacy.kind != "none" and privacy.noise_seed == "reproducible-insecure":
         raise ConfigError(
             "privacy.noise_seed: reproducible-insecure derives the noise from the configuration, which "
             "every site holds, so anyone could subtract it; it is for in-process simulations only. On "
             "Flower set privacy.noise_seed: system (the default)"
+        )
+    if privacy.kind == "local" and privacy.target_epsilon is None and privacy.site_epsilon_budget is None:
+        raise ConfigError(
+            "privacy.kind local on Flower: each site refuses uploads beyond its budget, over every run its "
+            "ledger records; set privacy.site_epsilon_budget (or privacy.target_epsilon, its default)"
         )
 
 

@@ -33,6 +33,7 @@ from fedprompt.errors import PayloadError
 from fedprompt.federation.instructions import FitInstructions
 from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.records import (
+    CLIENT_STATE_DIR,
     EVAL_RECORD,
     NODE_RECORD,
     NUM_EXAMPLES,
@@ -49,15 +50,14 @@ from fedprompt.flower.site_worker import SITE_WORKER, SiteWorkerClient
 
 if TYPE_CHECKING:
     from fedprompt.federation.client_state import ClientStateStore
+    from fedprompt.federation.privacy.ledger import SiteLedger
     from fedprompt.flower.site import ExperimentCache
-
-CLIENT_STATE_DIR = "client-state-dir"
-"""``--node-config`` key of a folder where the node keeps its clients' carried states across runs."""
 
 
 class InProcessSite:
     """Does a site's work in this process, on the process's experiment cache (built on first use),
-    with the clients' carried states in ``states`` (the node's Flower context, or a folder).
+    with the clients' carried states in ``states`` and the site's ledger of releases in ``ledger``
+    (both in the node's Flower context, or in a folder).
 
     The same two calls as :class:`SiteWorkerClient`, so the ClientApp does not care which it has.
     torch and the model code are imported on first use: a ClientApp that relays never imports them.
@@ -65,8 +65,9 @@ class InProcessSite:
 
     _cache: ExperimentCache | None = None
 
-    def __init__(self, states: ClientStateStore) -> None:
+    def __init__(self, states: ClientStateStore, ledger: SiteLedger) -> None:
         self.states = states
+        self.ledger = ledger
 
     @classmethod
     def cache(cls) -> ExperimentCache:
@@ -80,7 +81,9 @@ class InProcessSite:
     def fit(self, config: RunConfig, partition: int, instructions: FitInstructions, downlink: bytes) -> bytes:
         from fedprompt.flower.site import fit_partition
 
-        return fit_partition(self.cache().get(config), partition, instructions, downlink, self.states)
+        return fit_partition(
+            self.cache().get(config), partition, instructions, downlink, self.states, self.ledger
+        )
 
     def evaluate(
         self, config: RunConfig, partition: int, accepted_round: int, state: bytes
@@ -129,16 +132,17 @@ def site_for(context: Context, settings: AppSettings) -> SiteWorkerClient | InPr
     if path is None:
         folder = context.node_config.get(CLIENT_STATE_DIR)
         if folder is None:
-            from fedprompt.flower.context_states import ContextClientStates
+            from fedprompt.flower.context_states import ContextClientStates, ContextLedger
 
-            return InProcessSite(ContextClientStates(context.state))
+            return InProcessSite(ContextClientStates(context.state), ContextLedger(context.state))
         if not isinstance(folder, str) or not folder:
             raise ConfigError(
                 f"node config {CLIENT_STATE_DIR!r} is {folder!r}; give a folder path as a string"
             )
         from fedprompt.federation.client_state import DirectoryClientStates
+        from fedprompt.federation.privacy.ledger import FileLedger
 
-        return InProcessSite(DirectoryClientStates(folder))
+        return InProcessSite(DirectoryClientStates(folder), FileLedger(folder))
     if not isinstance(path, str) or not path:
         raise ConfigError(
             f"node config {SITE_WORKER!r} is {path!r}; give the worker's socket path as a quoted string, "

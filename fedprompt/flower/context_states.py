@@ -1,17 +1,19 @@
-"""Client states kept in a Flower node's ``Context.state``, which Flower carries from message to
-message of a run (in its simulation engine and on a SuperNode alike, whichever process runs the
-ClientApp). For state that must outlive the run (a resumed run is a new Flower run), give the
-SuperNode a folder instead: ``--node-config "... client-state-dir='/path'"``.
+"""Client states (and a site's ledger of releases) kept in a Flower node's ``Context.state``, which
+Flower carries from message to message of a run (in its simulation engine and on a SuperNode alike,
+whichever process runs the ClientApp). For state that must outlive the run (a resumed run is a new
+Flower run), give the SuperNode a folder instead: ``--node-config "... client-state-dir='/path'"``.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import load, save
 
 from fedprompt.federation.client_state import ClientStateStore, Versions
+from fedprompt.federation.privacy.ledger import SiteLedger
 from fedprompt.federation.state import State
 
 STATE_RECORD = "fedprompt.client-state"
@@ -62,3 +64,23 @@ def _decode(data: bytes) -> tuple[State, int]:
     size = int.from_bytes(raw[:8], "little")
     metadata = json.loads(raw[8 : 8 + size]).get("__metadata__", {})
     return load(raw), int(metadata["round"])
+
+
+LEDGER_RECORD = "fedprompt.site-ledger"
+"""The key of the ConfigRecord in ``Context.state`` that holds a site's ledger for one Flower run."""
+
+
+class ContextLedger(SiteLedger):
+    """A site's ledger in its node's Flower context: it outlives the ClientApp process but not the
+    Flower run (a resumed run is a new Flower run), so it is not ``persistent``."""
+
+    def __init__(self, state: RecordDict) -> None:
+        if LEDGER_RECORD not in state.config_records:
+            state[LEDGER_RECORD] = ConfigRecord({"releases": "[]"})
+        self._entries_record = state.config_records[LEDGER_RECORD]
+
+    def _load(self) -> list[dict[str, Any]]:
+        return json.loads(str(self._entries_record["releases"]))
+
+    def _save(self, entries: list[dict[str, Any]]) -> None:
+        self._entries_record["releases"] = json.dumps(entries)

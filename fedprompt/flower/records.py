@@ -39,6 +39,9 @@ NUM_PARTITIONS = "num-partitions"
 NUM_EXAMPLES = "num-examples"
 """Optional ``--node-config`` key: the training examples the partition holds, declared when the node
 first claims it; the server bounds that client's aggregation weight by it for the whole run."""
+CLIENT_STATE_DIR = "client-state-dir"
+"""``--node-config`` key of a folder where the node keeps its clients' carried states and its ledger
+of releases across runs."""
 
 _CLIENT_CONFIG_PREFIX = "client-config/"
 

@@ -16,7 +16,10 @@ from fedprompt.execution.simulation import make_server
 from fedprompt.federation.client_state import ClientStateError, ClientStateStore
 from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.payload import PayloadSpec, decode_state
+from fedprompt.federation.privacy.accounting import plan_privacy
+from fedprompt.federation.privacy.ledger import LedgerRefusal, Release, SiteLedger
 from fedprompt.federation.state import State
+from fedprompt.flower.records import CLIENT_STATE_DIR
 from fedprompt.flower.strategy import EVAL_WIRE_DTYPE
 from fedprompt.tasks.experiment import Experiment
 from fedprompt.tasks.registry import build_experiment
@@ -81,13 +84,17 @@ def fit_partition(
     instructions: FitInstructions,
     downlink: bytes,
     states: ClientStateStore,
+    ledger: SiteLedger,
 ) -> bytes:
     """Partition ``partition``'s update (safetensors bytes) to the global state in ``downlink``.
 
     The client starts from the state it carries since the round the server last used its update
     (``instructions.accepted_round``, committed here first); what it would carry forward is staged
-    in ``states`` until a later round's instructions say the server used this update.
+    in ``states`` until a later round's instructions say the server used this update. Under secure
+    aggregation or local DP the site's ``ledger`` first records the release (and refuses a second
+    one for the round, or local DP over the site's budget: :class:`LedgerRefusal`).
     """
+    record_release(hosted.config, partition, instructions.round, ledger)
     carried, reset = _carried(states, partition, instructions.accepted_round)
     uplink, carry = hosted.experiment.clients[partition].fit_payload(
         downlink,
@@ -99,6 +106,38 @@ def fit_partition(
     )
     states.stage(partition, instructions.round, carry)
     return uplink
+
+
+def record_release(config: RunConfig, partition: int, round_num: int, ledger: SiteLedger) -> None:
+    """Write this round's upload into the site's ledger before it is computed and sent: a masked
+    input (secure aggregation) or a locally noised update (local DP, within the site's budget,
+    which needs a ledger that outlives the run)."""
+    plan = plan_privacy(config)
+    local = plan is not None and plan.kind == "local"
+    if local and not ledger.persistent:
+        raise LedgerRefusal(
+            "privacy.kind local: this site keeps the ε it spends in a ledger that must outlive the run; "
+            f"start the SuperNode with --node-config \"... {CLIENT_STATE_DIR}='<folder>'\" (or the site "
+            "worker with --state-dir)"
+        )
+    if config.secure_aggregation.enabled:
+        ledger.record(Release("masked", config.name, round_num, partition))
+    if local:
+        assert plan is not None
+        privacy = config.privacy
+        budget = privacy.site_epsilon_budget or privacy.target_epsilon
+        release = Release(
+            "local-dp", config.name, round_num, partition, plan.noise_multiplier, plan.rounds, plan.delta
+        )
+        spent = ledger.record(release, budget)
+        log.info(
+            "round %d: partition %d has spent ε=%.4g at δ=%g (budget %s)",
+            round_num,
+            partition,
+            spent,
+            plan.delta,
+            budget,
+        )
 
 
 def _carried(states: ClientStateStore, partition: int, accepted_round: int) -> tuple[State, bool]:

@@ -193,8 +193,9 @@ class SiteWorkerClient:
 
 
 class SiteWorker:
-    """Owns one site's long-lived experiment cache, its clients' carried states (in memory, or in
-    ``state_dir`` so they survive a restart of the worker), the Unix socket it serves on, the lock
+    """Owns one site's long-lived experiment cache, its clients' carried states and its ledger of
+    releases (in memory, or in ``state_dir`` so they survive a restart of the worker), the Unix
+    socket it serves on, the lock
     that runs one piece of work at a time, and its counters.
 
     ``serve_forever`` reads each connection in its own thread (the whole request within
@@ -209,6 +210,7 @@ class SiteWorker:
             DirectoryClientStates,
             MemoryClientStates,
         )
+        from fedprompt.federation.privacy.ledger import FileLedger, MemoryLedger
         from fedprompt.flower.site import ExperimentCache
 
         if not read_timeout > 0:
@@ -217,6 +219,8 @@ class SiteWorker:
         self.read_timeout = read_timeout
         self.cache = ExperimentCache()
         self.states = DirectoryClientStates(state_dir) if state_dir is not None else MemoryClientStates()
+        self.ledger = FileLedger(state_dir) if state_dir is not None else MemoryLedger()
+        """What the site has released (a file in ``state_dir``, which local DP needs)."""
         self.counters = dict.fromkeys(("requests", "failed", "timed_out", "train", "evaluate", "status"), 0)
         """Connections served, requests that failed (of which timed out), and answers per op."""
         self._work = threading.Lock()
@@ -307,7 +311,9 @@ class SiteWorker:
             _check_partition(partition, config)
             with self._work:
                 hosted = self.cache.get(config)
-                uplink = fit_partition(hosted, partition, instructions, request.body, self.states)
+                uplink = fit_partition(
+                    hosted, partition, instructions, request.body, self.states, self.ledger
+                )
             self._count("train")
             return Frame({"ok": True}, uplink)
         partition = _field(request.header, "partition", int)

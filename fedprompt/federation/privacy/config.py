@@ -35,7 +35,8 @@ class PrivacyConfig(StrictModel):
     central: the server (trusted) clips each client's delta to ``clip_norm``, averages the clipped
     deltas with uniform weights over the expected number of clients K, and adds N(0, (σC/K)²) to
     each coordinate; an RDP accountant (dp-accounting) reports ε at ``delta`` every round.
-    local: each client clips its own delta and adds N(0, σ²C²) before upload (no trusted server).
+    local: each client clips its own delta and adds N(0, σ²C²) before upload (no trusted server);
+    on Flower each site keeps a ledger of what it has spent and refuses uploads over its budget.
     """
 
     kind: Literal["none", "central", "local"] = "none"
@@ -77,6 +78,14 @@ class PrivacyConfig(StrictModel):
         "reproducible-insecure, secret means system.",
     )
 
+    site_epsilon_budget: float | None = Field(
+        None,
+        gt=0,
+        description="local only: the ε at delta a site may spend on its partition over every run its "
+        "ledger (in its state folder) records; an upload beyond it is refused by the site, whatever the "
+        "server asks. null: target_epsilon. On Flower one of the two is required.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _migrate_noise_seed(cls, data: Any) -> Any:
@@ -114,6 +123,11 @@ class PrivacyConfig(StrictModel):
             raise ValueError(
                 f"kind {self.kind} needs noise_multiplier (σ, in units of clip_norm) or target_epsilon "
                 "(the ε at delta the run may spend; σ is then computed)"
+            )
+        if self.kind == "central" and "site_epsilon_budget" in given:
+            raise ValueError(
+                "site_epsilon_budget applies to kind local (each site's own ledger); central DP's budget "
+                "is target_epsilon"
             )
         if self.kind == "local":
             central = ("adaptive_clipping", "server_lr", "server_momentum", "sampling")
