@@ -272,6 +272,28 @@ def test_a_declared_example_count_bounds_the_clients_weight_for_the_run(caplog):
     assert weights == {cid: {0: 5, 1: 100}.get(cid, 100) for cid in messages}
 
 
+def test_a_huge_declaration_does_not_become_the_global_prompt_with_default_settings(caplog):
+    # Today, with no robustness.max_examples, a site declaring 10^19 at registration (and claiming
+    # it) got 10^19 / (10^19 + 150) of the round: the global prompt became its prompt.
+    config = load_config(overrides=["partition.num_clients=5"])
+    assert config.robustness.max_examples is None and config.robustness.max_weight_ratio == 5.0
+    strategy = make_strategy({})
+    grid = InMemoryGrid({100 + cid: lambda m, n: None for cid in range(5)})
+    _claims(strategy, grid, {100: (0, 10**19), 101: (1, 50), 102: (2, 50), 103: (3, 50), 104: (4, 50)})
+    assert "partition 0 declared 10000000000000000000 examples" in caplog.text  # reported at registration
+    round_num = next(r for r in range(1, 50) if 0 in sample_clients(range(5), 0.6, 2, 7, r))
+    messages = configured(strategy, round_num)
+    replies = [
+        update_reply(m, cid, 100.0 if cid == 0 else 0.0, 10**19 if cid == 0 else 50)
+        for cid, m in messages.items()
+    ]
+    strategy.aggregate_train(round_num, replies)
+    honest = len(messages) - 1
+    share = 250 / (250 + 50 * honest)  # 5 x the median count of 50
+    assert torch.allclose(strategy.server.global_state["prompt"], torch.full((2, 3), 100.0 * share))
+    assert share <= 5 / 7 and strategy.last_record.clamped[0] == 10**19
+
+
 def test_bindings_are_kept_with_the_run_and_a_damaged_file_is_refused(tmp_path):
     bindings = PartitionBindings(max_examples=50)
     assert bindings.claim(0, NodeIdentity(7, b"k0"), 80) is None

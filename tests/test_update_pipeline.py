@@ -128,6 +128,30 @@ def test_a_client_claiming_huge_counts_cannot_make_the_global_prompt_its_own():
     assert torch.equal(server.global_state["p"], torch.tensor([50.0, 50.0, 50.0]))  # (0·50 + 100·50)/100
 
 
+def test_the_library_server_bounds_a_client_of_unknown_size_by_default():
+    # Today a Server given no bounds took every count as claimed: a 10^19 claim made the global
+    # prompt that client's. Now a client of unknown size weighs at most 5x the round's median.
+    server = _server()
+    record = RoundRecord(1, [0, 1, 2])
+    assert _send(server, record, 0, [0.0, 0.0, 0.0], num_examples=40)
+    assert _send(server, record, 1, [0.0, 0.0, 0.0], num_examples=60)
+    assert _send(server, record, 2, [70.0, 70.0, 70.0], num_examples=10**19)
+    server.aggregate(record)
+    assert record.clamped == {2: 10**19}
+    # median_low(40, 60, 10^19) = 60, limit 300: 70·300 / (40 + 60 + 300)
+    assert torch.allclose(server.global_state["p"], torch.full((3,), 70.0 * 300 / 400))
+
+
+def test_known_sizes_are_trusted_and_the_relative_bound_can_be_turned_off():
+    bounds = ExampleBounds(known={0: 1000, 1: 10, 2: 10})
+    updates = [Update(0, GLOBAL, 1000), Update(1, GLOBAL, 10), Update(2, GLOBAL, 10)]
+    assert bounds.bound_round(updates) == (updates, {})  # in-process sizes: skew is real, not claimed
+    unknown, clamped = ExampleBounds().bound_round(updates)
+    assert [u.num_examples for u in unknown] == [50, 10, 10] and clamped == {0: 1000}
+    assert ExampleBounds(max_ratio=None).bound_round(updates) == (updates, {})
+    assert ExampleBounds(declared={3: 7}, cap=5).bound(3) == 5
+
+
 # --------------------------------------------------------------------------- norm bound
 
 

@@ -41,7 +41,9 @@ def make_server(experiment: Experiment, config: RunConfig, client_ids: Sequence[
         seed=config.seed,
         wire_dtype=config.payload.wire_dtype,
         max_bytes=config.payload.max_bytes,
-        example_bounds=ExampleBounds(known, config.robustness.max_examples),
+        example_bounds=ExampleBounds(
+            known, config.robustness.max_examples, max_ratio=config.robustness.max_weight_ratio
+        ),
         max_update_norm=config.robustness.max_update_norm,
         stages=build_stages(config),
         poisson_sampling=config.privacy.kind == "central" and config.privacy.sampling == "poisson",

@@ -43,6 +43,16 @@ class RobustnessConfig(StrictModel):
         "site declared when it registered) is all the server knows.",
     )
 
+    max_weight_ratio: float | None = Field(
+        5.0,
+        ge=1,
+        description="A client whose training-set size the server does not know (every client on Flower; "
+        "an in-process run knows its partitions) weighs at most this many times the median example "
+        "count of its round's updates, whatever it declared or claims (beside n - 1 clients of the "
+        "median count it then holds at most r / (r + n - 1) of the round's weight). null: no relative "
+        "bound (a site may then outweigh all others by what it declares, up to max_examples).",
+    )
+
 
 class PersonalizationConfig(StrictModel):
     """Personal prompts: a split prompt whose local part never leaves its client, and the

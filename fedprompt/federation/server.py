@@ -226,6 +226,17 @@ class Server:
         non-finite result), the round is skipped: the global state and every piece of server state
         stay as they were, and the reason goes into ``record.aggregation_error``.
         """
+        record.accepted, relative = self.example_bounds.bound_round(record.accepted)
+        for cid, count in relative.items():
+            record.clamped.setdefault(cid, count)
+            log.warning(
+                "round %d: client %d's weight %d is over %g x the round's median count; counted as %d",
+                record.round,
+                cid,
+                count,
+                self.example_bounds.max_ratio,
+                next(u.num_examples for u in record.accepted if u.client_id == cid),
+            )
         if not record.accepted and not any(getattr(s, "runs_without_updates", False) for s in self.stages):
             log.warning("round %d: no valid update arrived; the global prompt stays as it was", record.round)
             record.aggregation_error = "no valid update arrived"

@@ -6,7 +6,8 @@ shared by every strategy and runtime.
 2. the client-reported metrics are range-checked (:func:`check_metrics`);
 3. the strategy checks what it alone can (``Strategy.validate_update``);
 4. the example count, the update's aggregation weight, is bounded by what the server knows of
-   the client (:class:`ExampleBounds`), and clamping is reported;
+   the client (:class:`ExampleBounds`), and clamping is reported; once the round's updates are in,
+   a client of unknown size is also bounded relative to the round's median count;
 5. the delta from the global prompt is clipped to a norm bound (:func:`clip_delta`), the bound
    that robustness and differential privacy share.
 
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -53,21 +55,35 @@ def check_metrics(metrics: Mapping[str, float]) -> None:
             raise UpdateRejected(f"metric {name!r} is {value}; a count is never negative")
 
 
+DEFAULT_MAX_WEIGHT_RATIO = 5.0
+"""A client of unknown size weighs at most this many times the median count of its round (the
+default of ``robustness.max_weight_ratio``)."""
+
+
 @dataclass(frozen=True)
 class ExampleBounds:
-    """Owns what the server knows of each client's example count: the known training-set sizes
-    (in-process: the partition sizes) and a cap for clients of unknown size (on Flower: config, or
-    what a site declared when it registered). A client's weight is its claimed count clamped to
-    its bound; with no bound at all it is taken as claimed."""
+    """Owns what the server knows of each client's example count: the training-set sizes it knows
+    itself (``known``: in-process, the partition sizes), what sites declared when they registered
+    (``declared``, on Flower: a bound, not a fact), a cap for every client (``cap``:
+    ``robustness.max_examples``), and how far a client of unknown size may outweigh its round
+    (``max_ratio``). A client's weight is its claimed count clamped to its bound
+    (:meth:`apply`), then, unless its size is ``known``, to ``max_ratio`` times the median count of
+    the round's updates (:meth:`bound_round`), so no client of unknown size decides the global
+    prompt by what it claims, even with nothing configured."""
 
     known: Mapping[int, int] | None = None
     cap: int | None = None
+    declared: Mapping[int, int] | None = None
+    max_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO
 
     def bound(self, client_id: int) -> int | None:
-        if self.known is not None and client_id in self.known:
-            known = self.known[client_id]
-            return known if self.cap is None else min(known, self.cap)
-        return self.cap
+        """The largest count ``client_id`` may be weighted by before the round's relative bound."""
+        bounds = [self.cap]
+        for source in (self.known, self.declared):
+            if source is not None and client_id in source:
+                bounds.append(source[client_id])
+        given = [b for b in bounds if b is not None]
+        return min(given) if given else None
 
     def apply(self, update: Update) -> tuple[Update, int | None]:
         """(the update with its count clamped, the claimed count when it was clamped, else None)."""
@@ -75,6 +91,25 @@ class ExampleBounds:
         if bound is None or update.num_examples <= bound:
             return update, None
         return replace(update, num_examples=bound), update.num_examples
+
+    def relative_limit(self, counts: Sequence[int]) -> int | None:
+        """``max_ratio`` times the (lower) median of a round's counts, at least 1; None without a ratio."""
+        if self.max_ratio is None or not counts:
+            return None
+        return max(1, math.floor(self.max_ratio * statistics.median_low(counts)))
+
+    def bound_round(self, updates: Sequence[Update]) -> tuple[list[Update], dict[int, int]]:
+        """(the round's updates with the count of each client of unknown size clamped to
+        :meth:`relative_limit` of the round's counts, {client id: count before} of those clamped)."""
+        limit = self.relative_limit([u.num_examples for u in updates])
+        out, clamped = [], {}
+        for update in updates:
+            trusted = self.known is not None and update.client_id in self.known
+            if limit is not None and not trusted and update.num_examples > limit:
+                clamped[update.client_id] = update.num_examples
+                update = replace(update, num_examples=limit)
+            out.append(update)
+        return out, clamped
 
 
 def delta_norm(update: State, reference: State) -> float:

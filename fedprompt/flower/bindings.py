@@ -20,8 +20,11 @@ ServerApp reads with ``Grid.get_nodes()``):
 A grid that reports no keys (tests, old simulations) binds to node ids. The binding also holds
 the example count the site declared when it first claimed the partition (capped by
 ``robustness.max_examples``), which bounds that client's aggregation weight for the whole run; a
-later, different declaration is ignored. The bindings are kept with the run (``partitions.json``
-in the run folder, rewritten atomically on every change), so a resumed ServerApp keeps them.
+later, different declaration is ignored. A declaration far above the others' is reported at
+registration: whatever a site declares, each round weighs it at most ``robustness.max_weight_ratio``
+times the round's median count (``fedprompt.federation.update_pipeline.ExampleBounds``). The
+bindings are kept with the run (``partitions.json`` in the run folder, rewritten atomically on every
+change), so a resumed ServerApp keeps them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +76,11 @@ class PartitionBindings:
     (``declared``: partition -> count, the live mapping the server's example bounds read), and the
     file they are kept in once the run has a folder."""
 
-    def __init__(self, max_examples: int | None = None) -> None:
+    def __init__(self, max_examples: int | None = None, max_ratio: float | None = None) -> None:
         self.max_examples = max_examples
+        self.max_ratio = max_ratio
+        """``robustness.max_weight_ratio``: what a declaration far above the others' is reported against."""
+        self._reported: set[int] = set()
         self.bindings: dict[int, Binding] = {}
         self.declared: dict[int, int] = {}
         self.path: Path | None = None
@@ -112,16 +119,45 @@ class PartitionBindings:
             self._save()
         return None
 
+    def report_outliers(self) -> None:
+        """Warn once for each declaration beyond ``max_ratio`` times the median of the other
+        declarations (or above it when there is no relative bound): each round weighs that partition
+        at most the ratio times the round's median count."""
+        for partition, count in sorted(self.declared.items()):
+            others = [c for p, c in self.declared.items() if p != partition]
+            if partition in self._reported or not others:
+                continue
+            median = statistics.median_low(others)
+            if count <= (median if self.max_ratio is None else self.max_ratio * median):
+                continue
+            self._reported.add(partition)
+            bound = (
+                "robustness.max_weight_ratio is off, so max_examples alone bounds its weight"
+                if self.max_ratio is None
+                else f"each round weighs it at most {self.max_ratio:g} x the round's median count "
+                "(robustness.max_weight_ratio)"
+            )
+            log.warning(
+                "partition %d declared %d examples, %.3g x the median of the other declarations (%d); %s",
+                partition,
+                count,
+                count / median,
+                median,
+                bound,
+            )
+
     def attach(self, path: Path) -> None:
         """Keep the bindings in ``path`` from now on (written now, and on every change)."""
         self.path = path
         self._save()
 
     @classmethod
-    def load(cls, path: Path, max_examples: int | None = None) -> PartitionBindings:
+    def load(
+        cls, path: Path, max_examples: int | None = None, max_ratio: float | None = None
+    ) -> PartitionBindings:
         """The bindings kept in ``path`` (a resumed run's), attached to it; ValueError names what is
         wrong with a damaged file."""
-        bindings = cls(max_examples)
+        bindings = cls(max_examples, max_ratio)
         try:
             raw = json.loads(path.read_text())
             for key, entry in raw["partitions"].items():

@@ -263,6 +263,19 @@ def _weights(strategy: RoundHost, record: RoundRecord, settings: SecureAggregati
             )
             continue
         weights[cid] = bound
+    limit = server.example_bounds.relative_limit(list(weights.values()))
+    if limit is not None and settings.weights == "declared":
+        for cid, weight in weights.items():
+            if weight > limit:
+                log.warning(
+                    "round %d: client %d declared %d examples, over %g x the round's median; weighted %d",
+                    record.round,
+                    cid,
+                    weight,
+                    server.example_bounds.max_ratio,
+                    limit,
+                )
+                weights[cid] = limit
     return weights
 
 

@@ -65,7 +65,10 @@ def run_server(
     rounds = config.federation.rounds
     bindings = None
     if settings.resume is not None and (settings.resume / BINDINGS_FILE).is_file():
-        bindings = PartitionBindings.load(settings.resume / BINDINGS_FILE, config.robustness.max_examples)
+        robustness = config.robustness
+        bindings = PartitionBindings.load(
+            settings.resume / BINDINGS_FILE, robustness.max_examples, robustness.max_weight_ratio
+        )
     strategy = FedPromptStrategy(
         server,
         num_rounds=rounds,

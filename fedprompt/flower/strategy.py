@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -32,7 +33,6 @@ from fedprompt.errors import PayloadError
 from fedprompt.execution.metrics import client_evaluation_row, round_metrics, summarize_client_evaluations
 from fedprompt.federation.payload import encode_state
 from fedprompt.federation.server import RoundRecord, Server
-from fedprompt.federation.update_pipeline import ExampleBounds
 from fedprompt.flower.bindings import NodeIdentity, PartitionBindings
 from fedprompt.flower.records import (
     EVAL_INSTRUCTIONS_RECORD,
@@ -87,9 +87,10 @@ class FedPromptStrategy(Strategy):
         self.evaluate_every = evaluate_every
         self.local_evaluation = local_evaluation
         self.message_ttl = message_ttl
-        self.bindings = bindings if bindings is not None else PartitionBindings(server.example_bounds.cap)
+        bounds = server.example_bounds
+        self.bindings = bindings if bindings is not None else PartitionBindings(bounds.cap, bounds.max_ratio)
         """Which node each partition is bound to for the run, and the example count it declared."""
-        server.example_bounds = ExampleBounds(self.bindings.declared, server.example_bounds.cap)
+        server.example_bounds = replace(bounds, declared=self.bindings.declared)
         self.nodes: dict[int, int] = {}
         """fedprompt client id -> Flower node id of the connected SuperNode hosting that partition."""
         self._keys: dict[int, bytes] = {}
@@ -150,6 +151,7 @@ class FedPromptStrategy(Strategy):
                 log.warning(refused)
             else:
                 self.nodes[cid] = node
+        self.bindings.report_outliers()
 
     def map_nodes(self, grid: Grid, *, wait_for: int, timeout: float, reply_timeout: float) -> None:
         """Query new nodes until ``wait_for`` partitions are hosted or ``timeout`` seconds pass."""
