@@ -159,16 +159,33 @@ def serve(
         ),
     ] = 32 * 2**20,
     query_quota: Annotated[
-        int | None, typer.Option(min=1, help="Model queries each client may use in all (default: no quota).")
-    ] = None,
+        int, typer.Option(min=0, help="Model queries each client may use in all (0: no quota).")
+    ] = 10_000_000,
     client_quota: Annotated[
         list[str] | None,
         typer.Option(help="One client's own quota: NAME=QUERIES (repeatable); overrides --query-quota."),
     ] = None,
+    projection_quota: Annotated[
+        int,
+        typer.Option(min=0, help="Floats of projections the service may draw for each client (0: no limit)."),
+    ] = 2**30,
     rate_limit: Annotated[
         float, typer.Option(min=0, help="Requests per second per client (0: no limit); over it: 429.")
-    ] = 0.0,
-    rate_burst: Annotated[int, typer.Option(min=1, help="Requests a client may send at once.")] = 20,
+    ] = 50.0,
+    rate_burst: Annotated[int, typer.Option(min=1, help="Requests a client may send at once.")] = 100,
+    max_pending: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Requests of one client admitted at once (computing or waiting); more: 429."
+        ),
+    ] = 4,
+    trusted_proxy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Address or network of a reverse proxy whose X-Forwarded-For names the client for the "
+            "failed-token lockout (repeatable)."
+        ),
+    ] = None,
     max_failed_tokens: Annotated[
         int, typer.Option(min=1, help="Invalid tokens in a row from one address before it is locked out.")
     ] = 5,
@@ -206,14 +223,16 @@ def serve(
             max_queries=max_queries,
             max_request_bytes=max_request_bytes,
             max_projection_floats=max_projection_floats,
+            max_pending=max_pending,
         ),
-        quotas=QueryQuotas.from_options(query_quota, client_quota or []),
+        quotas=QueryQuotas.from_options(query_quota, client_quota or [], projection_quota),
         admission=AdmissionSettings(
             rate=rate_limit,
             burst=rate_burst,
             max_failures=max_failed_tokens,
             lockout=lockout,
             max_lockout=max(lockout, 300.0),
+            trusted_proxies=tuple(trusted_proxy or ()),
         ),
         tls=TLSFiles.from_options(ssl_certfile, ssl_keyfile, ssl_ca_certfile),
         usage_file=usage_file,

@@ -86,7 +86,8 @@ class ServiceInfo(_Wire):
 
 class Usage(_Wire):
     """One client's counters since the service started (requests and queries computed; the bytes of
-    the bodies of its answered POSTs, received and sent), and its query quota (None: no quota)."""
+    the bodies of its answered POSTs, received and sent; the floats of projections drawn for it),
+    and its query quota (None: no quota)."""
 
     client: str
     requests: int
@@ -96,3 +97,5 @@ class Usage(_Wire):
     bytes_received: int = 0
     bytes_sent: int = 0
     query_quota: int | None = None
+    projection_floats: int = 0
+    """Floats of the projections the service drew for this client (counted against its quota)."""

@@ -7,7 +7,9 @@ the HTTP layer sends as ``Retry-After``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import ipaddress
 import math
 import threading
 import time
@@ -42,24 +44,31 @@ class Refused(Exception):
 class AdmissionSettings:
     """Request rates, failed-token lockout and replay memory of the service.
 
-    ``rate`` requests per second per client (token bucket of ``burst`` requests; 0: no limit).
-    After ``max_failures`` failed tokens in a row from one address, that address is locked out for
-    ``lockout`` seconds, doubled with each further failure up to ``max_lockout``; a valid token
-    clears its count. Results of requests sent with an ``Idempotency-Key`` are kept for
-    ``replay_ttl`` seconds (at most ``replay_entries`` per client), so a retried request is
-    answered again without being computed or counted twice.
+    ``rate`` requests per second per client (token bucket of ``burst`` requests; 0: no limit, asked
+    for by name). After ``max_failures`` failed tokens in a row from one address, that address is
+    locked out for ``lockout`` seconds, doubled with each further failure up to ``max_lockout``; a
+    valid token clears its count. The address is the connection's peer, or, when that peer is one of
+    ``trusted_proxies`` (addresses or networks), the client address the proxy appended to
+    ``X-Forwarded-For`` (the rightmost one not itself a trusted proxy). Results of requests sent with
+    an ``Idempotency-Key`` are kept for ``replay_ttl`` seconds (at most ``replay_entries`` per
+    client), so a retried request is answered again without being computed or counted twice.
     """
 
-    rate: float = 0.0
-    burst: int = 20
+    rate: float = 50.0
+    burst: int = 100
     max_failures: int = 5
     lockout: float = 1.0
     max_lockout: float = 300.0
     tracked_addresses: int = 10_000
     replay_ttl: float = 600.0
     replay_entries: int = 16
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        try:
+            _networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise ConfigError(f"--trusted-proxy: {exc}") from None
         if self.rate < 0 or not math.isfinite(self.rate):
             raise ConfigError(f"rate must be a finite number >= 0 (0: no limit), got {self.rate}")
         counts = ("burst", "max_failures", "tracked_addresses", "replay_entries")
@@ -69,6 +78,30 @@ class AdmissionSettings:
             raise ConfigError(f"admission settings must be positive, got {bad}")
         if self.max_lockout < self.lockout:
             raise ConfigError(f"max_lockout ({self.max_lockout}) is below lockout ({self.lockout})")
+
+    def client_address(self, peer: str, forwarded_for: str | None) -> str:
+        """The address a request comes from: ``peer``, or behind a trusted proxy the rightmost
+        address of ``X-Forwarded-For`` that is not a trusted proxy (a client cannot forge what a
+        trusted proxy appended; anything left of it may be forged)."""
+        if not self._trusted(peer) or not forwarded_for:
+            return peer
+        hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return hop
+        return peer
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in _networks(self.trusted_proxies))
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies)
 
 
 class RateLimiter:

@@ -8,9 +8,11 @@ Every refusal is a 4xx whose ``detail`` says what is wrong: 401 token, 413 size,
 422 a field (its path and the problem), 429 a rate, a lockout or the query quota, 409 a replayed
 request still in progress. A 429 that waiting cures (rate, lockout) carries ``Retry-After``; one
 for an exhausted query quota does not. Before the token is checked, an address locked out for
-repeated invalid tokens is refused; after it, the client's request rate. A POST sent with an
-``Idempotency-Key`` header is answered once: a retry with the same key and body gets the stored
-answer, computed and counted once.
+repeated invalid tokens is refused (the address behind a trusted proxy, when one is configured);
+after it, the client's request rate, and, at the model, how many of its requests are admitted at
+once (429 with ``Retry-After``). ``/v1/health`` runs on the event loop, never behind the model. A
+POST sent with an ``Idempotency-Key`` header is answered once: a retry with the same key and body
+gets the stored answer, computed and counted once.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ Model = TypeVar("Model", bound=BaseModel)
 def _client_name(request: Request) -> str:
     """The authenticated client of a request, admitted by the lockout and rate checks (401, 429)."""
     admission: Admission = request.app.state.admission
-    address = request.client.host if request.client else "unknown"
+    peer = request.client.host if request.client else "unknown"
+    address = admission.settings.client_address(peer, request.headers.get("x-forwarded-for"))
     _admit(admission.tokens.check, address)
     try:
         client = request.app.state.auth.client(request.headers.get("authorization"))
@@ -76,7 +79,7 @@ def create_app(
     limit = service.limits.max_request_bytes
 
     @app.get("/v1/health")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:  # on the event loop: never behind the model's queue
         return {"status": "ok"}
 
     @app.get("/v1/info")
@@ -181,6 +184,8 @@ async def _run(method: Callable[[str, Model], BaseModel], client: str, request: 
     except QuotaExhausted as exc:
         log.warning("client %r: %s", client, exc)
         raise HTTPException(429, str(exc)) from None
+    except Refused as exc:  # too many requests of this client admitted at once
+        raise HTTPException(exc.status, exc.detail, headers=exc.headers()) from None
     except RequestError as exc:
         log.info("refused a request of client %r: %s", client, exc)
         raise HTTPException(422, str(exc)) from None

@@ -80,4 +80,6 @@ def serve(settings: ServeSettings) -> None:
     )
     app = create_app(service, tokens, Admission(settings.admission))
     tls = settings.tls.uvicorn_options() if settings.tls else {}
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", **tls)
+    # proxy_headers off: uvicorn would trust X-Forwarded-For from 127.0.0.1 by default; the app
+    # reads it only from the proxies the operator names (--trusted-proxy)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", proxy_headers=False, **tls)

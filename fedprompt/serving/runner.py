@@ -27,7 +27,8 @@ def serve_in_thread(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     options = tls.uvicorn_options() if tls else {}
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **options))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", proxy_headers=False, **options)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

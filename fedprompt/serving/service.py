@@ -7,8 +7,11 @@ the backbone's device) and p0; A is the only large part, so the projections held
 than ``cache_size × max_projection_floats × 4`` bytes (the defaults: 4 × 32 Mi floats, 512 MiB;
 BBT's 50 tokens × 1,024 wide × d = 500 is 25.6 M floats, 102 MB). A request is checked against
 the model, the limits and the client's query quota before any compute; a check that fails raises
-``RequestError`` naming the field (``QuotaExhausted`` for the quota). No method returns a weight
-or a gradient: only logits, losses and counts.
+``RequestError`` naming the field (``QuotaExhausted`` for the quota). Building a projection counts
+its floats to the client that asked, within its projection quota. The model computes for one
+request at a time, the turns handed round-robin between clients, each with a bounded number of
+requests admitted (``fedprompt.serving.turns``), so one greedy token cannot starve the others.
+No method returns a weight or a gradient: only logits, losses and counts.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from fedprompt.errors import ConfigError
+from fedprompt.serving.turns import FairTurns
 from prompt_modules.heads import SimilarityHeadSpec, VerbalizerHeadSpec, build_head
 from prompt_modules.hf_text import HFTextBackbone
 from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier, ProjectionSpec
@@ -58,6 +62,8 @@ class ServiceLimits:
     max_request_bytes: int = 4 * 2**20
     max_projection_floats: int = 32 * 2**20
     cache_size: int = 4
+    max_pending: int = 4
+    """Requests of one client admitted at once (computing or waiting for the model); more: 429."""
 
     def __post_init__(self) -> None:
         bad = {name: value for name, value in vars(self).items() if value < 1}
@@ -65,30 +71,46 @@ class ServiceLimits:
             raise ConfigError(f"service limits must be positive, got {bad}")
 
 
+DEFAULT_QUERY_QUOTA = 10_000_000
+"""Model queries a client may use while the service runs, unless told otherwise (FedBPT's reference
+run, 200 rounds of 8 generations of 5 candidates on 32 examples, is 256,000 per client)."""
+DEFAULT_PROJECTION_QUOTA = 2**30
+"""Floats of projections a client may have the service draw while it runs, unless told otherwise
+(BBT's 50 tokens × 1,024 wide × d = 500 is 25.6 M floats: about 40 such builds)."""
+
+
 @dataclass(frozen=True)
 class QueryQuotas:
     """Total model queries each client may use while the service runs: ``per_client`` by name,
-    else ``default`` (None: no quota)."""
+    else ``default`` (None: no quota, asked for by name); and the floats of projections the service
+    may draw for each client (``projection_floats``; None: no limit), since building a projection
+    costs compute in proportion to its size whoever asks."""
 
-    default: int | None = None
+    default: int | None = DEFAULT_QUERY_QUOTA
     per_client: Mapping[str, int] = field(default_factory=dict)
+    projection_floats: int | None = DEFAULT_PROJECTION_QUOTA
 
     def __post_init__(self) -> None:
         given = {"default": self.default} if self.default is not None else {}
+        if self.projection_floats is not None:
+            given["projection_floats"] = self.projection_floats
         bad = {name: q for name, q in {**given, **self.per_client}.items() if q < 1}
         if bad:
             raise ConfigError(f"query quotas must be positive, got {bad}")
 
     @classmethod
-    def from_options(cls, default: int | None, items: Sequence[str]) -> QueryQuotas:
-        """From ``--query-quota`` and ``--client-quota NAME=QUERIES`` items; ValueError naming a bad one."""
+    def from_options(
+        cls, default: int, items: Sequence[str], projection_floats: int = DEFAULT_PROJECTION_QUOTA
+    ) -> QueryQuotas:
+        """From ``--query-quota`` (0: none), ``--client-quota NAME=QUERIES`` items and
+        ``--projection-quota`` (0: none); ConfigError naming a bad one."""
         per_client: dict[str, int] = {}
         for item in items:
             name, sep, value = item.partition("=")
             if not sep or not name or not value.strip().isdigit():
                 raise ConfigError(f"--client-quota {item!r} is not NAME=QUERIES (e.g. site-0=200000)")
             per_client[name] = int(value)
-        return cls(default, per_client)
+        return cls(default or None, per_client, projection_floats or None)
 
     def of(self, client: str) -> int | None:
         return self.per_client.get(client, self.default)
@@ -97,8 +119,10 @@ class QueryQuotas:
 class InferenceService:
     """Owns a frozen backbone, the classifiers built on it for clients' specs (LRU), the limits,
     each client's query quota and usage (requests, queries = candidates × inputs, candidates,
-    inputs), and the usage file it keeps current when given one.
-    Thread-safe: one forward pass at a time; quota checks and counts are atomic."""
+    inputs, projection floats drawn for it), and the usage file it keeps current when given one.
+    Thread-safe: one forward pass at a time, handed fairly between clients (:class:`FairTurns`:
+    round-robin, at most ``limits.max_pending`` requests per client admitted); quota checks and
+    counts are atomic."""
 
     def __init__(
         self,
@@ -134,7 +158,7 @@ class InferenceService:
         self._classifiers: OrderedDict[tuple, IntrinsicTextClassifier] = OrderedDict()
         self._usage: dict[str, Usage] = {}
         self._reserved: dict[str, int] = {}
-        self._compute = threading.Lock()
+        self.turns = FairTurns(self.limits.max_pending)
         self._counters = threading.Lock()
 
     def logits(self, client: str, request: LogitsRequest) -> LogitsResponse:
@@ -203,8 +227,8 @@ class InferenceService:
         candidates, examples = len(request.z), len(request.input_ids)
         self._reserve(client, candidates * examples)
         try:
-            with self._compute:
-                out = compute(self._classifier(request.projection, request.head))
+            with self.turns.turn(client):
+                out = compute(self._classifier(client, request.projection, request.head))
         except BaseException:
             self._reserve(client, -candidates * examples)
             raise
@@ -246,6 +270,22 @@ class InferenceService:
                     "candidates": base.candidates + candidates,
                     "examples": base.examples + examples,
                 }
+            )
+            self._write_usage()
+
+    def _count_projection(self, client: str, floats: int) -> None:
+        """Count a projection build of ``floats`` to ``client``; ``QuotaExhausted`` beyond its quota."""
+        quota = self.quotas.projection_floats
+        with self._counters:
+            base = self._usage.get(client) or self._zero_usage(client)
+            if quota is not None and base.projection_floats + floats > quota:
+                raise QuotaExhausted(
+                    f"client {client!r} has had {base.projection_floats} projection floats drawn of its "
+                    f"{quota}; this projection needs {floats}: the projection quota is exhausted (reuse a "
+                    "projection seed, or ask the service's operator for --projection-quota)"
+                )
+            self._usage[client] = base.model_copy(
+                update={"projection_floats": base.projection_floats + floats}
             )
             self._write_usage()
 
@@ -311,14 +351,16 @@ class InferenceService:
                 )
 
     def _classifier(
-        self, projection: ProjectionSpec, head: SimilarityHeadSpec | VerbalizerHeadSpec
+        self, client: str, projection: ProjectionSpec, head: SimilarityHeadSpec | VerbalizerHeadSpec
     ) -> IntrinsicTextClassifier:
-        """The classifier for a (projection, head) pair, built on first use; least recently used
-        ones are dropped beyond ``cache_size``. Call with the compute lock held."""
+        """The classifier for a (projection, head) pair, built on first use (its projection's floats
+        counted to ``client``, within its projection quota); least recently used ones are dropped
+        beyond ``cache_size``. Call in a compute turn."""
         key = (projection, head)
         if key in self._classifiers:
             self._classifiers.move_to_end(key)
             return self._classifiers[key]
+        self._count_projection(client, projection.num_tokens * self.info.hidden_size * projection.dim)
         try:
             built = build_head(self.backbone, head)
         except ValueError as exc:
