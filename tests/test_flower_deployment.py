@@ -198,10 +198,18 @@ class Cluster:
         return done
 
     def run_app(
-        self, app: Path, results: Path, round_timeout: float, supernodes: int | None = None
+        self,
+        app: Path,
+        results: Path,
+        round_timeout: float,
+        supernodes: int | None = None,
+        run_config: str = "",
     ) -> subprocess.Popen:
-        """``flwr run`` the app; ``supernodes`` sets the simulation's federation size."""
-        run_config = f"results-dir='{results}' round-timeout={round_timeout} node-wait-timeout=240.0"
+        """``flwr run`` the app; ``supernodes`` sets the simulation's federation size; ``run_config``
+        adds run-config entries."""
+        run_config = (
+            f"results-dir='{results}' round-timeout={round_timeout} node-wait-timeout=240.0 {run_config}"
+        ).strip()
         args = ["flwr", "run", str(app), "test", "--stream", "--run-config", run_config]
         if supernodes is not None:
             args += ["--federation-config", f"num-supernodes={supernodes}"]
@@ -411,14 +419,18 @@ def test_secure_aggregation_on_real_supernodes_gives_the_plain_prompt(tmp_path, 
     # Equal partitions: the secure run's uniform weights are the plain run's example weights.
     assert len({r["num_examples"] for r in expected.client_history if r["event"] == "fit"}) == 1
 
-    cluster = make_cluster()
+    # Secure aggregation needs SuperNode authentication: each partition bound to its registered key.
+    cluster = make_cluster(certs=Certificates.generate(tmp_path / "certs"), node_auth=True)
     with tempfile.TemporaryDirectory(prefix="fpsw") as sockets:  # short: socket paths are limited
         cluster.start_superlink()
         for partition in range(2):
             path = Path(sockets) / f"site{partition}.sock"
             cluster.start_site_worker(partition, path, app / "fedprompt.yaml")
             cluster.start_supernode(partition, site_worker=path)
-        run = cluster.run_app(app, tmp_path / "results", round_timeout=240.0)
+        keys = {str(p): (cluster.folder / f"node{p}.pub").read_text() for p in range(2)}
+        (tmp_path / "node-keys.json").write_text(json.dumps(keys))
+        node_keys = f"node-keys='{tmp_path / 'node-keys.json'}'"
+        run = cluster.run_app(app, tmp_path / "results", round_timeout=240.0, run_config=node_keys)
         run_dir = cluster.wait_for_results(run, tmp_path / "results")
 
     got = load_file(str(run_dir / FINAL_PROMPT_FILE))

@@ -4,10 +4,13 @@ with clients dropping at each stage."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from flower_support import InMemoryGrid, client_app_nodes, tiny_config, write_app, write_dataset
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -27,6 +30,7 @@ from fedprompt.flower.secure_records import SECAGG_RECORD, read_stage_request, s
 from fedprompt.tasks.registry import build_experiment
 
 SECURE = {"enabled": True}
+TOFU = "trust-on-first-use"  # these tests are about the protocol; node keys have their own test
 
 
 @pytest.fixture(autouse=True)
@@ -212,7 +216,7 @@ def test_a_secure_run_gives_the_plain_runs_prompt_and_no_update_leaves_a_site(tm
 
     nodes = {node: spy(h) for node, h in client_app_nodes(client_app, range(3), {}).items()}
     grid = InMemoryGrid(nodes)
-    result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
+    result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs", node_keys=TOFU))
 
     assert max_difference(result.final_state, plain.final_state) <= TOLERANCE
     assert [r.get("clients_accepted") for r in result.history] == [None, 3, 3]
@@ -261,7 +265,7 @@ def test_clients_that_drop_leave_the_sum_of_the_survivors(tmp_path):
     declared = {pid: {"num-examples": count} for pid, count in counts.items()}
     nodes = client_app_nodes(client_app, range(5), {}, partition_configs=declared)
     nodes = dropping(nodes, {2: "masked", 0: "unmask"})
-    result = run_server(InMemoryGrid(nodes), cfg, AppSettings(results_dir=tmp_path / "runs"))
+    result = run_server(InMemoryGrid(nodes), cfg, AppSettings(results_dir=tmp_path / "runs", node_keys=TOFU))
 
     assert max_difference(result.final_state, expected.final_state) <= TOLERANCE
     rows = [r for r in result.client_history if r["event"] == "fit"]
@@ -276,7 +280,7 @@ def test_below_the_threshold_a_secure_round_stops_the_run_with_its_reason(tmp_pa
     client_app = build_client_app(app / "fedprompt.yaml")
     nodes = dropping(client_app_nodes(client_app, range(3), {}), {1: "shares", 2: "masked"})
     with pytest.raises(NotEnoughClientsError, match="1 clients sent a masked input, fewer than the secure"):
-        run_server(InMemoryGrid(nodes), cfg, AppSettings(results_dir=tmp_path / "runs"))
+        run_server(InMemoryGrid(nodes), cfg, AppSettings(results_dir=tmp_path / "runs", node_keys=TOFU))
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert not (run_dir / "checkpoint.safetensors").exists()  # round 1 never completed
 
@@ -324,7 +328,7 @@ def test_a_site_sending_garbage_shares_is_dropped_and_the_other_nine_are_summed(
     client_app = build_client_app(app / "fedprompt.yaml")
     declared = {pid: {"num-examples": count} for pid, count in experiment.example_counts().items()}
     nodes = garbling(client_app_nodes(client_app, range(10), {}, partition_configs=declared), {6})
-    result = run_server(InMemoryGrid(nodes), cfg, AppSettings(results_dir=tmp_path / "runs"))
+    result = run_server(InMemoryGrid(nodes), cfg, AppSettings(results_dir=tmp_path / "runs", node_keys=TOFU))
     assert max_difference(result.final_state, expected.final_state) <= TOLERANCE
     (row,) = [r for r in result.client_history if r["client_id"] == 6 and r["event"] == "fit"]
     assert not row["accepted"] and "could decrypt the shares it sent; dropped" in row["reason"]
@@ -341,7 +345,7 @@ def test_min_clients_is_checked_before_anyone_unmasks(tmp_path):
     with pytest.raises(
         NotEnoughClientsError, match=r"3 clients' inputs would be summed, fewer than .*nothing was unmasked"
     ):
-        run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
+        run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs", node_keys=TOFU))
     stages = [
         read_stage_request(m.content)[0] for m in grid.sent if SECAGG_RECORD in m.content.config_records
     ]
@@ -376,8 +380,46 @@ def test_a_site_never_sends_a_second_masked_input_for_a_round(tmp_path):
         run_server(
             InMemoryGrid(dropping(nodes, dict.fromkeys(range(3), "unmask"))),
             cfg,
-            AppSettings(results_dir=tmp_path / "first"),
+            AppSettings(results_dir=tmp_path / "first", node_keys=TOFU),
         )
     with pytest.raises(NotEnoughClientsError) as stopped:
-        run_server(InMemoryGrid(nodes), cfg, AppSettings(results_dir=tmp_path / "again"))
+        run_server(InMemoryGrid(nodes), cfg, AppSettings(results_dir=tmp_path / "again", node_keys=TOFU))
     assert str(stopped.value).count("already sent its masked input for round 1 of run 'flower-tiny'") == 3
+
+
+def test_a_secure_run_needs_registered_node_keys_or_trust_on_first_use_by_name(tmp_path):
+    # Today any node that claimed a partition first held it, also under secure aggregation.
+    config = secure_config(write_dataset(tmp_path / "data.jsonl"))
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    client_app = build_client_app(app / "fedprompt.yaml")
+    with pytest.raises(ConfigError, match="need SuperNode authentication, so that no node can squat"):
+        run_server(InMemoryGrid({}), cfg, AppSettings(results_dir=tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+    keys = {node: ec.generate_private_key(ec.SECP384R1()).public_key() for node in range(3)}
+    pem = {
+        n: k.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for n, k in keys.items()
+    }
+    ssh = {
+        n: k.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        for n, k in keys.items()
+    }
+    nodes = client_app_nodes(client_app, range(3), {})
+    node_ids = sorted(nodes)
+    # partition p's registered key is that of the node hosting it; a squatter (another key) is refused
+    (tmp_path / "keys.json").write_text(json.dumps({str(p): ssh[p] for p in range(3)}))
+    squatter = 999
+    nodes[squatter] = nodes[node_ids[0]]  # claims partition 0 too, with a key not registered for it
+    grid = InMemoryGrid(nodes, keys={**{node_ids[p]: pem[p] for p in range(3)}, squatter: b"other-key"})
+    settings = AppSettings(results_dir=tmp_path / "runs", node_keys=str(tmp_path / "keys.json"))
+    result = run_server(grid, cfg, settings)
+    assert result.summary["node_binding"] == "registered keys (node-keys)"
+    bindings = json.loads((result.run_dir / "partitions.json").read_text())["partitions"]
+    assert {int(p): b["node_id"] for p, b in bindings.items()} == {p: node_ids[p] for p in range(3)}
+    (tmp_path / "short.json").write_text(json.dumps({"0": ssh[0]}))
+    with pytest.raises(ConfigError, match=r"names no key for partitions \[1, 2\]"):
+        run_server(
+            grid, cfg, AppSettings(results_dir=tmp_path / "r2", node_keys=str(tmp_path / "short.json"))
+        )

@@ -14,7 +14,11 @@ experiment. Flower's run config (``[tool.flwr.app.config]``, overridable with
 - ``round-timeout``: seconds the ServerApp waits for the replies of one round (train or evaluate);
 - ``node-wait-timeout``: seconds it waits at the start for one SuperNode per partition;
 - ``results-dir``: the folder that receives the run folder (as ``fedprompt run`` writes it);
-- ``resume``: a run folder to continue from its last complete round ("" for a new run).
+- ``resume``: a run folder to continue from its last complete round ("" for a new run);
+- ``node-keys``: a JSON file naming each partition's registered SuperNode public key (``{"0":
+  "ecdsa-sha2-nistp384 AAAA...", ...}``, the OpenSSH line ``flwr supernode register`` took), so a
+  partition is bound to that key only; required with differential privacy or secure aggregation
+  (``trust-on-first-use`` accepts the first node that claims each partition, asked for by name).
 """
 
 from __future__ import annotations
@@ -44,18 +48,23 @@ class AppSettings:
     node_wait_timeout: float = 300.0
     results_dir: Path = Path("runs")
     resume: Path | None = None
+    node_keys: str | None = None
+    """A node-keys file, ``trust-on-first-use``, or None (the default: trust on first use for plain
+    runs, refused with privacy or secure aggregation)."""
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppSettings:
         """Read and check the known keys; a bad value raises ConfigError naming the key."""
         overrides = tuple(shlex.split(_typed(run_config, "fedprompt-overrides", str, "")))
         resume = _typed(run_config, "resume", str, "")
+        node_keys = _typed(run_config, "node-keys", str, "")
         return cls(
             overrides=overrides,
             round_timeout=_positive(run_config, "round-timeout", cls.round_timeout),
             node_wait_timeout=_positive(run_config, "node-wait-timeout", cls.node_wait_timeout),
             results_dir=Path(_typed(run_config, "results-dir", str, str(cls.results_dir))),
             resume=Path(resume) if resume else None,
+            node_keys=node_keys or None,
         )
 
 

@@ -17,7 +17,11 @@ ServerApp reads with ``Grid.get_nodes()``):
   authentication where sites must restart, or release the partition by deleting its entry from
   the run folder's ``partitions.json`` before resuming.
 
-A grid that reports no keys (tests, old simulations) binds to node ids. The binding also holds
+With differential privacy or secure aggregation, trust on first use is not enough (a node that joins
+first could squat a partition and its weight): the ServerApp then needs the run config ``node-keys``,
+each partition's registered key, and binds a partition to the node with that key only; with
+``--enable-supernode-auth`` only the holder of its private key connects with it. A grid that
+reports no keys (tests, old simulations) binds to node ids. The binding also holds
 the example count the site declared when it first claimed the partition (capped by
 ``robustness.max_examples``), which bounds that client's aggregation weight for the whole run; a
 later, different declaration is ignored. A declaration far above the others' is reported at
@@ -71,13 +75,45 @@ class Binding:
     num_examples: int | None
 
 
+TRUST_ON_FIRST_USE = "trust-on-first-use"
+"""The run config ``node-keys`` value that binds each partition to the first node claiming it."""
+
+
+def load_node_keys(path: str | Path) -> dict[int, bytes]:
+    """Partition -> the registered SuperNode public key (as the SuperLink reports it: PEM
+    SubjectPublicKeyInfo) from a JSON file of OpenSSH public-key lines; ValueError naming what is
+    wrong."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        raw = json.loads(Path(path).read_text())
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError("it must map partition ids to OpenSSH public keys")
+        keys = {}
+        for partition, line in raw.items():
+            key = serialization.load_ssh_public_key(str(line).strip().encode())
+            keys[int(partition)] = key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"node-keys {path}: {exc}") from None
+    return keys
+
+
 class PartitionBindings:
     """Owns the run's partition -> node bindings, the example counts declared at registration
     (``declared``: partition -> count, the live mapping the server's example bounds read), and the
     file they are kept in once the run has a folder."""
 
-    def __init__(self, max_examples: int | None = None, max_ratio: float | None = None) -> None:
+    def __init__(
+        self,
+        max_examples: int | None = None,
+        max_ratio: float | None = None,
+        pinned: dict[int, bytes] | None = None,
+    ) -> None:
         self.max_examples = max_examples
+        self.pinned = pinned
+        """Partition -> its registered SuperNode public key (``node-keys``); None: trust on first use."""
         self.max_ratio = max_ratio
         """``robustness.max_weight_ratio``: what a declaration far above the others' is reported against."""
         self._reported: set[int] = set()
@@ -88,6 +124,9 @@ class PartitionBindings:
     def claim(self, partition: int, node: NodeIdentity, num_examples: int | None) -> str | None:
         """Bind ``partition`` to ``node`` if it is free, or confirm the node it is bound to (whose
         node id may have changed); None when the claim holds, else why it is refused."""
+        if self.pinned is not None and self.pinned.get(partition) != node.public_key:
+            why = "is not in node-keys" if partition not in self.pinned else "is registered to another key"
+            return f"{node} claims partition {partition}, which {why}; refused"
         for other, binding in self.bindings.items():
             if other != partition and binding.node.same_node(node):
                 return f"{node} claims partition {partition} but already hosts partition {other}; refused"
@@ -153,11 +192,15 @@ class PartitionBindings:
 
     @classmethod
     def load(
-        cls, path: Path, max_examples: int | None = None, max_ratio: float | None = None
+        cls,
+        path: Path,
+        max_examples: int | None = None,
+        max_ratio: float | None = None,
+        pinned: dict[int, bytes] | None = None,
     ) -> PartitionBindings:
         """The bindings kept in ``path`` (a resumed run's), attached to it; ValueError names what is
         wrong with a damaged file."""
-        bindings = cls(max_examples, max_ratio)
+        bindings = cls(max_examples, max_ratio, pinned)
         try:
             raw = json.loads(path.read_text())
             for key, entry in raw["partitions"].items():

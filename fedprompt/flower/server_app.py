@@ -20,12 +20,12 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedprompt.config import RunConfig, load_config
+from fedprompt.config import ConfigError, RunConfig, load_config
 from fedprompt.execution.metrics import RunRecorder, client_rows, evaluate_global, round_metrics
 from fedprompt.execution.results import CONFIG_HASH_KEY, RunDirectory, RunResult
 from fedprompt.execution.simulation import make_server
 from fedprompt.flower.app_config import AppSettings, load_app_config
-from fedprompt.flower.bindings import BINDINGS_FILE, PartitionBindings
+from fedprompt.flower.bindings import BINDINGS_FILE, TRUST_ON_FIRST_USE, PartitionBindings, load_node_keys
 from fedprompt.flower.strategy import FedPromptStrategy
 from fedprompt.tasks.experiment import Experiment
 from fedprompt.tasks.registry import build_experiment
@@ -59,6 +59,7 @@ def run_server(
         folder = RunDirectory(settings.resume)
         metadata = folder.checkpoint_metadata() or {}
         folder.check_resume(load_config(folder.read_config()), config, metadata.get(CONFIG_HASH_KEY))
+    pinned = node_keys(config, settings)
     if experiment is None:
         experiment = build_experiment(config, client_ids=[])
     server = make_server(experiment, config, range(config.partition.num_clients))
@@ -67,7 +68,11 @@ def run_server(
     if settings.resume is not None and (settings.resume / BINDINGS_FILE).is_file():
         robustness = config.robustness
         bindings = PartitionBindings.load(
-            settings.resume / BINDINGS_FILE, robustness.max_examples, robustness.max_weight_ratio
+            settings.resume / BINDINGS_FILE, robustness.max_examples, robustness.max_weight_ratio, pinned
+        )
+    elif pinned is not None:
+        bindings = PartitionBindings(
+            config.robustness.max_examples, config.robustness.max_weight_ratio, pinned
         )
     strategy = FedPromptStrategy(
         server,
@@ -110,7 +115,39 @@ def run_server(
         )
         row = _record(grid, experiment, strategy, config, settings, recorder, start)
         log.info("round %d: %s", round_num, row)
-    return recorder.finish(server, experiment.backbone_bytes, experiment.label_names, experiment.notes)
+    notes = dict(experiment.notes)
+    if config.privacy.kind != "none" or config.secure_aggregation.enabled:
+        notes["node_binding"] = "registered keys (node-keys)" if pinned is not None else TRUST_ON_FIRST_USE
+    return recorder.finish(server, experiment.backbone_bytes, experiment.label_names, notes)
+
+
+def node_keys(config: RunConfig, settings: AppSettings) -> dict[int, bytes] | None:
+    """Each partition's registered SuperNode key from the run config ``node-keys`` (None: trust on
+    first use); with differential privacy or secure aggregation a key file is required, or trust on
+    first use asked for by name (ConfigError before anything loads)."""
+    guarded = config.privacy.kind != "none" or config.secure_aggregation.enabled
+    if settings.node_keys is None:
+        if guarded:
+            raise ConfigError(
+                "differential privacy and secure aggregation need SuperNode authentication, so that no node "
+                "can squat a partition: start flower-superlink with --enable-supernode-auth, register each "
+                "site's key (flwr supernode register), and name them in the run config node-keys (a JSON "
+                f"file: partition -> OpenSSH public key); or set node-keys='{TRUST_ON_FIRST_USE}' to bind "
+                "each partition to the first node that claims it"
+            )
+        return None
+    if settings.node_keys == TRUST_ON_FIRST_USE:
+        if guarded:
+            log.warning("node-keys %s: the first node to claim a partition keeps it", TRUST_ON_FIRST_USE)
+        return None
+    try:
+        keys = load_node_keys(settings.node_keys)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    missing = sorted(set(range(config.partition.num_clients)) - set(keys))
+    if missing:
+        raise ConfigError(f"node-keys {settings.node_keys} names no key for partitions {missing}")
+    return keys
 
 
 def _record(
