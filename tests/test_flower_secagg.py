@@ -423,3 +423,33 @@ def test_a_secure_run_needs_registered_node_keys_or_trust_on_first_use_by_name(t
         run_server(
             grid, cfg, AppSettings(results_dir=tmp_path / "r2", node_keys=str(tmp_path / "short.json"))
         )
+
+
+def test_a_resumed_run_skips_a_secure_round_whose_masked_inputs_went_out(tmp_path):
+    # Round 2's masked inputs reach the server, then it stops before unmasking. Sites answer a
+    # round's masked stage once, so the resumed run counts round 2 as abandoned and goes on.
+    config = secure_config(write_dataset(tmp_path / "data.jsonl"))
+    config["federation"]["rounds"] = 3
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    client_app = build_client_app(app / "fedprompt.yaml")
+    nodes = failing_as_flower_does(client_app_nodes(client_app, range(3), {}))
+
+    def silent_at_round_2_unmask(handler):
+        def handle(message, node):
+            if SECAGG_RECORD in message.content.config_records:
+                stage, round_num, _, _ = read_stage_request(message.content)
+                if (stage, round_num) == ("unmask", 2):
+                    return None
+            return handler(message, node)
+
+        return handle
+
+    stopping = {node: silent_at_round_2_unmask(h) for node, h in nodes.items()}
+    with pytest.raises(NotEnoughClientsError, match="0 clients sent unmasking shares"):
+        run_server(InMemoryGrid(stopping), cfg, AppSettings(results_dir=tmp_path / "runs", node_keys=TOFU))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    resumed = run_server(InMemoryGrid(nodes), cfg, AppSettings(resume=run_dir, node_keys=TOFU))
+    assert [r["round"] for r in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history[2]["aggregation_error"].startswith("secure round abandoned")
+    assert resumed.history[1]["clients_accepted"] == resumed.history[3]["clients_accepted"] == 3

@@ -289,6 +289,14 @@ class Server:
         for stage in self.stages:
             stage.load_state_dict(saved[stage.name])
 
+    def skip_round(self, round_num: int, reason: str) -> RoundRecord:
+        """Count round ``round_num`` as run without aggregating anything (the global state and the
+        server state stay as they are), e.g. a secure round that cannot be run again; its record."""
+        record = RoundRecord(round_num, [], aggregation_error=reason)
+        log.warning("round %d skipped: %s", round_num, reason)
+        self.completed_rounds = round_num
+        return record
+
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint(self) -> tuple[State, dict[str, str]]:

@@ -1,16 +1,20 @@
 """What the server's two kinds of Flower round share, plain rounds (``flower.strategy``) and
 securely aggregated ones (``flower.secure_round``): the host a round runs for, the error that
-stops a run with too few clients, and the matching of replies to the messages sent."""
+stops a run with too few clients, the matching of replies to the messages sent, and the note of a
+secure round whose masked inputs were asked for."""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Protocol
 
 from flwr.app import Message
 
 from fedprompt.federation.server import RoundRecord, Server
+from fedprompt.files import write_text_atomically
 
 log = logging.getLogger("fedprompt.flower")
 
@@ -27,6 +31,9 @@ class RoundHost(Protocol):
     nodes: dict[int, int]
     message_ttl: float | None
     last_record: RoundRecord | None
+    before_masking: Callable[[int], None] | None
+    """Called with the round just before a secure round asks for masked inputs (the ServerApp notes
+    it in the run folder: sites answer a round's masked stage once, so a resumed run skips it)."""
 
 
 def match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> dict[int, Message | None]:
@@ -44,3 +51,20 @@ def match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> d
             continue
         matched[cid] = reply
     return matched
+
+
+MASKING_FILE = "masking-round.json"
+"""Run-folder file naming the secure round whose masked inputs were last asked for."""
+
+
+def note_masking(folder: Path, round_num: int) -> None:
+    """Note in the run folder that round ``round_num``'s masked inputs are being asked for."""
+    write_text_atomically(folder / MASKING_FILE, json.dumps({"round": round_num}) + "\n")
+
+
+def masking_round(folder: Path) -> int | None:
+    """The secure round whose masked inputs were last asked for (None: no note)."""
+    path = folder / MASKING_FILE
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text())["round"])

@@ -26,11 +26,17 @@ from fedprompt.execution.results import CONFIG_HASH_KEY, RunDirectory, RunResult
 from fedprompt.execution.simulation import make_server
 from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.bindings import BINDINGS_FILE, TRUST_ON_FIRST_USE, PartitionBindings, load_node_keys
+from fedprompt.flower.rounds import masking_round, note_masking
 from fedprompt.flower.strategy import FedPromptStrategy
 from fedprompt.tasks.experiment import Experiment
 from fedprompt.tasks.registry import build_experiment
 
 log = logging.getLogger("fedprompt.flower")
+
+ABANDONED = (
+    "secure round abandoned: its masked inputs were asked for before the ServerApp stopped, and a site "
+    "answers a round's masked stage once (a second sum over other survivors would expose an update)"
+)
 
 
 def build_server_app(config_file: str | Path) -> ServerApp:
@@ -106,8 +112,16 @@ def run_server(
         recorder = RunRecorder(config, run_dir)
         recorder.record_initial(*_evaluate(grid, experiment, strategy, config, settings, 0))
 
+    folder = settings.resume if settings.resume is not None else recorder.run_dir.path
+    masked_before = masking_round(folder) if settings.resume is not None else None
+    strategy.before_masking = lambda r: note_masking(folder, r)
     for round_num in range(server.completed_rounds + 1, rounds + 1):
         start = time.perf_counter()
+        if round_num == masked_before:  # its masked inputs went out before the stop; never twice
+            record = server.skip_round(round_num, ABANDONED)
+            recorder.release({"round": round_num, **round_metrics(server, record)}, [], server)
+            recorder.record_round({"time_s": time.perf_counter() - start}, [], server)
+            continue
         strategy.map_nodes(grid, wait_for=0, timeout=0, reply_timeout=settings.round_timeout)  # new nodes
         record = strategy.train_round(grid, round_num, settings.round_timeout)
         recorder.release(

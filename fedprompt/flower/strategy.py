@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -95,6 +95,8 @@ class FedPromptStrategy(Strategy):
         """fedprompt client id -> Flower node id of the connected SuperNode hosting that partition."""
         self._keys: dict[int, bytes] = {}
         self.last_record: RoundRecord | None = None
+        self.before_masking: Callable[[int], None] | None = None
+        """Called with the round before a secure round asks for masked inputs (see ``flower.rounds``)."""
         """What happened to each sampled client in the last aggregated round."""
         self.last_evaluations: list[dict[str, Any]] = []
         """One clients.jsonl row per client evaluated in the last ``aggregate_evaluate``."""
