@@ -128,3 +128,39 @@ def test_local_dp_on_a_site_without_a_lasting_ledger_is_refused(tmp_path):
     with pytest.raises(LedgerRefusal, match="client-state-dir='<folder>'"):
         record_release(load_config(config), 0, 1, MemoryLedger())
     assert record_release(load_config(config), 0, 1, FileLedger(tmp_path)) is None
+
+
+def test_secure_aggregation_with_local_dp_records_both_releases(tmp_path):
+    from fedprompt.flower.site import record_release
+
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"))
+    config["strategy"] = {"kind": "fedavg"}
+    config["secure_aggregation"] = {"enabled": True}
+    config["privacy"] = {
+        "kind": "local",
+        "clip_norm": 0.5,
+        "noise_multiplier": 3.0,
+        "site_epsilon_budget": 50,
+    }
+    ledger = FileLedger(tmp_path)
+    record_release(load_config(config), 1, 1, ledger)
+    assert [(r.kind, r.round, r.client_id) for r in ledger.releases()] == [
+        ("masked", 1, 1),
+        ("local-dp", 1, 1),
+    ]
+    with pytest.raises(LedgerRefusal, match="already sent its masked input for round 1"):
+        record_release(load_config(config), 1, 1, ledger)
+
+
+def test_differential_privacy_on_flower_needs_registered_node_keys(tmp_path):
+    from fedprompt.flower.app_config import AppSettings
+    from fedprompt.flower.server_app import node_keys
+
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"))
+    config["strategy"] = {"kind": "fedavg"}
+    config["federation"]["min_clients"] = 1
+    config["privacy"] = {"kind": "central", "clip_norm": 1.0, "noise_multiplier": 1.0}
+    with pytest.raises(ConfigError, match="need SuperNode authentication"):
+        node_keys(load_config(config), AppSettings())
+    assert node_keys(load_config(config), AppSettings(node_keys="trust-on-first-use")) is None
+    assert node_keys(load_config({**config, "privacy": {"kind": "none"}}), AppSettings()) is None

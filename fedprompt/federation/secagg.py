@@ -15,9 +15,11 @@ One round over the sampled clients U (fedprompt client ids), with threshold t:
    meant for it; u quantises its update to the ring Z_{2^k} (:class:`RingQuantizer`) and sends
    y_u = x_u + PRG(b_u) + Σ_{v ∈ U2, v ≠ u} ±PRG(s_uv) mod 2^k (+ for u < v, − for u > v), where
    s_uv = HKDF(X25519(s_u, s_v)) and PRG is the ChaCha20 keystream.
-3. **unmask** — the server names the survivors U3 (whose y arrived) and the dropped D = U2 \\ U3; each
-   client of U3 answers its shares of b_v for v ∈ U3 and of s_v for v ∈ D, never both for one
-   client, and only when at least t survive. From t shares per secret the server rebuilds them
+3. **unmask** — the server names the survivors U3 (whose y arrived, less any client whose shares
+   fewer than t survivors could decrypt) and the dropped D = U2 \\ U3; each client of U3 answers
+   its shares of b_v for v ∈ U3 and of s_v for v ∈ D (those it holds), never both for one client,
+   and only when at least t survive; for the dropped clients whose shares too few could read, it
+   answers its own pairwise mask key with them instead. From t shares per secret the server rebuilds them
    (checked against the commitment and the public key) and computes
    Σ_{u∈U3} y_u − Σ_{u∈U3} PRG(b_u) ∓ Σ_{u∈U3, v∈D} PRG(s_uv) = Σ_{u∈U3} x_u (mod 2^k).
 
@@ -26,6 +28,24 @@ with its rebuilt ``s`` key; a survivor's self mask is removed with its rebuilt b
 holds both b_u and s_u of one client, so no single y_u can be unmasked. Keys, seeds and shares are
 fresh for every round and drawn from the operating system's random source, never from the run
 seed (which the server knows); the unmasked sum, and so the run, is deterministic all the same.
+
+**Which server this protects against.** The semi-honest variant of Bonawitz et al.: a server
+(and SuperLink) that follows the protocol but reads everything it sees learns the sum of at least
+``threshold`` survivors' inputs and nothing else; and each client enforces what it can alone: it
+reveals no two secrets of one client, unmasks no fewer than the threshold (or its own
+``min_survivors``) survivors, and, through its site's ledger, sends one masked input per (run,
+round). It does **not** implement the malicious-server variant: public keys are not signed (with
+SuperNode keys or otherwise) and there is no consistency round, so a server that forwards its own
+public keys in place of a client's, or tells different clients different survivor lists, can learn
+single inputs. Sybils are kept out by binding partitions to registered SuperNode keys
+(``node-keys`` on Flower), not here. A client cannot stop a round: wrongly sized ciphertexts drop
+their sender at the shares stage; ciphertexts that do not decrypt drop their sender when too few
+others hold its shares (its pairwise masks then come off with the survivors' own mask keys with
+it, which reveals no more than rebuilding its ``s`` key would); wrong shares in an unmask answer are
+outvoted by rebuilding from other subsets of ``threshold`` shares. One thing a client can still do
+is encrypt shares of a wrong secret to everyone (a well-formed lie, caught only when the rebuilt
+secret fails its commitment): the round then fails naming that client; verifiable secret sharing
+would be needed to drop it earlier.
 
 This module is torch- and Flower-free: numpy arrays, ``cryptography`` and ``pycryptodome``.
 :class:`ClientSession` keeps its state as plain values (for a Flower ``ConfigRecord``),
