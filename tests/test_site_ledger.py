@@ -145,10 +145,10 @@ def test_secure_aggregation_with_local_dp_records_both_releases(tmp_path):
     ledger = FileLedger(tmp_path)
     record_release(load_config(config), 1, 1, ledger)
     assert [(r.kind, r.round, r.client_id) for r in ledger.releases()] == [
-        ("masked", 1, 1),
         ("local-dp", 1, 1),
+        ("masked", 1, 1),
     ]
-    with pytest.raises(LedgerRefusal, match="already sent its masked input for round 1"):
+    with pytest.raises(LedgerRefusal, match="already sent its noised update for round 1"):
         record_release(load_config(config), 1, 1, ledger)
 
 
@@ -164,3 +164,68 @@ def test_differential_privacy_on_flower_needs_registered_node_keys(tmp_path):
         node_keys(load_config(config), AppSettings())
     assert node_keys(load_config(config), AppSettings(node_keys="trust-on-first-use")) is None
     assert node_keys(load_config({**config, "privacy": {"kind": "none"}}), AppSettings()) is None
+
+
+@pytest.mark.slow
+def test_local_dp_on_flower_keeps_each_sites_ledger_and_a_resume_skips_a_round_already_answered(
+    tmp_path, monkeypatch
+):
+    # Local DP through the Flower runtime: each site records its uploads in its own folder. Round
+    # 2's updates are computed and sent, but never reach the server, which stops; the sites will
+    # not answer round 2 again, so the resumed run counts it as abandoned and goes on with round 3.
+    from flower_support import InMemoryGrid, client_app_nodes, write_app
+    from flwr.app import Error, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedprompt.flower import run_server
+    from fedprompt.flower.app_config import AppSettings
+    from fedprompt.flower.client_app import build_client_app
+    from fedprompt.flower.records import INSTRUCTIONS_RECORD, read_instructions
+    from fedprompt.flower.rounds import NotEnoughClientsError
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as a ServerApp process has
+        monkeypatch.setattr(TaskIdentity, name, value)
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), rounds=3)
+    config["strategy"] = {"kind": "fedavg"}
+    config["privacy"] = {
+        "kind": "local",
+        "clip_norm": 0.5,
+        "noise_multiplier": 3.0,
+        "site_epsilon_budget": 100,
+    }
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    folders = {p: tmp_path / f"site{p}" for p in range(3)}
+    for folder in folders.values():
+        folder.mkdir()
+    sites = {p: {"client-state-dir": str(folder)} for p, folder in folders.items()}
+    client_app = build_client_app(app / "fedprompt.yaml")
+
+    def as_flower(handler, lose_round=None):
+        def handle(message, node):
+            try:
+                reply = handler(message, node)
+            except Exception as exc:
+                return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            instructions = INSTRUCTIONS_RECORD in message.content.config_records
+            if instructions and read_instructions(message.content)[1].round == lose_round:
+                return None  # computed and sent, lost on the way
+            return reply
+
+        return handle
+
+    nodes = client_app_nodes(client_app, range(3), {}, partition_configs=sites)
+    losing = {node: as_flower(h, lose_round=2) for node, h in nodes.items()}
+    settings = AppSettings(results_dir=tmp_path / "runs", node_keys="trust-on-first-use")
+    with pytest.raises(NotEnoughClientsError, match="round 2: 0 valid updates"):
+        run_server(InMemoryGrid(losing), cfg, settings)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    resumed = run_server(
+        InMemoryGrid({node: as_flower(h) for node, h in nodes.items()}),
+        cfg,
+        AppSettings(resume=run_dir, node_keys="trust-on-first-use"),
+    )
+    assert resumed.history[2]["aggregation_error"].startswith("round abandoned")
+    assert resumed.history[3]["clients_accepted"] == 3
+    for p, folder in folders.items():
+        assert [(r.round, r.client_id) for r in FileLedger(folder).releases()] == [(1, p), (2, p), (3, p)]

@@ -1,7 +1,7 @@
 """What the server's two kinds of Flower round share, plain rounds (``flower.strategy``) and
 securely aggregated ones (``flower.secure_round``): the host a round runs for, the error that
-stops a run with too few clients, the matching of replies to the messages sent, and the note of a
-secure round whose masked inputs were asked for."""
+stops a run with too few clients, the matching of replies to the messages sent, and the note of
+the round whose once-only uploads were asked for."""
 
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ class RoundHost(Protocol):
     nodes: dict[int, int]
     message_ttl: float | None
     last_record: RoundRecord | None
-    before_masking: Callable[[int], None] | None
-    """Called with the round just before a secure round asks for masked inputs (the ServerApp notes
-    it in the run folder: sites answer a round's masked stage once, so a resumed run skips it)."""
+    before_uploads: Callable[[int], None] | None
+    """Called with the round just before it asks sites for what their ledgers answer once per round
+    (masked inputs; local-DP updates): the ServerApp notes it in the run folder, and a resumed run
+    skips that round rather than ask again."""
 
 
 def match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> dict[int, Message | None]:
@@ -53,18 +54,19 @@ def match_replies(messages: dict[int, Message], replies: Iterable[Message]) -> d
     return matched
 
 
-MASKING_FILE = "masking-round.json"
-"""Run-folder file naming the secure round whose masked inputs were last asked for."""
+UPLOADS_FILE = "uploads-round.json"
+"""Run-folder file naming the round whose once-only uploads (masked inputs, local-DP updates) were
+last asked for."""
 
 
-def note_masking(folder: Path, round_num: int) -> None:
-    """Note in the run folder that round ``round_num``'s masked inputs are being asked for."""
-    write_text_atomically(folder / MASKING_FILE, json.dumps({"round": round_num}) + "\n")
+def note_uploads(folder: Path, round_num: int) -> None:
+    """Note in the run folder that round ``round_num``'s once-only uploads are being asked for."""
+    write_text_atomically(folder / UPLOADS_FILE, json.dumps({"round": round_num}) + "\n")
 
 
-def masking_round(folder: Path) -> int | None:
-    """The secure round whose masked inputs were last asked for (None: no note)."""
-    path = folder / MASKING_FILE
+def uploads_round(folder: Path) -> int | None:
+    """The round whose once-only uploads were last asked for (None: no note)."""
+    path = folder / UPLOADS_FILE
     if not path.is_file():
         return None
     return int(json.loads(path.read_text())["round"])

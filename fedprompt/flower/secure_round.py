@@ -159,8 +159,8 @@ class SecureRound:
             )
             return content
 
-        if self.strategy.before_masking is not None:
-            self.strategy.before_masking(self.round)
+        if self.strategy.before_uploads is not None:
+            self.strategy.before_uploads(self.round)
         for cid, reply in self._send("masked", masked_with, request):
             self._take("masked", cid, lambda cid=cid, reply=reply: self._read_masked(session, cid, reply))
         survivors, dropped = session.masked_done()

@@ -26,7 +26,7 @@ from fedprompt.execution.results import CONFIG_HASH_KEY, RunDirectory, RunResult
 from fedprompt.execution.simulation import make_server
 from fedprompt.flower.app_config import AppSettings, load_app_config
 from fedprompt.flower.bindings import BINDINGS_FILE, TRUST_ON_FIRST_USE, PartitionBindings, load_node_keys
-from fedprompt.flower.rounds import masking_round, note_masking
+from fedprompt.flower.rounds import note_uploads, uploads_round
 from fedprompt.flower.strategy import FedPromptStrategy
 from fedprompt.tasks.experiment import Experiment
 from fedprompt.tasks.registry import build_experiment
@@ -34,8 +34,9 @@ from fedprompt.tasks.registry import build_experiment
 log = logging.getLogger("fedprompt.flower")
 
 ABANDONED = (
-    "secure round abandoned: its masked inputs were asked for before the ServerApp stopped, and a site "
-    "answers a round's masked stage once (a second sum over other survivors would expose an update)"
+    "round abandoned: its uploads (masked inputs, locally noised updates) were asked for before the "
+    "ServerApp stopped, and each site's ledger answers a round once (a second answer over other "
+    "participants would expose an update, or spend privacy twice)"
 )
 
 
@@ -113,11 +114,12 @@ def run_server(
         recorder.record_initial(*_evaluate(grid, experiment, strategy, config, settings, 0))
 
     folder = settings.resume if settings.resume is not None else recorder.run_dir.path
-    masked_before = masking_round(folder) if settings.resume is not None else None
-    strategy.before_masking = lambda r: note_masking(folder, r)
+    asked_before = uploads_round(folder) if settings.resume is not None else None
+    if config.secure_aggregation.enabled or config.privacy.kind == "local":  # sites answer once a round
+        strategy.before_uploads = lambda r: note_uploads(folder, r)
     for round_num in range(server.completed_rounds + 1, rounds + 1):
         start = time.perf_counter()
-        if round_num == masked_before:  # its masked inputs went out before the stop; never twice
+        if round_num == asked_before:  # its uploads were asked for before the stop; never twice
             record = server.skip_round(round_num, ABANDONED)
             recorder.release({"round": round_num, **round_metrics(server, record)}, [], server)
             recorder.record_round({"time_s": time.perf_counter() - start}, [], server)

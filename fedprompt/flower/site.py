@@ -120,9 +120,7 @@ def record_release(config: RunConfig, partition: int, round_num: int, ledger: Si
             f"start the SuperNode with --node-config \"... {CLIENT_STATE_DIR}='<folder>'\" (or the site "
             "worker with --state-dir)"
         )
-    if config.secure_aggregation.enabled:
-        ledger.record(Release("masked", config.name, round_num, partition))
-    if local:
+    if local:  # first: its refusals (a second upload, the budget) must leave nothing recorded
         assert plan is not None
         privacy = config.privacy
         budget = privacy.site_epsilon_budget or privacy.target_epsilon
@@ -138,6 +136,8 @@ def record_release(config: RunConfig, partition: int, round_num: int, ledger: Si
             plan.delta,
             budget,
         )
+    if config.secure_aggregation.enabled:
+        ledger.record(Release("masked", config.name, round_num, partition))
 
 
 def _carried(states: ClientStateStore, partition: int, accepted_round: int) -> tuple[State, bool]:

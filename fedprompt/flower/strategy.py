@@ -95,8 +95,9 @@ class FedPromptStrategy(Strategy):
         """fedprompt client id -> Flower node id of the connected SuperNode hosting that partition."""
         self._keys: dict[int, bytes] = {}
         self.last_record: RoundRecord | None = None
-        self.before_masking: Callable[[int], None] | None = None
-        """Called with the round before a secure round asks for masked inputs (see ``flower.rounds``)."""
+        self.before_uploads: Callable[[int], None] | None = None
+        """Called with the round before it asks for uploads that sites answer once per round (masked
+        inputs, local-DP updates; see ``flower.rounds``)."""
         """What happened to each sampled client in the last aggregated round."""
         self.last_evaluations: list[dict[str, Any]] = []
         """One clients.jsonl row per client evaluated in the last ``aggregate_evaluate``."""
@@ -182,6 +183,8 @@ class FedPromptStrategy(Strategy):
         if self.secure is not None and self.secure.enabled:
             return SecureRound(self, grid, server_round, self.secure, timeout).run()
         messages = self.configure_train(server_round, self.global_arrays(), ConfigRecord(), grid)
+        if self.before_uploads is not None:
+            self.before_uploads(server_round)
         self.aggregate_train(server_round, grid.send_and_receive(messages, timeout=timeout))
         assert self.last_record is not None
         return self.last_record
