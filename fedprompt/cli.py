@@ -250,6 +250,7 @@ class ExportFormat(str, Enum):
     """Formats ``fedprompt export`` writes."""
 
     peft = "peft"
+    vllm = "vllm"
 
 
 @app.command()
@@ -258,10 +259,20 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Results folder of a finished run.")],
     out: Annotated[Path, typer.Argument(help="New (or empty) folder for the exported prompt.")],
     format_: Annotated[
-        ExportFormat, typer.Option("--format", help="peft: a PEFT prompt-tuning adapter.")
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="peft: a PEFT prompt-tuning adapter; vllm: the tensor a vLLM client sends as prompt_embeds.",
+        ),
     ] = ExportFormat.peft,
 ) -> None:
-    """Export a run's trained prompt: a text soft prompt as a PEFT prompt-tuning adapter."""
+    """Export a run's trained prompt: a text soft prompt as a PEFT prompt-tuning adapter, or a decoder's
+    soft prompt for vLLM's prompt_embeds."""
+    if format_ is ExportFormat.vllm:
+        from fedprompt.execution.vllm_export import export_vllm
+
+        typer.echo(export_vllm(run_dir, out).instructions())
+        return
     from fedprompt.execution.peft_export import export_peft
 
     typer.echo(export_peft(run_dir, out).instructions())
