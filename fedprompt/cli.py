@@ -139,6 +139,13 @@ def serve(
         str, typer.Option(help="Hub name, local folder or bundled alias.")
     ] = "bundled:all-MiniLM-L6-v2",
     lm_head: Annotated[bool, typer.Option("--lm-head", help="Load the LM head (verbaliser heads).")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="transformers (any text model; a GGUF dequantised) or llama-cpp (a GGUF on llama.cpp's "
+            "quantised kernels, label words only; needs llama-cpp-python)."
+        ),
+    ] = "transformers",
     max_length: Annotated[int, typer.Option(min=8, help="Longest input, in tokens.")] = 64,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -217,6 +224,7 @@ def serve(
         ),
         tls=TLSFiles.from_options(ssl_certfile, ssl_keyfile, ssl_ca_certfile),
         usage_file=usage_file,
+        engine=engine,
     )
     serve_forever(settings)
 

@@ -75,7 +75,7 @@ class LlamaCppEngine:
         return self.score_tokens([self.tokenize(text) for text in texts], labels)
 
     def score_tokens(self, sequences: Sequence[Sequence[int]], labels: LabelWords) -> LabelScores:
-        rows = [self._label_logprobs(self._last_logits(tokens=list(ids)), labels) for ids in sequences]
+        rows = [self._label_logprobs(self.last_logits(tokens=list(ids)), labels) for ids in sequences]
         return _scores(rows, len(labels.ids))
 
     def score_embeddings(self, sequences: Sequence[torch.Tensor], labels: LabelWords) -> LabelScores:
@@ -86,23 +86,15 @@ class LlamaCppEngine:
                     f"embeddings must be [tokens, {self.hidden_size}], got {tuple(embedded.shape)}"
                 )
             values = np.ascontiguousarray(embedded.detach().to("cpu", torch.float32).numpy())
-            rows.append(self._label_logprobs(self._last_logits(embeddings=values), labels))
+            rows.append(self._label_logprobs(self.last_logits(embeddings=values), labels))
         return _scores(rows, len(labels.ids))
-
-    def next_token_logprobs(
-        self, tokens: Sequence[int] | None = None, embeddings: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The full-vocabulary next-token log-softmax [V] (float64) after one input."""
-        return _log_softmax(
-            self._last_logits(tokens=None if tokens is None else list(tokens), embeddings=embeddings)
-        )
 
     def _label_logprobs(self, logits: np.ndarray, labels: LabelWords) -> list[float]:
         if not labels.known_ids:
             raise ValueError("llama.cpp scores label words by token id; build LabelWords from the tokenizer")
         return _log_softmax(logits)[list(labels.ids)].tolist()
 
-    def _last_logits(
+    def last_logits(
         self, tokens: list[int] | None = None, embeddings: np.ndarray | None = None
     ) -> np.ndarray:
         """The logits [V] at the last position of one input decoded alone (tokens, or embeddings [L, h])."""
