@@ -145,6 +145,13 @@ class EmbeddingScorer(LabelScorer, Protocol):
         """The same after each input given as token ids (the model's own embedding lookup)."""
         ...
 
+    def score_prompted(
+        self, prompts: torch.Tensor, inputs: Sequence[torch.Tensor], labels: LabelWords
+    ) -> LabelScores:
+        """The same after every [prompt; input] of ``prompts`` [P, m, h] and ``inputs`` [L_i, h]
+        (P·B rows, prompt-major): a scorer may compute each prompt's part once."""
+        ...
+
 
 def floor_logprob(listed: Sequence[float]) -> float:
     """The largest log-probability a token missing from a top-k answer can have:

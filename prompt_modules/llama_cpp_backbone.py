@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from prompt_modules.base import Batch, PromptModule, population_cross_entropy
@@ -87,12 +88,11 @@ class LlamaCppIntrinsicClassifier(PromptModule):
         table = self.backbone.embedding_matrix
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
         inputs = [table[row[keep]] for row, keep in zip(ids, mask, strict=True)]
+        arrays = [embedded.float().contiguous().numpy() for embedded in inputs]
         out = torch.empty(prompts.shape[0], len(inputs), self.num_classes)
         for p, prompt in enumerate(prompts):
-            for b, embedded in enumerate(inputs):
-                values = torch.cat([prompt, embedded]).numpy()
-                logits = torch.from_numpy(self.backbone.engine.last_logits(embeddings=values))
-                out[p, b] = self.head(logits[None])[0]
+            logits = self.backbone.engine.prompted_logits(prompt.float().contiguous().numpy(), arrays)
+            out[p] = self.head(torch.from_numpy(np.stack(logits)))
         return out
 
     def population_losses(self, candidates: torch.Tensor, batch: Batch) -> torch.Tensor:

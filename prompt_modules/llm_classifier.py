@@ -19,11 +19,22 @@ import torch
 from torch import nn
 
 from prompt_modules.base import Batch, PromptModule, population_cross_entropy
-from prompt_modules.hf_text import special_affixes, tokenize_with_template
+from prompt_modules.hf_text import special_affixes
 from prompt_modules.intrinsic import IntrinsicPrompt
 from prompt_modules.label_scores import EmbeddingScorer, LabelScorer, LabelScores, LabelWords
 from prompt_modules.soft_prompt import SoftPrompt
 from prompt_modules.text_classifier import pad_right, template_affixes
+
+
+def input_specials(tokenizer: Any, add_bos: bool | None) -> tuple[list[int], list[int]]:
+    """The special token ids around each input: the tokenizer's own (``add_bos`` None), or only
+    the beginning-of-sequence token (True), or none (False)."""
+    if add_bos is None:
+        return special_affixes(tokenizer)
+    if add_bos and tokenizer.bos_token_id is None:
+        raise ValueError("add_bos: true, but the tokenizer has no beginning-of-sequence token")
+    return ([tokenizer.bos_token_id] if add_bos else []), []
+
 
 TEXT_INDEX = "text_index"
 """Batch key of a discrete-prompt module's inputs: each row's index in the module's text table."""
@@ -73,6 +84,7 @@ class EmbeddedPromptClassifier(_LabelScoring):
         labels: LabelWords,
         prompt: SoftPrompt | IntrinsicPrompt,
         max_length: int = 64,
+        add_bos: bool | None = None,
     ) -> None:
         super().__init__(scorer, labels)
         if embedding_table.dim() != 2 or embedding_table.shape[1] != scorer.hidden_size:
@@ -84,17 +96,46 @@ class EmbeddedPromptClassifier(_LabelScoring):
         self.max_length = max_length
         self.register_buffer("embedding_table", embedding_table.detach().float(), persistent=False)
         self._prefix, self._suffix = template_affixes(template, False, None)
-        self._specials = special_affixes(tokenizer)
+        self._specials = input_specials(tokenizer, add_bos)
         self._pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
         self.prompt = prompt
 
     def encode_texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise fixed inputs once: right-padded ``input_ids`` and ``attention_mask`` [N, L]."""
-        ids = tokenize_with_template(
-            self.tokenizer, texts, self._prefix, self._suffix, self.max_length, self._specials
-        )
+        """Tokenise fixed inputs once, as a server tokenises the whole templated string:
+        right-padded ``input_ids`` and ``attention_mask`` [N, L]."""
+        ids = [
+            self._specials[0] + self.tokenizer(t, add_special_tokens=False)["input_ids"] + self._specials[1]
+            for t in self.templated(texts)
+        ]
         input_ids, attention_mask = pad_right(ids, self._pad_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def templated(self, texts: Sequence[str]) -> list[str]:
+        """Each input in the template, its text cut (at a token) so that the whole takes at most
+        ``max_length`` tokens with the special tokens: the string a server would be sent."""
+        out = []
+        for text in texts:
+            whole = f"{self._prefix}{text}{self._suffix}"
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            overflow = self._length(whole) - self.max_length
+            if overflow > 0:
+                keep = max(len(ids) - overflow, 0)
+                while keep > 0:
+                    whole = f"{self._prefix}{self.tokenizer.decode(ids[:keep])}{self._suffix}"
+                    if self._length(whole) <= self.max_length:
+                        break
+                    keep -= 1
+                if keep == 0:
+                    raise ValueError(
+                        f"the template leaves no room for text within max_length={self.max_length}"
+                    )
+            out.append(whole)
+        return out
+
+    def _length(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + sum(
+            map(len, self._specials)
+        )
 
     def input_embeddings(self, batch: Batch) -> list[torch.Tensor]:
         """Each row's token embeddings [L_i, h], its padding dropped."""
@@ -112,8 +153,7 @@ class EmbeddedPromptClassifier(_LabelScoring):
             raise ValueError(f"prompts must be [candidates, tokens, hidden], got {tuple(prompts.shape)}")
         inputs = self.input_embeddings(batch)
         prompts = prompts.detach().float().to(self.embedding_table.device)
-        sequences = [torch.cat([prompt, embedded]) for prompt in prompts for embedded in inputs]
-        scores = self.backbone.score_embeddings(sequences, self.labels)
+        scores = self.backbone.score_prompted(prompts, inputs, self.labels)
         return self._class_scores(scores).reshape(prompts.shape[0], len(inputs), -1)
 
 
@@ -245,7 +285,6 @@ def parity_gap(
     encoded = module.encode_texts(texts)
     embedded = module.input_embeddings(encoded)
     by_embedding = scorer.score_embeddings(embedded, module.labels)
-    plain = [f"{module._prefix}{text}{module._suffix}" for text in texts]
-    by_text = scorer.score_texts(plain, module.labels)
+    by_text = scorer.score_texts(module.templated(texts), module.labels)
     per_input = (by_embedding.logprobs - by_text.logprobs).abs().amax(1)
     return float(per_input.max()), per_input.tolist()

@@ -119,6 +119,12 @@ class VLLMScorer(OpenAIScorer):
         ]
         return self._scored("/v1/completions", bodies, labels)
 
+    def score_prompted(
+        self, prompts: torch.Tensor, inputs: Sequence[torch.Tensor], labels: LabelWords
+    ) -> LabelScores:
+        """Every [prompt; input], each sent whole (one request each)."""
+        return self.score_embeddings([torch.cat([p, x]) for p in prompts for x in inputs], labels)
+
     def score_tokens(self, sequences: Sequence[Sequence[int]], labels: LabelWords) -> LabelScores:
         base = self._completion_body(labels)
         bodies = [{**base, "prompt": [int(t) for t in ids]} for ids in sequences]

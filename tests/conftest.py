@@ -182,7 +182,7 @@ def llama_server(tmp_path_factory):
 def vllm_server(tmp_path_factory):
     """vLLM's OpenAI-compatible server (its own virtual environment, CPU) on loopback, serving SmolLM2
     as a Hugging Face folder named ``smollm2``, with prompt embeddings enabled (started once per
-    session; skips without the vLLM environment)."""
+    session; skips without the vLLM environment). ``FEDPROMPT_VLLM_URL`` names one already running."""
     from llm_servers import (
         VLLM_ENV,
         VLLM_START_TIMEOUT,
@@ -193,6 +193,10 @@ def vllm_server(tmp_path_factory):
         vllm_command,
     )
 
+    running = os.environ.get("FEDPROMPT_VLLM_URL")  # a server already running, as vllm_command starts it
+    if running:
+        yield running
+        return
     need_vllm()
     folder = smollm2_hf_folder()
     port = free_port()

@@ -45,18 +45,25 @@ def input_embedding_table(source: str, gguf_file: str | None) -> torch.Tensor:
     return AutoModel.from_pretrained(str(path)).get_input_embeddings().weight.detach().float()
 
 
-def template_ids(tokenizer, template: str, text: str, max_length: int) -> list[int]:
-    """The ids fedprompt feeds: special tokens, the template's parts and the text each tokenised on
-    their own, the text truncated so that the whole fits ``max_length``."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    start = next(i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain)
-    before, after = full[:start], full[start + len(plain) :]
-    prefix, suffix = template.split("{text}")
-    prefix_ids, suffix_ids = tokenizer([prefix, suffix], add_special_tokens=False)["input_ids"]
-    budget = max_length - len(prefix_ids) - len(suffix_ids) - len(before) - len(after)
-    text_ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
-    return [*before, *prefix_ids, *text_ids, *suffix_ids, *after]
+def template_ids(tokenizer, spec: dict, text: str) -> list[int]:
+    """The ids fedprompt fed: its special tokens around the templated input, tokenised whole (as a
+    server would) or in parts (the template's and the text's apart), the text cut so that the whole
+    fits ``max_length``."""
+    before, after = spec["special_ids_before"], spec["special_ids_after"]
+    prefix, suffix = spec["template"].split("{text}")
+    budget = spec["max_length"] - len(before) - len(after)
+    if spec["tokenization"] == "parts":
+        prefix_ids, suffix_ids = tokenizer([prefix, suffix], add_special_tokens=False)["input_ids"]
+        room = budget - len(prefix_ids) - len(suffix_ids)
+        text_ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
+        return [*before, *prefix_ids, *text_ids, *suffix_ids, *after]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for keep in range(len(ids), 0, -1):
+        piece = text if keep == len(ids) else tokenizer.decode(ids[:keep])
+        whole = tokenizer(prefix + piece + suffix, add_special_tokens=False)["input_ids"]
+        if len(whole) <= budget:
+            return [*before, *whole, *after]
+    raise ValueError(f"the template leaves no room for text within max_length={spec['max_length']}")
 
 
 def prompt_embeds(tensor: torch.Tensor) -> str:
@@ -100,7 +107,7 @@ def main() -> int:
     worst, disagree = 0.0, 0
     with httpx.Client(base_url=args.url, timeout=600) as http:
         for i, text in enumerate(texts):
-            ids = template_ids(tokenizer, spec["template"], text, spec["max_length"])
+            ids = template_ids(tokenizer, spec, text)
             body = {
                 "model": args.model,
                 "prompt_embeds": prompt_embeds(torch.cat([prompt, table[ids]])),

@@ -90,6 +90,7 @@ def export_vllm(run_dir: Path, out: Path) -> VLLMExport:
     prompt = model.prompt().input.detach().float().cpu().contiguous()
     check = _fedprompt_answers(experiment, texts)
     words = _label_words(model, tokenizer)
+    tokenization = _tokenization(model)
 
     _prepare_folder(out)
     save_file({"prompt_embeds": prompt}, str(out / PROMPT_FILE), {"format": "pt"})
@@ -104,6 +105,7 @@ def export_vllm(run_dir: Path, out: Path) -> VLLMExport:
         "gguf_file": gguf,
         "template": config.head.template,
         "max_length": config.backbone.max_length,
+        **tokenization,
         "labels": experiment.label_names,
         "label_words": words,
         "scoring": "a class's score is the mean, over its label words, of the log-probability of the "
@@ -186,6 +188,21 @@ def _fedprompt_answers(experiment: Any, texts: list[str]) -> dict[str, Any]:
         "labels": experiment.label_names,
         "class_log_probs": log_probs.tolist(),
         "tolerance": 1e-3,
+    }
+
+
+def _tokenization(model: Any) -> dict[str, Any]:
+    """How the run tokenised an input: the whole templated string (language-model backbones, as a
+    server does) or the template's parts and the text apart (local backbones), and the special token
+    ids it put around it."""
+    specials = getattr(model, "_specials", None)
+    if specials is not None:
+        return {"tokenization": "whole", "special_ids_before": specials[0], "special_ids_after": specials[1]}
+    backbone = model.backbone
+    return {
+        "tokenization": "parts",
+        "special_ids_before": list(backbone.prefix_special_ids),
+        "special_ids_after": list(backbone.suffix_special_ids),
     }
 
 

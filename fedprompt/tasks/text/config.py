@@ -286,6 +286,12 @@ class LlamaCppBackboneConfig(StrictModel):
         "tokenisation; null: the GGUF's tokenizer, as transformers reads it.",
     )
     max_length: int = Field(64, ge=8, le=8192, description="Tokens kept per input, before the prompt.")
+    add_bos: bool | None = Field(
+        None,
+        description="Put the beginning-of-sequence token before each input the client embeds (true), or "
+        "none (false); null: as the tokenizer does. Must match how the server tokenises text (the "
+        "pre-flight parity check tells).",
+    )
     context_length: int = Field(
         512, ge=64, le=131072, description="llama.cpp's context (n_ctx): the longest prompted input."
     )
@@ -324,6 +330,12 @@ class VLLMBackboneConfig(EndpointConfig):
         "float32", description="dtype of the prompt_embeds tensors sent (the server's --dtype)."
     )
     max_length: int = Field(64, ge=8, le=8192, description="Tokens kept per input, before the prompt.")
+    add_bos: bool | None = Field(
+        None,
+        description="Put the beginning-of-sequence token before each input the client embeds (true), or "
+        "none (false); null: as the tokenizer does. Must match how the server tokenises text (the "
+        "pre-flight parity check tells).",
+    )
     parity_tolerance: float = Field(1e-3, gt=0, description=PARITY_HELP + " (the server's own tokenisation).")
 
 

@@ -175,13 +175,13 @@ def _embedded_module(
     table: Any,
     labels: LabelWords,
 ) -> EmbeddedPromptClassifier:
-    max_length = config.backbone.max_length
+    max_length, add_bos = config.backbone.max_length, config.backbone.add_bos
     excluded = tuple(tokenizer.all_special_ids)
     if isinstance(prompt, IntrinsicPromptConfig):
         spec = projection_spec(prompt, config.seed, search_sigma(config.optimizer))
         intrinsic = IntrinsicPrompt(*make_projection(spec, table, excluded))
         return EmbeddedIntrinsicClassifier(
-            scorer, tokenizer, table, config.head.template, labels, intrinsic, max_length
+            scorer, tokenizer, table, config.head.template, labels, intrinsic, max_length, add_bos
         )
     assert isinstance(prompt, SoftPromptConfig)
     text_ids = tokenizer(prompt.init_text, add_special_tokens=False)["input_ids"] if prompt.init_text else []
@@ -195,7 +195,7 @@ def _embedded_module(
         std=prompt.init_std,
     )
     return EmbeddedPromptClassifier(
-        scorer, tokenizer, table, config.head.template, labels, SoftPrompt(init), max_length
+        scorer, tokenizer, table, config.head.template, labels, SoftPrompt(init), max_length, add_bos
     )
 
 
