@@ -72,7 +72,14 @@ class OpenAIScorer:
     def _scored(self, path: str, bodies: list[dict[str, Any]], labels: LabelWords) -> LabelScores:
         answers = self.client.post_many(path, bodies)
         values, floored = [], []
-        for answer in answers:
+        for body, answer in zip(bodies, answers, strict=True):
+            if stopped_at_once(answer):
+                # the end-of-sequence token was the most likely: the server generated nothing and
+                # listed nothing (llama.cpp's server). Ask once more with it forbidden as the token to
+                # generate (min_tokens); the log-probabilities listed are of the same next-token
+                # distribution (or, where a server renormalises without it, all shifted by one
+                # constant, which leaves the class probabilities as they were).
+                answer = self.client.post(path, {**body, "min_tokens": 1})
             listed = top_logprobs_of(answer, f"{self.client.url}{path}")
             row, hit = match_listed(listed, labels)
             values.append(row)
@@ -146,6 +153,17 @@ def encode_prompt_embeds(tensor: torch.Tensor, hidden_size: int, dtype: torch.dt
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def stopped_at_once(answer: dict[str, Any]) -> bool:
+    """Whether a server generated no token at all (it stopped at the end-of-sequence token) and so
+    listed no log-probabilities."""
+    try:
+        logprobs = answer["choices"][0].get("logprobs") or {}
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False
+    listed = logprobs.get("content") if "content" in logprobs else logprobs.get("top_logprobs")
+    return not listed
+
+
 def top_logprobs_of(answer: dict[str, Any], where: str) -> dict[str, float]:
     """The first generated token's top log-probabilities (token -> log-probability) of a completions
     or chat answer; ServerError when the answer holds none."""
@@ -166,5 +184,6 @@ def top_logprobs_of(answer: dict[str, Any], where: str) -> dict[str, float]:
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ServerError(
             f"{where} answered without the next token's log-probabilities ({type(exc).__name__}: {exc}); "
-            "does the server return logprobs for this model?"
+            "does the server return logprobs for this model (and take min_tokens, asked for when it "
+            "stops at once)?"
         ) from exc

@@ -258,6 +258,35 @@ def test_a_retry_after_over_max_wait_fails_at_once_and_backoff_doubles(busy_serv
     assert waits == [0.5, 1.0, 1.5]
 
 
+class _StopsAtOnce(_Busy):
+    """Generates nothing (the end-of-sequence token first) unless asked for min_tokens."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append(body)
+        if body.get("min_tokens", 0) < 1:
+            empty = {"text": "", "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": []}}
+            self._answer(200, {"choices": [{**empty, "finish_reason": "stop"}]})
+            return
+        self._answer(200, {"choices": [{"logprobs": {"top_logprobs": [{" positive": -2.0, " x": -0.5}]}}]})
+
+
+def test_a_server_that_stops_at_once_is_asked_again_with_min_tokens():
+    _StopsAtOnce.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StopsAtOnce)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = OpenAICompatibleClient(EndpointSettings(f"http://127.0.0.1:{server.server_address[1]}"))
+        labels = LabelWords(ids=(5, 6), texts=(" negative", " positive"), classes=((0,), (1,)))
+        scores = VLLMScorer(client, "m", 4, by_id=False).score_texts(["a text"], labels)
+        assert [b.get("min_tokens") for b in _StopsAtOnce.seen] == [None, 1]
+        assert scores.logprobs[0, 1] == -2.0 and scores.floored.tolist() == [[True, False]]
+        client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ---------------------------------------------------------------- BDPL
 
 

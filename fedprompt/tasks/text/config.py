@@ -369,7 +369,9 @@ class VocabularyConfig(StrictModel):
     party's data).
     """
 
-    source: Literal["pmi", "file"] = "pmi"
+    source: Literal["pmi", "file"] = Field(
+        "pmi", description="pmi: n-grams of the training texts (BDPL's); file: the lines of `file`."
+    )
     file: Path | None = Field(None, description="source file: a text file, one candidate string a line.")
     size: int = Field(50, ge=2, le=100_000, description="K, the candidates each position chooses among.")
     max_ngram: int = Field(5, ge=1, le=20, description="Longest n-gram, in words.")

@@ -89,7 +89,9 @@ def build_language_model(
     else:
         assert isinstance(backbone, OpenAIBackboneConfig)
         tokenizer = load_tokenizer(backbone.tokenizer) if backbone.tokenizer else None
-        scorer = OpenAIScorer(_client(backbone), backbone.model, backbone.endpoint, backbone.top_logprobs)
+        scorer = OpenAIScorer(
+            endpoint_client(backbone), backbone.model, backbone.endpoint, backbone.top_logprobs
+        )
         table_source, size = None, 0
     with _model_checked("head.label_words"):
         labels = LabelWords.from_tokenizer(tokenizer, words) if tokenizer else LabelWords.from_words(words)
@@ -209,7 +211,7 @@ def _embedding_table(source: str | Path, gguf_file: str | None) -> Any:
 def _vllm_scorer(backbone: Any, hidden_size: int) -> VLLMScorer:
     assert isinstance(backbone, VLLMBackboneConfig)
     return VLLMScorer(
-        _client(backbone),
+        endpoint_client(backbone),
         backbone.model,
         hidden_size,
         top_logprobs=backbone.top_logprobs,
@@ -218,7 +220,7 @@ def _vllm_scorer(backbone: Any, hidden_size: int) -> VLLMScorer:
     )
 
 
-def _client(endpoint: EndpointConfig) -> OpenAICompatibleClient:
+def endpoint_client(endpoint: EndpointConfig) -> OpenAICompatibleClient:
     """The HTTP client of an endpoint section: its token from ``token_env``, its TLS files."""
     key = None
     if endpoint.token_env is not None:
