@@ -33,6 +33,8 @@ console = Console(stderr=True)
 _BACKBONE_ERRORS = (
     ("prompt_modules.hf_text", "BackboneLoadError"),
     ("prompt_modules.remote", "RemoteBackboneError"),
+    ("prompt_modules.openai_client", "ServerError"),
+    ("prompt_modules.llama_cpp_engine", "LlamaCppError"),
 )
 """A model that cannot be loaded, a service that cannot be reached or refuses: user mistakes too
 (looked up where already imported, so that `fedprompt --help` does not import torch's stack)."""

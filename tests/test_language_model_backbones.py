@@ -287,6 +287,55 @@ def test_a_server_that_stops_at_once_is_asked_again_with_min_tokens():
         server.server_close()
 
 
+class _Models(BaseHTTPRequestHandler):
+    """Lists one served model; refuses a request without the right key."""
+
+    def do_GET(self) -> None:
+        if self.headers.get("Authorization") != "Bearer right":
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = json.dumps({"data": [{"id": "smollm2"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        return None
+
+
+def test_the_served_model_and_the_key_are_checked_before_any_query(monkeypatch):
+    from fedprompt.tasks.text.language_model import endpoint_client
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        monkeypatch.setenv("MY_KEY", "right")
+        wrong_model = _config(
+            backbone={"kind": "openai", "url": url, "model": "gpt-9", "token_env": "MY_KEY"}
+        )
+        with pytest.raises(
+            ConfigError, match=r"backbone\.model: the server at .* serves \['smollm2'\], not 'gpt-9'"
+        ):
+            endpoint_client(wrong_model.backbone)
+        monkeypatch.setenv("MY_KEY", "wrong")
+        wrong_key = _config(
+            backbone={"kind": "openai", "url": url, "model": "smollm2", "token_env": "MY_KEY"}
+        )
+        with pytest.raises(ConfigError, match=r"backbone\.token_env: the server refused this party's key"):
+            endpoint_client(wrong_key.backbone)
+        monkeypatch.setenv("MY_KEY", "")
+        with pytest.raises(ConfigError, match=r"the environment variable MY_KEY is empty or unset"):
+            endpoint_client(wrong_key.backbone)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ---------------------------------------------------------------- BDPL
 
 

@@ -93,26 +93,49 @@ def _client_rows(result):
     return [row for row in result.client_history if row["accepted"]]
 
 
-def test_fedone_bdpl_round_through_llama_cpp_server(llama_server, reviews):
-    """FedOne: one client a round trains BDPL through llama.cpp's server; the server takes its α."""
+def test_fedone_bdpl_round_through_llama_cpp_server(llama_server, reviews, tmp_path):
+    """FedOne: one client a round trains BDPL through llama.cpp's server; the server takes its α;
+    the app's cost report gives each client's requests and tokens as the server counted them, and
+    the price they come to."""
+    from apps.blackbox_api.report import cost_report, format_report
+
+    backbone = {
+        "kind": "openai",
+        "url": llama_server,
+        "model": SERVED_NAME,
+        "tokenizer": "bundled:smollm2-135m",
+        "price_per_prompt_token": 2e-7,
+        "price_per_completion_token": 1e-6,
+    }
     config = _config(
         reviews,
-        {"kind": "openai", "url": llama_server, "model": SERVED_NAME, "tokenizer": "bundled:smollm2-135m"},
+        backbone,
         BDPL_PROMPT,
         BDPL,
         {"kind": "fedavg"},
         federation={"rounds": 2, "min_clients": 1, "fraction": 0.5, "local_evaluation": False},
+        output={"dir": str(tmp_path), "plot": False},
     )
-    result = fedprompt.run(config, write=False)
+    result = fedprompt.run(config)
     rows = _client_rows(result)
     assert len(rows) == 2 and sorted(r["round"] for r in rows) == [1, 2]  # one client a round
-    for row in rows:
-        assert row["api_requests"] == 2 * 2 * 2  # steps × samples × batch: one request per text
+    for row in rows:  # steps × samples × batch texts, one request each (and a retry if one stops at once)
+        assert row["queries"] == 2 * 2 * 2 and row["api_requests"] >= row["queries"]
         assert row["api_prompt_tokens"] > row["api_requests"] * 5 and row["api_completion_tokens"] >= 0
         assert 0.0 <= row["floored_share"] < 1.0
     logits = result.final_state["prompt.logits"]
     assert logits.shape == (3, 8) and float(logits.abs().sum()) > 0
     assert 0.0 <= result.metric("global_accuracy")[-1] <= 1.0
+
+    report = cost_report(result.run_dir)
+    for client in report["clients"]:
+        mine = [r for r in rows if r["client_id"] == client["client_id"]]
+        api = client["api"]
+        assert api["requests"] == sum(r["api_requests"] for r in mine)
+        assert api["prompt_tokens"] == sum(r["api_prompt_tokens"] for r in mine)
+        expected = api["prompt_tokens"] * 2e-7 + api["completion_tokens"] * 1e-6
+        assert api["price"] == pytest.approx(expected)
+    assert "language-model server (its own counts):" in format_report(report)
 
 
 def test_fedbpt_round_through_llama_cpp_low_level(reviews):

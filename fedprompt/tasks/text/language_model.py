@@ -40,7 +40,7 @@ from prompt_modules.llm_classifier import (
     EmbeddedPromptClassifier,
     parity_gap,
 )
-from prompt_modules.openai_client import EndpointSettings, OpenAICompatibleClient
+from prompt_modules.openai_client import EndpointSettings, OpenAICompatibleClient, ServerError
 from prompt_modules.openai_scorer import OpenAIScorer, VLLMScorer
 from prompt_modules.remote import tls_context
 from prompt_modules.soft_prompt import SoftPrompt, init_prompt_embeddings
@@ -241,7 +241,27 @@ def endpoint_client(endpoint: EndpointConfig) -> OpenAICompatibleClient:
         concurrency=endpoint.concurrency,
         tls=_tls(endpoint) if endpoint.url.startswith("https://") else None,
     )
-    return OpenAICompatibleClient(settings)
+    client = OpenAICompatibleClient(settings)
+    _check_served_model(client, endpoint.model)
+    return client
+
+
+def _check_served_model(client: OpenAICompatibleClient, name: str) -> None:
+    """ConfigError when the server lists its models (``/v1/models``) and ``name`` is not one of them;
+    nothing when it does not list them (some hosted APIs do not)."""
+    try:
+        listed = client.get("/v1/models")
+    except ServerError as exc:
+        if "refused (401)" in str(exc) or "refused (403)" in str(exc):
+            raise ConfigError(f"backbone.token_env: the server refused this party's key: {exc}") from None
+        if "refused (" not in str(exc):
+            raise  # unreachable, or failing: nothing would work
+        log.info("the server lists no models (%s); backbone.model is not checked", exc)
+        return
+    data = listed.get("data") if isinstance(listed, dict) else None
+    names = [item.get("id") for item in data or [] if isinstance(item, dict)]
+    if names and name not in names:
+        raise ConfigError(f"backbone.model: the server at {client.url} serves {names}, not {name!r}")
 
 
 def _tls(endpoint: EndpointConfig) -> ssl.SSLContext:
