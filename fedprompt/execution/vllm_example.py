@@ -94,14 +94,10 @@ def main() -> int:
     spec = json.loads((HERE / "vllm_prompt.json").read_text())
     check = json.loads((HERE / "check.json").read_text())
     prompt = load_file(str(HERE / "prompt_embeds.safetensors"))["prompt_embeds"]
-    gguf_file = None if args.embeddings else spec["gguf_file"]
+    gguf_file = None if args.embeddings else spec["embeddings_gguf_file"]
     table = input_embedding_table(args.embeddings or spec["embeddings"], gguf_file)
-    tok_gguf = (
-        {"gguf_file": spec["gguf_file"]}
-        if spec["gguf_file"] and spec["tokenizer"] == spec["embeddings"]
-        else {}
-    )
-    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"], **tok_gguf)
+    gguf = {"gguf_file": spec["tokenizer_gguf_file"]} if spec["tokenizer_gguf_file"] else {}
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"], **gguf)
     token_ids, classes = spec["label_words"]["token_ids"], spec["label_words"]["classes"]
     texts = args.text or check["texts"]
     worst, disagree = 0.0, 0

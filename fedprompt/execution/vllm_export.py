@@ -80,7 +80,7 @@ def export_vllm(run_dir: Path, out: Path) -> VLLMExport:
     """Write the final prompt of ``run_dir`` for vLLM clients into ``out`` (a new or empty folder)."""
     folder = RunDirectory.existing(run_dir)
     config = load_config(folder.read_config())
-    tokenizer, embeddings, gguf = _sources(config)
+    tokenizer, embeddings = _sources(config)
     state = _final_state(folder)
     experiment, texts = _experiment_and_texts(config)
     model = experiment.model
@@ -100,9 +100,10 @@ def export_vllm(run_dir: Path, out: Path) -> VLLMExport:
         "hidden_size": prompt.shape[1],
         "dtype": "float32",
         "placement": "before the input's token embeddings (before everything, as a decoder's prompt)",
-        "tokenizer": tokenizer,
-        "embeddings": embeddings,
-        "gguf_file": gguf,
+        "tokenizer": tokenizer.path,
+        "tokenizer_gguf_file": tokenizer.gguf_file,
+        "embeddings": embeddings.path,
+        "embeddings_gguf_file": embeddings.gguf_file,
         "template": config.head.template,
         "max_length": config.backbone.max_length,
         **tokenization,
@@ -115,11 +116,20 @@ def export_vllm(run_dir: Path, out: Path) -> VLLMExport:
     (out / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2, ensure_ascii=False) + "\n")
     (out / CHECK_FILE).write_text(json.dumps(check, indent=1, ensure_ascii=False) + "\n")
     shutil.copyfile(Path(__file__).with_name("vllm_example.py"), out / EXAMPLE_FILE)
-    return VLLMExport(out, prompt.shape[0], prompt.shape[1], tokenizer, embeddings)
+    return VLLMExport(out, prompt.shape[0], prompt.shape[1], tokenizer.path, embeddings.path)
 
 
-def _sources(config: RunConfig) -> tuple[str, str, str | None]:
-    """(tokenizer, input-embedding table source, GGUF file) of an exportable run; ExportError else."""
+@dataclass(frozen=True)
+class _Source:
+    """A tokenizer or an input-embedding table as a path the example reads without fedprompt (a
+    bundled alias resolved), and the GGUF file in it, if any."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def _sources(config: RunConfig) -> tuple[_Source, _Source]:
+    """(tokenizer, input-embedding table) of an exportable run; ExportError for runs vLLM cannot serve."""
     from prompt_modules.bundled import resolve_model_name
 
     backbone, prompt = config.backbone, config.prompt
@@ -134,12 +144,13 @@ def _sources(config: RunConfig) -> tuple[str, str, str | None]:
             "(and intrinsic) prompts of decoders"
         )
     if isinstance(backbone, VLLMBackboneConfig):
-        path, gguf = resolve_model_name(backbone.embeddings or backbone.tokenizer, None)
-        return backbone.tokenizer, path, gguf
-    if isinstance(backbone, LlamaCppBackboneConfig):
-        path, gguf = resolve_model_name(backbone.model, backbone.gguf_file)
-        return backbone.tokenizer or path, path, gguf
-    if isinstance(backbone, HFTextBackboneConfig) and backbone.random_config is None:
+        tokenizer = _Source(*resolve_model_name(backbone.tokenizer, None))
+        return tokenizer, _Source(
+            *resolve_model_name(backbone.embeddings, None)
+        ) if backbone.embeddings else tokenizer
+    if isinstance(backbone, HFTextBackboneConfig) and backbone.random_config is not None:
+        raise ExportError("a randomly initialised backbone has no published model for vLLM to serve")
+    if isinstance(backbone, HFTextBackboneConfig):
         from fedprompt.tasks.preflight import text_model_config
         from prompt_modules.hf_text import is_decoder_config
 
@@ -148,8 +159,10 @@ def _sources(config: RunConfig) -> tuple[str, str, str | None]:
             raise ExportError(
                 "vLLM serves decoders; this run's backbone.model is not one (or cannot be read here)"
             )
-        path, gguf = resolve_model_name(backbone.model, backbone.gguf_file)
-        return backbone.tokenizer or path, path, gguf
+    if isinstance(backbone, HFTextBackboneConfig | LlamaCppBackboneConfig):
+        model = _Source(*resolve_model_name(backbone.model, backbone.gguf_file))
+        tokenizer = _Source(*resolve_model_name(backbone.tokenizer, None)) if backbone.tokenizer else model
+        return tokenizer, model
     raise ExportError(
         f"backbone.kind {backbone.kind!r} has no published model for vLLM; export runs on hf-text decoders, "
         "llama-cpp or vllm backbones"
