@@ -449,3 +449,38 @@ def test_fedone_averages_the_clients_distributions_by_examples():
         [Update(0, first, 30, {}), Update(1, second, 10, {})],
     )
     assert torch.allclose(new["prompt.logits"], torch.tensor([[0.75, 0.75, -0.75]]))
+
+
+# ---------------------------------------------------------------- export for vLLM
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({}, r"whose head is a verbaliser \(label words\); this one scores classes by similarity"),
+        (
+            {
+                "head": VERBALIZER,
+                "backbone": {"kind": "openai", "model": "m"},
+                "prompt": {"kind": "discrete"},
+                "optimizer": {"kind": "bdpl"},
+            },
+            r"prompt\.kind 'discrete' is not a set of input vectors",
+        ),
+        (
+            {"head": VERBALIZER, "backbone": {"kind": "hf-text", "random_config": {"model_type": "gpt2"}}},
+            r"a randomly initialised backbone has no published model",
+        ),
+    ],
+)
+def test_vllm_export_refuses_what_vllm_cannot_serve(tmp_path, sections, message):
+    import yaml
+
+    from fedprompt.errors import ExportError
+    from fedprompt.execution.vllm_export import export_vllm
+
+    config = load_config({"prompt": {"kind": "soft"}, **sections})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    with pytest.raises(ExportError, match=message):
+        export_vllm(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
