@@ -1,5 +1,6 @@
-"""Settings of text tasks: Hugging Face and remote backbones, class heads (verbaliser,
-similarity), and the text prompts (soft, deep, intrinsic)."""
+"""Settings of text tasks: Hugging Face and remote backbones, the language-model backbones reached
+through label-word log-probabilities (llama-cpp, vllm, openai), class heads (verbaliser,
+similarity), and the text prompts (soft, deep, intrinsic, BDPL's discrete)."""
 
 from __future__ import annotations
 
