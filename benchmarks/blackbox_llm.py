@@ -155,7 +155,9 @@ def zero_shot(args: argparse.Namespace, data: dict[str, Any], backbone: dict[str
     )
     loaded = load_text_classification(config.data, seed=derive_seed(config.seed, "data"))
     labels = LabelWords.from_tokenizer(load_tokenizer("bundled:smollm2-135m"), [[w] for w in LABELS])
-    scorer = OpenAIScorer(endpoint_client(config.backbone), "smollm2", "completions", 20)
+    scorer = OpenAIScorer(
+        endpoint_client(config.backbone), "smollm2", "completions", config.backbone.top_logprobs
+    )
     texts = [TEMPLATE.format(text=t) for t in loaded.test["text"]]
     scores = scorer.score_texts(texts, labels)
     truth = torch.tensor(loaded.test["label"])
@@ -176,6 +178,7 @@ def bdpl(args: argparse.Namespace, data: dict[str, Any], folder: Path) -> dict[s
             "model": "smollm2",
             "tokenizer": "bundled:smollm2-135m",
             "concurrency": 1,
+            "top_logprobs": args.top_logprobs,
         }
         start = time.perf_counter()
         baseline = zero_shot(args, data, backbone)
@@ -338,6 +341,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="BDPL: prompts drawn per step I")
     parser.add_argument("--steps", type=int, default=5, help="BDPL: local steps per round")
     parser.add_argument("--lr", type=float, default=0.5, help="BDPL: Adam's learning rate on the logits")
+    parser.add_argument("--top-logprobs", type=int, default=20, help="BDPL: log-probabilities asked per text")
     parser.add_argument("--batch", type=int, default=8, help="examples per step / generation")
     parser.add_argument("--dim", type=int, default=50, help="FedBPT: d")
     parser.add_argument("--prompt-tokens", type=int, default=5, help="FedBPT: prompt vectors m")
