@@ -258,6 +258,76 @@ def test_a_retry_after_over_max_wait_fails_at_once_and_backoff_doubles(busy_serv
     assert waits == [0.5, 1.0, 1.5]
 
 
+class _Flaky(_Busy):
+    """Answers the first ``refusals`` POSTs with ``status`` (no Retry-After), then echoes the prompt;
+    counts the requests it is handling at once."""
+
+    status = 503
+    lock = threading.Lock()
+    in_flight = 0
+    most_in_flight = 0
+
+    def do_POST(self) -> None:
+        cls = type(self)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with cls.lock:
+            cls.seen.append(body)
+            refused = len(cls.seen) <= cls.refusals
+            cls.in_flight += 1
+            cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
+        try:
+            if refused:
+                self._answer(cls.status, {"error": {"message": "model is loading"}})
+            else:
+                threading.Event().wait(0.02)  # a little work, so requests overlap when allowed to
+                self._answer(200, {"echo": body["prompt"], "usage": {"prompt_tokens": 3}})
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+
+
+@pytest.fixture
+def flaky_server():
+    _Flaky.seen, _Flaky.in_flight, _Flaky.most_in_flight = [], 0, 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_5xx_is_retried_with_backoff_and_other_4xx_fail_at_once(flaky_server):
+    _Flaky.refusals, _Flaky.status = 2, 503
+    waits: list[float] = []
+    client = OpenAICompatibleClient(
+        EndpointSettings(flaky_server, retries=3, backoff=0.5), sleep=waits.append
+    )
+    assert client.post("/v1/completions", {"prompt": "x"})["echo"] == "x"
+    assert waits == [0.5, 1.0] and len(_Flaky.seen) == 3
+    assert client.usage.snapshot()["retries"] == 2
+    client.close()
+    _Flaky.seen, _Flaky.refusals, _Flaky.status = [], 1, 400
+    client = OpenAICompatibleClient(EndpointSettings(flaky_server, retries=3), sleep=waits.append)
+    with pytest.raises(ServerError, match=r"was refused \(400\): .*model is loading"):
+        client.post("/v1/completions", {"prompt": "x"})
+    assert len(_Flaky.seen) == 1  # never retried
+    client.close()
+
+
+def test_requests_in_flight_never_exceed_the_concurrency_limit(flaky_server):
+    _Flaky.refusals = 0
+    client = OpenAICompatibleClient(EndpointSettings(flaky_server, concurrency=2))
+    prompts = [f"text {i}" for i in range(12)]
+    answers = client.post_many("/v1/completions", [{"prompt": p} for p in prompts])
+    assert [a["echo"] for a in answers] == prompts  # in the bodies' order
+    assert 1 <= _Flaky.most_in_flight <= 2 and len(_Flaky.seen) == 12
+    assert client.usage.snapshot()["requests"] == 12
+    client.close()
+
+
 class _StopsAtOnce(_Busy):
     """Generates nothing (the end-of-sequence token first) unless asked for min_tokens."""
 
