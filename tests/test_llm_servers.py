@@ -159,6 +159,26 @@ def test_fedbpt_round_through_llama_cpp_low_level(reviews):
     assert result.final_state["prompt.z"].shape == (16,)
 
 
+def test_fedkseed_spsa_soft_prompt_round_through_llama_cpp_low_level(reviews):
+    """SPSA/MeZO on a whole soft prompt, sent as FedKSeed's (seed, projected gradient) pairs, through
+    llama.cpp's embeddings input: two candidates a step on a batch of 2, 8 queries a client."""
+    need_llama_cpp()
+    smollm2_gguf()
+    config = _config(
+        reviews,
+        {"kind": "llama-cpp", "max_length": 32},
+        {"kind": "soft", "num_tokens": 2, "init": "vocab"},
+        {"kind": "spsa", "lr": 0.01, "epsilon": 0.001, "budget": 8, "batch_size": 2},
+        {"kind": "fedkseed", "num_seeds": 16},
+    )
+    result = fedprompt.run(config, write=False)
+    rows = _client_rows(result)
+    assert len(rows) == 2
+    for row in rows:  # budget // (2 · batch) = 2 steps of 2 candidates on 2 examples
+        assert row["queries"] == 8 and row["api_requests"] >= 8 and row["floored_share"] == 0.0
+    assert 0.0 <= result.metric("global_accuracy")[-1] <= 1.0
+
+
 def test_parity_fails_on_a_template_the_server_reads_otherwise(reviews):
     """A client that puts a beginning-of-sequence token before its inputs, which the server does not
     add to text (SmolLM2's GGUF says add_bos_token: false): the pre-flight names the field before
