@@ -33,6 +33,8 @@ console = Console(stderr=True)
 _BACKBONE_ERRORS = (
     ("prompt_modules.hf_text", "BackboneLoadError"),
     ("prompt_modules.remote", "RemoteBackboneError"),
+    ("prompt_modules.openai_client", "ServerError"),
+    ("prompt_modules.llama_cpp_engine", "LlamaCppError"),
 )
 """A model that cannot be loaded, a service that cannot be reached or refuses: user mistakes too
 (looked up where already imported, so that `fedprompt --help` does not import torch's stack)."""
@@ -139,6 +141,13 @@ def serve(
         str, typer.Option(help="Hub name, local folder or bundled alias.")
     ] = "bundled:all-MiniLM-L6-v2",
     lm_head: Annotated[bool, typer.Option("--lm-head", help="Load the LM head (verbaliser heads).")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="transformers (any text model; a GGUF dequantised) or llama-cpp (a GGUF on llama.cpp's "
+            "quantised kernels, label words only; needs llama-cpp-python)."
+        ),
+    ] = "transformers",
     max_length: Annotated[int, typer.Option(min=8, help="Longest input, in tokens.")] = 64,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -236,6 +245,7 @@ def serve(
         ),
         tls=TLSFiles.from_options(ssl_certfile, ssl_keyfile, ssl_ca_certfile),
         usage_file=usage_file,
+        engine=engine,
     )
     serve_forever(settings)
 
@@ -269,6 +279,7 @@ class ExportFormat(str, Enum):
     """Formats ``fedprompt export`` writes."""
 
     peft = "peft"
+    vllm = "vllm"
 
 
 @app.command()
@@ -277,10 +288,20 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Results folder of a finished run.")],
     out: Annotated[Path, typer.Argument(help="New (or empty) folder for the exported prompt.")],
     format_: Annotated[
-        ExportFormat, typer.Option("--format", help="peft: a PEFT prompt-tuning adapter.")
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="peft: a PEFT prompt-tuning adapter; vllm: the tensor a vLLM client sends as prompt_embeds.",
+        ),
     ] = ExportFormat.peft,
 ) -> None:
-    """Export a run's trained prompt: a text soft prompt as a PEFT prompt-tuning adapter."""
+    """Export a run's trained prompt: a text soft prompt as a PEFT prompt-tuning adapter, or a decoder's
+    soft prompt for vLLM's prompt_embeds."""
+    if format_ is ExportFormat.vllm:
+        from fedprompt.execution.vllm_export import export_vllm
+
+        typer.echo(export_vllm(run_dir, out).instructions())
+        return
     from fedprompt.execution.peft_export import export_peft
 
     typer.echo(export_peft(run_dir, out).instructions())

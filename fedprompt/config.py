@@ -74,17 +74,25 @@ from fedprompt.tasks.clip.config import (
 )
 from fedprompt.tasks.config import PromptInitConfig
 from fedprompt.tasks.text.config import (
+    LLM_BACKBONE_KINDS,
     SPSA_PROMPT_KINDS,
     DeepPromptConfig,
+    DiscretePromptConfig,
+    EndpointConfig,
     HeadConfig,
     HFTextBackboneConfig,
     IntrinsicPromptConfig,
+    LlamaCppBackboneConfig,
+    OpenAIBackboneConfig,
     RemoteBackboneConfig,
     SimilarityHeadConfig,
     SoftPromptConfig,
     VerbalizerHeadConfig,
+    VLLMBackboneConfig,
+    VocabularyConfig,
 )
 from fedprompt.training.config import (
+    BLACK_BOX_OPTIMIZERS,
     SCORE_ON_HELP,
     AugmentConfig,
     CMAESOptimizerConfig,
@@ -92,18 +100,21 @@ from fedprompt.training.config import (
     LRScheduleConfig,
     OptimizerConfig,
     PartOptimizerConfig,
+    PolicyGradientOptimizerConfig,
     RuntimeConfig,
     ScoreOn,
     SPSAOptimizerConfig,
 )
 
 __all__ = [
+    "BLACK_BOX_OPTIMIZERS",
     "BUILTIN_DATASETS",
     "BUILTIN_IMAGE_DATASETS",
     "BUNDLED_CLIP_MODELS",
     "BUNDLED_WEIGHTS",
     "CLIP_PROMPT_KINDS",
     "DEFAULT_COOP_TOKENS",
+    "LLM_BACKBONE_KINDS",
     "SCORE_ON_HELP",
     "SPSA_PROMPT_KINDS",
     "STRATEGY_CONFIGS",
@@ -115,6 +126,8 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DeepPromptConfig",
+    "DiscretePromptConfig",
+    "EndpointConfig",
     "FedAvgConfig",
     "FedAvgMConfig",
     "FedBPTConfig",
@@ -131,7 +144,9 @@ __all__ = [
     "IntrinsicPromptConfig",
     "KrumConfig",
     "LRScheduleConfig",
+    "LlamaCppBackboneConfig",
     "MedianConfig",
+    "OpenAIBackboneConfig",
     "OpenCLIPBackboneConfig",
     "OptimizerConfig",
     "OutputConfig",
@@ -140,6 +155,7 @@ __all__ = [
     "PayloadConfig",
     "PersonalizationConfig",
     "PixelPromptConfig",
+    "PolicyGradientOptimizerConfig",
     "PrivacyConfig",
     "PromptConfig",
     "PromptInitConfig",
@@ -159,12 +175,14 @@ __all__ = [
     "StrictModel",
     "TrimmedMeanConfig",
     "TwinPromptConfig",
+    "VLLMBackboneConfig",
     "VPTPromptConfig",
     "VQADataConfig",
     "VQAPromptConfig",
     "VerbalizerHeadConfig",
     "VisionConfig",
     "VisualPromptConfig",
+    "VocabularyConfig",
     "WireDtype",
     "apply_overrides",
     "default_config_dict",
@@ -174,7 +192,13 @@ __all__ = [
 ]
 
 BackboneConfig = Annotated[
-    HFTextBackboneConfig | OpenCLIPBackboneConfig | RemoteBackboneConfig, Field(discriminator="kind")
+    HFTextBackboneConfig
+    | OpenCLIPBackboneConfig
+    | RemoteBackboneConfig
+    | LlamaCppBackboneConfig
+    | VLLMBackboneConfig
+    | OpenAIBackboneConfig,
+    Field(discriminator="kind"),
 ]
 
 PromptConfig = Annotated[
@@ -186,7 +210,8 @@ PromptConfig = Annotated[
     | TwinPromptConfig
     | GeneratorPromptConfig
     | VQAPromptConfig
-    | IntrinsicPromptConfig,
+    | IntrinsicPromptConfig
+    | DiscretePromptConfig,
     Field(discriminator="kind"),
 ]
 
@@ -296,7 +321,7 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _personal_fits(self) -> RunConfig:
         """Personal prompts need gradients and held-out splits to report on."""
-        black_box = isinstance(self.optimizer, CMAESOptimizerConfig | SPSAOptimizerConfig)
+        black_box = isinstance(self.optimizer, BLACK_BOX_OPTIMIZERS)
         personal = self.personalization.splits or self.strategy.personal_prompts
         if personal and black_box:
             raise ValueError(
@@ -469,6 +494,44 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _language_model_fits(self) -> RunConfig:
+        """Language-model backbones (llama-cpp, vllm, openai) score label words after a decoder's
+        template; discrete prompts train by BDPL, through such a backbone, and only there."""
+        kind, prompt, opt = self.backbone.kind, self.prompt, self.optimizer
+        discrete = isinstance(prompt, DiscretePromptConfig)
+        if discrete != isinstance(opt, PolicyGradientOptimizerConfig):
+            raise ValueError(
+                "prompt.kind discrete trains by optimizer.kind bdpl, and bdpl trains discrete prompts only "
+                f"(prompt.kind is {prompt.kind!r}, optimizer.kind {opt.kind!r})"
+            )
+        if discrete and kind not in LLM_BACKBONE_KINDS:
+            raise ValueError(
+                f"prompt.kind discrete sends text to a language model; set backbone.kind to one of "
+                f"{list(LLM_BACKBONE_KINDS)} (backbone.kind is {kind!r})"
+            )
+        if kind not in LLM_BACKBONE_KINDS:
+            return self
+        allowed = ("discrete",) if kind == "openai" else ("soft", "intrinsic", "discrete")
+        if prompt.kind not in allowed:
+            why = "takes text only" if kind == "openai" else "takes input embeddings or text"
+            raise ValueError(
+                f"backbone.kind {kind} {why}: prompt.kind must be one of {list(allowed)} "
+                f"(prompt.kind is {prompt.kind!r})"
+            )
+        if not isinstance(self.head, VerbalizerHeadConfig):
+            raise ValueError(
+                f"backbone.kind {kind} scores each class by its label words' next-token log-probabilities; "
+                "set head.kind: verbalizer with label_words and a template that ends where the label "
+                "word follows, e.g. '{text} Sentiment:'"
+            )
+        if "[MASK]" in self.head.template:
+            raise ValueError(
+                f"head.template: backbone.kind {kind} is a decoder that predicts the next token; leave "
+                f"[MASK] out and end the template where the label word follows (got {self.head.template!r})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _black_box_fits(self) -> RunConfig:
         """CMA-ES searches an intrinsic prompt; SPSA an intrinsic prompt or a text soft/deep prompt;
         FedBPT needs CMA-ES; a remote backbone gives no gradients and scores intrinsic prompts only."""
@@ -485,10 +548,11 @@ class RunConfig(StrictModel):
                 f"optimizer.kind spsa perturbs a text prompt ({', '.join(SPSA_PROMPT_KINDS)}); "
                 f"prompt.kind {self.prompt.kind!r} trains by gradient (optimizer.kind: gradient)"
             )
-        if self.backbone.kind == "remote" and not black_box:
+        outputs_only = self.backbone.kind in ("remote", *LLM_BACKBONE_KINDS)
+        if outputs_only and not isinstance(opt, BLACK_BOX_OPTIMIZERS):
             raise ValueError(
-                "backbone.kind remote returns outputs only, never gradients; "
-                "set optimizer.kind: cmaes or spsa"
+                f"backbone.kind {self.backbone.kind} returns outputs only, never gradients; set "
+                "optimizer.kind: cmaes or spsa (soft and intrinsic prompts) or bdpl (discrete prompts)"
             )
         if self.backbone.kind == "remote" and self.prompt.kind != "intrinsic":
             raise ValueError(

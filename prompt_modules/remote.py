@@ -7,7 +7,6 @@ the client), candidates as z, and what comes back is logits or one loss per cand
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import logging
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import torch
 
+from prompt_modules import http_answers
 from prompt_modules.base import Batch, PromptModule
 from prompt_modules.heads import SimilarityHeadSpec, VerbalizerHeadSpec
 from prompt_modules.hf_text import special_affixes, tokenize_with_template
@@ -142,7 +142,7 @@ class RemoteBackbone:
             try:
                 response = self._http.request(method, path, content=body, headers=headers)
             except _RETRIED as exc:
-                if _untrusted_certificate(exc):
+                if http_answers.untrusted_certificate(exc):
                     raise RemoteBackboneError(
                         f"{where}: the service's TLS certificate is not trusted ({exc}); set "
                         "backbone.ca_file to the certificate of the CA that signed it"
@@ -158,7 +158,7 @@ class RemoteBackbone:
                     return response.json()
                 retry_after = self._retryable(where, response)
                 wait = delay if retry_after is None else retry_after
-                failure = f"HTTP {response.status_code}: {_reason(response)}"
+                failure = f"HTTP {response.status_code}: {http_answers.reason(response)}"
             if attempt < self.retries:
                 log.warning("%s failed (%s); retry in %.2f s", where, failure, wait)
                 self._sleep(wait)
@@ -168,8 +168,8 @@ class RemoteBackbone:
     def _retryable(self, where: str, response: httpx.Response) -> float | None:
         """For an answer worth retrying, the seconds the service asked to wait (None: back off as
         usual, a 5xx); raise ``RemoteBackboneError`` for the others, with the service's reason."""
-        status, reason = response.status_code, _reason(response)
-        retry_after = _retry_after(response)
+        status, reason = response.status_code, http_answers.reason(response)
+        retry_after = http_answers.retry_after(response)
         if status >= 500:
             return None
         if status == 429 and retry_after is None:
@@ -182,40 +182,6 @@ class RemoteBackbone:
                 f"over the {self.max_wait:.0f} s this client waits: {reason}"
             )
         return retry_after
-
-
-def _untrusted_certificate(exc: BaseException) -> bool:
-    """Whether a connection failed because the server's certificate did not verify."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds the service asked to wait (``Retry-After``: seconds or an HTTP date), or None."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _reason(response: httpx.Response) -> str:
-    try:
-        detail = response.json().get("detail")
-    except (ValueError, AttributeError):
-        detail = None
-    return str(detail) if detail else response.text[:500]
 
 
 class RemoteIntrinsicClassifier(PromptModule):

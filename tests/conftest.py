@@ -155,3 +155,51 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """llama.cpp's OpenAI-compatible server on loopback, serving the bundled SmolLM2 GGUF as
+    ``smollm2`` (started once per session; skips without llama-cpp-python or the model)."""
+    from llm_servers import (
+        LLAMA_START_TIMEOUT,
+        free_port,
+        llama_server_command,
+        need_llama_cpp,
+        running_server,
+        smollm2_gguf,
+    )
+
+    need_llama_cpp()
+    gguf = smollm2_gguf()
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    with running_server(llama_server_command(gguf, port), port, log, LLAMA_START_TIMEOUT) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """vLLM's OpenAI-compatible server (its own virtual environment, CPU) on loopback, serving SmolLM2
+    as a Hugging Face folder named ``smollm2``, with prompt embeddings enabled (started once per
+    session; skips without the vLLM environment). ``FEDPROMPT_VLLM_URL`` names one already running."""
+    from llm_servers import (
+        VLLM_ENV,
+        VLLM_START_TIMEOUT,
+        free_port,
+        need_vllm,
+        running_server,
+        smollm2_hf_folder,
+        vllm_command,
+    )
+
+    running = os.environ.get("FEDPROMPT_VLLM_URL")  # a server already running, as vllm_command starts it
+    if running:
+        yield running
+        return
+    need_vllm()
+    folder = smollm2_hf_folder()
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    with running_server(vllm_command(folder, port), port, log, VLLM_START_TIMEOUT, VLLM_ENV) as url:
+        yield url

@@ -139,6 +139,37 @@ def report(
         raise _fail(exc) from None
 
 
+@app.command("publish-embeddings")
+def publish_embeddings_command(
+    model: Annotated[str, typer.Argument(help="A GGUF file, a model folder or a bundled alias.")],
+    out: Annotated[Path, typer.Argument(help="The safetensors file to write.")],
+) -> None:
+    """The model owner: write the model's input-embedding table for vLLM clients (backbone.embeddings)."""
+    from apps.blackbox_api.model_files import publish_embeddings
+    from prompt_modules.bundled import resolve_model_name
+
+    try:
+        path, gguf = resolve_model_name(model, None)
+        vocab, hidden = publish_embeddings(path, out, gguf)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{out}: the input-embedding table [{vocab}, {hidden}] (float32), for backbone.embeddings")
+
+
+@app.command("gguf-to-hf")
+def gguf_to_hf_command(
+    gguf: Annotated[Path, typer.Argument(help="The GGUF file.")],
+    out: Annotated[Path, typer.Argument(help="A new folder for the Hugging Face model.")],
+) -> None:
+    """The model owner: the GGUF model as a Hugging Face folder (float32) for vLLM to serve."""
+    from apps.blackbox_api.model_files import gguf_to_hf_folder
+
+    try:
+        typer.echo(f"written {gguf_to_hf_folder(gguf, out)}")
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
+        raise _fail(exc) from None
+
+
 def _flower_tls(insecure: bool, ca: Path | None, cert: Path | None, key: Path | None) -> FlowerTLS | None:
     from apps.blackbox_api.roles import FlowerTLS
 

@@ -83,18 +83,26 @@ class FlowerTLS:
         ]
 
 
+API_BACKBONES = ("remote", "vllm", "openai")
+"""The backbones this app reaches the model through: its owner's server (fedprompt serve, vLLM, any
+OpenAI-compatible API such as llama.cpp's server or a hosted one)."""
+
+
 def app_config(config: Path, overrides: Sequence[str]) -> RunConfig:
-    """The run's configuration, checked for this app: a remote backbone, a black-box optimiser, and
-    this party's token in the environment. ConfigError naming the field otherwise."""
+    """The run's configuration, checked for this app: a backbone behind an API, a black-box
+    optimiser, and this party's token in the environment (where the server asks for one).
+    ConfigError naming the field otherwise."""
     cfg = load_config(config, overrides)
-    if cfg.backbone.kind != "remote":
+    if cfg.backbone.kind not in API_BACKBONES:
         raise ConfigError(
             f"backbone.kind is {cfg.backbone.kind!r}; the black-box API app reaches the model only through "
-            "its owner's service: set backbone.kind: remote and backbone.url to `fedprompt serve`'s address"
+            f"its owner's server: set backbone.kind to one of {list(API_BACKBONES)} and backbone.url to its "
+            "address"
         )
-    if not os.environ.get(cfg.backbone.token_env, "").strip():
+    token_env = cfg.backbone.token_env
+    if token_env is not None and not os.environ.get(token_env, "").strip():
         raise ConfigError(
-            f"backbone.token_env: the environment variable {cfg.backbone.token_env} is empty or unset; "
+            f"backbone.token_env: the environment variable {token_env} is empty or unset; "
             "put this party's bearer token for the inference service in it"
         )
     return cfg

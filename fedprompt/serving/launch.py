@@ -16,7 +16,9 @@ from fedprompt.serving.app import create_app
 from fedprompt.serving.auth import parse_tokens
 from fedprompt.serving.service import InferenceService, QueryQuotas, ServiceLimits
 from fedprompt.serving.tls import TLSFiles, plain_http_warning
+from prompt_modules.bundled import resolve_model_name
 from prompt_modules.hf_text import HFTextBackbone
+from prompt_modules.llama_cpp_backbone import LlamaCppBackbone
 
 log = logging.getLogger("fedprompt.serving")
 
@@ -39,6 +41,7 @@ class ServeSettings:
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     tls: TLSFiles | None = None
     usage_file: Path | None = None
+    engine: str = "transformers"
 
 
 def build_service(settings: ServeSettings) -> tuple[InferenceService, dict[str, str]]:
@@ -54,13 +57,29 @@ def build_service(settings: ServeSettings) -> tuple[InferenceService, dict[str, 
         raise ConfigError(f"--usage-file {settings.usage_file}: its folder does not exist")
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available")
-    backbone = HFTextBackbone.load(
-        settings.model, head="lm" if settings.lm_head else "none", max_length=settings.max_length
-    ).to(settings.device)
+    backbone = _load_backbone(settings)
     service = InferenceService(
         backbone, settings.model, settings.limits, settings.chunk_size, settings.quotas, settings.usage_file
     )
     return service, tokens
+
+
+def _load_backbone(settings: ServeSettings) -> HFTextBackbone | LlamaCppBackbone:
+    """The frozen model on the asked engine: transformers (any Hugging Face text model, a GGUF
+    dequantised), or llama.cpp (a GGUF file on its quantised kernels, CPU only)."""
+    if settings.engine == "transformers":
+        return HFTextBackbone.load(
+            settings.model, head="lm" if settings.lm_head else "none", max_length=settings.max_length
+        ).to(settings.device)
+    if settings.engine != "llama-cpp":
+        raise ConfigError(f"--engine must be transformers or llama-cpp, got {settings.engine!r}")
+    if settings.device != "cpu":
+        raise ConfigError("--engine llama-cpp computes on the CPU here; use --device cpu")
+    path, gguf = resolve_model_name(settings.model, None)
+    file = Path(path) / gguf if gguf else Path(path)
+    if file.suffix != ".gguf" or not file.is_file():
+        raise ConfigError(f"--engine llama-cpp needs a GGUF file as --model; {file} is not one")
+    return LlamaCppBackbone(file, max_length=settings.max_length, context_length=settings.max_length + 1024)
 
 
 def serve(settings: ServeSettings) -> None:

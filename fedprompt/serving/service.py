@@ -1,17 +1,18 @@
 """The inference service behind ``fedprompt serve``, without HTTP: checks, compute, usage counters.
 
-It owns one frozen backbone. For each (projection, head) pair that clients ask for it builds an
-``IntrinsicTextClassifier`` once and keeps the ``cache_size`` most recently used. Building one
-draws the projection A (m·h × d fp32, from the projection seed on a CPU generator, then moved to
-the backbone's device) and p0; A is the only large part, so the projections held never take more
-than ``cache_size × max_projection_floats × 4`` bytes (the defaults: 4 × 32 Mi floats, 512 MiB;
-BBT's 50 tokens × 1,024 wide × d = 500 is 25.6 M floats, 102 MB). A request is checked against
-the model, the limits and the client's query quota before any compute; a check that fails raises
-``RequestError`` naming the field (``QuotaExhausted`` for the quota). Building a projection counts
-its floats to the client that asked, within its projection quota. The model computes for one
-request at a time, the turns handed round-robin between clients, each with a bounded number of
-requests admitted (``fedprompt.serving.turns``), so one greedy token cannot starve the others.
-No method returns a weight or a gradient: only logits, losses and counts.
+It owns one frozen backbone: a transformers model, or a GGUF model run by llama.cpp (the second
+engine, ``LlamaCppBackbone``: verbaliser heads only). For each (projection, head) pair that clients
+ask for it builds an ``IntrinsicTextClassifier`` (or ``LlamaCppIntrinsicClassifier``) once and keeps
+the ``cache_size`` most recently used. Building one draws the projection A (m·h × d fp32, from the
+projection seed on a CPU generator, then moved to the backbone's device) and p0; A is the only large
+part, so the projections held never take more than ``cache_size × max_projection_floats × 4`` bytes
+(the defaults: 4 × 32 Mi floats, 512 MiB; BBT's 50 tokens × 1,024 wide × d = 500 is 25.6 M floats,
+102 MB). A request is checked against the model, the limits and the client's query quota before any
+compute; a check that fails raises ``RequestError`` naming the field (``QuotaExhausted`` for the
+quota). Building a projection counts its floats to the client that asked, within its projection
+quota. The model computes for one request at a time, the turns handed round-robin between clients,
+each with a bounded number of requests admitted (``fedprompt.serving.turns``), so one greedy token
+cannot starve the others. No method returns a weight or a gradient: only logits, losses and counts.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fedprompt.serving.turns import FairTurns
 from prompt_modules.heads import SimilarityHeadSpec, VerbalizerHeadSpec, build_head
 from prompt_modules.hf_text import HFTextBackbone
 from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier, ProjectionSpec
+from prompt_modules.llama_cpp_backbone import LlamaCppBackbone, LlamaCppIntrinsicClassifier
 from prompt_modules.remote import tokenizer_fingerprint
 from prompt_modules.remote_schema import (
     LogitsRequest,
@@ -42,6 +44,9 @@ from prompt_modules.remote_schema import (
     Usage,
 )
 from prompt_modules.text_classifier import pad_right
+
+PopulationClassifier = IntrinsicTextClassifier | LlamaCppIntrinsicClassifier
+"""What the service scores candidates with: transformers' classifier, or llama.cpp's (``--engine``)."""
 
 
 class RequestError(ValueError):
@@ -126,7 +131,7 @@ class InferenceService:
 
     def __init__(
         self,
-        backbone: HFTextBackbone,
+        backbone: HFTextBackbone | LlamaCppBackbone,
         model_name: str,
         limits: ServiceLimits | None = None,
         chunk_size: int = 10,
@@ -155,7 +160,7 @@ class InferenceService:
             max_request_bytes=self.limits.max_request_bytes,
             max_projection_floats=self.limits.max_projection_floats,
         )
-        self._classifiers: OrderedDict[tuple, IntrinsicTextClassifier] = OrderedDict()
+        self._classifiers: OrderedDict[tuple, PopulationClassifier] = OrderedDict()
         self._usage: dict[str, Usage] = {}
         self._reserved: dict[str, int] = {}
         self.turns = FairTurns(self.limits.max_pending)
@@ -220,7 +225,7 @@ class InferenceService:
         self,
         client: str,
         request: LogitsRequest,
-        compute: Callable[[IntrinsicTextClassifier], torch.Tensor],
+        compute: Callable[[PopulationClassifier], torch.Tensor],
     ) -> torch.Tensor:
         """Run ``compute`` on the request's classifier within the client's quota, count its queries
         (once computed, whatever follows), and refuse outputs that are not finite."""
@@ -352,7 +357,7 @@ class InferenceService:
 
     def _classifier(
         self, client: str, projection: ProjectionSpec, head: SimilarityHeadSpec | VerbalizerHeadSpec
-    ) -> IntrinsicTextClassifier:
+    ) -> PopulationClassifier:
         """The classifier for a (projection, head) pair, built on first use (its projection's floats
         counted to ``client``, within its projection quota); least recently used ones are dropped
         beyond ``cache_size``. Call in a compute turn."""
@@ -360,6 +365,12 @@ class InferenceService:
         if key in self._classifiers:
             self._classifiers.move_to_end(key)
             return self._classifiers[key]
+        llama = isinstance(self.backbone, LlamaCppBackbone)
+        if llama and not isinstance(head, VerbalizerHeadSpec):
+            raise RequestError(
+                "head: this service runs the llama-cpp engine, which scores label words; use head.kind "
+                "verbalizer"
+            )
         self._count_projection(client, projection.num_tokens * self.info.hidden_size * projection.dim)
         try:
             built = build_head(self.backbone, head)
@@ -370,7 +381,10 @@ class InferenceService:
         masked = isinstance(head, VerbalizerHeadSpec) and not self.backbone.is_decoder
         template = "{text}[MASK]" if masked else "{text}"
         prompt = IntrinsicPrompt.from_backbone(self.backbone, projection).to(self.backbone.device)
-        classifier = IntrinsicTextClassifier(self.backbone, prompt, built, template, self.chunk_size)
+        if llama:
+            classifier: PopulationClassifier = LlamaCppIntrinsicClassifier(self.backbone, prompt, built)
+        else:
+            classifier = IntrinsicTextClassifier(self.backbone, prompt, built, template, self.chunk_size)
         classifier.to(self.backbone.device).eval()
         self._classifiers[key] = classifier
         while len(self._classifiers) > self.limits.cache_size:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from importlib import import_module
 
-from fedprompt.config import ConfigError, GradientOptimizerConfig, RunConfig
+from fedprompt.config import LLM_BACKBONE_KINDS, ConfigError, GradientOptimizerConfig, RunConfig
 from fedprompt.federation.personalization import prompt_split
 from fedprompt.federation.privacy.accounting import plan_privacy
 from fedprompt.federation.privacy.stages import privacy_client_rule
@@ -38,7 +38,7 @@ class TaskBuilder:
 TASKS = (
     TaskBuilder(
         "text classification",
-        lambda c: c.backbone.kind in ("hf-text", "remote"),
+        lambda c: c.backbone.kind in ("hf-text", "remote", *LLM_BACKBONE_KINDS),
         "fedprompt.tasks.text.classification:build_text_experiment",
     ),
     TaskBuilder(

@@ -128,9 +128,35 @@ class SPSAOptimizerConfig(StrictModel):
     )
 
 
+class PolicyGradientOptimizerConfig(StrictModel):
+    """BDPL's local training of a discrete prompt: each step draws ``samples`` prompts from the
+    positions' categorical distributions, scores each on the same fresh batch of ``batch_size``
+    local examples (cross-entropy of the label words' log-probabilities), and steps the
+    distributions along the variance-reduced policy gradient
+    (1/(I−1)) Σ_k (L_k − L̄) ∇ log p(s_k). A step costs samples × batch_size model queries.
+    """
+
+    kind: Literal["bdpl"] = "bdpl"
+    samples: int = Field(20, ge=2, description="I, prompts drawn per step (BDPL's sample_size: 20).")
+    lr: float = Field(0.5, gt=0, description="Step size on the distributions (adam: its learning rate).")
+    algorithm: Literal["adam", "sgd"] = Field(
+        "adam", description="adam (the reference's AdamW, fresh each round) or plain gradient steps."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="adam: decoupled weight decay (reference: 0.1).")
+    steps: int = Field(8, ge=1, description="Local steps per round, each on a fresh random batch.")
+    batch_size: int = Field(16, ge=1, description="Examples every sampled prompt is scored on in a step.")
+    grad_clip: float | None = Field(
+        3.0, gt=0, description="Clip the gradient's L2 norm over all positions (reference: 3); null: none."
+    )
+
+
 OptimizerConfig = Annotated[
-    GradientOptimizerConfig | CMAESOptimizerConfig | SPSAOptimizerConfig, Field(discriminator="kind")
+    GradientOptimizerConfig | CMAESOptimizerConfig | SPSAOptimizerConfig | PolicyGradientOptimizerConfig,
+    Field(discriminator="kind"),
 ]
+
+BLACK_BOX_OPTIMIZERS = (CMAESOptimizerConfig, SPSAOptimizerConfig, PolicyGradientOptimizerConfig)
+"""The optimizer kinds that query the model for outputs only (no gradient through it)."""
 
 
 class PartOptimizerConfig(StrictModel):

@@ -9,10 +9,12 @@ import torch
 from accelerate import Accelerator
 
 from fedprompt.config import (
+    LLM_BACKBONE_KINDS,
     CMAESOptimizerConfig,
     ConfigError,
     DeepPromptConfig,
     HFTextBackboneConfig,
+    PolicyGradientOptimizerConfig,
     RemoteBackboneConfig,
     RunConfig,
     SoftPromptConfig,
@@ -25,12 +27,15 @@ from fedprompt.federation.strategies.registry import build_strategy
 from fedprompt.seeding import derive_seed
 from fedprompt.tasks.clients import HostedRows, build_clients
 from fedprompt.tasks.experiment import Experiment
+from fedprompt.tasks.text.language_model import build_language_model
 from fedprompt.tasks.text.parts import build_head, build_prompt, load_backbone
 from fedprompt.tasks.text.remote import build_remote_model
 from fedprompt.training.batching import TensorData
 from fedprompt.training.blackbox import build_blackbox_trainer, search_sigma
 from fedprompt.training.device import make_accelerator
+from fedprompt.training.discrete import PolicyGradientTrainer
 from fedprompt.training.gradient import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
+from fedprompt.training.metering import MeteredTrainer
 from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier
 from prompt_modules.text_classifier import (
     LAYER_INPUT,
@@ -42,7 +47,11 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
     """Load data and backbone, build the prompt module, tokenise once, partition, make the clients."""
     accelerator = make_accelerator(config.runtime)
     data = load_text_classification(config.data, seed=derive_seed(config.seed, "data"))
-    if isinstance(config.backbone, RemoteBackboneConfig):
+    notes: dict = {}
+    if config.backbone.kind in LLM_BACKBONE_KINDS:
+        parts = build_language_model(config, data.label_names, list(data.train["text"]))
+        model, backbone_bytes, notes = parts.model, parts.backbone_bytes, parts.notes
+    elif isinstance(config.backbone, RemoteBackboneConfig):
         model, backbone_bytes = build_remote_model(config, config.backbone, data.label_names)
     else:
         model, backbone_bytes = _local_model(config, config.backbone, data.label_names, accelerator.device)
@@ -76,6 +85,7 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         device=accelerator.device,
         backbone_bytes=backbone_bytes,
         label_names=list(data.label_names),
+        notes=notes,
     )
 
 
@@ -134,8 +144,25 @@ def _checked_against_the_model(field: str) -> Iterator[None]:
 
 
 def _trainer(config: RunConfig, accelerator: Accelerator) -> LocalTrainer:
-    """The local trainer the optimizer section describes: by gradient, or black-box over z."""
+    """The local trainer the optimizer section describes: by gradient, black-box over z or a soft
+    prompt, or BDPL's policy gradient over a discrete prompt; on a language-model backend, metered
+    (what each round asked of it, in its own units)."""
     opt = config.optimizer
+    if config.backbone.kind in LLM_BACKBONE_KINDS:
+        if isinstance(opt, PolicyGradientOptimizerConfig):
+            trainer: LocalTrainer = PolicyGradientTrainer(
+                opt.samples,
+                opt.lr,
+                opt.steps,
+                opt.batch_size,
+                algorithm=opt.algorithm,
+                weight_decay=opt.weight_decay,
+                grad_clip=opt.grad_clip,
+            )
+        else:
+            assert isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig)  # RunConfig refuses others
+            trainer = build_blackbox_trainer(opt, config.strategy, accelerator.device, kseed_setup(config))
+        return MeteredTrainer(trainer)
     if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig):
         return build_blackbox_trainer(opt, config.strategy, accelerator.device, kseed_setup(config))
     return GradientTrainer(

@@ -1,5 +1,6 @@
-"""Settings of text tasks: Hugging Face and remote backbones, class heads (verbaliser,
-similarity), and the text prompts (soft, deep, intrinsic)."""
+"""Settings of text tasks: Hugging Face and remote backbones, the language-model backbones reached
+through label-word log-probabilities (llama-cpp, vllm, openai), class heads (verbaliser,
+similarity), and the text prompts (soft, deep, intrinsic, BDPL's discrete)."""
 
 from __future__ import annotations
 
@@ -183,3 +184,227 @@ class IntrinsicPromptConfig(StrictModel):
 
 
 HeadConfig = Annotated[VerbalizerHeadConfig | SimilarityHeadConfig, Field(discriminator="kind")]
+
+
+LLM_BACKBONE_KINDS = ("llama-cpp", "vllm", "openai")
+"""Backbones reached as a language model that returns next-token log-probabilities: a local GGUF
+through llama.cpp, a vLLM server, any OpenAI-compatible server. They score label words only."""
+
+
+class EndpointConfig(StrictModel):
+    """How a client reaches an OpenAI-compatible HTTP server (vLLM, llama.cpp's server, a hosted API):
+    its URL and served model name, the bearer token (from an environment variable, never written in
+    the configuration), TLS trust, and what the client does when the server is slow or busy."""
+
+    url: str = Field(
+        "http://127.0.0.1:8000",
+        pattern=r"^https?://\S+$",
+        description="Base URL of the server, without /v1 (e.g. http://127.0.0.1:8000).",
+    )
+    model: str = Field(
+        ..., min_length=1, description="The served model's name, as the server's /v1/models lists it."
+    )
+    token_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the API key sent as a bearer token (null: none, for a "
+        "server on loopback that asks for none).",
+    )
+    ca_file: Path | None = Field(
+        None, description="CA certificate (PEM) to trust for an https url; by default the system's CAs."
+    )
+    client_certfile: Path | None = Field(
+        None, description="This party's certificate (PEM), for a server that requires one (mutual TLS)."
+    )
+    client_keyfile: Path | None = Field(None, description="The private key (PEM) of `client_certfile`.")
+    timeout: float = Field(60.0, gt=0, description="Seconds to wait for one answer (read timeout).")
+    retries: int = Field(
+        5, ge=0, description="Retries of a request after a connection error, a 429 or a 5xx answer."
+    )
+    backoff: float = Field(
+        0.5, ge=0, description="Seconds before the first retry; doubles each retry, up to `max_backoff`."
+    )
+    max_backoff: float = Field(
+        30.0, ge=0, description="Longest wait between two retries when the server gives no Retry-After."
+    )
+    max_wait: float = Field(
+        300.0,
+        ge=0,
+        description="Longest Retry-After (seconds or an HTTP date) the client waits; a longer one fails the "
+        "request at once, naming the wait.",
+    )
+    concurrency: int = Field(
+        4, ge=1, le=256, description="Requests in flight at once (the server's and the quota's limit)."
+    )
+    top_logprobs: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="Log-probabilities asked for per answer (hosted APIs: at most 20; vLLM: its "
+        "--max-logprobs). A label word outside them gets the floor (see the docs).",
+    )
+    price_per_prompt_token: float | None = Field(
+        None, ge=0, description="Price of one prompt token, for the cost report's estimate (null: none)."
+    )
+    price_per_completion_token: float | None = Field(
+        None, ge=0, description="Price of one completion token, for the cost report's estimate."
+    )
+
+    @model_validator(mode="after")
+    def _tls_fits(self) -> EndpointConfig:
+        if (self.client_certfile is None) != (self.client_keyfile is None):
+            raise ValueError("client_certfile and client_keyfile go together; give both or neither")
+        tls_fields = [name for name in ("ca_file", "client_certfile") if getattr(self, name) is not None]
+        if tls_fields and not self.url.startswith("https://"):
+            raise ValueError(f"{', '.join(tls_fields)} apply to https urls; url is {self.url!r}")
+        return self
+
+
+PARITY_HELP = (
+    "Largest difference (nats) between a label's log-probability with the plain template sent as "
+    "embeddings and as text, in the pre-flight check every client runs before any training query"
+)
+
+
+class LlamaCppBackboneConfig(StrictModel):
+    """A GGUF model run in this process by llama.cpp (llama-cpp-python's low-level API).
+
+    Soft prompts go in as embeddings (``llama_batch.embd``); the client embeds the templated input
+    with the model's own input-embedding table (dequantised from the GGUF) and scores each class by
+    the exact log-softmax of its label words over the full vocabulary of the next-token logits.
+    Discrete prompts go in as tokens (llama.cpp's own tokenizer).
+    """
+
+    kind: Literal["llama-cpp"] = "llama-cpp"
+    model: str = Field(
+        "bundled:smollm2-135m",
+        description="A GGUF file, a folder holding `gguf_file`, or a bundled alias ('bundled:smollm2-135m').",
+    )
+    gguf_file: str | None = Field(None, description="The GGUF file inside a `model` folder.")
+    tokenizer: str | None = Field(
+        None,
+        description="A Hugging Face tokenizer (Hub name, folder, bundled alias) for the client's own "
+        "tokenisation; null: the GGUF's tokenizer, as transformers reads it.",
+    )
+    max_length: int = Field(64, ge=8, le=8192, description="Tokens kept per input, before the prompt.")
+    add_bos: bool | None = Field(
+        None,
+        description="Put the beginning-of-sequence token before each input the client embeds (true), or "
+        "none (false); null: as the tokenizer does. Must match how the server tokenises text (the "
+        "pre-flight parity check tells).",
+    )
+    context_length: int = Field(
+        512, ge=64, le=131072, description="llama.cpp's context (n_ctx): the longest prompted input."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads llama.cpp computes with (null: llama.cpp's default)."
+    )
+    parity_tolerance: float = Field(1e-3, gt=0, description=PARITY_HELP + ".")
+
+
+class VLLMBackboneConfig(EndpointConfig):
+    """A model served by vLLM (started with ``--enable-prompt-embeds``): soft prompts travel as
+    ``prompt_embeds``, the base64 of a ``torch.save``d dense float tensor [tokens, hidden] of the
+    whole prompted input, so the client embeds its inputs itself with the model's input-embedding
+    table (``embeddings``, which the model owner publishes; the rest of the weights stay private).
+    Each class is scored by its label words' log-probabilities, asked for by id
+    (``logprob_token_ids``) where the server has it, else read from the top ``top_logprobs``.
+    Discrete prompts travel as text.
+    """
+
+    kind: Literal["vllm"] = "vllm"
+    tokenizer: str = Field(
+        "bundled:smollm2-135m",
+        description="The served model's tokenizer (Hub name, folder, bundled alias), loaded locally.",
+    )
+    embeddings: str | None = Field(
+        None,
+        description="The served model's input-embedding table: a safetensors file holding one [vocab, "
+        "hidden] tensor, a model folder or a GGUF file; null: read it from `tokenizer`'s model.",
+    )
+    logprob_token_ids: bool = Field(
+        True,
+        description="Ask for the label words' log-probabilities by token id (vLLM's logprob_token_ids); "
+        "false for a vLLM without it: the top `top_logprobs` and the floor.",
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of the prompt_embeds tensors sent (the server's --dtype)."
+    )
+    max_length: int = Field(64, ge=8, le=8192, description="Tokens kept per input, before the prompt.")
+    add_bos: bool | None = Field(
+        None,
+        description="Put the beginning-of-sequence token before each input the client embeds (true), or "
+        "none (false); null: as the tokenizer does. Must match how the server tokenises text (the "
+        "pre-flight parity check tells).",
+    )
+    parity_tolerance: float = Field(1e-3, gt=0, description=PARITY_HELP + " (the server's own tokenisation).")
+
+
+class OpenAIBackboneConfig(EndpointConfig):
+    """Any OpenAI-compatible server that takes text and returns top log-probabilities: llama.cpp's
+    server, vLLM, a hosted API. Text in, the next token's ``top_logprobs`` out: it tunes discrete
+    prompts (BDPL). A label word outside the returned top-k gets the floor (see the docs)."""
+
+    kind: Literal["openai"] = "openai"
+    endpoint: Literal["completions", "chat"] = Field(
+        "completions",
+        description="completions: /v1/completions with the text as the prompt (llama.cpp, vLLM); chat: "
+        "/v1/chat/completions with the text as one user message (hosted chat models).",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="The served model's tokenizer (to name each label word's first token exactly); null: "
+        "a returned token matches a label word when the word (stripped, lower-case) starts with it.",
+    )
+
+
+class VocabularyConfig(StrictModel):
+    """BDPL's candidate vocabulary: the strings each prompt position chooses among.
+
+    ``pmi`` builds it from the task's training texts as BDPL's reference does: adjacent word pairs
+    whose pointwise mutual information log(N·c(a,b)/(c(a)·c(b))) is at least ``min_pmi`` join into
+    n-grams (up to ``max_ngram`` words, seen more than ``min_count`` times), which are recounted
+    over the texts and kept when seen more than ``min_frequency`` times; the ``size`` most frequent
+    are the candidates. Every party computes the same list from the same configured data. ``file``
+    reads one candidate a line instead (a list published by the federation, computed from no
+    party's data).
+    """
+
+    source: Literal["pmi", "file"] = Field(
+        "pmi", description="pmi: n-grams of the training texts (BDPL's); file: the lines of `file`."
+    )
+    file: Path | None = Field(None, description="source file: a text file, one candidate string a line.")
+    size: int = Field(50, ge=2, le=100_000, description="K, the candidates each position chooses among.")
+    max_ngram: int = Field(5, ge=1, le=20, description="Longest n-gram, in words.")
+    min_count: int = Field(
+        5, ge=0, description="Words, pairs and n-grams seen this often or less are dropped."
+    )
+    min_pmi: float = Field(1.0, description="Smallest PMI of a pair of words that join into one n-gram.")
+    min_frequency: int = Field(5, ge=0, description="N-grams recounted this often or less are dropped.")
+
+    @model_validator(mode="after")
+    def _file_fits(self) -> VocabularyConfig:
+        if (self.source == "file") != (self.file is not None):
+            raise ValueError("vocabulary.file goes with source: file (and source: file needs it)")
+        return self
+
+
+class DiscretePromptConfig(StrictModel):
+    """BDPL's discrete prompt: ``num_tokens`` positions, each a categorical distribution over the
+    candidate vocabulary, sent before the input as text (the chosen candidates joined by spaces,
+    then ``separator``, then the templated input). The trained state is one row per position:
+    logits α (``softmax``, p = softmax(α)) or the probabilities themselves (``simplex``, as BDPL's
+    and FedOne's reference code keep them). Evaluation uses each position's most likely candidate.
+    """
+
+    kind: Literal["discrete"] = "discrete"
+    num_tokens: int = Field(6, ge=1, le=256, description="n, the prompt positions (BDPL: 6; FedOne: 20).")
+    vocabulary: VocabularyConfig = Field(default_factory=VocabularyConfig)
+    parametrization: Literal["softmax", "simplex"] = Field(
+        "softmax",
+        description="softmax: logits α, p = softmax(α), the exact score function; simplex: the "
+        "probabilities, stepped and projected back onto the simplex (the reference code).",
+    )
+    separator: str = Field(
+        " ", description="Text between the prompt and the templated input (FedOne's: a tab)."
+    )
