@@ -49,6 +49,16 @@ def batch_domains(batch: Batch, count: int) -> torch.Tensor:
     return domains
 
 
+def keyed_contexts(context: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """FedAPT's prompt for each row of ``weights`` [N, K]: ctx + ctx ⊙ Σ_k w_k·k_k, [N, M, d] for a
+    shared context [M, d] or [N, C, M, d] for a class-specific one [C, M, d] (keys [K, M, d]; a
+    one-hot row gives one client's ctx + ctx ⊙ k_k)."""
+    mixed = torch.einsum("nk,kmd->nmd", weights.to(keys.dtype), keys)
+    if context.dim() == 3:
+        mixed = mixed[:, None]
+    return context + context * mixed
+
+
 class _DomainClassifier(PromptModule):
     """What both classifiers share: the class set scored (``scoring``), the image side's input, and
     CLIP's scaled similarities."""
@@ -168,17 +178,18 @@ class AdaptivePromptClassifier(_DomainClassifier):
         )
         return torch.softmax(standard / self.temperature, dim=1)
 
-    def keyed_class_features(self, multipliers: torch.Tensor) -> torch.Tensor:
-        """Normalised class features [N, C, D] under the contexts ctx ⊙ multipliers[n] ([N, M, d])."""
-        context = self.text.context
+    def keyed_class_features(self, weights: torch.Tensor) -> torch.Tensor:
+        """Normalised class features [N, C, D] under the prompt ``keyed_contexts`` gives each row of
+        ``weights`` [N, K]."""
+        contexts = keyed_contexts(self.text.context, self.keys, weights)
+        count, classes = len(weights), len(self._classes)
+        if contexts.dim() == 3:  # shared: one context per row, the same for every class
+            contexts = contexts[:, None].expand(-1, classes, -1, -1)
         tokens = self.text.tokens_for(self.backbone, self._classes)
-        count, classes = multipliers.shape[0], len(self._classes)
-        if context.dim() == 2:  # shared: one context per multiplier, the same for every class
-            rows = (context[None] * multipliers)[:, None].expand(-1, classes, -1, -1)
-        else:  # class-specific [C, M, d]
-            rows = context[None] * multipliers[:, None]
         features = context_class_features(
-            self.backbone, repeat_tokens(tokens, count), rows.reshape(count * classes, *rows.shape[-2:])
+            self.backbone,
+            repeat_tokens(tokens, count),
+            contexts.reshape(count * classes, *contexts.shape[-2:]),
         )
         return F.normalize(features, dim=-1).reshape(count, classes, -1)
 
@@ -187,20 +198,20 @@ class AdaptivePromptClassifier(_DomainClassifier):
         if self.training:
             domains = batch_domains(batch, self.num_keys)
             used, inverse = domains.unique(return_inverse=True)
-            classes = self.keyed_class_features(1 + self.keys[used])[inverse.to(image.device)]
+            one_hot = F.one_hot(used, self.num_keys).to(self.keys.dtype)
+            classes = self.keyed_class_features(one_hot)[inverse.to(image.device)]
         elif self.mixture == "features":
             weights = self.domain_weights(batch)
-            per_key = self._memo.get(self._version_key(), lambda: self.keyed_class_features(1 + self.keys))
+            per_key = self._memo.get(
+                self._version_key(),
+                lambda: self.keyed_class_features(torch.eye(self.num_keys, device=image.device)),
+            )
             classes = F.normalize(torch.einsum("bk,kcd->bcd", weights, per_key), dim=-1)
         else:
             weights = self.domain_weights(batch)
-            multipliers = 1 + torch.einsum("bk,kmd->bmd", weights, self.keys)
             step = max(1, MIXTURE_CHUNK // self.num_classes)
             classes = torch.cat(
-                [
-                    self.keyed_class_features(multipliers[i : i + step])
-                    for i in range(0, len(multipliers), step)
-                ]
+                [self.keyed_class_features(weights[i : i + step]) for i in range(0, len(weights), step)]
             )
         return self._scale(image.device) * torch.einsum("bd,bcd->bc", image, classes)
 
