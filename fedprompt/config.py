@@ -328,10 +328,11 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "personalization.finetune_steps fine-tunes by gradient; use optimizer.kind gradient"
             )
-        if self.strategy.personal_prompts and self.personalization.splits:
+        if self.strategy.personal_prompts and self.personalization.shared_tokens is not None:
             raise ValueError(
                 f"strategy.kind {self.strategy.kind} keeps a whole personal prompt per client; remove "
-                "personalization.local/shared_tokens"
+                "personalization.shared_tokens (personalization.local may keep whole tensors on each client, "
+                "e.g. a fusion head)"
             )
         return self
 

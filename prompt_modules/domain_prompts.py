@@ -162,6 +162,10 @@ class AdaptivePromptClassifier(_DomainClassifier):
     def num_keys(self) -> int:
         return self.keys.shape[0]
 
+    def prompt_tensor_names(self) -> list[str]:
+        """The meta context (the adaptive network is not a prompt)."""
+        return [name for name in self.state_dict() if not name.startswith("adaptive.")]
+
     def domain_logits(self, batch: Batch) -> torch.Tensor:
         """a(f(x)) [B, K]: the adaptive network on the raw image features (trained with a
         cross-entropy toward the client's key)."""

@@ -81,7 +81,11 @@ def attach_client_side(experiment: Experiment, config: RunConfig) -> Experiment:
     experiment.split = split
     rule = privacy_client_rule(
         build_client_rule(
-            config.strategy, kseed_setup(config), experiment.initial_state(), experiment.client_domains
+            config.strategy,
+            kseed_setup(config),
+            experiment.initial_state(),
+            experiment.client_domains,
+            experiment.model.prompt_tensor_names(),
         ),
         config,
     )

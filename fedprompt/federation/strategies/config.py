@@ -164,6 +164,10 @@ class ReliabilityConfig(StrategySettings):
     prompts (acc_i: their reported validation accuracy), and the client adds
     α · (1 − cos(p_t, p_t^s)) to its loss. The global prompt (the server's evaluation) is the
     mean of the clients' prompts weighted by acc_i · (mean clipped cosine to the others).
+    The cosines read the prompt tensors only (context vectors, visual tokens, pixel prompts; for
+    prompt.kind vqa-twin question.context, answer.context and image.*), never a network beside
+    them; with ``personalization.local: ["fusion.*"]`` the VQA fusion head stays on each client
+    and only the prompts travel.
     """
 
     each_update = "each client's prompt and its agreement with the others"

@@ -7,7 +7,7 @@ configuration class in ``strategies.config`` (its settings and what it can do), 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,13 +54,15 @@ class StrategySetup:
     """What building a strategy or its client side may read beyond the strategy's own section:
     the whole run (the number of clients, the local optimiser), the clients' initial CMA-ES step
     (FedBPT's first downlink), FedKSeed's setup, and the initial prompt (FedKSeed's seed-pool
-    downlink replays from it), and each client's domain (Fed-DPT)."""
+    downlink replays from it), each client's domain (Fed-DPT), and which of the state's tensors are
+    prompts (reliability weighting compares those; None: all)."""
 
     run: RunConfig | None = None
     search_sigma: float | None = None
     kseed: KSeedSetup | None = None
     initial_state: State | None = None
     client_domains: Mapping[int, int] | None = None
+    prompt_tensors: Collection[str] | None = None
 
     def need_domains(self, kind: str) -> Mapping[int, int]:
         if self.client_domains is None:
@@ -153,7 +155,8 @@ STRATEGIES: dict[type[StrategySettings], StrategyParts] = {
         lambda c, s: FedDPTRule(s.need_domains(c.kind), c.momentum),
     ),
     ReliabilityConfig: StrategyParts(
-        lambda c, s: ReliabilityWeighted(), lambda c, s: ReliabilityRule(c.alpha)
+        lambda c, s: ReliabilityWeighted(s.prompt_tensors),
+        lambda c, s: ReliabilityRule(c.alpha, s.prompt_tensors),
     ),
     FedKSeedConfig: StrategyParts(
         lambda c, s: FedKSeed(s.need_kseed()), lambda c, s: KSeedRule(s.need_kseed(), s.initial_state)
@@ -185,15 +188,23 @@ def build_strategy(
     kseed: KSeedSetup | None = None,
     run: RunConfig | None = None,
     client_domains: Mapping[int, int] | None = None,
+    prompt_tensors: Collection[str] | None = None,
 ) -> Strategy:
     """The strategy a validated strategy configuration describes, with its settings.
 
     ``search_sigma`` is the clients' initial CMA-ES step size (optimizer.sigma), which FedBPT
     sends down in its first round; ``kseed`` is FedKSeed's setup (``fedkseed.kseed_setup``). ``run``
     is the whole configuration, which SCAFFOLD and FedDyn (the number of clients) and FedNova (the
-    local steps and momentum) need; ``client_domains`` each client's domain (Fed-DPT).
+    local steps and momentum) need; ``client_domains`` each client's domain (Fed-DPT);
+    ``prompt_tensors`` the names of the state's prompt tensors (reliability weighting compares those).
     """
-    setup = StrategySetup(run=run, search_sigma=search_sigma, kseed=kseed, client_domains=client_domains)
+    setup = StrategySetup(
+        run=run,
+        search_sigma=search_sigma,
+        kseed=kseed,
+        client_domains=client_domains,
+        prompt_tensors=prompt_tensors,
+    )
     return _parts(config).server(config, setup)
 
 
@@ -202,9 +213,15 @@ def build_client_rule(
     kseed: KSeedSetup | None = None,
     initial_state: State | None = None,
     client_domains: Mapping[int, int] | None = None,
+    prompt_tensors: Collection[str] | None = None,
 ) -> ClientRule:
     """The client side of the configured strategy (FedAvg's plain one for server-only rules);
     FedKSeed's needs its setup and, for its seed-pool downlink, the initial prompt; Fed-DPT's each
-    client's domain."""
-    setup = StrategySetup(kseed=kseed, initial_state=initial_state, client_domains=client_domains)
+    client's domain; reliability weighting's the names of the prompt tensors."""
+    setup = StrategySetup(
+        kseed=kseed,
+        initial_state=initial_state,
+        client_domains=client_domains,
+        prompt_tensors=prompt_tensors,
+    )
     return _parts(config).client(config, setup)

@@ -471,7 +471,12 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
         model=model,
         clients=clients,
         test_data=test,
-        strategy=build_strategy(config.strategy, run=config, client_domains=client_domains),
+        strategy=build_strategy(
+            config.strategy,
+            run=config,
+            client_domains=client_domains,
+            prompt_tensors=model.prompt_tensor_names(),
+        ),
         device=accelerator.device,
         backbone_bytes=backbone.num_bytes(),
         label_names=list(task.class_names),
