@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedprompt.config import ConfigError, DataConfig, load_config
+from fedprompt.config import DIGIT_DOMAINS, ConfigError, DataConfig, load_config
 from fedprompt.data.digit_domains import domain_rows, evaluation_rows
 from fedprompt.data.domains import load_domain_images
 from fedprompt.data.images import digit_arrays, digit_pretraining_split
@@ -119,7 +119,8 @@ def test_the_builtin_digit_domains_never_test_on_what_the_demo_backbone_saw():
     assert len(everything) == len(set(everything.tolist())) == len(digit_arrays()[1])  # disjoint, complete
     seen = set(digit_pretraining_split()[0])
     assert len(seen) == 179  # the demo backbone's tenth of each class
-    for domain, part in zip(("plain", "inverted", "textured", "rotated", "noisy"), rows, strict=True):
+    assert len(rows) == 6
+    for domain, part in zip(DIGIT_DOMAINS, rows, strict=True):
         test = evaluation_rows(part, 0.2, domain)
         assert not seen & set(test.tolist())
         assert 0.15 * len(part) < len(test) < 0.25 * len(part)
@@ -127,7 +128,9 @@ def test_the_builtin_digit_domains_never_test_on_what_the_demo_backbone_saw():
     data = load_domain_images(
         DataConfig(source="builtin", name="digit-domains", domains={"held_out": "noisy"}), 7
     )
-    assert data.domains == ["plain", "inverted", "textured", "rotated"] and data.held_out == "noisy"
+    assert (
+        data.domains == ["plain", "inverted", "textured", "rotated", "outline"] and data.held_out == "noisy"
+    )
     assert data.class_names[0] == "zero" and data.class_names[-1] == "nine"
     first = np.asarray(data.test["image"][0])
     assert first.shape == (32, 32, 3) and first.dtype == np.uint8
@@ -154,15 +157,15 @@ DIGIT_DOMAINS_RUN = {
     "backbone": {"kind": "open-clip", "model": "ViT-B-32", "pretrained": None},
     "prompt": {"kind": "coop"},
     "data": {"source": "builtin", "name": "digit-domains", "domains": {"held_out": "noisy"}},
-    "partition": {"kind": "domains", "num_clients": 4},
+    "partition": {"kind": "domains", "num_clients": 5},
     "federation": {"min_clients": 2},
 }
 
 
 def test_config_checks_around_domains():
-    assert load_config(DIGIT_DOMAINS_RUN).partition.num_clients == 4
+    assert load_config(DIGIT_DOMAINS_RUN).partition.num_clients == 5
     with pytest.raises(
-        ConfigError, match=r"4 domains \(plain, inverted, textured, rotated\) × clients_per_domain 2"
+        ConfigError, match=r"5 domains \(plain, inverted, textured, rotated, outline\) × clients_per_domain 2"
     ):
         load_config(DIGIT_DOMAINS_RUN, ["partition.clients_per_domain=2"])
     with pytest.raises(ConfigError, match=r"partition\.kind domains gives each domain its own clients"):

@@ -20,7 +20,7 @@ MULTI_DOMAIN_BUILTINS = ("digit-domains",)
 """Builtin image datasets whose images come from several domains (``data.domains`` applies)."""
 
 
-DIGIT_DOMAINS = ("plain", "inverted", "textured", "rotated", "noisy")
+DIGIT_DOMAINS = ("plain", "inverted", "textured", "rotated", "outline", "noisy")
 """The domains of the builtin ``digit-domains`` (``fedprompt.data.digit_domains``), in order."""
 
 

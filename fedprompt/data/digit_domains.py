@@ -1,15 +1,16 @@
 """``digit-domains``: a builtin multi-domain image set, made offline from scikit-learn's digits.
 
-Five domains, in the spirit of Digits-5 (MNIST, MNIST-M, SVHN, ...), made from the 1,797 bundled
-8×8 digits by fixed, seeded transforms. Each digit image belongs to exactly one domain (a seeded,
-class-stratified fifth of each class), so no handwritten digit appears in two domains; every image
-is upsampled to 32×32 and then:
+Six domains, in the spirit of Digits-5 (MNIST, MNIST-M, SVHN, ...) and of DomainNet's sketches,
+made from the 1,797 bundled 8×8 digits by fixed, seeded transforms. Each digit image belongs to
+exactly one domain (a seeded, class-stratified sixth of each class), so no handwritten digit appears
+in two domains; every image is upsampled to 32×32 and then:
 
 - ``plain``: as it is (a light digit on black);
 - ``inverted``: dark on white;
 - ``textured``: the stroke in a random bright colour over a random coloured texture (a smooth
   noise field plus stripes), as MNIST-M paints MNIST over photo patches;
 - ``rotated``: turned by a random angle of 30° to 60°, either way;
+- ``outline``: the stroke's edges only (the gradient magnitude of the digit), as a sketch draws it;
 - ``noisy``: Gaussian pixel noise (σ = 64 of 255) on the plain digit.
 
 The demo backbone (``bundled:demo-clip``) was pre-trained on a seeded tenth of the plain digits
@@ -77,6 +78,10 @@ def render(digit: np.ndarray, domain: str, rng: np.random.Generator) -> Image.Im
         angle = float(rng.uniform(30.0, 60.0)) * (1 if rng.random() < 0.5 else -1)
         turned = Image.fromarray(grey.astype(np.uint8), mode="L").rotate(angle, Image.BILINEAR)
         out = np.repeat(np.asarray(turned, np.float64)[..., None], 3, axis=2)
+    elif domain == "outline":
+        rows, columns = np.gradient(grey)
+        edges = np.hypot(rows, columns)
+        out = np.repeat((edges * (255.0 / max(edges.max(), 1e-9)))[..., None], 3, axis=2)
     elif domain == "noisy":
         noisy = grey + rng.normal(0.0, NOISE_STD, size=grey.shape)
         out = np.repeat(noisy[..., None], 3, axis=2)
