@@ -31,8 +31,8 @@ DIGIT_DOMAINS = {
     "max_test_examples": 40,
 }
 FED_DPT = {"kind": "fed-dpt", "text": {"num_tokens": 2}}
-BARS = {"fedapt": 0.04, "fed-dpt": 0.03}
-"""How far above zero-shot CLIP each method ends (seed 0 on this stack: see the test)."""
+E2E_BAR = 0.03
+"""How far above zero-shot CLIP a domain-aware method must end (see the test)."""
 
 
 def _fed_dpt(tiny_clip, rounds: int) -> dict:
@@ -134,31 +134,33 @@ def _zero_shot(experiment) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fedapt", "fed-dpt"])
 def test_a_multi_domain_run_learns_above_zero_shot(tiny_clip, kind):
-    """Five digit domains, one client each, the noisy one held out, on the tiny CLIP (a random
-    tower whose projection was fitted to plain digits): zero-shot CLIP reads the transformed
-    domains poorly, and both domain-aware methods learn well above it on them."""
+    """The plain and noisy digits as two clients, the rotated ones held out, on the tiny CLIP (a
+    random tower whose projection was fitted to plain digits; it reads the other digit domains too
+    poorly for a prompt to recover them): zero-shot CLIP, the class names as they are, scores 0.258
+    on the two domains' test images; after 3 rounds FedAPT scored 0.308 and Fed-DPT 0.325 (0.14 and
+    0.13 at round 0). The real measurement, on the demo backbone and five domains, is in the
+    benchmarks (docs/benchmarks.md, "Clients from different domains")."""
     prompt = (
         {"kind": "fedapt", "context": {"num_tokens": 4, "class_specific": False}}
         if kind == "fedapt"
         else {"kind": "fed-dpt", "text": {"num_tokens": 4}}
     )
+    domains = {"include": ["plain", "noisy", "rotated"], "held_out": "rotated"}
     config = load_config(
         clip_run_config(
             tiny_clip,
             prompt,
-            {"source": "builtin", "name": "digit-domains", "domains": {"held_out": "noisy"}},
-            partition={"kind": "domains", "num_clients": 5, "local_val_fraction": 0.0},
-            federation={"rounds": 4, "min_clients": 5},
+            {"source": "builtin", "name": "digit-domains", "domains": domains},
+            partition={"kind": "domains", "num_clients": 2, "local_val_fraction": 0.0},
+            federation={"rounds": 3, "min_clients": 2},
             optimizer={"epochs": 2, "lr": 0.05},
             strategy={"kind": "fed-dpt"} if kind == "fed-dpt" else {"kind": "fedavg"},
         )
     )
-    experiment = build_experiment(config)
-    zero_shot = _zero_shot(
-        build_experiment(load_config(config, ["prompt={kind: coop}", "strategy={kind: fedavg}"]))
-    )
-    result = run_in_process(experiment, config)
+    coop = load_config(config, ["prompt={kind: coop}", "strategy={kind: fedavg}"])
+    zero_shot = _zero_shot(build_experiment(coop))
+    result = run_in_process(build_experiment(config), config)
     first, last = result.history[0], result.history[-1]
     assert last["domain_mean_accuracy"] == pytest.approx(last["global_accuracy"])  # equal-sized domains
-    assert last["domain_mean_accuracy"] >= zero_shot + BARS[kind], (zero_shot, last)
-    assert last["domain_mean_accuracy"] >= first["domain_mean_accuracy"] + 0.05
+    assert last["domain_mean_accuracy"] >= zero_shot + E2E_BAR, (zero_shot, last)
+    assert last["domain_mean_accuracy"] >= first["domain_mean_accuracy"] + 0.1
