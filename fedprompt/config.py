@@ -25,7 +25,10 @@ from fedprompt.config_loading import apply_overrides, format_validation_error, y
 from fedprompt.data.config import (
     BUILTIN_DATASETS,
     BUILTIN_IMAGE_DATASETS,
+    DIGIT_DOMAINS,
+    MULTI_DOMAIN_BUILTINS,
     DataConfig,
+    DomainsConfig,
     PartitionConfig,
     VQADataConfig,
 )
@@ -44,6 +47,7 @@ from fedprompt.federation.strategies.config import (
     FedAvgConfig,
     FedAvgMConfig,
     FedBPTConfig,
+    FedDPTConfig,
     FedDynConfig,
     FedKSeedConfig,
     FedNovaConfig,
@@ -62,7 +66,10 @@ from fedprompt.tasks.clip.config import (
     BUNDLED_WEIGHTS,
     CLIP_PROMPT_KINDS,
     DEFAULT_COOP_TOKENS,
+    DOMAIN_PROMPT_KINDS,
     CoOpPromptConfig,
+    FedAPTPromptConfig,
+    FedDPTPromptConfig,
     GeneratorPromptConfig,
     OpenCLIPBackboneConfig,
     PixelPromptConfig,
@@ -114,7 +121,10 @@ __all__ = [
     "BUNDLED_WEIGHTS",
     "CLIP_PROMPT_KINDS",
     "DEFAULT_COOP_TOKENS",
+    "DIGIT_DOMAINS",
+    "DOMAIN_PROMPT_KINDS",
     "LLM_BACKBONE_KINDS",
+    "MULTI_DOMAIN_BUILTINS",
     "SCORE_ON_HELP",
     "SPSA_PROMPT_KINDS",
     "STRATEGY_CONFIGS",
@@ -127,10 +137,14 @@ __all__ = [
     "DataConfig",
     "DeepPromptConfig",
     "DiscretePromptConfig",
+    "DomainsConfig",
     "EndpointConfig",
+    "FedAPTPromptConfig",
     "FedAvgConfig",
     "FedAvgMConfig",
     "FedBPTConfig",
+    "FedDPTConfig",
+    "FedDPTPromptConfig",
     "FedDynConfig",
     "FedKSeedConfig",
     "FedNovaConfig",
@@ -211,7 +225,9 @@ PromptConfig = Annotated[
     | GeneratorPromptConfig
     | VQAPromptConfig
     | IntrinsicPromptConfig
-    | DiscretePromptConfig,
+    | DiscretePromptConfig
+    | FedAPTPromptConfig
+    | FedDPTPromptConfig,
     Field(discriminator="kind"),
 ]
 
@@ -337,10 +353,11 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "personalization.finetune_steps fine-tunes by gradient; use optimizer.kind gradient"
             )
-        if self.strategy.personal_prompts and self.personalization.splits:
+        if self.strategy.personal_prompts and self.personalization.shared_tokens is not None:
             raise ValueError(
                 f"strategy.kind {self.strategy.kind} keeps a whole personal prompt per client; remove "
-                "personalization.local/shared_tokens"
+                "personalization.shared_tokens (personalization.local may keep whole tensors on each client, "
+                "e.g. a fusion head)"
             )
         return self
 
@@ -437,7 +454,7 @@ class RunConfig(StrictModel):
                 f"{list(BUILTIN_IMAGE_DATASETS)}, source: hub, or source: image-folder "
                 f"(got source {self.data.source!r}, name {self.data.name!r})"
             )
-        if not clip and (image_builtin or self.data.source in ("image-folder", "vqa")):
+        if not clip and (image_builtin or self.data.source in ("image-folder", "domain-folder", "vqa")):
             raise ValueError("data: image datasets need backbone.kind: open-clip")
         if (self.prompt.kind == "vqa-twin") != (self.data.source == "vqa"):
             raise ValueError(
@@ -528,6 +545,66 @@ class RunConfig(StrictModel):
             raise ValueError(
                 f"head.template: backbone.kind {kind} is a decoder that predicts the next token; leave "
                 f"[MASK] out and end the template where the label word follows (got {self.head.template!r})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _domains_fit(self) -> RunConfig:
+        """``partition.kind: domains`` needs images from several domains and, where their domains are
+        known before loading (the builtin sets), one client or group per trained domain."""
+        data, partition = self.data, self.partition
+        if partition.kind == "domains" and not data.multi_domain:
+            raise ValueError(
+                "partition.kind domains gives each domain its own clients; it needs multi-domain images "
+                "(data.source: domain-folder, or source: builtin with name one of "
+                f"{list(MULTI_DOMAIN_BUILTINS)})"
+            )
+        if partition.kind != "domains" and partition.clients_per_domain != 1:
+            raise ValueError("partition.clients_per_domain applies to partition.kind domains only")
+        strategy, prompt = self.strategy, self.prompt
+        if strategy.prompt_kind is not None and prompt.kind != strategy.prompt_kind:
+            raise ValueError(
+                f"strategy.kind {strategy.kind} aggregates prompt.kind {strategy.prompt_kind} only; set "
+                f"prompt.kind: {strategy.prompt_kind} (prompt.kind is {prompt.kind!r})"
+            )
+        owners = _kinds(lambda c: c.prompt_kind == prompt.kind)
+        if owners and strategy.kind not in owners:
+            raise ValueError(
+                f"prompt.kind {prompt.kind} keeps one prompt per domain, which only strategy.kind "
+                f"{' or '.join(owners)} aggregates; set strategy.kind: {owners[0]}"
+            )
+        if strategy.needs_domains is not None and partition.kind != "domains":
+            raise ValueError(
+                f"strategy.kind {strategy.kind} {strategy.needs_domains}; set partition.kind: domains"
+            )
+        if prompt.kind in DOMAIN_PROMPT_KINDS:
+            if data.source == "datasets" or data.novel_class_fraction is not None:
+                raise ValueError(
+                    f"prompt.kind {prompt.kind} is evaluated on the training classes of every domain; remove "
+                    "data.novel_class_fraction and use one dataset"
+                )
+            if self.client_classes == "own":
+                raise ValueError(
+                    f"prompt.kind {prompt.kind} scores every class; set vision.client_classes: all"
+                )
+            if self.personalization.splits:
+                raise ValueError(
+                    f"prompt.kind {prompt.kind} already keeps what is per client or per domain; remove "
+                    "personalization.local/shared_tokens"
+                )
+        known = data.known_domains
+        if known is None:
+            return self
+        trained = data.trained_domains(known)
+        if (
+            partition.kind == "domains"
+            and partition.num_clients != len(trained) * partition.clients_per_domain
+        ):
+            raise ValueError(
+                f"partition.num_clients is {partition.num_clients}, but {len(trained)} domains "
+                f"({', '.join(trained)}) × clients_per_domain {partition.clients_per_domain} make "
+                f"{len(trained) * partition.clients_per_domain} clients; set partition.num_clients: "
+                f"{len(trained) * partition.clients_per_domain}"
             )
         return self
 

@@ -39,6 +39,12 @@ class PromptModule(nn.Module, ABC):
     def num_classes(self) -> int:
         """The number of classes the logits score."""
 
+    def prompt_tensor_names(self) -> list[str]:
+        """The names of the state's prompt tensors (context vectors, visual tokens, pixel prompts), as
+        opposed to networks trained beside them (a fusion head, an adaptive network): what rules
+        that compare prompts read. All of the state unless a module says otherwise."""
+        return list(self.state_dict())
+
     def prompt_state(self) -> dict[str, torch.Tensor]:
         """A detached copy of the trainable prompt state (what a client sends)."""
         return {name: t.detach().clone() for name, t in self.state_dict().items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -285,6 +286,32 @@ class OpenCLIPBackbone:
         transformer = self.model.visual.transformer
         blocks = transformer.resblocks[start:stop]
         return _run_blocks(blocks, x.to(self.image_dtype), None, transformer.batch_first, layer_hook, start)
+
+    def vision_class_attention(self, layer: int, x: torch.Tensor, keys: slice) -> torch.Tensor:
+        """How vision block ``layer``'s class token (position 0) attends to the tokens at ``keys``:
+        per head, the softmax of its attention logits over those tokens alone (its attention
+        probabilities restricted to them and renormalised), [B, heads, K]. ``x`` is the block's
+        input [B, T, d_vis], as a ``LayerHook`` sees it; the block's pre-norm and query/key
+        projections are applied here, as the block applies them."""
+        self._require_vit("attention of the class token")
+        block = self.model.visual.transformer.resblocks[layer]
+        attention = getattr(block, "attn", None)
+        if not isinstance(attention, nn.MultiheadAttention) or not attention._qkv_same_embed_dim:
+            raise ValueError(
+                f"vision block {layer} of {self.name!r} has no standard multi-head attention "
+                "(one input projection for queries, keys and values)"
+            )
+        normed = block.ln_1(x.to(self.image_dtype))
+        width, heads = normed.shape[-1], attention.num_heads
+        w_query, w_key, _ = attention.in_proj_weight.chunk(3)
+        b_query, b_key = (
+            (None, None) if attention.in_proj_bias is None else attention.in_proj_bias.chunk(3)[:2]
+        )
+        query = nn.functional.linear(normed[:, :1], w_query, b_query).reshape(len(x), 1, heads, -1)
+        key = nn.functional.linear(normed[:, keys], w_key, b_key)
+        key = key.reshape(len(x), key.shape[1], heads, -1)
+        logits = torch.einsum("bqhd,bkhd->bhk", query, key).float() / math.sqrt(width // heads)
+        return logits.softmax(dim=-1)
 
     def image_head(self, x: torch.Tensor) -> torch.Tensor:
         """The tower's pooling (class token, mean or attention pool, with its norm) and projection."""

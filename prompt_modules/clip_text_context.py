@@ -120,6 +120,17 @@ def _tokenize_classes(
     return ClassTokens(tuple(names), ids, backbone.token_embeddings(ids), positions)
 
 
+def repeat_tokens(tokens: ClassTokens, times: int) -> ClassTokens:
+    """``tokens`` of C classes repeated ``times`` times over (C·times prompts, class order within each
+    repeat): for text passes that score one class set under several contexts at once."""
+    return ClassTokens(
+        tokens.names * times,
+        tokens.ids.repeat(times, 1),
+        tokens.embeddings.repeat(times, 1, 1),
+        tokens.positions.repeat(times, 1),
+    )
+
+
 def _place(hidden: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``hidden`` [C, L, d] with ``rows`` ([M, d] shared or [C, M, d]) written at ``positions`` [C, M]."""
     rows = rows.to(hidden.dtype)
@@ -214,10 +225,16 @@ class TextContext(nn.Module):
                 f"class-specific context was learned for {len(self.class_names)} classes "
                 f"{list(self.class_names)[:5]}…; it cannot score other classes (use shared context)"
             )
+        return context_class_features(
+            backbone, self.tokens_for(backbone, names), self.context, self.deep, full_length
+        )
+
+    def tokens_for(self, backbone: OpenCLIPBackbone, names: Sequence[str]) -> ClassTokens:
+        """The class prompts of ``names`` tokenised for this context (once per class set and device)."""
         key = (tuple(names), str(backbone.device))
         if key not in self._tokens:
             self._tokens[key] = tokenize_classes(backbone, names, self.num_tokens, self.class_position)
-        return context_class_features(backbone, self._tokens[key], self.context, self.deep, full_length)
+        return self._tokens[key]
 
 
 class FixedClassText(nn.Module):

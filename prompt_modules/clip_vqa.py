@@ -203,6 +203,10 @@ class CLIPVQAModel(PromptModule):
         allowed = torch.where(closed, self.closed_candidates[None], self.open_candidates[None])
         return logits.masked_fill(~allowed, MASKED)
 
+    def prompt_tensor_names(self) -> list[str]:
+        """The question and answer contexts and the visual prompt: everything but the fusion head."""
+        return [name for name in self.state_dict() if not name.startswith("fusion.")]
+
     def param_groups(self) -> list[dict[str, Any]]:
         """One optimiser parameter group per part with trainable parameters, with its settings."""
         members = {"text": (self.question, self.answer), "image": (self.image,), "fusion": (self.fusion,)}

@@ -14,6 +14,7 @@ client, round and step give the same draws whatever ran before them in the proce
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -83,6 +84,7 @@ def vpt_features(
     placement: VPTPlacement = "after-ln-pre",
     dropout: float = 0.0,
     generator: torch.Generator | None = None,
+    observe: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Image features [B, D] from the hidden states at the input of ``start_layer`` and VPT prompts.
 
@@ -94,7 +96,8 @@ def vpt_features(
     ``placement``: ``after-ln-pre`` puts P_0 into the sequence after the tower's pre-norm (VPT);
     ``before-ln-pre`` puts it in before (MaPLe), so P_0 goes through ``ln_pre`` with the patches
     (``start_layer`` 0 only). ``dropout``: VPT's prompt dropout, a mask per example and layer drawn
-    from ``generator`` (inverted dropout: kept entries are scaled by 1 / (1 − p)).
+    from ``generator`` (inverted dropout: kept entries are scaled by 1 / (1 − p)). ``observe`` is
+    called with (layer, the block's input) before every block from ``start_layer`` on, prompts in.
     """
     count, p = prompts.shape[0], prompts.shape[1]
     if placement == "before-ln-pre" and start_layer != 0:
@@ -103,6 +106,12 @@ def vpt_features(
         raise ValueError("prompt dropout needs a generator")
 
     def place(layer: int, x: torch.Tensor) -> torch.Tensor:
+        x = insert(layer, x)
+        if observe is not None:
+            observe(layer, x)
+        return x
+
+    def insert(layer: int, x: torch.Tensor) -> torch.Tensor:
         offset = layer - start_layer
         if offset >= count:
             return x

@@ -11,7 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedprompt.config import BUILTIN_IMAGE_DATASETS, ConfigError, DataConfig, PartitionConfig, load_config
+from fedprompt.config import (
+    BUILTIN_IMAGE_DATASETS,
+    MULTI_DOMAIN_BUILTINS,
+    ConfigError,
+    DataConfig,
+    PartitionConfig,
+    load_config,
+)
 from fedprompt.data.images import (
     DIGIT_NAMES,
     IMAGE_BUILTINS,
@@ -32,7 +39,7 @@ CLIP_BASE = {
 
 
 def test_builtin_image_names_match_config():
-    assert set(IMAGE_BUILTINS) == set(BUILTIN_IMAGE_DATASETS)
+    assert set(IMAGE_BUILTINS) | set(MULTI_DOMAIN_BUILTINS) == set(BUILTIN_IMAGE_DATASETS)
 
 
 def test_digits_builtin_is_read_through_datasets():

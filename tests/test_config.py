@@ -51,8 +51,8 @@ def test_overrides_do_not_touch_the_input():
         ),
         (
             ["partition.kind=random"],
-            r"partition\.kind: Input should be 'iid', 'dirichlet', 'dirichlet_per_client', 'shards' or "
-            r"'classes'",
+            r"partition\.kind: Input should be 'iid', 'dirichlet', 'dirichlet_per_client', 'shards', "
+            r"'classes' or 'domains'",
         ),
         (["prompt.init=text"], r"init: text needs `init_text`"),
         (["federation.min_clients=20"], r"min_clients \(20\) exceeds partition\.num_clients \(10\)"),

@@ -11,7 +11,7 @@ from apps.vl_experiments.config import load_experiment
 from fedprompt.config import default_config_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-APP_LOADERS = {"vl-experiments.yaml": load_experiment}
+APP_LOADERS = {"vl-experiments.yaml": load_experiment, "vl-domains.yaml": load_experiment}
 """Configurations of an app, which its own loader validates (run configurations otherwise)."""
 
 

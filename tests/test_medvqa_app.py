@@ -142,6 +142,12 @@ def test_the_app_refuses_configs_it_cannot_report():
     for config in configs.values():  # the same data, partition, seed and prompt
         same = config.model_dump(exclude={"name", "strategy"})
         assert same == configs["fedavg"].model_dump(exclude={"name", "strategy"})
+    local_head = method_configs(
+        load_config({**base, "personalization": {"local": ["fusion.*"]}}), ["personalised", "fedavg", "local"]
+    )
+    assert [c.personalization.local for c in local_head.values()] == [["fusion.*"], [], ["fusion.*"]]
+    with pytest.raises(ConfigError, match=r"personalization\.shared_tokens"):
+        method_configs(load_config(base, ["personalization.shared_tokens=1"]), ["fedavg"])
     no_field = {**base, "data": {"source": "vqa", "vqa": {"format": "easy-vqa"}}}
     with pytest.raises(ConfigError, match=r"data\.vqa\.client_field"):
         method_configs(load_config(no_field), ["fedavg"])

@@ -193,6 +193,43 @@ def test_reliability_weights_and_shared_prompts_match_a_hand_computation():
     assert torch.equal(restored.downlink_state(1, out)["p"], strategy.downlink_state(1, out)["p"])
 
 
+def _vqa_like(cid, prompt, fusion, accuracy=0.6):
+    state = {"question.context": torch.tensor(prompt), "fusion.mlp.0.weight": torch.tensor(fusion)}
+    return Update(cid, state, 10, {"val_accuracy": accuracy})
+
+
+def test_reliability_compares_prompt_tensors_only_so_a_different_head_keeps_full_weight():
+    # three clients with the same prompt; client 2's fusion head points elsewhere (and outweighs it)
+    updates = [
+        _vqa_like(0, [1.0, 2.0], [5.0, 0.0, 0.0, 0.0]),
+        _vqa_like(1, [1.0, 2.0], [5.0, 0.0, 0.0, 0.0]),
+        _vqa_like(2, [1.0, 2.0], [0.0, -9.0, 9.0, 0.0]),
+    ]
+    state = {"question.context": torch.zeros(2), "fusion.mlp.0.weight": torch.zeros(4)}
+    strategy = ReliabilityWeighted(prompt_tensors={"question.context", "answer.context"})
+    strategy.initialize(state)
+    strategy.aggregate(state, updates)
+    assert strategy.report()["reliability_weights"] == pytest.approx({"0": 1 / 3, "1": 1 / 3, "2": 1 / 3})
+    # client 0's shared prompt mixes 1 and 2 alike: their prompts agree with its own as much
+    shared = strategy.downlink_state(0, state)
+    assert torch.allclose(shared["fusion.mlp.0.weight"], torch.tensor([2.5, -4.5, 4.5, 0.0]))
+    # over the whole state (the old rule), the head decides: client 2 disagrees and counts nothing
+    whole = ReliabilityWeighted()
+    whole.initialize(state)
+    whole.aggregate(state, updates)
+    assert whole.report()["reliability_weights"]["2"] < 0.1  # 1/3 over the prompt alone
+    # the pull on the client reads the prompt alone: same prompt, other head, no penalty
+    rule = ReliabilityRule(alpha=1.0, prompt_tensors={"question.context"})
+    penalty = rule.penalty(RoundInputs(shared, {}, FitInstructions(0, 0)))
+    own = {
+        "question.context": torch.tensor([2.0, 4.0]),
+        "fusion.mlp.0.weight": torch.tensor([0.0, 1.0, 0.0, 0.0]),
+    }
+    assert penalty(own).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="compares prompt tensors, and the aggregated state"):
+        ReliabilityWeighted(prompt_tensors={"question.context"}).initialize({"fusion.w": torch.zeros(2)})
+
+
 def test_reliability_rule_pulls_the_own_prompt_toward_the_shared_one():
     rule = ReliabilityRule(alpha=2.0)
     shared = {"p": torch.tensor([1.0, 0.0])}

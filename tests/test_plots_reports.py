@@ -123,3 +123,28 @@ def test_a_run_plots_itself_unless_told_not_to_and_without_matplotlib_still_fini
         bare = fedprompt.run(config, output_dir=tmp_path / "c").run_dir
     assert json.loads((bare / "summary.json").read_text())["rounds"] == 1
     assert not (bare / "plot.png").exists() and "matplotlib is not installed" in caplog.text
+
+
+def test_bytes_go_on_a_log_axis_where_asked_without_the_untrained_round(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from fedprompt.execution.plots import plot_runs
+    from fedprompt.execution.report import RunRecord
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep each figure to read its axes
+    runs = [RunRecord("small", PLAIN), RunRecord("large", [{**r, "bytes_up": r.get("bytes_up", 0) * 10**4}
+                                                           for r in PLAIN])]  # fmt: skip
+    for log_bytes in (False, True):
+        out = plot_runs(
+            runs, tmp_path / f"{log_bytes}.png", [("global_accuracy", "global")], log_bytes=log_bytes
+        )
+        assert out.read_bytes().startswith(PNG_SIGNATURE)
+    linear, logarithmic = (figure.axes[1] for figure in figures)
+    assert linear.get_xscale() == "linear" and logarithmic.get_xscale() == "log"
+    # round 0 sent nothing: on the linear axis it sits at 0, on the log axis it is left off
+    assert [list(line.get_xdata()) for line in linear.get_lines()] == [
+        [0, 1000, 2750],
+        [0, 4000600, 11001650],
+    ]
+    assert [list(line.get_xdata()) for line in logarithmic.get_lines()] == [[1000, 2750], [4000600, 11001650]]

@@ -27,7 +27,7 @@ from prompt_modules.visual_prompts import FrozenImage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-METHODS = list(METHOD_SETTINGS)
+METHODS = list(default_experiment_dict()["methods"])
 TRAINED = [m for m in METHODS if m != "zero-shot"]
 ACCURACIES = ("base_accuracy", "novel_accuracy", "harmonic_mean", "local_accuracy_mean")
 
@@ -254,7 +254,7 @@ def test_method_settings_merge_over_the_method_configs_and_share_the_rest(tiny_c
     assert config.run_config("promptfl", 0).data == config.run_config("fedtpg", 0).data == config.data
 
 
-@pytest.mark.parametrize("method", ["promptfl", "vpt", "tpfl", "fedtpg"])
+@pytest.mark.parametrize("method", ["promptfl", "vpt", "tpfl", "fedtpg", "fedapt", "fed-dpt"])
 def test_method_settings_are_those_of_the_method_configs(method):
     ready = yaml.safe_load((CONFIGS / f"{method}.yaml").read_text())
     for section in SECTIONS:
@@ -263,8 +263,75 @@ def test_method_settings_are_those_of_the_method_configs(method):
         **METHOD_SETTINGS["tpfl"],
         "prompt": {**METHOD_SETTINGS["tpfl"]["prompt"], "contrastive": True},
     }
+    for personal, section in (("split", {"shared_tokens": 8}), ("finetuned", {"finetune_steps": 20})):
+        assert METHOD_SETTINGS[personal] == {**METHOD_SETTINGS["promptfl"], "personalization": section}
 
 
 def test_configs_vl_experiments_is_the_embedded_default():
     assert yaml.safe_load((CONFIGS / "vl-experiments.yaml").read_text()) == default_experiment_dict()
     assert load_experiment(CONFIGS / "vl-experiments.yaml") == load_experiment()
+
+
+def domain_overrides(tiny_clip) -> list[str]:
+    """configs/vl-domains.yaml on the tiny CLIP: the digit-domains at a few images per class, 2 rounds."""
+    data = {
+        "source": "builtin",
+        "name": "digit-domains",
+        "domains": {"include": ["plain", "inverted", "rotated"], "held_out": "rotated"},
+        "max_per_class": 4,
+        "max_test_examples": 30,
+    }
+    return [
+        f"backbone.model={tiny_clip.config}",
+        f"backbone.pretrained={tiny_clip.checkpoint}",
+        f"data={json.dumps(data)}",
+        'class_template="{}"',
+        "partition.num_clients=2",
+        "federation.rounds=2",
+        "federation.min_clients=2",
+        "methods.promptfl.vision.augment.views=2",
+        "methods.split.vision.augment.views=2",
+        "methods.finetuned.vision.augment.views=2",
+        "methods.finetuned.personalization.finetune_steps=2",
+        "methods.fedapt.prompt.context.num_tokens=4",
+        "methods.fed-dpt.prompt.text.num_tokens=4",
+    ]
+
+
+@pytest.mark.slow
+def test_the_comparison_across_domains_reports_each_domain_the_worst_and_the_held_out(
+    tiny_clip, tmp_path, one_intra_op_thread
+):
+    methods = ["zero-shot", "promptfl", "split", "finetuned", "fedapt", "fed-dpt"]
+    config = select(
+        load_experiment(CONFIGS / "vl-domains.yaml", domain_overrides(tiny_clip)), methods=methods
+    )
+    assert config.across_domains
+    comparison = run_comparison(config, tmp_path / "out")
+    table = [line for line in comparison.markdown.splitlines() if line.startswith("| ")]
+    assert table[0].startswith(
+        "| method | seeds | plain | inverted | domain mean | worst domain | held-out domain | local (client "
+        "mean) | personal (client mean) | fine-tuned (client mean) | up B/client/round |"
+    )
+    assert "across domains" in comparison.markdown and "'rotated' is held out" in comparison.markdown
+    runs = read_csv(tmp_path / "out" / "runs.csv")
+    for run in runs:
+        history = [
+            json.loads(line)
+            for line in (tmp_path / "out" / "runs" / run["folder"] / "metrics.jsonl").read_text().splitlines()
+        ]
+        last = [row for row in history if "domain_mean_accuracy" in row][-1]
+        for key in ("domain_plain_accuracy", "domain_inverted_accuracy", "held_out_accuracy"):
+            assert value(run[key]) == last[key]
+        assert last["domain_mean_accuracy"] == pytest.approx(
+            (last["domain_plain_accuracy"] + last["domain_inverted_accuracy"]) / 2
+        )
+        assert last["domain_worst_accuracy"] == min(
+            last["domain_plain_accuracy"], last["domain_inverted_accuracy"]
+        )
+    by_method = {r["method"]: r for r in runs}
+    assert value(by_method["split"]["personal_accuracy_mean"]) is not None
+    assert value(by_method["finetuned"]["finetuned_accuracy_mean"]) is not None
+    assert value(by_method["promptfl"]["personal_accuracy_mean"]) is None
+    for key in ("domain_mean_accuracy", "domain_worst_accuracy", "held_out_accuracy"):
+        assert (tmp_path / "out" / "plots" / f"{key}.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -33,16 +33,18 @@ def check_app_config(config: RunConfig) -> None:
             f"{config.strategy.kind!r}, set strategy: {{kind: reliability, alpha: 1.0}} "
             "(FedAvg and local-only run as its baselines)"
         )
-    if config.personalization.splits:
+    if config.personalization.shared_tokens is not None:
         raise ConfigError(
-            "personalization.local/shared_tokens: the app keeps a whole personal prompt per client; "
-            "remove them"
+            "personalization.shared_tokens: the app keeps a whole personal prompt per client; remove it "
+            "(personalization.local may keep whole tensors on each client, e.g. the fusion head)"
         )
 
 
 def method_configs(config: RunConfig, methods: Sequence[str]) -> dict[str, RunConfig]:
     """One run configuration per method, equal to ``config`` (data, partition, seed, prompt,
-    optimiser, rounds) but for the strategy and the run's name."""
+    optimiser, rounds) but for the strategy and the run's name; ``fedavg`` shares every tensor of
+    its one global prompt (no ``personalization.local``: a fusion head kept on the clients would
+    leave the global prompt with its initial one)."""
     check_app_config(config)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -56,5 +58,7 @@ def method_configs(config: RunConfig, methods: Sequence[str]) -> dict[str, RunCo
     for method in methods:
         data = config.model_dump(mode="json")
         data.update(name=f"{config.name}-{method}", strategy=strategies[method])
+        if method == "fedavg":
+            data["personalization"] = {**data["personalization"], "local": []}
         out[method] = load_config(data)
     return out

@@ -1,5 +1,7 @@
 """The vision-language comparison a paper needs: every CLIP prompt method of fedprompt and zero-shot
-CLIP on one backbone, one dataset, one partition and the same seeds, evaluated base-to-novel.
+CLIP on one backbone, one dataset, one partition and the same seeds, evaluated base-to-novel, or
+across domains on multi-domain images (per domain, mean, worst and held-out domain;
+``configs/vl-domains.yaml``).
 
     python -m apps.vl_experiments [--config configs/vl-experiments.yaml] [--seeds 0 1 2] [--out DIR]
         [--methods promptfl vpt ...] [--set key=value ...]
@@ -7,8 +9,11 @@ CLIP on one backbone, one dataset, one partition and the same seeds, evaluated b
 Methods (``apps.vl_experiments.methods``): ``zero-shot`` (the frozen backbone scoring the class
 template, no training: the floor), ``promptfl`` (CoOp context, FedAvg), ``vpt`` (deep visual prompt
 tokens), ``tpfl`` (text context + pixel patch), ``atpfl`` (TPFL's contrastive variant) and
-``fedtpg`` (the prompt generator, each client over its own classes). Each runs with the settings of
-its config in ``configs/`` unless the experiment's ``methods.<name>`` entry overrides some of them.
+``fedtpg`` (the prompt generator, each client over its own classes), ``fedapt`` (keyed context and
+an adaptive network), ``fed-dpt`` (a text prompt per domain, weighted by the visual prompt's
+attention), ``split`` (8 shared and 8 local context vectors) and ``finetuned`` (PromptFL, then 20
+local steps). Each runs with the settings of its config in ``configs/`` unless the experiment's
+``methods.<name>`` entry overrides some of them.
 
 The experiment file (``ExperimentConfig``; pydantic, unknown fields refused) holds the shared parts
 as fedprompt's sections (``backbone``, ``data`` with ``novel_class_fraction``, ``partition``,

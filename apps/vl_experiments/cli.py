@@ -19,8 +19,9 @@ def parser() -> argparse.ArgumentParser:
     """The options of ``python -m apps.vl_experiments``."""
     out = argparse.ArgumentParser(
         prog="python -m apps.vl_experiments",
-        description="Compare zero-shot CLIP, PromptFL (CoOp), VPT, TPFL, ATPFL and FedTPG on one backbone, "
-        "one dataset, one partition and the same seeds, base-to-novel; write the table and the plots.",
+        description="Compare zero-shot CLIP, PromptFL (CoOp), VPT, TPFL, ATPFL, FedTPG, FedAPT, Fed-DPT, "
+        "split prompts and the fine-tuned baseline on one backbone, one dataset, one partition and the same "
+        "seeds, base-to-novel or across domains (configs/vl-domains.yaml); write the table and the plots.",
     )
     out.add_argument(
         "--config",

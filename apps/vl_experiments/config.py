@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from apps.vl_experiments.methods import (
+    BASE_TO_NOVEL_METHODS,
     METHOD_SETTINGS,
     SECTIONS,
     ZERO_SHOT,
@@ -59,13 +60,17 @@ class MethodSettings(_Strict):
 
     base: MethodName | None = Field(
         None,
-        description="The method this entry runs (zero-shot, promptfl, vpt, tpfl, atpfl, fedtpg); default: "
-        "the entry's name. Two entries of one base compare two settings of a method.",
+        description="The method this entry runs (zero-shot, promptfl, vpt, tpfl, atpfl, fedtpg, fedapt, "
+        "fed-dpt, split, finetuned); default: the entry's name. Two entries of one base compare two "
+        "settings of a method.",
     )
     prompt: dict[str, Any] | None = Field(None, description="Over the method's prompt section.")
     optimizer: dict[str, Any] | None = Field(None, description="Over the method's optimizer section.")
     strategy: dict[str, Any] | None = Field(None, description="Over the method's strategy section.")
     vision: dict[str, Any] | None = Field(None, description="Over the method's vision section.")
+    personalization: dict[str, Any] | None = Field(
+        None, description="Over the method's personalization section (split prompts, fine-tuning)."
+    )
 
     def given(self) -> dict[str, Any]:
         """The sections this entry sets."""
@@ -80,7 +85,7 @@ class ExperimentOutput(_Strict):
 
 
 def _all_methods() -> dict[str, MethodSettings | None]:
-    return {name: MethodSettings() for name in METHOD_SETTINGS}
+    return {name: MethodSettings() for name in BASE_TO_NOVEL_METHODS}
 
 
 def _digits() -> DataConfig:
@@ -93,7 +98,9 @@ class ExperimentConfig(_Strict):
     Each method of ``methods`` runs once per seed of ``seeds`` with the shared sections as they are
     and the run seed set to that seed; zero-shot CLIP scores ``class_template`` with the frozen
     backbone, no training (and the VPT entry's fixed class text is the same template unless it sets
-    ``prompt.class_template``).
+    ``prompt.class_template``). The comparison is base-to-novel (``data.novel_class_fraction``) or
+    across domains (multi-domain images: accuracy per domain, their mean and worst, the held-out
+    domain).
     """
 
     name: str = Field("vl-experiments", pattern=r"^[A-Za-z0-9._-]+$")
@@ -115,7 +122,7 @@ class ExperimentConfig(_Strict):
     methods: dict[str, MethodSettings | None] = Field(
         default_factory=_all_methods,
         description="The methods compared, in table order: name -> settings (null or {}: the method's "
-        "own). Names other than the methods' need `base`.",
+        "own). Names other than the methods' need `base`. Default: the base-to-novel comparison's six.",
     )
 
     @field_validator("seeds")
@@ -150,12 +157,18 @@ class ExperimentConfig(_Strict):
                     f"methods.{name}: zero-shot CLIP trains nothing; remove {sorted(settings.given())} "
                     "(its class text is the top-level class_template)"
                 )
-        if self.data.novel_class_fraction is None:
+        if self.data.novel_class_fraction is None and not self.data.multi_domain:
             raise ValueError(
-                "data.novel_class_fraction: the comparison evaluates base-to-novel; set the share of "
-                "classes held out as novel (e.g. 0.5; 0.3 on the digits: seven, eight and nine)"
+                "data.novel_class_fraction: the comparison evaluates base-to-novel or across domains; set "
+                "the share of classes held out as novel (e.g. 0.5; 0.3 on the digits: seven, eight and "
+                "nine), or use multi-domain images (data.source: domain-folder, or builtin digit-domains)"
             )
         return self
+
+    @property
+    def across_domains(self) -> bool:
+        """Whether the comparison is across domains (multi-domain images) rather than base-to-novel."""
+        return self.data.multi_domain
 
     def base_of(self, method: str) -> str:
         """The method an entry runs."""

@@ -1,9 +1,12 @@
-"""The methods the comparison runs, and each one's prompt, optimiser, strategy and vision settings.
+"""The methods the comparison runs, and each one's prompt, optimiser, strategy, vision and
+personalisation settings.
 
 The settings are those of the method's config in ``configs/`` (``promptfl.yaml``, ``vpt.yaml``,
-``tpfl.yaml``, ``fedtpg.yaml``; ATPFL is ``tpfl.yaml`` with ``contrastive: true``), copied here so
-that the app runs from an installed package too; ``tests/test_vl_experiments.py`` checks that the
-two agree. An experiment's own settings for a method are merged over these, field by field.
+``tpfl.yaml``, ``fedtpg.yaml``, ``fedapt.yaml``, ``fed-dpt.yaml``; ATPFL is ``tpfl.yaml`` with
+``contrastive: true``; split prompts and the fine-tuned baseline are PromptFL with a
+``personalization`` section), copied here so that the app runs from an installed package too;
+``tests/test_vl_experiments.py`` checks that they agree. An experiment's own settings for a method
+are merged over these, field by field.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-MethodName = Literal["zero-shot", "promptfl", "vpt", "tpfl", "atpfl", "fedtpg"]
+MethodName = Literal[
+    "zero-shot", "promptfl", "vpt", "tpfl", "atpfl", "fedtpg", "fedapt", "fed-dpt", "split", "finetuned"
+]
 ZERO_SHOT = "zero-shot"
-SECTIONS = ("prompt", "optimizer", "strategy", "vision")
+SECTIONS = ("prompt", "optimizer", "strategy", "vision", "personalization")
 """The parts of a run that belong to a method; everything else is shared by all of them."""
 
 _COSINE_AFTER_WARMUP: dict[str, Any] = {"kind": "cosine", "warmup_rounds": 1, "warmup_lr": 1.0e-5}
@@ -39,28 +44,30 @@ _TPFL_OPTIMIZER: dict[str, Any] = {
     "grad_clip": None,
 }
 
+_PROMPTFL: dict[str, dict[str, Any]] = {
+    "prompt": {
+        "kind": "coop",
+        "num_tokens": 16,
+        "init": "random",
+        "init_std": 0.02,
+        "class_position": "end",
+    },
+    "optimizer": {
+        "kind": "gradient",
+        "algorithm": "sgd",
+        "lr": 0.001,
+        "momentum": 0.9,
+        "epochs": 1,
+        "batch_size": 32,
+        "schedule": _COSINE_AFTER_WARMUP,
+    },
+    "strategy": {"kind": "fedavg", "weighting": "uniform"},
+    "vision": {"augment": {"views": 8, "crop_scale": [0.08, 1.0], "flip": True}},
+}
+
 METHOD_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     ZERO_SHOT: {},
-    "promptfl": {
-        "prompt": {
-            "kind": "coop",
-            "num_tokens": 16,
-            "init": "random",
-            "init_std": 0.02,
-            "class_position": "end",
-        },
-        "optimizer": {
-            "kind": "gradient",
-            "algorithm": "sgd",
-            "lr": 0.001,
-            "momentum": 0.9,
-            "epochs": 1,
-            "batch_size": 32,
-            "schedule": _COSINE_AFTER_WARMUP,
-        },
-        "strategy": {"kind": "fedavg", "weighting": "uniform"},
-        "vision": {"augment": {"views": 8, "crop_scale": [0.08, 1.0], "flip": True}},
-    },
+    "promptfl": _PROMPTFL,
     "vpt": {
         "prompt": {
             "kind": "vpt",
@@ -109,8 +116,54 @@ METHOD_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "strategy": {"kind": "fedavg", "weighting": "uniform"},
         "vision": {"client_classes": "own"},
     },
+    "fedapt": {
+        "prompt": {
+            "kind": "fedapt",
+            "context": {
+                "kind": "coop",
+                "num_tokens": 16,
+                "init": "random",
+                "init_std": 0.02,
+                "class_specific": True,
+            },
+            "temperature": 0.01,
+            "domain_loss_weight": 1.0,
+            "test_mixture": "prompt",
+        },
+        "optimizer": {
+            "kind": "gradient",
+            "algorithm": "sgd",
+            "lr": 0.01,
+            "momentum": 0.9,
+            "weight_decay": 0.00001,
+            "epochs": 1,
+            "batch_size": 32,
+        },
+        "strategy": {"kind": "fedavg", "weighting": "uniform"},
+    },
+    "fed-dpt": {
+        "prompt": {
+            "kind": "fed-dpt",
+            "text": {"kind": "coop", "num_tokens": 16, "init": "random", "init_std": 0.02},
+            "visual_start_layer": 0,
+        },
+        "optimizer": {
+            "kind": "gradient",
+            "algorithm": "adamw",
+            "lr": 0.002,
+            "weight_decay": 0.01,
+            "epochs": 1,
+            "batch_size": 32,
+        },
+        "strategy": {"kind": "fed-dpt", "momentum": 0.9, "weighting": "examples"},
+    },
+    "split": {**_PROMPTFL, "personalization": {"shared_tokens": 8}},
+    "finetuned": {**_PROMPTFL, "personalization": {"finetune_steps": 20}},
 }
 """Each method's sections, as in its config under ``configs/``."""
+
+BASE_TO_NOVEL_METHODS = ("zero-shot", "promptfl", "vpt", "tpfl", "atpfl", "fedtpg")
+"""The methods of an experiment that names none (the base-to-novel comparison's)."""
 
 METHOD_TITLES = {
     ZERO_SHOT: "zero-shot CLIP",
@@ -119,6 +172,10 @@ METHOD_TITLES = {
     "tpfl": "TPFL",
     "atpfl": "ATPFL",
     "fedtpg": "FedTPG",
+    "fedapt": "FedAPT",
+    "fed-dpt": "Fed-DPT",
+    "split": "split prompt (8 shared + 8 local)",
+    "finetuned": "PromptFL + fine-tune 20 steps",
 }
 
 

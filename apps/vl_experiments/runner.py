@@ -22,6 +22,7 @@ from apps.vl_experiments.methods import METHOD_TITLES, ZERO_SHOT
 from apps.vl_experiments.table import (
     WALL_TIME,
     RunValues,
+    columns,
     comparison_table,
     mean_record,
     per_run_rows,
@@ -49,7 +50,14 @@ PLOTS = (
     ("novel_accuracy", "novel accuracy"),
     ("local_accuracy_mean", "local accuracy (client mean)"),
 )
-"""The plots written to ``<out>/plots/<key>.png``: (metrics key, label)."""
+"""The plots of a base-to-novel comparison, written to ``<out>/plots/<key>.png``: (metrics key, label)."""
+DOMAIN_PLOTS = (
+    ("domain_mean_accuracy", "accuracy, mean over domains"),
+    ("domain_worst_accuracy", "accuracy on the worst domain"),
+    ("held_out_accuracy", "accuracy on the held-out domain"),
+    ("local_accuracy_mean", "local accuracy (client mean)"),
+)
+"""The plots of a comparison across domains."""
 
 
 @dataclass
@@ -146,7 +154,8 @@ def _record_wall_time(run_dir: RunDirectory, seconds: float) -> None:
 
 
 def _brief(run: RunValues) -> str:
-    shown = {k: v for k, v in run.values.items() if k in ("base_accuracy", "novel_accuracy", "harmonic_mean")}
+    keys = ("base_accuracy", "novel_accuracy", "harmonic_mean", "domain_mean_accuracy", "held_out_accuracy")
+    shown = {k: v for k, v in run.values.items() if k in keys}
     parts = [f"{k} {v:.4f}" for k, v in shown.items() if v is not None]
     return ", ".join([*parts, f"{run.values[WALL_TIME]:.1f} s"])
 
@@ -164,10 +173,18 @@ def describe(config: ExperimentConfig, runs: Sequence[RunValues]) -> str:
         lines.append(f"- note: {note}")
     data = config.data
     names = data.name if data.source != "datasets" else ", ".join(str(d.name) for d in data.datasets or [])
-    lines.append(
-        f"- data: {data.source} {names}, base-to-novel: the last {data.novel_class_fraction:g} of the "
-        "classes are novel (never trained on); base accuracy on the test set's base classes"
-    )
+    if config.across_domains:
+        held = data.domain_settings.held_out
+        lines.append(
+            f"- data: {data.source} {names}, across domains: accuracy on each trained domain's test images "
+            "(the domain unknown to the model), their mean and the worst"
+            + (f"; {held!r} is held out (never trained on) and reported apart" if held else "")
+        )
+    else:
+        lines.append(
+            f"- data: {data.source} {names}, base-to-novel: the last {data.novel_class_fraction:g} of the "
+            "classes are novel (never trained on); base accuracy on the test set's base classes"
+        )
     part, fed = config.partition, config.federation
     lines.append(
         f"- partition: {part.kind}, {part.num_clients} clients, each holding out "
@@ -197,23 +214,26 @@ def write_tables(
     """``comparison.md`` (described, mean ± std), ``comparison.csv`` (means and stds, full precision)
     and ``runs.csv`` (every run's values)."""
     write_text_atomically(
-        folder / f"{TABLE_FILE}.md", describe(config, runs) + comparison_table(rows, METHOD_TITLES)
+        folder / f"{TABLE_FILE}.md",
+        describe(config, runs) + comparison_table(rows, METHOD_TITLES, columns(runs)),
     )
     write_csv(rows, folder / f"{TABLE_FILE}.csv")
     write_csv(per_run_rows(runs), folder / RUNS_TABLE_FILE)
 
 
 def write_plots(config: ExperimentConfig, folder: Path, runs: Sequence[RunValues]) -> list[Path]:
-    """One PNG per metric of ``PLOTS`` with one curve per trained method (its mean over the seeds)
-    per round and against the cumulative bytes, and zero-shot CLIP as a horizontal line."""
+    """One PNG per metric of ``PLOTS`` (``DOMAIN_PLOTS`` across domains) with one curve per trained
+    method (its mean over the seeds) per round and against the cumulative bytes (a log axis: methods
+    send from kilobytes to megabytes a round), and zero-shot CLIP as a horizontal line."""
     from fedprompt.execution.plots import plot_runs
 
     records = {}
     floors: dict[str, dict[str, float]] = {}
+    plots = DOMAIN_PLOTS if config.across_domains else PLOTS
     for method in config.methods:
         mine = [load_run(run.folder) for run in runs if run.method == method]
         if config.base_of(method) == ZERO_SHOT:
-            for key, _ in PLOTS:
+            for key, _ in plots:
                 finals = [run.curve(key)[1][-1] for run in mine if run.curve(key)[0]]
                 if finals:
                     floors.setdefault(key, {})[method] = sum(finals) / len(finals)
@@ -221,11 +241,11 @@ def write_plots(config: ExperimentConfig, folder: Path, runs: Sequence[RunValues
             records[method] = mean_record(method, mine)
     seeds = len(config.seeds)
     written = []
-    for key, label in PLOTS:
+    for key, label in plots:
         shown = [record for record in records.values() if record.curve(key)[0]]
         if not shown and key not in floors:
             continue
         title = f"{config.name}: {label}" + (f", mean of {seeds} seeds" if seeds > 1 else "")
         out = folder / "plots" / f"{key}.png"
-        written.append(plot_runs(shown, out, [(key, label)], floors.get(key), title))
+        written.append(plot_runs(shown, out, [(key, label)], floors.get(key), title, log_bytes=True))
     return written

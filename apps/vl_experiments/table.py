@@ -3,6 +3,7 @@ Markdown and CSV files; the mean curves over seeds that the plots draw."""
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,17 +16,27 @@ from fedprompt.execution.tables import format_number, markdown_table
 WALL_TIME = "wall_time_s"
 """The summary.json key of a method's wall time in this process (loading, encoding, rounds)."""
 
-COLUMNS = (
-    ("base_accuracy", "base"),
-    ("novel_accuracy", "novel"),
-    ("harmonic_mean", "HM"),
+BASE_TO_NOVEL = (("base_accuracy", "base"), ("novel_accuracy", "novel"), ("harmonic_mean", "HM"))
+"""The base-to-novel comparison's accuracies: (key, Markdown header)."""
+ACROSS_DOMAINS = (
+    ("domain_mean_accuracy", "domain mean"),
+    ("domain_worst_accuracy", "worst domain"),
+    ("held_out_accuracy", "held-out domain"),
+)
+"""The multi-domain comparison's accuracies after each domain's own (``domain_<name>_accuracy``)."""
+PER_CLIENT = (
     ("local_accuracy_mean", "local (client mean)"),
+    ("personal_accuracy_mean", "personal (client mean)"),
+    ("finetuned_accuracy_mean", "fine-tuned (client mean)"),
+)
+"""Accuracies on each client's held-out split (the last two for methods that keep a personal prompt)."""
+COSTS = (
     ("bytes_up_per_client_round", "up B/client/round"),
     ("bytes_down_per_client_round", "down B/client/round"),
     (WALL_TIME, "wall s"),
 )
-"""The values of a run the table shows: (key, Markdown header)."""
-ACCURACIES = ("base_accuracy", "novel_accuracy", "harmonic_mean", "local_accuracy_mean")
+_DOMAIN = re.compile(r"^domain_(.+)_accuracy$")
+_SUMMARIES = {"domain_mean_accuracy", "domain_worst_accuracy"}
 
 
 @dataclass(frozen=True)
@@ -40,11 +51,13 @@ class RunValues:
 
 
 def run_values(method: str, base: str, seed: int, run: RunRecord) -> RunValues:
-    """The table's values of a run from its metrics.jsonl and summary.json: the last base, novel,
-    HM and client-mean local accuracies, bytes up and down per client per round (the mean over the
-    trained rounds, as ``fedprompt report``; 0 for a run that trained no round), wall time."""
+    """The table's values of a run from its metrics.jsonl and summary.json: the last value of every
+    accuracy it records (base/novel/HM, each domain's, their mean and worst, the held-out domain's,
+    the client means), bytes up and down per client per round (the mean over the trained rounds, as
+    ``fedprompt report``; 0 for a run that trained no round), wall time."""
     values: dict[str, float | None] = {}
-    for key in ACCURACIES:
+    recorded = [k for row in run.history for k in row if k.endswith(("_accuracy", "_accuracy_mean"))]
+    for key in dict.fromkeys([*recorded, "harmonic_mean", "local_accuracy_mean"]):  # in the runs' order
         curve = run.curve(key)[1]
         values[key] = curve[-1] if curve else None
     trained = any(row["round"] > 0 for row in run.history)
@@ -56,8 +69,23 @@ def run_values(method: str, base: str, seed: int, run: RunRecord) -> RunValues:
     return RunValues(method, base, seed, run.path, values)
 
 
+def columns(runs: Sequence[RunValues]) -> list[tuple[str, str]]:
+    """The table's columns for these runs, (key, Markdown header): across domains (when the runs
+    report a domain mean) each domain's accuracy, their mean and worst, the held-out domain's;
+    otherwise base, novel and HM; then the client means some run has, bytes and wall time."""
+    present = [key for run in runs for key, value in run.values.items() if value is not None]
+    if "domain_mean_accuracy" in present:
+        domains = [k for k in dict.fromkeys(present) if _DOMAIN.match(k) and k not in _SUMMARIES]
+        head = [(k, _DOMAIN.match(k).group(1)) for k in domains]  # type: ignore[union-attr]
+        head += [(k, name) for k, name in ACROSS_DOMAINS if k in present]
+    else:
+        head = list(BASE_TO_NOVEL)
+    clients = [(k, name) for k, name in PER_CLIENT if k == "local_accuracy_mean" or k in present]
+    return [*head, *clients, *COSTS]
+
+
 def summary_rows(runs: Sequence[RunValues]) -> list[dict[str, Any]]:
-    """One row per method (in the order first met): its seeds and, per value, mean and sample
+    """One row per method (in the order first met): its seeds and, per column, mean and sample
     standard deviation over the seeds (std None with one seed)."""
     methods = list(dict.fromkeys(run.method for run in runs))
     rows = []
@@ -68,8 +96,8 @@ def summary_rows(runs: Sequence[RunValues]) -> list[dict[str, Any]]:
             "base": mine[0].base,
             "seeds": " ".join(str(r.seed) for r in mine),
         }
-        for key, _ in COLUMNS:
-            numbers = [run.values[key] for run in mine if run.values[key] is not None]
+        for key, _ in columns(runs):
+            numbers = [run.values[key] for run in mine if run.values.get(key) is not None]
             row[f"{key}_mean"] = statistics.fmean(numbers) if numbers else None
             row[f"{key}_std"] = statistics.stdev(numbers) if len(numbers) > 1 else None
         rows.append(row)
@@ -81,21 +109,30 @@ def format_cell(key: str, mean: float | None, std: float | None) -> str:
     return format_number(mean, 0 if key.startswith("bytes") else 1 if key == WALL_TIME else 4, std)
 
 
-def comparison_table(rows: Sequence[dict[str, Any]], titles: dict[str, str]) -> str:
-    """The comparison as a GitHub Markdown table, one line per method."""
-    headers = ["method", "seeds", *(header for _, header in COLUMNS)]
+def comparison_table(
+    rows: Sequence[dict[str, Any]], titles: dict[str, str], shown: Sequence[tuple[str, str]]
+) -> str:
+    """The comparison as a GitHub Markdown table, one line per method, the ``shown`` columns."""
+    headers = ["method", "seeds", *(header for _, header in shown)]
     cells = [
         [titles.get(row["method"], row["method"]), str(len(row["seeds"].split()))]
-        + [format_cell(key, row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in COLUMNS]
+        + [format_cell(key, row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in shown]
         for row in rows
     ]
     return markdown_table(headers, cells)
 
 
 def per_run_rows(runs: Sequence[RunValues]) -> list[dict[str, Any]]:
-    """One row per method and seed: the values of that run and its folder."""
+    """One row per method and seed: the values of that run in the table's columns, and its folder."""
+    keys = [key for key, _ in columns(runs)]
     return [
-        {"method": run.method, "base": run.base, "seed": run.seed, **run.values, "folder": run.folder.name}
+        {
+            "method": run.method,
+            "base": run.base,
+            "seed": run.seed,
+            **{key: run.values.get(key) for key in keys},
+            "folder": run.folder.name,
+        }
         for run in runs
     ]
 

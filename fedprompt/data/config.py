@@ -13,7 +13,50 @@ from fedprompt.config_base import StrictModel
 BUILTIN_DATASETS = ("chatterbot-corpus",)
 
 
-BUILTIN_IMAGE_DATASETS = ("digits",)
+BUILTIN_IMAGE_DATASETS = ("digits", "digit-domains")
+
+
+MULTI_DOMAIN_BUILTINS = ("digit-domains",)
+"""Builtin image datasets whose images come from several domains (``data.domains`` applies)."""
+
+
+DIGIT_DOMAINS = ("plain", "inverted", "textured", "rotated", "outline", "noisy")
+"""The domains of the builtin ``digit-domains`` (``fedprompt.data.digit_domains``), in order."""
+
+
+class DomainsConfig(StrictModel):
+    """Images from several domains: a folder in a published multi-domain layout (``source:
+    domain-folder``: DomainNet, Office-Caltech-10, PACS, Digits-5-style sets, one folder per domain
+    and in it one per class) or the builtin ``digit-domains``. Which domains are used, which one is
+    held out (leave-one-domain-out: never trained on, reported as ``held_out_accuracy``), and
+    where each domain's test split comes from."""
+
+    include: list[str] | None = Field(
+        None, min_length=1, description="The domains used, by folder name (null: every domain)."
+    )
+    held_out: str | None = Field(
+        None,
+        description="A domain kept out of training: no client holds it, and its test split is reported "
+        "as held_out_accuracy (the domain generalisation protocol).",
+    )
+    split: Literal["auto", "files", "fraction"] = Field(
+        "auto",
+        description="files: the dataset's split lists (DomainNet <domain>_train.txt/<domain>_test.txt, "
+        "PACS <domain>_train_kfold.txt/<domain>_test_kfold.txt, beside the domain folders or in "
+        "splits/); fraction: a seeded stratified test_fraction of each domain; auto: files when every "
+        "domain has them.",
+    )
+
+    @model_validator(mode="after")
+    def _held_out_is_used(self) -> DomainsConfig:
+        if self.include is not None:
+            if len(set(self.include)) != len(self.include):
+                raise ValueError(f"include names a domain twice: {self.include}")
+            if self.held_out is not None and self.held_out not in self.include:
+                raise ValueError(f"held_out {self.held_out!r} is not among include {self.include}")
+            if len(self.include) - (self.held_out is not None) < 1:
+                raise ValueError("include leaves no domain to train on besides the held-out one")
+        return self
 
 
 class VQADataConfig(StrictModel):
@@ -75,13 +118,14 @@ class DataConfig(StrictModel):
     answering data (the ``vqa`` section).
     """
 
-    source: Literal["builtin", "hub", "files", "image-folder", "datasets", "vqa"] = "builtin"
+    source: Literal["builtin", "hub", "files", "image-folder", "domain-folder", "datasets", "vqa"] = "builtin"
     name: str | None = Field(
         "chatterbot-corpus",
         description="builtin: one of "
         + ", ".join(BUILTIN_DATASETS + BUILTIN_IMAGE_DATASETS)
         + "; hub: a dataset name or local folder; image-folder: a local folder of images in one "
-        "subfolder per class (datasets' imagefolder).",
+        "subfolder per class (datasets' imagefolder); domain-folder: a local folder with one subfolder per "
+        "domain, each with one subfolder of images per class (DomainNet, Office-Caltech-10, PACS).",
     )
     subset: str | None = Field(None, description="Dataset configuration name (hub).")
     files: dict[str, str | list[str]] | None = Field(
@@ -111,6 +155,12 @@ class DataConfig(StrictModel):
         None, description="source: vqa: the question answering data (its columns come from its format)."
     )
 
+    domains: DomainsConfig | None = Field(
+        None,
+        description="Multi-domain images (source: domain-folder, builtin digit-domains): which domains, "
+        "the held-out one, the test splits (null: every domain, none held out, split auto).",
+    )
+
     datasets: list[DataConfig] | None = Field(
         None,
         description="source: datasets: the image datasets pooled, each a data section (open-clip; partition "
@@ -137,6 +187,11 @@ class DataConfig(StrictModel):
                 "applies to all of them)"
             )
         for index, entry in enumerate(self.datasets):
+            if entry.multi_domain:
+                raise ValueError(
+                    f"datasets.{index}: multi-domain images cannot be pooled with other datasets; use "
+                    "them alone"
+                )
             if entry.source == "datasets":
                 raise ValueError(f"datasets.{index}: an entry cannot itself be source: datasets")
             if entry.novel_class_fraction is not None:
@@ -162,6 +217,18 @@ class DataConfig(StrictModel):
             raise ValueError("source: vqa needs a `vqa` section, e.g. {format: easy-vqa}")
         if self.source != "vqa" and self.vqa is not None:
             raise ValueError("the `vqa` section applies to source: vqa only")
+        if self.domains is not None and not self.multi_domain:
+            raise ValueError(
+                "the `domains` section applies to multi-domain images: source: domain-folder, or source: "
+                f"builtin with name one of {list(MULTI_DOMAIN_BUILTINS)}"
+            )
+        if self.multi_domain and self.novel_class_fraction is not None:
+            raise ValueError(
+                "novel_class_fraction (base-to-novel) and multi-domain images do not go together; evaluate "
+                "an unseen domain with domains.held_out instead"
+            )
+        if self.source == "domain-folder" and not self.name:
+            raise ValueError("source: domain-folder needs `name`, the folder with one subfolder per domain")
         if self.source == "vqa" and self.novel_class_fraction is not None:
             raise ValueError("novel_class_fraction (base-to-novel) applies to image classification, not vqa")
         if self.source == "files" and (not self.files or self.train_split not in self.files):
@@ -170,11 +237,41 @@ class DataConfig(StrictModel):
             )
         return self
 
+    @property
+    def multi_domain(self) -> bool:
+        """Whether the images come from several domains (a domain folder or a multi-domain builtin)."""
+        return self.source == "domain-folder" or (
+            self.source == "builtin" and self.name in MULTI_DOMAIN_BUILTINS
+        )
+
+    @property
+    def domain_settings(self) -> DomainsConfig:
+        """The ``domains`` section with its defaults filled in (multi-domain images only)."""
+        return self.domains or DomainsConfig()
+
+    @property
+    def known_domains(self) -> tuple[str, ...] | None:
+        """The domains a builtin multi-domain set has (None: read from a folder when it loads)."""
+        return DIGIT_DOMAINS if self.source == "builtin" and self.name == "digit-domains" else None
+
+    def trained_domains(self, available: tuple[str, ...] | list[str]) -> list[str]:
+        """The domains clients train on, in order: ``domains.include`` (or all of ``available``)
+        without the held-out one. Raises ValueError naming an unknown domain."""
+        settings = self.domain_settings
+        unknown = [d for d in [*(settings.include or []), settings.held_out] if d and d not in available]
+        if unknown:
+            raise ValueError(
+                f"data.domains names {unknown}, which the data does not have; its domains are "
+                f"{list(available)}"
+            )
+        used = settings.include or list(available)
+        return [d for d in used if d != settings.held_out]
+
 
 class PartitionConfig(StrictModel):
     """How the training examples are split among clients."""
 
-    kind: Literal["iid", "dirichlet", "dirichlet_per_client", "shards", "classes"] = "dirichlet"
+    kind: Literal["iid", "dirichlet", "dirichlet_per_client", "shards", "classes", "domains"] = "dirichlet"
     num_clients: int = Field(10, ge=1)
     alpha: float = Field(
         0.5,
@@ -189,6 +286,12 @@ class PartitionConfig(StrictModel):
     )
     shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards given to each client.")
     classes_per_client: int = Field(2, ge=1, description="classes: the classes each client sees.")
+    clients_per_domain: int = Field(
+        1,
+        ge=1,
+        description="domains: each domain's training images split evenly (seeded, IID) among this many "
+        "clients; num_clients must be (domains trained on) × clients_per_domain.",
+    )
     local_val_fraction: float = Field(
         0.2, ge=0, lt=1, description="Share of each client's data kept for local eval."
     )

@@ -12,6 +12,7 @@ to "nine"), built in memory; it needs scikit-learn (a test dependency), and says
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from fedprompt.errors import DataError
 from fedprompt.seeding import derive_seed
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DEMO_PRETRAINING_SEED = 0
+DEMO_PRETRAINING_FRACTION = 0.1
+"""The demo backbone's recipe seed and the share of each digit class it is pre-trained on (its
+defaults, ``tasks.clip.demo_backbone.DemoClipRecipe``): ``digit_pretraining_split`` of these gives
+the digit images ``bundled:demo-clip`` has seen, which test splits must leave out."""
 
 
 @dataclass
@@ -75,6 +81,8 @@ class ImageTask:
     or the base classes in base-to-novel runs); ``novel_test`` (base-to-novel only) has labels
     over ``novel_names``. ``datasets`` (pooled only) says which class ranges belong to which
     dataset: every pooled dataset keeps its classes together, in its own label order.
+    ``domain_names`` (multi-domain images only) are the trained domains, which the ``domain``
+    column of ``train`` and ``test`` indexes; ``held_out_test`` is the held-out domain's test split.
     """
 
     train: datasets.Dataset
@@ -83,11 +91,17 @@ class ImageTask:
     novel_test: datasets.Dataset | None = None
     novel_names: list[str] | None = None
     datasets: list[PooledDataset] | None = None
+    domain_names: list[str] | None = None
+    held_out_domain: str | None = None
+    held_out_test: datasets.Dataset | None = None
 
 
 def load_image_task(config: DataConfig, seed: int) -> ImageTask:
-    """Load the configured image data (each dataset of ``source: datasets``, pooled in order),
-    split base and novel classes when ``novel_class_fraction`` is set. Raises DataError."""
+    """Load the configured image data (each dataset of ``source: datasets``, pooled in order), split
+    base and novel classes when ``novel_class_fraction`` is set. Raises DataError. (Multi-domain
+    images load with ``fedprompt.data.domains.load_domain_task``.)"""
+    if config.multi_domain:
+        raise DataError("multi-domain images load with fedprompt.data.domains.load_domain_task")
     entries = config.datasets if config.source == "datasets" and config.datasets else [config]
     pooled = config.source == "datasets"
     parts: list[ImageTask] = []
@@ -152,7 +166,14 @@ def _dataset_labels(entries: list[DataConfig]) -> list[str]:
 
 
 def digit_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits: 8×8 uint8 images (0..16 scaled to 0..255) [1797, 8, 8] and labels."""
+    """scikit-learn's bundled digits: 8×8 uint8 images (0..16 scaled to 0..255) [1797, 8, 8] and labels
+    (fresh copies of arrays read once per process)."""
+    pixels, labels = _digits()
+    return pixels.copy(), labels.copy()
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ModuleNotFoundError as exc:
@@ -162,6 +183,30 @@ def digit_arrays() -> tuple[np.ndarray, np.ndarray]:
     bunch = sklearn_digits()
     pixels = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     return pixels, bunch.target
+
+
+def digit_pretraining_split(
+    seed: int = DEMO_PRETRAINING_SEED,
+    fraction: float = DEMO_PRETRAINING_FRACTION,
+    held_out_digits: tuple[str, ...] = (),
+    max_images: int | None = None,
+) -> tuple[list[int], list[int], list[int]]:
+    """Row indices of scikit-learn's digits as the demo backbone of recipe ``seed`` divides them:
+    (pre-training rows, unseen rows of seen classes, rows of the held-out classes), each sorted. The
+    pre-training rows are a seeded ``fraction`` of each seen class (at most ``max_images`` in all)."""
+    _, targets = digit_arrays()
+    rng = np.random.default_rng(derive_seed(seed, "demo-clip", "digit-split"))
+    held = {DIGIT_NAMES.index(name) for name in held_out_digits}
+    seen_rows, unseen_rows = [], []
+    for label in sorted(set(range(10)) - held):
+        members = rng.permutation(np.flatnonzero(targets == label))
+        count = round(len(members) * fraction)
+        seen_rows.extend(members[:count].tolist())
+        unseen_rows.extend(members[count:].tolist())
+    held_rows = np.flatnonzero(np.isin(targets, sorted(held))).tolist()
+    if max_images is not None:
+        seen_rows = sorted(rng.permutation(seen_rows)[:max_images].tolist())
+    return sorted(seen_rows), sorted(unseen_rows), held_rows
 
 
 def load_digits(seed: int) -> datasets.Dataset:

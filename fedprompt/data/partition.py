@@ -50,12 +50,15 @@ def partition_indices(labels: Labels, config: PartitionConfig, seed: int) -> lis
       shards_per_client * floor(n / k) examples).
     - ``classes``: ``partition_by_class`` with `classes_per_client`: each client sees only the
       examples of its classes.
+    - ``domains`` needs each example's domain, not its label: ``partition_by_domain``.
 
     Raises DataError when the examples cannot be split so (more clients than examples or shards
     than examples, or Dirichlet draws that never give every client `min_partition_size` examples).
     """
     if config.kind == "classes":
         return partition_by_class(labels, config.num_clients, config.classes_per_client, seed)
+    if config.kind == "domains":
+        raise DataError("partition.kind domains splits by each example's domain: use partition_by_domain")
     label_array = _as_labels(labels)
     n, clients = len(label_array), config.num_clients
     if clients > n:
@@ -178,6 +181,37 @@ def partition_class_ranges(
     return [
         np.flatnonzero((label_array >= start) & (label_array < stop)).astype(np.int64) for start, stop in runs
     ]
+
+
+def partition_by_domain(
+    domains: Labels, num_domains: int, clients_per_domain: int, num_clients: int, seed: int
+) -> list[npt.NDArray[np.int64]]:
+    """Each domain its own clients (``partition.kind: domains``): the examples of domain d (its index
+    in ``domains``, 0..num_domains-1) go to clients d·k .. d·k + k - 1 (k = clients_per_domain), in
+    k near-equal seeded random shares (IID within the domain). Disjoint and complete: a client holds
+    examples of one domain only, and every example of a domain is on one of its clients.
+
+    Raises DataError when that gives another number of clients than ``num_clients`` (naming the
+    number to set) or a domain has fewer examples than clients.
+    """
+    domain_array = _as_labels(domains)
+    if num_clients != num_domains * clients_per_domain:
+        raise DataError(
+            f"partition.num_clients is {num_clients}, but {num_domains} domains × clients_per_domain "
+            f"{clients_per_domain} make {num_domains * clients_per_domain} clients; set "
+            f"partition.num_clients: {num_domains * clients_per_domain}"
+        )
+    parts: list[npt.NDArray[np.int64]] = []
+    for domain in range(num_domains):
+        rows = np.flatnonzero(domain_array == domain)
+        if len(rows) < clients_per_domain:
+            raise DataError(
+                f"domain {domain} has {len(rows)} training examples for {clients_per_domain} clients; "
+                "lower partition.clients_per_domain"
+            )
+        order = np.random.default_rng([seed, domain]).permutation(rows)
+        parts.extend(np.sort(share).astype(np.int64) for share in np.array_split(order, clients_per_domain))
+    return parts
 
 
 def split_local(

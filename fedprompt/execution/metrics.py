@@ -34,6 +34,7 @@ def evaluate_global(experiment: Experiment, global_state: State, config: RunConf
     test = evaluate(experiment.model, experiment.test_data, config.runtime.eval_batch_size, experiment.device)
     row = {"global_accuracy": test["accuracy"], "global_loss": test["loss"]}
     groups: dict[str, list[float]] = {}
+    worst: dict[str, list[float]] = {}
     for name, eval_set in experiment.eval_sets.items():
         with experiment.model.scoring(eval_set.class_names):
             metrics = evaluate(
@@ -42,7 +43,10 @@ def evaluate_global(experiment: Experiment, global_state: State, config: RunConf
         row[f"{name}_accuracy"] = metrics["accuracy"]
         if eval_set.group is not None:
             groups.setdefault(eval_set.group, []).append(metrics["accuracy"])
+        if eval_set.worst_group is not None:
+            worst.setdefault(eval_set.worst_group, []).append(metrics["accuracy"])
     row.update({f"{group}_accuracy": sum(values) / len(values) for group, values in groups.items()})
+    row.update({f"{group}_accuracy": min(values) for group, values in worst.items()})
     if "base_accuracy" in row and "novel_accuracy" in row:  # base-to-novel: HM = 2·B·N / (B + N)
         base, novel = row["base_accuracy"], row["novel_accuracy"]
         row["harmonic_mean"] = 2 * base * novel / (base + novel) if base + novel else 0.0

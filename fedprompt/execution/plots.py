@@ -22,12 +22,14 @@ def plot_runs(
     curves: Sequence[tuple[str, str]] = ACCURACY_CURVES,
     references: Mapping[str, float] | None = None,
     title: str | None = None,
+    log_bytes: bool = False,
 ) -> Path:
     """Write the runs' curves to ``out`` (PNG): each accuracy metric of ``curves`` ((history key,
     label) pairs; default: every one a run may record) that a run recorded, per round and against the
     cumulative bytes up and down; ε per round in a third panel when some run has it. ``references``
     draws each value as a labelled horizontal line on both accuracy panels (a floor, such as
-    zero-shot accuracy)."""
+    zero-shot accuracy). ``log_bytes`` puts the bytes on a log axis (runs whose traffic differs by
+    orders of magnitude; the untrained round 0, at zero bytes, is then left off that panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,7 +51,14 @@ def plot_runs(
             style = _STYLES[number % len(_STYLES)]
             label = run.label if len(curves) == 1 else name if len(runs) == 1 else f"{run.label}: {name}"
             per_round.plot(rounds, values, linestyle=style, marker=".", color=colour, label=label)
-            per_byte.plot([cumulative[r] for r in rounds], values, linestyle=style, marker=".", color=colour)
+            sent = [
+                (cumulative[r], v)
+                for r, v in zip(rounds, values, strict=True)
+                if cumulative[r] > 0 or not log_bytes
+            ]
+            if sent:
+                xs, ys = zip(*sent, strict=True)
+                per_byte.plot(xs, ys, linestyle=style, marker=".", color=colour)
         if private:
             rounds, values = run.curve("epsilon")
             if rounds:
@@ -65,6 +74,8 @@ def plot_runs(
         ylabel=metric,
         title=f"{metric} against bytes sent",
     )
+    if log_bytes:
+        per_byte.set_xscale("log")
     per_byte.xaxis.set_major_formatter(EngFormatter(unit="B"))
     per_round.legend(fontsize="small")
     if private:

@@ -27,11 +27,13 @@ Penalty = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 @dataclass(frozen=True)
 class RoundInputs:
     """What a client's round starts from: the wire state the server sent down, the state the
-    client carries from earlier rounds, and the server's instructions (seed, extras, client config)."""
+    client carries from earlier rounds, the server's instructions (seed, extras, client config),
+    and which client it is (None where a rule is exercised without one)."""
 
     downlink: State
     carried: State
     instructions: FitInstructions
+    client_id: int | None = None
 
 
 @dataclass

@@ -27,6 +27,9 @@ class EvalSet:
     data: TensorData
     class_names: list[str]
     group: str | None = None
+    worst_group: str | None = None
+    """Sets of one ``worst_group`` are also reported as ``<worst_group>_accuracy``, the lowest of
+    their accuracies (e.g. the worst domain)."""
 
 
 @dataclass
@@ -51,6 +54,9 @@ class Experiment:
     client_states: ClientStateStore = field(default_factory=MemoryClientStates)
     fine_tuning: FineTuning | None = None
     """The fine-tune-after-federation baseline evaluated with each client (personalization.finetune_steps)."""
+    client_domains: dict[int, int] | None = None
+    """Each client's domain, as the partition made it (``partition.kind: domains``; every client of
+    the run, hosted here or not), for strategies that keep a prompt per domain."""
 
     def __post_init__(self) -> None:
         if self.split is None:

@@ -80,7 +80,14 @@ def attach_client_side(experiment: Experiment, config: RunConfig) -> Experiment:
         raise ConfigError(str(exc)) from None
     experiment.split = split
     rule = privacy_client_rule(
-        build_client_rule(config.strategy, kseed_setup(config), experiment.initial_state()), config
+        build_client_rule(
+            config.strategy,
+            kseed_setup(config),
+            experiment.initial_state(),
+            experiment.client_domains,
+            experiment.model.prompt_tensor_names(),
+        ),
+        config,
     )
     for client in experiment.clients.values():
         client.rule, client.split = rule, split

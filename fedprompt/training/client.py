@@ -87,7 +87,7 @@ class Client:
     def fit(self, downlink: State, instructions: FitInstructions, carried: State | None = None) -> FitResult:
         """Train from the downlink (and the carried state) on local data; return the update and the
         state to carry forward."""
-        inputs = RoundInputs(downlink, carried or {}, instructions)
+        inputs = RoundInputs(downlink, carried or {}, instructions, self.client_id)
         start = self.rule.start(inputs)
         self.model.load_state_dict(self.split.join(start, inputs.carried), strict=True)
         local = LocalRound(instructions, inputs.carried, self._penalty(inputs))

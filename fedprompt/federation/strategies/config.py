@@ -37,6 +37,11 @@ class StrategySettings(StrictModel):
     clipped deltas replaces the strategy's mean (FedAvg, and FedProx, whose server is FedAvg's)."""
     personal_prompts: ClassVar[bool] = False
     """Whether each client keeps a whole personal prompt (so no split prompt goes beside it)."""
+    prompt_kind: ClassVar[str | None] = None
+    """The one ``prompt.kind`` whose state the strategy aggregates (None: any prompt), which in turn
+    is aggregated by this strategy only."""
+    needs_domains: ClassVar[str | None] = None
+    """Why the strategy needs clients that each hold one domain (``partition.kind: domains``)."""
 
 
 class FedAvgConfig(StrategySettings):
@@ -159,6 +164,10 @@ class ReliabilityConfig(StrategySettings):
     prompts (acc_i: their reported validation accuracy), and the client adds
     α · (1 − cos(p_t, p_t^s)) to its loss. The global prompt (the server's evaluation) is the
     mean of the clients' prompts weighted by acc_i · (mean clipped cosine to the others).
+    The cosines read the prompt tensors only (context vectors, visual tokens, pixel prompts; for
+    prompt.kind vqa-twin question.context, answer.context and image.*), never a network beside
+    them; with ``personalization.local: ["fusion.*"]`` the VQA fusion head stays on each client
+    and only the prompts travel.
     """
 
     each_update = "each client's prompt and its agreement with the others"
@@ -167,6 +176,33 @@ class ReliabilityConfig(StrategySettings):
 
     kind: Literal["reliability"] = "reliability"
     alpha: float = Field(1.0, ge=0, description="α, the weight of the pull toward the shared prompt.")
+
+
+class FedDPTConfig(StrategySettings):
+    """Fed-DPT's aggregation (Wei et al.): domain d's text prompt on the server is the mean of its
+    own clients' (the domain-d row of their uploads; unchanged in a round without them), never
+    averaged across domains; the visual prompt tokens are averaged over all clients. A client
+    trains from its own domain's prompt as the server has it and holds a copy of the other domains'
+    prompts that follows the server's by momentum, E ← α·E + (1 − α)·S at the start of each of its
+    rounds (the paper's momentum update of the external prompts, against their sudden change when
+    reloaded); the copy is client state, checkpointed and resumed with the run.
+    """
+
+    each_update = "each client's own domain's text prompt"
+    prompt_kind = "fed-dpt"
+    needs_domains = "keeps a text prompt per domain, trained by that domain's clients"
+
+    kind: Literal["fed-dpt"] = "fed-dpt"
+    momentum: float = Field(
+        0.9,
+        ge=0,
+        lt=1,
+        description="α, the momentum of a client's copy of the other domains' prompts (0: the server's as "
+        "they are).",
+    )
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples", description="Each client's weight in its domain's mean and in the visual tokens' mean."
+    )
 
 
 class FedKSeedConfig(StrategySettings):
@@ -259,6 +295,7 @@ STRATEGY_CONFIGS: tuple[type[StrategySettings], ...] = (
     GeometricMedianConfig,
     FedBPTConfig,
     ReliabilityConfig,
+    FedDPTConfig,
     FedKSeedConfig,
     ScaffoldConfig,
     FedDynConfig,

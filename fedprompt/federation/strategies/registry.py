@@ -7,7 +7,7 @@ configuration class in ``strategies.config`` (its settings and what it can do), 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from fedprompt.federation.strategies.config import (
     FedAvgConfig,
     FedAvgMConfig,
     FedBPTConfig,
+    FedDPTConfig,
     FedDynConfig,
     FedKSeedConfig,
     FedNovaConfig,
@@ -34,6 +35,7 @@ from fedprompt.federation.strategies.config import (
     StrategySettings,
     TrimmedMeanConfig,
 )
+from fedprompt.federation.strategies.fed_dpt import FedDPT, FedDPTRule
 from fedprompt.federation.strategies.fedavg import FedAvg, FedProx
 from fedprompt.federation.strategies.fedavgm import FedAvgM
 from fedprompt.federation.strategies.fedbpt import FedBPT
@@ -52,12 +54,20 @@ class StrategySetup:
     """What building a strategy or its client side may read beyond the strategy's own section:
     the whole run (the number of clients, the local optimiser), the clients' initial CMA-ES step
     (FedBPT's first downlink), FedKSeed's setup, and the initial prompt (FedKSeed's seed-pool
-    downlink replays from it)."""
+    downlink replays from it), each client's domain (Fed-DPT), and which of the state's tensors are
+    prompts (reliability weighting compares those; None: all)."""
 
     run: RunConfig | None = None
     search_sigma: float | None = None
     kseed: KSeedSetup | None = None
     initial_state: State | None = None
+    client_domains: Mapping[int, int] | None = None
+    prompt_tensors: Collection[str] | None = None
+
+    def need_domains(self, kind: str) -> Mapping[int, int]:
+        if self.client_domains is None:
+            raise ValueError(f"strategy {kind} needs each client's domain (partition.kind: domains)")
+        return self.client_domains
 
     def need_run(self, kind: str) -> RunConfig:
         if self.run is None:
@@ -140,8 +150,13 @@ STRATEGIES: dict[type[StrategySettings], StrategyParts] = {
         lambda c, s: GeometricMedian(c.iterations, c.nu, c.weighting, c.ftol)
     ),
     FedBPTConfig: StrategyParts(_fedbpt),
+    FedDPTConfig: StrategyParts(
+        lambda c, s: FedDPT(s.need_domains(c.kind), c.weighting),
+        lambda c, s: FedDPTRule(s.need_domains(c.kind), c.momentum),
+    ),
     ReliabilityConfig: StrategyParts(
-        lambda c, s: ReliabilityWeighted(), lambda c, s: ReliabilityRule(c.alpha)
+        lambda c, s: ReliabilityWeighted(s.prompt_tensors),
+        lambda c, s: ReliabilityRule(c.alpha, s.prompt_tensors),
     ),
     FedKSeedConfig: StrategyParts(
         lambda c, s: FedKSeed(s.need_kseed()), lambda c, s: KSeedRule(s.need_kseed(), s.initial_state)
@@ -172,21 +187,41 @@ def build_strategy(
     search_sigma: float | None = None,
     kseed: KSeedSetup | None = None,
     run: RunConfig | None = None,
+    client_domains: Mapping[int, int] | None = None,
+    prompt_tensors: Collection[str] | None = None,
 ) -> Strategy:
     """The strategy a validated strategy configuration describes, with its settings.
 
     ``search_sigma`` is the clients' initial CMA-ES step size (optimizer.sigma), which FedBPT
     sends down in its first round; ``kseed`` is FedKSeed's setup (``fedkseed.kseed_setup``). ``run``
     is the whole configuration, which SCAFFOLD and FedDyn (the number of clients) and FedNova (the
-    local steps and momentum) need.
+    local steps and momentum) need; ``client_domains`` each client's domain (Fed-DPT);
+    ``prompt_tensors`` the names of the state's prompt tensors (reliability weighting compares those).
     """
-    setup = StrategySetup(run=run, search_sigma=search_sigma, kseed=kseed)
+    setup = StrategySetup(
+        run=run,
+        search_sigma=search_sigma,
+        kseed=kseed,
+        client_domains=client_domains,
+        prompt_tensors=prompt_tensors,
+    )
     return _parts(config).server(config, setup)
 
 
 def build_client_rule(
-    config: StrategyConfig, kseed: KSeedSetup | None = None, initial_state: State | None = None
+    config: StrategyConfig,
+    kseed: KSeedSetup | None = None,
+    initial_state: State | None = None,
+    client_domains: Mapping[int, int] | None = None,
+    prompt_tensors: Collection[str] | None = None,
 ) -> ClientRule:
     """The client side of the configured strategy (FedAvg's plain one for server-only rules);
-    FedKSeed's needs its setup and, for its seed-pool downlink, the initial prompt."""
-    return _parts(config).client(config, StrategySetup(kseed=kseed, initial_state=initial_state))
+    FedKSeed's needs its setup and, for its seed-pool downlink, the initial prompt; Fed-DPT's each
+    client's domain; reliability weighting's the names of the prompt tensors."""
+    setup = StrategySetup(
+        kseed=kseed,
+        initial_state=initial_state,
+        client_domains=client_domains,
+        prompt_tensors=prompt_tensors,
+    )
+    return _parts(config).client(config, setup)

@@ -7,9 +7,16 @@ shared prompt
 
     p_t^s = Σ_{i≠t} η_i p_i,   η_i = acc_i · c(p_i, p_t) / Σ_{j≠t} acc_j · c(p_j, p_t),
 
-with c(a, b) = max(0, cos(a, b)) over the whole flattened prompt. The client trains p_t with
-α · (1 − cos(p_t, p_t^s)) added to its loss. Clients that are poor (low acc) or irrelevant (a
-prompt pointing elsewhere) count little in everyone's shared prompt.
+with c(a, b) = max(0, cos(a, b)). The client trains p_t with α · (1 − cos(p_t, p_t^s)) added to its
+loss. Clients that are poor (low acc) or irrelevant (a prompt pointing elsewhere) count little in
+everyone's shared prompt.
+
+The cosines compare the *prompt tensors* only: the module's context vectors, visual tokens and
+pixel prompts (``PromptModule.prompt_tensor_names``; for the VQA twin prompt ``question.context``,
+``answer.context`` and ``image.*``), never a network trained beside them (the VQA fusion head,
+FedAPT's adaptive network), whose many weights would otherwise decide who agrees with whom. The
+weights η then mix every tensor the clients send: a fusion head that is not kept local
+(``personalization.local: ["fusion.*"]``) is shared with the prompts' weights.
 
 The server's *global* prompt (what it evaluates on its own test set, and what a new client would
 start from) is Σ_i w_i p_i with w_i ∝ acc_i · (1/(K−1)) Σ_{j≠i} c(p_i, p_j): reliability is accuracy
@@ -18,7 +25,7 @@ times agreement with the others. Those weights are reported every round.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,15 +49,41 @@ def _clipped_cosines(prompts: torch.Tensor) -> torch.Tensor:
     return cos
 
 
-class ReliabilityWeighted(Strategy):
-    """The server side: owns every client's last prompt (flattened, float32) and validation
-    accuracy, the weights of the last round, and the rules above. Unweighted by example counts:
-    a client's say comes from its accuracy and agreement, not from what it claims to hold."""
+def compared_names(state: Mapping[str, torch.Tensor], prompt_tensors: Collection[str] | None) -> list[str]:
+    """The tensors of ``state`` the cosines compare, in name order: the prompt tensors among them
+    (all of them when ``prompt_tensors`` is None). ValueError when none is left."""
+    names = sorted(state) if prompt_tensors is None else sorted(set(state) & set(prompt_tensors))
+    if not names:
+        raise ValueError(
+            f"reliability weighting compares prompt tensors, and the aggregated state {sorted(state)} holds "
+            f"none of {sorted(prompt_tensors or [])}; keep fewer tensors local (personalization.local)"
+        )
+    return names
 
-    def __init__(self) -> None:
+
+class ReliabilityWeighted(Strategy):
+    """The server side: owns every client's last state (flattened in name order, float32) and
+    validation accuracy, which coordinates of it are prompt tensors (the cosines read those), the
+    weights of the last round, and the rules above. Unweighted by example counts: a client's say
+    comes from its accuracy and agreement, not from what it claims to hold."""
+
+    def __init__(self, prompt_tensors: Collection[str] | None = None) -> None:
+        self.prompt_tensors = None if prompt_tensors is None else frozenset(prompt_tensors)
         self._prompts: dict[int, torch.Tensor] = {}
         self._accuracy: dict[int, float] = {}
+        self._mask: torch.Tensor | None = None
         self.last_weights: dict[int, float] = {}
+
+    def initialize(self, global_state: State) -> None:
+        """Learn which coordinates of the flattened state belong to the compared tensors."""
+        compared = set(compared_names(global_state, self.prompt_tensors))
+        self._mask = torch.cat(
+            [torch.full((global_state[name].numel(),), name in compared) for name in sorted(global_state)]
+        )
+
+    def _compared(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The prompt-tensor coordinates of flattened states [..., D]."""
+        return vectors if self._mask is None else vectors[..., self._mask]
 
     def validate_update(self, update: Update) -> None:
         """An update must report its validation accuracy (in [0, 1], checked by the pipeline)."""
@@ -67,7 +100,7 @@ class ReliabilityWeighted(Strategy):
         if len(ids) == 1:
             weights = torch.ones(1, dtype=torch.float64)
         else:
-            agreement = _clipped_cosines(prompts).sum(dim=1) / (len(ids) - 1)
+            agreement = _clipped_cosines(self._compared(prompts)).sum(dim=1) / (len(ids) - 1)
             weights = acc * agreement
         if float(weights.sum()) <= 0:  # no accuracy or no agreement anywhere: plain mean
             weights = torch.ones(len(ids), dtype=torch.float64)
@@ -80,9 +113,9 @@ class ReliabilityWeighted(Strategy):
         others = [i for i in sorted(self._prompts) if i != client_id]
         if client_id not in self._prompts or not others:
             return global_state
-        own = self._prompts[client_id].double()
         prompts = torch.stack([self._prompts[i].double() for i in others])
-        cos = (prompts @ own / (prompts.norm(dim=1) * own.norm()).clamp_min(1e-12)).clamp_min(0.0)
+        own, compared = self._compared(self._prompts[client_id].double()), self._compared(prompts)
+        cos = (compared @ own / (compared.norm(dim=1) * own.norm()).clamp_min(1e-12)).clamp_min(0.0)
         eta = torch.tensor([self._accuracy[i] for i in others], dtype=torch.float64) * cos
         if float(eta.sum()) <= 0:
             return global_state
@@ -115,6 +148,11 @@ class ReliabilityWeighted(Strategy):
         ids = [int(i) for i in state["ids"]]
         if not (len(ids) == len(state["accuracy"]) == len(state["prompts"]) == len(state["weights"])):
             raise ValueError("reliability state: ids, accuracy, prompts and weights differ in length")
+        if self._mask is not None and state["prompts"].shape[1] != len(self._mask):
+            raise ValueError(
+                f"reliability state holds prompts of {state['prompts'].shape[1]} values; this prompt has "
+                f"{len(self._mask)}"
+            )
         self._prompts = {cid: state["prompts"][k].clone() for k, cid in enumerate(ids)}
         self._accuracy = {cid: float(state["accuracy"][k]) for k, cid in enumerate(ids)}
         self.last_weights = {cid: float(state["weights"][k]) for k, cid in enumerate(ids)}
@@ -122,15 +160,16 @@ class ReliabilityWeighted(Strategy):
 
 class ReliabilityRule(ClientRule):
     """The client side: trains its own prompt p_t (carried as ``personal/<name>``; the global
-    prompt before its first round) with α · (1 − cos(p_t, p_t^s)) added to the loss, p_t^s being
-    what the server sent; sends p_t and its validation accuracy."""
+    prompt before its first round) with α · (1 − cos(p_t, p_t^s)) added to the loss, over the
+    prompt tensors only, p_t^s being what the server sent; sends p_t and its validation accuracy."""
 
     uses_validation = True
 
-    def __init__(self, alpha: float) -> None:
+    def __init__(self, alpha: float, prompt_tensors: Collection[str] | None = None) -> None:
         if alpha < 0:
             raise ValueError(f"reliability alpha must be >= 0, got {alpha}")
         self.alpha = alpha
+        self.prompt_tensors = None if prompt_tensors is None else frozenset(prompt_tensors)
 
     def start(self, inputs: RoundInputs) -> State:
         own = {k.removeprefix(PERSONAL): v for k, v in inputs.carried.items() if k.startswith(PERSONAL)}
@@ -139,11 +178,12 @@ class ReliabilityRule(ClientRule):
     def penalty(self, inputs: RoundInputs) -> Penalty | None:
         if self.alpha == 0:
             return None
-        shared = flatten(inputs.downlink).to(torch.float32)
+        names = compared_names(inputs.downlink, self.prompt_tensors)
+        shared = flatten({name: inputs.downlink[name] for name in names}).to(torch.float32)
         alpha = self.alpha
 
         def pull(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            own = torch.cat([params[name].reshape(-1) for name in sorted(params)])
+            own = torch.cat([params[name].reshape(-1) for name in names])
             target = shared.to(own.device, own.dtype)
             return alpha * (1 - torch.nn.functional.cosine_similarity(own, target, dim=0))
 

@@ -10,6 +10,7 @@ on disk when ``backbone.feature_cache_dir`` is set).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Collection, Sequence
 
 import datasets
@@ -19,6 +20,8 @@ import torch
 from fedprompt.config import (
     ConfigError,
     CoOpPromptConfig,
+    FedAPTPromptConfig,
+    FedDPTPromptConfig,
     GeneratorPromptConfig,
     OpenCLIPBackboneConfig,
     PixelPromptConfig,
@@ -26,15 +29,18 @@ from fedprompt.config import (
     TwinPromptConfig,
     VPTPromptConfig,
 )
+from fedprompt.data.domains import load_domain_task
 from fedprompt.data.images import ImageTask, load_image_task
-from fedprompt.data.partition import partition_class_ranges, partition_indices
+from fedprompt.data.partition import partition_by_domain, partition_class_ranges, partition_indices
 from fedprompt.errors import DataError
 from fedprompt.federation.strategies.registry import build_strategy
-from fedprompt.seeding import derive_seed
+from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.tasks.clients import ClientData, HostedRows, build_clients
 from fedprompt.tasks.clip.demo_backbone import backbone_notes
 from fedprompt.tasks.clip.feature_cache import FeatureCache
 from fedprompt.tasks.clip.parts import (
+    ClipModel,
+    build_domain_contexts,
     build_text_context,
     build_visual_side,
     encoded_images,
@@ -48,21 +54,31 @@ from fedprompt.training.augment import VIEWS, CropFlip, SeededTrainData, view_se
 from fedprompt.training.batching import TensorData
 from fedprompt.training.contrastive import ContrastiveTrainer
 from fedprompt.training.device import make_accelerator
+from fedprompt.training.domain import AdaptiveDomainTrainer
 from fedprompt.training.gradient import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
 from optimizers.gradient import GradientOptimizer
 from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
 from prompt_modules.clip_text_context import FixedClassText
+from prompt_modules.domain_prompts import (
+    DOMAIN,
+    AdaptivePromptClassifier,
+    DomainContexts,
+    DualPromptClassifier,
+)
 from prompt_modules.prompt_generator import PromptGenerator
 from prompt_modules.twin_prompt import CoupledVisualPrompt
-from prompt_modules.visual_prompts import FrozenImage
+from prompt_modules.visual_prompts import FrozenImage, VisualTokenPrompt, vpt_init
 
 
 def build_clip_model(
-    config: RunConfig, backbone: OpenCLIPBackbone, class_names: Sequence[str]
-) -> CLIPPromptClassifier:
-    """The prompt module the config asks for, on ``backbone``, scoring ``class_names``."""
+    config: RunConfig, backbone: OpenCLIPBackbone, class_names: Sequence[str], domains: int = 0
+) -> CLIPPromptClassifier | AdaptivePromptClassifier | DualPromptClassifier:
+    """The prompt module the config asks for, on ``backbone``, scoring ``class_names`` (``domains``:
+    how many domains clients train on, for Fed-DPT's prompt per domain)."""
     prompt, seed = config.prompt, config.seed
+    if isinstance(prompt, FedAPTPromptConfig | FedDPTPromptConfig):
+        return build_domain_model(config, backbone, class_names, domains)
     if isinstance(prompt, CoOpPromptConfig):
         text = build_text_context(prompt, backbone, class_names, seed, "prompt")
         return CLIPPromptClassifier(backbone, text, FrozenImage(), class_names)
@@ -112,14 +128,56 @@ def build_clip_model(
     raise ConfigError(f"prompt.kind {prompt.kind!r} is not a CLIP prompt")
 
 
-# --------------------------------------------------------------------------- data
+def build_domain_model(
+    config: RunConfig, backbone: OpenCLIPBackbone, class_names: Sequence[str], domains: int
+) -> AdaptivePromptClassifier | DualPromptClassifier:
+    """FedAPT's keyed context and adaptive network (one key per client, each drawn uniform in
+    [0, 1) from the run seed and the client), or Fed-DPT's text prompt per domain and visual token
+    per domain."""
+    prompt, seed = config.prompt, config.seed
+    if isinstance(prompt, FedAPTPromptConfig):
+        text = build_text_context(prompt.context, backbone, class_names, seed, "prompt.context")
+        keys = torch.stack(
+            [
+                torch.rand(
+                    text.context.shape[-2:], generator=torch_generator(derive_seed(seed, "fedapt-key", cid))
+                )
+                for cid in range(config.partition.num_clients)
+            ]
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "prompt-init", "adaptive"))
+            return AdaptivePromptClassifier(
+                backbone, text, keys, class_names, prompt.temperature, prompt.test_mixture
+            )
+    assert isinstance(prompt, FedDPTPromptConfig)  # build_clip_model dispatches on the two kinds
+    if domains < 1:
+        raise ConfigError(
+            "prompt.kind fed-dpt keeps a prompt per domain: it needs multi-domain images (data.source: "
+            "domain-folder, or the builtin digit-domains) and partition.kind: domains"
+        )
+    if prompt.visual_start_layer >= backbone.num_vision_layers:
+        raise ConfigError(
+            f"prompt.visual_start_layer: {prompt.visual_start_layer} is past the last vision layer "
+            f"(0..{backbone.num_vision_layers - 1})"
+        )
+    contexts = build_domain_contexts(prompt.text, backbone, domains, seed, "prompt.text")
+    tokens = vpt_init(backbone, 1, domains, torch_generator(derive_seed(seed, "prompt-init", "vpt")))
+    settings = {"text": part_settings(prompt.text_optimizer), "image": part_settings(prompt.visual_optimizer)}
+    return DualPromptClassifier(
+        backbone,
+        DomainContexts(contexts, prompt.text.class_position),
+        VisualTokenPrompt(tokens, prompt.visual_start_layer, placement=prompt.placement),
+        class_names,
+        settings,
+    )
 
 
 # --------------------------------------------------------------------------- data
 
 
 def image_tensors(
-    model: CLIPPromptClassifier,
+    model: ClipModel,
     dataset: datasets.Dataset,
     cache: FeatureCache,
     batch_size: int,
@@ -131,7 +189,7 @@ def image_tensors(
 
 
 def augmented_views(
-    model: CLIPPromptClassifier,
+    model: ClipModel,
     dataset: datasets.Dataset,
     rows: np.ndarray,
     augment: CropFlip,
@@ -173,7 +231,7 @@ def pixel_tensor(
     dataset: datasets.Dataset,
     cache: FeatureCache,
     batch_size: int,
-    model: CLIPPromptClassifier,
+    model: ClipModel,
 ) -> torch.Tensor:
     """Preprocessed images [N, 3, H, W] of the dataset (kept in memory only: cheap to redo)."""
 
@@ -215,6 +273,10 @@ def relabel(data: TensorData, classes: np.ndarray) -> TensorData:
 def _trainer(config: RunConfig, optimizer: GradientOptimizer, device: torch.device) -> LocalTrainer:
     prompt, batch_size = config.prompt, config.optimizer.batch_size
     schedule = round_schedule(config.optimizer, config.federation.rounds)
+    if isinstance(prompt, FedAPTPromptConfig):
+        return AdaptiveDomainTrainer(
+            optimizer, batch_size, device, schedule, domain_weight=prompt.domain_loss_weight
+        )
     if isinstance(prompt, TwinPromptConfig) and prompt.contrastive:
         return ContrastiveTrainer(
             optimizer,
@@ -240,6 +302,19 @@ def _random_visual_prompt(config: RunConfig) -> bool:
 
 def _partition(config: RunConfig, task: ImageTask, labels: np.ndarray) -> list[np.ndarray]:
     seed = derive_seed(config.seed, "partition")
+    if config.partition.kind == "domains":
+        if task.domain_names is None:
+            raise ConfigError("partition.kind domains needs multi-domain images")
+        try:
+            return partition_by_domain(
+                np.asarray(task.train["domain"], dtype=np.int64),
+                len(task.domain_names),
+                config.partition.clients_per_domain,
+                config.partition.num_clients,
+                seed,
+            )
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
     if task.datasets is None:
         return partition_indices(labels, config.partition, seed=seed)
     try:
@@ -254,11 +329,13 @@ def _partition(config: RunConfig, task: ImageTask, labels: np.ndarray) -> list[n
 
 
 def _eval_sets(
-    model: CLIPPromptClassifier, task: ImageTask, test: TensorData, cache: FeatureCache, batch: int
+    model: ClipModel, task: ImageTask, test: TensorData, cache: FeatureCache, batch: int
 ) -> dict[str, EvalSet]:
     """Base and novel classes (base-to-novel runs) and, for pooled datasets, each dataset apart:
     ``<label>_base`` and ``<label>_novel`` (grouped into ``base`` and ``novel``, their mean over
     datasets as FedTPG reports it), or ``<label>`` (grouped into ``dataset_mean``)."""
+    if task.domain_names is not None:
+        return _domain_eval_sets(model, task, test, cache, batch)
     novel = image_tensors(model, task.novel_test, cache, batch) if task.novel_test is not None else None
     if task.datasets is None:
         if novel is None or task.novel_names is None:
@@ -284,6 +361,51 @@ def _eval_sets(
     return sets
 
 
+def _domain_eval_sets(
+    model: ClipModel, task: ImageTask, test: TensorData, cache: FeatureCache, batch: int
+) -> dict[str, EvalSet]:
+    """Each trained domain's test images apart (``domain_<name>``; their mean ``domain_mean`` and
+    worst ``domain_worst``), and the held-out domain's (``held_out``); no image says its domain."""
+    assert task.domain_names is not None
+    names, domains = list(task.class_names), np.asarray(task.test["domain"], dtype=np.int64)
+    sets = {
+        f"domain_{_metric_name(domain)}": EvalSet(
+            test.subset(np.flatnonzero(domains == index)), names, "domain_mean", worst_group="domain_worst"
+        )
+        for index, domain in enumerate(task.domain_names)
+    }
+    if task.held_out_test is not None:
+        sets["held_out"] = EvalSet(image_tensors(model, task.held_out_test, cache, batch), names)
+    return sets
+
+
+def _metric_name(domain: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-") or "domain"
+
+
+def _client_domains(config: RunConfig, parts: list[np.ndarray]) -> dict[int, int] | None:
+    """Each client's domain under ``partition.kind: domains`` (clients are numbered domain by domain)."""
+    if config.partition.kind != "domains":
+        return None
+    return {cid: cid // config.partition.clients_per_domain for cid in range(len(parts))}
+
+
+def _key_of(config: RunConfig, cid: int, client_domains: dict[int, int] | None) -> int | None:
+    """What the client's examples carry as their ``domain``: its own key (FedAPT), its domain's
+    prompt (Fed-DPT), or nothing (every other prompt)."""
+    if isinstance(config.prompt, FedAPTPromptConfig):
+        return cid
+    if isinstance(config.prompt, FedDPTPromptConfig):
+        assert client_domains is not None  # the config refuses fed-dpt without domain clients
+        return client_domains[cid]
+    return None
+
+
+def with_domain(data: TensorData, domain: int) -> TensorData:
+    """``data`` with every example's ``domain`` set to ``domain``."""
+    return TensorData({**data.tensors, DOMAIN: torch.full((len(data),), domain, dtype=torch.long)})
+
+
 def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | None = None) -> Experiment:
     """Load images and CLIP, build the prompt module, encode images once, partition, make the clients.
 
@@ -293,13 +415,15 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
     """
     assert isinstance(config.backbone, OpenCLIPBackboneConfig)  # experiment.py dispatches on the kind
     accelerator = make_accelerator(config.runtime)
-    task = load_image_task(config.data, seed=derive_seed(config.seed, "data"))
+    load = load_domain_task if config.data.multi_domain else load_image_task
+    task = load(config.data, seed=derive_seed(config.seed, "data"))
     backbone = load_clip_backbone(config.backbone, config.seed).to(accelerator.device)
-    model = build_clip_model(config, backbone, task.class_names)
+    model = build_clip_model(config, backbone, task.class_names, len(task.domain_names or []))
     model.to(accelerator.device).eval()
 
     labels = np.asarray(task.train["label"], dtype=np.int64)
     parts = _partition(config, task, labels)
+    client_domains = _client_domains(config, parts)
     rows = HostedRows.of(parts, client_ids)  # encode only the hosted clients' images (a SuperNode hosts one)
     needed, built = rows.needed, list(rows.positions)
     cache = FeatureCache(config.backbone.feature_cache_dir)
@@ -330,6 +454,9 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
         assert train is not None
         classes = np.unique(labels[parts[cid]]) if own_classes else np.arange(len(task.class_names))
         train_k = relabel(train.subset(local_train), classes)
+        key = _key_of(config, cid, client_domains)
+        if key is not None:
+            train_k = with_domain(train_k, key)
         if seeded:
             positions = torch.as_tensor(local_train)
             train_k = seeded_train_data(train_k, {k: v[positions] for k, v in replacements.items()}, augment)
@@ -344,10 +471,23 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
         model=model,
         clients=clients,
         test_data=test,
-        strategy=build_strategy(config.strategy, run=config),
+        strategy=build_strategy(
+            config.strategy,
+            run=config,
+            client_domains=client_domains,
+            prompt_tensors=model.prompt_tensor_names(),
+        ),
         device=accelerator.device,
         backbone_bytes=backbone.num_bytes(),
         label_names=list(task.class_names),
         eval_sets=_eval_sets(model, task, test, cache, batch),
-        notes=backbone_notes(config.backbone),
+        notes={**backbone_notes(config.backbone), **_domain_notes(task)},
+        client_domains=client_domains,
     )
+
+
+def _domain_notes(task: ImageTask) -> dict[str, object]:
+    """What a run summary records of multi-domain images: the trained and the held-out domains."""
+    if task.domain_names is None:
+        return {}
+    return {"domains": {"trained": list(task.domain_names), "held_out": task.held_out_domain}}

@@ -1,5 +1,6 @@
 """Settings of CLIP tasks: the open_clip backbone, the CLIP prompts (CoOp context, VPT tokens, pixel
-prompts, twin prompts, the prompt generator, the VQA prompt) and the ``vision`` section."""
+prompts, twin prompts, the prompt generator, the VQA prompt, FedAPT's and Fed-DPT's domain-aware
+prompts) and the ``vision`` section."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ BUNDLED_CLIP_MODELS = ("demo-clip",)
 BUNDLED_WEIGHTS = "bundled"
 
 
-CLIP_PROMPT_KINDS = ("coop", "vpt", "pixel", "twin", "generator", "vqa-twin")
+CLIP_PROMPT_KINDS = ("coop", "vpt", "pixel", "twin", "generator", "vqa-twin", "fedapt", "fed-dpt")
+
+
+DOMAIN_PROMPT_KINDS = ("fedapt", "fed-dpt")
+"""Prompt kinds that train one prompt per client or domain and weigh them per image at test time."""
 
 
 DEFAULT_COOP_TOKENS = 16
@@ -265,6 +270,78 @@ class VQAPromptConfig(StrictModel):
             )
         if self.answer is None and self.answer_template.count("{}") != 1:
             raise ValueError(f"answer_template needs '{{}}' exactly once, got {self.answer_template!r}")
+        return self
+
+
+class FedAPTPromptConfig(StrictModel):
+    """FedAPT (Su et al., AAAI 2024, "Federated Adaptive Prompt Tuning for Multi-Domain Collaborative
+    Learning"; reference code leondada/FedAPT): a meta context ctx, a fixed random key k_i per client
+    (uniform in [0, 1), M × d, made from the run seed and the client: nothing to send), and a global
+    adaptive network a (linear, no bias) on CLIP's frozen image features. Client i trains ctx with
+    the prompt ctx + ctx ⊙ k_i and a with a cross-entropy toward i; both are aggregated like any
+    prompt. At test time an image of unknown domain gets ctx + ctx ⊙ Σ_i w_i(x) k_i, with
+    w(x) = softmax(standardise(a(x)) / temperature) over the clients.
+    """
+
+    kind: Literal["fedapt"] = "fedapt"
+    context: CoOpPromptConfig = Field(
+        default_factory=lambda: CoOpPromptConfig(num_tokens=16, class_specific=True),
+        description="The meta context ctx (the reference: 16 to 24 class-specific vectors, N(0, 0.02²)).",
+    )
+    temperature: float = Field(
+        0.01, gt=0, description="t of the test-time weights softmax(standardise(a(x)) / t) (reference: 0.01)."
+    )
+    domain_loss_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the adaptive network's cross-entropy toward the client (reference: 1).",
+    )
+    test_mixture: Literal["prompt", "features"] = Field(
+        "prompt",
+        description="prompt: every test image's own context through the text tower (exact, as the "
+        "reference); features: the clients' keyed class features computed once and mixed by w(x) (cheap; "
+        "exact only for one-hot weights).",
+    )
+
+    @model_validator(mode="after")
+    def _input_context(self) -> FedAPTPromptConfig:
+        if self.context.depth != 1:
+            raise ValueError("context.depth: FedAPT keys the input context; set depth: 1")
+        return self
+
+
+class FedDPTPromptConfig(StrictModel):
+    """Fed-DPT (Wei et al., "Dual Prompt Tuning for Domain-Aware Federated Learning"): a CoOp text
+    prompt per domain (kept apart on the server, ``strategy.kind: fed-dpt``) and one visual prompt
+    token per domain in the image tower ([CLS, P_1 … P_D, patches]). The class token's attention to
+    the D visual tokens in the tower's last block weighs the domains' predictions:
+    logit_c = s · Σ_d w_d(x) cos(f(x), g_{d,c}). A client trains its own domain's text prompt and
+    the visual tokens; the domain is unknown at test time.
+    """
+
+    kind: Literal["fed-dpt"] = "fed-dpt"
+    text: CoOpPromptConfig = Field(
+        default_factory=lambda: CoOpPromptConfig(num_tokens=16),
+        description="Each domain's text prompt (shared by the classes, depth 1; the paper: 16 vectors).",
+    )
+    visual_start_layer: int = Field(
+        0, ge=0, description="Vision layer where the D visual tokens enter (the paper: 0, the input)."
+    )
+    placement: Literal["after-ln-pre", "before-ln-pre"] = Field(
+        "after-ln-pre",
+        description="Where the visual tokens enter at layer 0: after the tower's ln_pre or before.",
+    )
+    text_optimizer: PartOptimizerConfig = Field(default_factory=PartOptimizerConfig)
+    visual_optimizer: PartOptimizerConfig = Field(default_factory=PartOptimizerConfig)
+
+    @model_validator(mode="after")
+    def _one_prompt_per_domain(self) -> FedDPTPromptConfig:
+        if self.text.class_specific or self.text.depth != 1:
+            raise ValueError(
+                "text: each domain's prompt is one shared context; set class_specific: false, depth: 1"
+            )
+        if self.placement == "before-ln-pre" and self.visual_start_layer != 0:
+            raise ValueError("placement: before-ln-pre needs visual_start_layer: 0")
         return self
 
 

@@ -4,7 +4,7 @@ part's optimiser settings, and the image side's input of every image, encoded on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import datasets
 import open_clip
@@ -26,8 +26,12 @@ from prompt_modules.clip_backbone import OpenCLIPBackbone
 from prompt_modules.clip_classifier import CLIPPromptClassifier
 from prompt_modules.clip_text_context import TextContext
 from prompt_modules.clip_vqa import CLIPVQAModel
+from prompt_modules.domain_prompts import AdaptivePromptClassifier, DualPromptClassifier
 from prompt_modules.soft_prompt import init_prompt_embeddings
 from prompt_modules.visual_prompts import PixelPrompt, VisualTokenPrompt, vpt_init
+
+ClipModel = CLIPPromptClassifier | AdaptivePromptClassifier | DualPromptClassifier | CLIPVQAModel
+"""The CLIP prompt modules whose image side reads cached inputs (``image_input``, ``prepare_images``)."""
 
 
 def load_clip_backbone(config: OpenCLIPBackboneConfig, seed: int) -> OpenCLIPBackbone:
@@ -52,8 +56,34 @@ def build_text_context(
         raise ConfigError(
             f"{field}.depth: {config.depth} exceeds the text tower's {backbone.num_text_layers} layers"
         )
-    num_tokens, phrase = context_phrase(config, backbone.tokenizer, field)
     generator = torch_generator(derive_seed(seed, "prompt-init", "text"))
+    init = _context_init(config, backbone, generator, field)
+    context = torch.stack([init() for _ in class_names]) if config.class_specific else init()
+    deep = torch.randn(config.depth - 1, context.shape[-2], backbone.text_width, generator=generator)
+    return TextContext(
+        context,
+        deep * config.init_std if config.depth > 1 else None,
+        class_names if config.class_specific else None,
+        class_position=config.class_position,
+    )
+
+
+def build_domain_contexts(
+    config: CoOpPromptConfig, backbone: OpenCLIPBackbone, count: int, seed: int, field: str
+) -> torch.Tensor:
+    """``count`` CoOp contexts [count, M, d], each drawn as ``build_text_context`` draws one (all the
+    phrase's embeddings with ``init: text``), one after the other from one seeded generator."""
+    init = _context_init(
+        config, backbone, torch_generator(derive_seed(seed, "prompt-init", "domains")), field
+    )
+    return torch.stack([init() for _ in range(count)])
+
+
+def _context_init(
+    config: CoOpPromptConfig, backbone: OpenCLIPBackbone, generator: torch.Generator, field: str
+) -> Callable[[], torch.Tensor]:
+    """A function drawing one context [M, d] as ``config`` says, from ``generator``."""
+    num_tokens, phrase = context_phrase(config, backbone.tokenizer, field)
 
     def init() -> torch.Tensor:
         return init_prompt_embeddings(
@@ -66,14 +96,7 @@ def build_text_context(
             std=config.init_std,
         )
 
-    context = torch.stack([init() for _ in class_names]) if config.class_specific else init()
-    deep = torch.randn(config.depth - 1, num_tokens, backbone.text_width, generator=generator)
-    return TextContext(
-        context,
-        deep * config.init_std if config.depth > 1 else None,
-        class_names if config.class_specific else None,
-        class_position=config.class_position,
-    )
+    return init
 
 
 def build_visual_side(
@@ -107,7 +130,7 @@ def part_settings(config: PartOptimizerConfig) -> dict[str, float]:
 
 
 def encoded_images(
-    model: CLIPPromptClassifier | CLIPVQAModel, images: datasets.Dataset, cache: FeatureCache, batch_size: int
+    model: ClipModel, images: datasets.Dataset, cache: FeatureCache, batch_size: int
 ) -> torch.Tensor:
     """What the model's image side reads for each image of ``images`` [N, ...] (features, hidden
     states below the first prompted layer, or pixels), computed once in batches and cached (pixels in
@@ -125,9 +148,7 @@ def encoded_images(
     return cache.get(image_cache_key(model, images, model.image_input.name), compute, persist=key != "pixels")
 
 
-def image_cache_key(
-    model: CLIPPromptClassifier | CLIPVQAModel, dataset: datasets.Dataset, what: str
-) -> dict[str, str]:
+def image_cache_key(model: ClipModel, dataset: datasets.Dataset, what: str) -> dict[str, str]:
     """What cached image tensors depend on: model, weights, precision, transform, images, ``what``."""
     backbone: OpenCLIPBackbone = model.backbone
     return {

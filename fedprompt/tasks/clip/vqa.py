@@ -291,7 +291,7 @@ def build_vqa_experiment(config: RunConfig, client_ids: Collection[int] | None =
         model=model,
         clients=clients,
         test_data=test_data,
-        strategy=build_strategy(config.strategy, run=config),
+        strategy=build_strategy(config.strategy, run=config, prompt_tensors=model.prompt_tensor_names()),
         device=accelerator.device,
         backbone_bytes=backbone.num_bytes(),
         label_names=list(data.answers),

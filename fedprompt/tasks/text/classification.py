@@ -80,7 +80,11 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         clients=clients,
         test_data=test,
         strategy=build_strategy(
-            config.strategy, search_sigma(config.optimizer), kseed_setup(config), run=config
+            config.strategy,
+            search_sigma(config.optimizer),
+            kseed_setup(config),
+            run=config,
+            prompt_tensors=model.prompt_tensor_names(),
         ),
         device=accelerator.device,
         backbone_bytes=backbone_bytes,
