@@ -233,7 +233,7 @@ class RunConfig(StrictModel):
                 default_kind = getattr(field.default_factory(), "kind", None)
                 if default_kind is not None:
                     data[name] = {"kind": default_kind, **section}
-        return data
+        return _with_strategy_optimizer_defaults(data)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -331,20 +331,62 @@ class RunConfig(StrictModel):
                 f"strategy.kind {strategy.kind} {strategy.gradient_steps}; black-box optimisers take none "
                 f"(optimizer.kind is {opt.kind!r}): use optimizer.kind gradient"
             )
+        if strategy.steps_as_sgd is not None and opt.algorithm != "sgd":
+            raise ValueError(
+                f"strategy.kind {strategy.kind} needs optimizer.algorithm: sgd; {strategy.steps_as_sgd}"
+            )
+        parts = _part_optimizers(self.prompt)
         if strategy.steps_as_sgd is not None:
-            if opt.algorithm != "sgd":
+            rates = {
+                (p.lr or opt.lr, opt.momentum if p.momentum is None else p.momentum) for p in parts.values()
+            }
+            if len(rates) > 1:
                 raise ValueError(
-                    f"strategy.kind {strategy.kind} needs optimizer.algorithm: sgd; {strategy.steps_as_sgd}"
+                    f"strategy.kind {strategy.kind} needs one learning rate and momentum for the whole "
+                    f"prompt; remove the lr and momentum of prompt.{'/'.join(parts)}"
                 )
-            if isinstance(self.prompt, TwinPromptConfig):
-                parts = [self.prompt.text_optimizer, self.prompt.visual_optimizer]
-                rates = {(p.lr or opt.lr, opt.momentum if p.momentum is None else p.momentum) for p in parts}
-                if len(rates) > 1:
-                    raise ValueError(
-                        f"strategy.kind {strategy.kind} needs one learning rate and momentum for the whole "
-                        "prompt; remove prompt.text_optimizer/visual_optimizer lr and momentum"
-                    )
+        if strategy.one_momentum is not None and opt.algorithm == "sgd":
+            momenta = {opt.momentum if p.momentum is None else p.momentum for p in parts.values()}
+            if len(momenta) > 1:
+                raise ValueError(
+                    f"strategy.kind {strategy.kind} needs one momentum for the whole prompt: "
+                    f"{strategy.one_momentum}; remove the momentum of prompt.{'/'.join(parts)}"
+                )
         return self
+
+    @model_validator(mode="after")
+    def _drift_state_unclipped(self) -> RunConfig:
+        """A client that keeps state from its own update (control variates, FedDyn's linear term)
+        must be seen by the server as it trained: no bound may clip the update after it."""
+        drift = self.strategy.drift_state
+        if drift is None:
+            return self
+        if self.robustness.max_update_norm is not None:
+            raise ValueError(
+                f"robustness.max_update_norm clips each update on the server, but a strategy.kind "
+                f"{self.strategy.kind} client keeps {drift}, so client and server state would disagree; "
+                "remove robustness.max_update_norm (or use a strategy without client state)"
+            )
+        if self.privacy.kind == "local":
+            raise ValueError(
+                f"privacy.kind local clips and noises each upload, but a strategy.kind {self.strategy.kind} "
+                f"client keeps {drift}, so client and server state would disagree; use another strategy"
+            )
+        return self
+
+    def paper_departures(self) -> list[str]:
+        """The settings given explicitly that depart from the strategy's paper (its
+        ``optimizer_defaults``), one sentence each, which a run states at start and records."""
+        defaults = self.strategy.optimizer_defaults
+        if not defaults or not isinstance(self.optimizer, GradientOptimizerConfig):
+            return []
+        return [
+            f"strategy.kind {self.strategy.kind} runs with optimizer.{name}: "
+            f"{_yaml_value(getattr(self.optimizer, name))} where the paper's algorithm has "
+            f"{_yaml_value(value)}: not the published method"
+            for name, value in defaults.items()
+            if getattr(self.optimizer, name) != value
+        ]
 
     @model_validator(mode="after")
     def _privacy_fits(self) -> RunConfig:
@@ -535,6 +577,45 @@ class RunConfig(StrictModel):
                 "strategy.kind fedkseed sends no prompt to clip; remove robustness.max_update_norm (the "
                 "server bounds each projected gradient by strategy.max_projected_grad instead)"
             )
+
+
+def _yaml_value(value: Any) -> str:
+    """A setting as it is written in a configuration (null, true, 0.9)."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def _part_optimizers(prompt: Any) -> dict[str, PartOptimizerConfig]:
+    """The optimiser settings of each part of a prompt trained in parts (twin and VQA prompts), by
+    field name; empty for a prompt trained as one."""
+    return {
+        name: getattr(prompt, name)
+        for name in type(prompt).model_fields
+        if name.endswith("_optimizer") and isinstance(getattr(prompt, name), PartOptimizerConfig)
+    }
+
+
+def _strategy_class(kind: Any) -> type[StrategySettings] | None:
+    """The configuration class of a ``strategy.kind``, or None for an unknown one."""
+    for config in STRATEGY_CONFIGS:
+        if kind in get_args(config.model_fields["kind"].annotation):
+            return config
+    return None
+
+
+def _with_strategy_optimizer_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill the gradient optimiser's fields the raw configuration leaves unset with the strategy's
+    ``optimizer_defaults`` (SCAFFOLD's plain SGD steps)."""
+    strategy, optimizer = data.get("strategy"), data.get("optimizer", {})
+    kind = strategy.get("kind") if isinstance(strategy, dict) else getattr(strategy, "kind", None)
+    config = _strategy_class(kind) if kind is not None else None
+    if config is None or not config.optimizer_defaults:
+        return data
+    if isinstance(optimizer, GradientOptimizerConfig):
+        given = {name: getattr(optimizer, name) for name in optimizer.model_fields_set}
+        optimizer = {**given, "kind": "gradient"}
+    if not isinstance(optimizer, dict) or optimizer.get("kind", "gradient") != "gradient":
+        return data
+    return {**data, "optimizer": {"kind": "gradient", **config.optimizer_defaults, **optimizer}}
 
 
 def _kinds(declares: Callable[[type[StrategySettings]], bool]) -> list[str]:

@@ -40,6 +40,10 @@ class GradientOptimizer:
     ``max_steps``), and uses the accelerate ``Accelerator`` for autocast, loss scaling and
     gradient clipping. It sees parameters and a loss closure, nothing about prompts or models.
 
+    ``steps`` counts the steps taken: a step that fp16 loss scaling skips (inf or NaN gradients)
+    leaves the parameters and the momentum where they were, so it counts neither there nor in
+    ``gradient_scale`` (it is reported as ``skipped_steps``); ``max_steps`` caps the batches run.
+
     ``run`` takes an optional ``lr_factor`` (a schedule, e.g. one factor per federated round) and
     reports ``gradient_scale`` for SGD: Σ_k η_k·(1 − β^(k+1))/(1 − β) over the steps k, η_k the
     step's learning rate and β the momentum. Each gradient g_j moves the parameters by
@@ -83,17 +87,15 @@ class GradientOptimizer:
         if scaled:
             optimizer = acc.prepare_optimizer(optimizer, device_placement=False)
         stats = OptimizationStats()
-        total = 0.0
+        total, batches_run, skipped = 0.0, 0, 0
         try:
             for epoch in range(self.settings.epochs):
                 for batch in batches(epoch):
-                    if self.settings.max_steps is not None and stats.steps >= self.settings.max_steps:
+                    if self.settings.max_steps is not None and batches_run >= self.settings.max_steps:
                         break
                     factor = 1.0 if lr_factor is None else float(lr_factor(stats.steps))
                     for k, group in enumerate(optimizer.param_groups):
                         group["lr"] = base_lrs[k] * factor
-                        beta = group.get("momentum", 0.0)
-                        scales[k] += group["lr"] * (1 - beta ** (stats.steps + 1)) / (1 - beta)
                     optimizer.zero_grad(set_to_none=True)
                     with acc.autocast():
                         loss, n = loss_fn(batch)
@@ -103,14 +105,23 @@ class GradientOptimizer:
                     if self.settings.grad_clip is not None:
                         acc.clip_grad_norm_(params, self.settings.grad_clip)
                     optimizer.step()
-                    stats.steps += 1
+                    batches_run += 1
                     stats.examples += n
                     stats.final_loss = loss.item()
                     total += stats.final_loss * n
+                    if scaled and optimizer.step_was_skipped:
+                        skipped += 1  # the loss scaler found inf/NaN gradients: the parameters did not move
+                        continue
+                    for k, group in enumerate(optimizer.param_groups):
+                        beta = group.get("momentum", 0.0)
+                        scales[k] += group["lr"] * (1 - beta ** (stats.steps + 1)) / (1 - beta)
+                    stats.steps += 1
         finally:
             if scaled:
                 acc.free_memory()  # forget the wrapped optimiser so rounds and clients do not pile up
         stats.mean_loss = total / stats.examples if stats.examples else math.nan
+        if skipped:
+            stats.extra["skipped_steps"] = float(skipped)
         if self.settings.algorithm == "sgd" and len(set(scales)) == 1:
             stats.gradient_scale = scales[0]
         return stats

@@ -5,8 +5,9 @@ read instead of lists of kind names."""
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from functools import reduce
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -37,6 +38,17 @@ class StrategySettings(StrictModel):
     clipped deltas replaces the strategy's mean (FedAvg, and FedProx, whose server is FedAvg's)."""
     personal_prompts: ClassVar[bool] = False
     """Whether each client keeps a whole personal prompt (so no split prompt goes beside it)."""
+    one_momentum: ClassVar[str | None] = None
+    """Why the strategy reads every local step with the optimiser's one momentum (None: it does not),
+    so prompt parts with momenta of their own (twin and VQA prompts) are refused with it."""
+    drift_state: ClassVar[str | None] = None
+    """What a client keeps from its own unclipped local update (None: nothing). A norm bound applied
+    afterwards (``robustness.max_update_norm`` on the server, local DP's clipping) would make the
+    server's view of the update differ from the client's, so both are refused with it."""
+    optimizer_defaults: ClassVar[Mapping[str, Any]] = {}
+    """The local gradient optimiser's settings of the strategy's paper, applied to the fields of
+    the ``optimizer`` section the configuration leaves unset (a setting given explicitly stays, and
+    the run says at start that it departs from the paper)."""
 
 
 class FedAvgConfig(StrategySettings):
@@ -205,7 +217,9 @@ class FedKSeedConfig(StrategySettings):
 class ScaffoldConfig(StrategySettings):
     """SCAFFOLD (option II): server and client control variates, the size of the prompt, correct
     each client's local gradient (g + c − c_i); they travel with the prompt both ways. Clients
-    train by SGD (`optimizer.algorithm: sgd`)."""
+    train by SGD (`optimizer.algorithm: sgd`); unless the configuration sets them, the paper's
+    plain SGD steps: `optimizer.momentum: 0` and `optimizer.grad_clip: null` (a clip would act on
+    g + c − c_i, momentum accumulates the correction)."""
 
     each_update = "each client's control-variate update beside its prompt"
     gradient_steps = "corrects or counts the clients' gradient steps"
@@ -214,6 +228,8 @@ class ScaffoldConfig(StrategySettings):
         "corrected gradient, which AdamW's per-coordinate scaling breaks"
     )
     sent_beside_prompt = "control variates"
+    drift_state = "its control variate c_i⁺ = c_i − c + (x − y_i)/(K·η_l), from its unclipped y_i"
+    optimizer_defaults: ClassVar[Mapping[str, Any]] = {"momentum": 0.0, "grad_clip": None}
 
     kind: Literal["scaffold"] = "scaffold"
     server_lr: float = Field(1.0, gt=0, description="η_g: x ← x + η_g·(weighted mean of y_i − x).")
@@ -225,6 +241,7 @@ class FedDynConfig(StrategySettings):
 
     each_update = "each client's prompt for its dynamic regulariser's state"
     gradient_steps = "corrects or counts the clients' gradient steps"
+    drift_state = "its linear term g_k ← g_k − α(θ_k − θ), from its unclipped θ_k"
 
     kind: Literal["feddyn"] = "feddyn"
     alpha: float = Field(0.01, gt=0, description="α, the dynamic regulariser's weight (paper: 0.01-0.1).")
@@ -245,6 +262,7 @@ class FedNovaConfig(StrategySettings):
     each_update = "each client's local step count"
     gradient_steps = "corrects or counts the clients' gradient steps"
     sent_beside_prompt = "step counts"
+    one_momentum = "its a_i = [τ − ρ(1 − ρ^τ)/(1 − ρ)]/(1 − ρ) reads a client's steps with one momentum ρ"
 
     kind: Literal["fednova"] = "fednova"
 
