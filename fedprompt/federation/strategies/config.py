@@ -186,7 +186,10 @@ class FedKSeedConfig(StrategySettings):
     (seed index, projected gradient ĝ) pairs instead of the prompt, and every party rebuilds the
     prompt by replaying them: θ ← θ − η·w_k·ĝ·u(seed), the clients' pairs in client-id order, each
     client's in step order, w_k its aggregation weight. Needs optimizer.kind spsa (η = optimizer.lr,
-    ε = optimizer.epsilon; the paper's ε is 5e-4), a round of budget // (2·batch_size) steps.
+    ε = optimizer.epsilon; the paper's ε is 5e-4), a round of budget // (2·batch_size) steps. The
+    directions are a specified NumPy PCG64 stream, and each round a client checks a fingerprint of
+    the first ones against the server's before it steps. ``seed_sampling: importance`` is
+    FedKSeed-Pro.
     """
 
     each_update = "each client's (seed, projected gradient) pairs"
@@ -211,6 +214,12 @@ class FedKSeedConfig(StrategySettings):
         description="What clients are sent: the global prompt, or the K accumulated ĝ per seed since "
         "round 0, from which every client replays the prompt (the paper's downlink: 4·K bytes whatever "
         "the prompt).",
+    )
+    seed_sampling: Literal["uniform", "importance"] = Field(
+        "uniform",
+        description="How clients draw their seeds from the pool: uniformly (FedKSeed), or FedKSeed-Pro's "
+        "probability-differentiated sampling, p = softmax(min-max-normalised mean |ĝ| of each seed so "
+        "far), which the server sends down each round (4·K bytes more).",
     )
 
 
