@@ -96,7 +96,9 @@ def attach_client_side(experiment: Experiment, config: RunConfig) -> Experiment:
     steps = config.personalization.finetune_steps
     if steps is not None and isinstance(config.optimizer, GradientOptimizerConfig):
         # every epoch has at least one batch, so `steps` epochs always reach `steps` steps
-        settings = config.optimizer.model_copy(update={"max_steps": steps, "epochs": steps})
+        settings = config.optimizer.model_copy(
+            update={"max_steps": steps, "epochs": steps, "keep_state": False}
+        )
         optimizer = gradient_optimizer(settings, make_accelerator(config.runtime))
         trainer = GradientTrainer(optimizer, settings.batch_size, experiment.device)
         experiment.fine_tuning = FineTuning(steps, trainer, derive_seed(config.seed, "fine-tuning"))

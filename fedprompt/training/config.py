@@ -50,6 +50,12 @@ class GradientOptimizerConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1, description="Cap on steps per round, whatever the epochs.")
     batch_size: int = Field(16, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
+    keep_state: bool = Field(
+        False,
+        description="Carry each client's optimiser state (AdamW's moments and step count, SGD's momentum) "
+        "from round to round as client state, checkpointed and resumed (FedPepTAO's clients); false: a "
+        "fresh optimiser every round, as FedAvg.",
+    )
     schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
 
     @model_validator(mode="after")

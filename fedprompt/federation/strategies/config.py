@@ -276,6 +276,32 @@ class FedNovaConfig(StrategySettings):
     kind: Literal["fednova"] = "fednova"
 
 
+class FedPepTAOConfig(StrategySettings):
+    """FedPepTAO's adaptive optimisation: clients train by AdamW whose moments persist across rounds
+    (client state); the server corrects each client's drift with control variates it keeps itself
+    (c_i = the client's mean step direction, (θ − θ_i)/(τ_i·η_l)), θ̃ = FedAvg − Σ w_i τ_i η_l (c − c_i),
+    then steps with momentum: v ← β·v + (1 − β)(θ − θ̃), θ ← θ̃ − η_s·v, η_s decaying by `server_lr_decay`
+    each round down to `min_server_lr`. Pair it with `prompt.select_layers` (FedPepTAO's layer choice)."""
+
+    each_update = "each client's prompt and step count (its control variate)"
+    gradient_steps = "counts the clients' gradient steps"
+    sent_beside_prompt = "step counts"
+    optimizer_defaults: ClassVar[Mapping[str, Any]] = {"keep_state": True}
+
+    kind: Literal["fedpeptao"] = "fedpeptao"
+    server_lr: float = Field(
+        1.0, ge=0, description="η_0, the server's first learning rate (0: FedAvg + correction)."
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="β, the server momentum (the reference's 0.9).")
+    server_lr_decay: float = Field(
+        0.99, gt=0, le=1, description="η_s ← η_s · decay every round (the reference's 0.99)."
+    )
+    min_server_lr: float = Field(1e-4, ge=0, description="The floor of η_s (the reference's 1e-4).")
+    drift_correction: bool = Field(
+        True, description="The server's control variates; false: momentum on the plain FedAvg average."
+    )
+
+
 STRATEGY_CONFIGS: tuple[type[StrategySettings], ...] = (
     FedAvgConfig,
     FedProxConfig,
@@ -291,6 +317,7 @@ STRATEGY_CONFIGS: tuple[type[StrategySettings], ...] = (
     FedDynConfig,
     FedAvgMConfig,
     FedNovaConfig,
+    FedPepTAOConfig,
 )
 """Every strategy configuration, one per ``strategy.kind`` (FedOpt's three kinds share one)."""
 

@@ -22,16 +22,18 @@ from fedprompt.data.loading import load_text_classification
 from fedprompt.data.partition import partition_indices
 from fedprompt.federation.strategies.fedkseed import kseed_setup
 from fedprompt.federation.strategies.registry import build_strategy
-from fedprompt.seeding import derive_seed
+from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.tasks.clients import HostedRows, build_clients
 from fedprompt.tasks.experiment import Experiment
 from fedprompt.tasks.text.parts import build_head, build_prompt, load_backbone
 from fedprompt.tasks.text.remote import build_remote_model
 from fedprompt.training.batching import TensorData
 from fedprompt.training.blackbox import build_blackbox_trainer, search_sigma
+from fedprompt.training.client import Client
 from fedprompt.training.device import make_accelerator
 from fedprompt.training.gradient import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
 from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier
+from prompt_modules.layer_scores import consensus_scores, top_layers
 from prompt_modules.text_classifier import (
     LAYER_INPUT,
     TextPromptClassifier,
@@ -48,14 +50,8 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         model, backbone_bytes = _local_model(config, config.backbone, data.label_names, accelerator.device)
     model.to(accelerator.device).eval()
 
-    cache_layer = _cached_layer(config, model)
-
     def tensors(dataset) -> TensorData:
         encoded = model.encode_texts(dataset["text"])
-        if cache_layer:
-            encoded[LAYER_INPUT] = _layer_inputs(
-                model, encoded, config.runtime.eval_batch_size, accelerator.device
-            )
         return TensorData({**encoded, "labels": torch.tensor(dataset["label"], dtype=torch.long)})
 
     with _checked_against_the_model("head.template"):
@@ -65,6 +61,26 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
     )
     trainer = _trainer(config, accelerator)
     rows = HostedRows.of_all_rows(parts, client_ids, len(train))
+    notes: dict = {}
+    if isinstance(config.prompt, DeepPromptConfig) and config.prompt.select_layers is not None:
+        if client_ids is not None:
+            raise ConfigError(
+                "prompt.select_layers scores the layers on every client's data before round 1, which "
+                "runs in-process only; on Flower give the layers it chose as prompt.layers (an in-process "
+                "run writes them in its summary, prompt_layers)"
+            )
+        every = build_clients(config, model, train, rows, lambda cid: trainer)
+        chosen, scores = select_prompt_layers(config.prompt, model, every, config.seed, accelerator.device)
+        model.prompt = build_prompt(
+            config.prompt, model.backbone, config.seed, search_sigma(config.optimizer), layer_ids=chosen
+        ).to(accelerator.device)
+        notes.update({"prompt_layers": chosen, "layer_scores": scores})
+    cache_layer = _cached_layer(config, model)
+    if cache_layer:
+        for dataset in (train, test):
+            dataset.tensors[LAYER_INPUT] = _layer_inputs(
+                model, dataset.tensors, config.runtime.eval_batch_size, accelerator.device
+            )
     clients = build_clients(config, model, train, rows, lambda cid: trainer)
     return Experiment(
         model=model,
@@ -76,7 +92,37 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         device=accelerator.device,
         backbone_bytes=backbone_bytes,
         label_names=list(data.label_names),
+        notes=notes,
     )
+
+
+def select_prompt_layers(
+    config: DeepPromptConfig,
+    model: TextPromptClassifier,
+    clients: dict[int, Client],
+    seed: int,
+    device: torch.device,
+) -> tuple[list[int], dict[str, float]]:
+    """FedPepTAO's layer selection: each client scores the candidate layers (``start_layer`` up) on
+    ``score_batch_size`` of its training examples (a seeded draw), the server weights the scores by
+    the clients' example counts and keeps the ``select_layers`` layers of highest score. Returns the
+    chosen layers (ascending) and every candidate's consensus score."""
+    candidates = list(range(config.start_layer, model.backbone.num_layers))
+    scores, weights = [], []
+    for cid, client in sorted(clients.items()):
+        data = client.train_data
+        generator = torch_generator(derive_seed(seed, "layer-scores", cid))
+        rows = torch.randperm(len(data), generator=generator)[: config.score_batch_size]
+        if len(rows) < 2:
+            raise ConfigError(
+                f"prompt.select_layers: client {cid} has fewer than 2 training examples to score"
+            )
+        batch = next(data.subset(rows.numpy()).batches(len(rows), device=device))
+        scores.append(model.layer_scores(batch, candidates))
+        weights.append(len(data))
+    consensus = consensus_scores(scores, weights)
+    chosen = top_layers(consensus, candidates, config.select_layers)
+    return chosen, {str(layer): float(value) for layer, value in zip(candidates, consensus, strict=True)}
 
 
 def _cached_layer(config: RunConfig, model: object) -> int:

@@ -142,14 +142,17 @@ class SoftPromptConfig(PromptInitConfig):
 
 
 class DeepPromptConfig(PromptInitConfig):
-    """Deep prompt: its own prompt at every layer from `start_layer` up.
+    """Deep prompt: its own prompt at every layer from `start_layer` up, or at the `layers` given,
+    or at the `select_layers` layers of highest FedPepTAO score.
 
     mode ``prefix`` (P-tuning v2): each layer's attention attends `num_tokens` trained key/value
     vectors before the sequence; the sequence is unchanged. ``init`` vocab/text start the prefixes
     at the frozen model's own keys and values of those tokens (Li & Liang), random at
     N(0, init_std²). mode ``replace`` (VPT-deep style): `num_tokens` positions enter the sequence
-    at `start_layer` and each layer's prompt replaces them at its input. In both modes the layers
-    below `start_layer` compute the unprompted model, so their output is cached per dataset.
+    at the first prompted layer and each prompted layer's prompt replaces them at its input. In
+    both modes the layers below the first prompted layer compute the unprompted model, so their
+    output is cached per dataset. The backbone stays in eval mode (its own dropout off, as the
+    frozen-layer cache needs); `prefix_dropout` is P-tuning v2's dropout on the prefixes.
     """
 
     kind: Literal["deep"] = "deep"
@@ -157,11 +160,56 @@ class DeepPromptConfig(PromptInitConfig):
         "prefix", description="prefix: key/value prefixes in attention (P-tuning v2); replace: hidden states."
     )
     start_layer: int = Field(0, ge=0, description="First layer that gets a prompt (0: the input layer).")
+    layers: list[int] | None = Field(
+        None,
+        description="The layers that get a prompt, any ascending set (not necessarily contiguous); "
+        "null: every layer from start_layer up. Only these layers' prompts are trained and sent.",
+    )
+    select_layers: int | None = Field(
+        None,
+        ge=1,
+        description="FedPepTAO's layer selection: before round 1, each client scores every layer from "
+        "start_layer on `score_batch_size` of its examples (Σ log λ + 1/λ over the eigenvalues λ of the "
+        "cosine-similarity matrix of the layer's outputs), the server weights the scores by example "
+        "count and prompts the k layers of highest score. In-process runs only (on Flower, set `layers`).",
+    )
+    score_batch_size: int = Field(
+        32, ge=2, description="select_layers: examples per client the layer scores are computed on."
+    )
+    prefix_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="mode prefix: dropout on the prefixes while training (P-tuning v2 uses the model's "
+        "hidden dropout, 0.1); the backbone's own dropout stays off.",
+    )
     cache_frozen_layers: bool = Field(
         True,
-        description="start_layer > 0: compute the states entering start_layer once per dataset (kept in "
-        "memory, N × length × hidden floats) and run only the layers from start_layer at each step.",
+        description="First prompted layer > 0: compute the states entering it once per dataset (kept in "
+        "memory, N × length × hidden floats) and run only the layers from it at each step.",
     )
+
+    @model_validator(mode="after")
+    def _one_layer_choice(self) -> DeepPromptConfig:
+        if self.layers is not None and self.select_layers is not None:
+            raise ValueError("give the prompted layers as `layers` or pick them by `select_layers`, not both")
+        if self.layers is not None:
+            if not self.layers or any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
+                raise ValueError(
+                    f"layers must be a non-empty ascending list of distinct layers; got {self.layers}"
+                )
+            if self.layers[0] < 0:
+                raise ValueError(f"layers must be layer indices >= 0; got {self.layers}")
+            if "start_layer" in self.model_fields_set and self.start_layer != self.layers[0]:
+                raise ValueError(f"start_layer {self.start_layer} is not the first of layers {self.layers}")
+        if self.prefix_dropout > 0 and self.mode != "prefix":
+            raise ValueError("prefix_dropout applies to mode: prefix")
+        return self
+
+    @property
+    def first_layer(self) -> int:
+        """The first layer that may get a prompt (what bounds the frozen-layer cache)."""
+        return self.layers[0] if self.layers is not None else self.start_layer
 
 
 class IntrinsicPromptConfig(StrictModel):
