@@ -93,6 +93,7 @@ from fedprompt.training.config import (
     LRScheduleConfig,
     OptimizerConfig,
     PartOptimizerConfig,
+    PseudoLabelConfig,
     RuntimeConfig,
     ScoreOn,
     SPSAOptimizerConfig,
@@ -145,6 +146,7 @@ __all__ = [
     "PrivacyConfig",
     "PromptConfig",
     "PromptInitConfig",
+    "PseudoLabelConfig",
     "ReliabilityConfig",
     "RemoteBackboneConfig",
     "RobustnessConfig",
@@ -214,6 +216,11 @@ class RunConfig(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     vision: VisionConfig = Field(default_factory=VisionConfig)
+    pseudo_labels: PseudoLabelConfig | None = Field(
+        None,
+        description="FeS's pseudo-labelling of few-shot clients' unlabelled examples (needs "
+        "data.labelled_per_class).",
+    )
 
     @property
     def client_classes(self) -> Literal["own", "all"]:
@@ -354,6 +361,25 @@ class RunConfig(StrictModel):
                     f"strategy.kind {strategy.kind} needs one momentum for the whole prompt: "
                     f"{strategy.one_momentum}; remove the momentum of prompt.{'/'.join(parts)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _few_shot_fits(self) -> RunConfig:
+        """Few-shot clients and pseudo-labels (FeS) are text classification by gradient."""
+        if self.data.labelled_per_class is not None and self.backbone.kind == "open-clip":
+            raise ValueError("data.labelled_per_class (few-shot clients) applies to text backbones")
+        if self.pseudo_labels is None:
+            return self
+        if self.data.labelled_per_class is None:
+            raise ValueError(
+                "pseudo_labels labels each client's unlabelled examples; set data.labelled_per_class, the "
+                "labels each client keeps per class (the rest of its training split is unlabelled)"
+            )
+        if self.backbone.kind != "hf-text" or not isinstance(self.optimizer, GradientOptimizerConfig):
+            raise ValueError(
+                "pseudo_labels trains by gradient on a local text backbone; use backbone.kind hf-text and "
+                "optimizer.kind gradient"
+            )
         return self
 
     @model_validator(mode="after")

@@ -196,6 +196,17 @@ class TextPromptClassifier(PromptModule):
         )
 
     @torch.no_grad()
+    def input_features(self, batch: Batch) -> torch.Tensor:
+        """Sentence features [B, h] of a batch that no prompt changes: the frozen model's last hidden
+        states, mean-pooled over the attended positions."""
+        embedded = self.embed_inputs(
+            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        )
+        mask = embedded.attention_mask
+        hidden = self.backbone.hidden_states(embedded.embeds, mask, self._position_ids(mask))
+        return pool(hidden, mask, "mean").float()
+
+    @torch.no_grad()
     def layer_scores(self, batch: Batch, layers: Sequence[int]) -> list[float]:
         """FedPepTAO's score of each of ``layers`` on a batch (``prompt_modules.layer_scores``): the
         unprompted model's outputs of those layers, compared across the batch's examples."""

@@ -147,6 +147,38 @@ class PartOptimizerConfig(StrictModel):
     momentum: float | None = Field(None, ge=0, lt=1, description="sgd only.")
 
 
+class PseudoLabelConfig(StrictModel):
+    """FeS's pseudo-labelling (Cai et al., "Federated Few-Shot Learning for Mobile NLP"): each round a
+    client labels its unlabelled examples with the global prompt it received and trains on its
+    labelled examples and the pseudo-labelled ones it admits. Admitted: predictions whose probability
+    is at least `threshold`, at most the curriculum's count for the round, n_r = min(⌊pace·r·U⌋, U)
+    (`pacing: curriculum`, the paper's linear growth; `fixed`: ⌊pace·U⌋ every round), U the client's
+    unlabelled candidates, split among the classes in the proportions of the client's labelled
+    examples and drawn in proportion to their confidence. The candidates are the `diverse_fraction` of
+    its unlabelled examples chosen for representational diversity (vote-k on the frozen model's
+    sentence features, as the reference selects them), all of them when 1. Pseudo-labels never leave
+    the client: only the trained prompt and counts do."""
+
+    threshold: float = Field(
+        0.0, ge=0, lt=1, description="Lowest predicted probability a pseudo-label is kept at."
+    )
+    pacing: Literal["curriculum", "fixed"] = Field(
+        "curriculum", description="curriculum: n_r = ⌊pace·r·U⌋ (grows each round); fixed: ⌊pace·U⌋."
+    )
+    pace: float = Field(
+        0.1, gt=0, le=1, description="The share of the candidates admitted per round of pacing."
+    )
+    diverse_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="The share of each client's unlabelled examples kept as candidates by vote-k.",
+    )
+    vote_neighbours: int = Field(
+        150, ge=1, description="vote-k's k: each example votes for its k most similar (the reference's 150)."
+    )
+
+
 class AugmentConfig(StrictModel):
     """CoOp's training augmentation: a random resized crop (area share in ``crop_scale``, aspect
     ratio in [3/4, 4/3]) resized to the model's input, then a horizontal flip with probability 1/2.

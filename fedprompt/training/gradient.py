@@ -71,13 +71,15 @@ OPTIMIZER_STATE = "optimizer/"
 class LocalRound:
     """What a local round sees beyond its data: the server's instructions (round, seed, extras),
     the state the client carries from earlier rounds (read-only), a term the strategy's client side
-    adds to the loss (on the module's named trainable parameters), and ``carry_out``, where a
-    trainer puts state of its own to carry into the next round (e.g. ATPFL's previous local prompt)."""
+    adds to the loss (on the module's named trainable parameters), ``carry_out``, where a
+    trainer puts state of its own to carry into the next round (e.g. ATPFL's previous local prompt),
+    and the client's unlabelled examples (few-shot clients; their labels are ``UNLABELLED``)."""
 
     instructions: FitInstructions
     carried: State = field(default_factory=dict)
     penalty: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None
     carry_out: State = field(default_factory=dict)
+    unlabelled: TensorData | None = None
 
 
 class LocalTrainer(ABC):

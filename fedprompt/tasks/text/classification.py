@@ -13,6 +13,7 @@ from fedprompt.config import (
     ConfigError,
     DeepPromptConfig,
     HFTextBackboneConfig,
+    PseudoLabelConfig,
     RemoteBackboneConfig,
     RunConfig,
     SoftPromptConfig,
@@ -32,6 +33,7 @@ from fedprompt.training.blackbox import build_blackbox_trainer, search_sigma
 from fedprompt.training.client import Client
 from fedprompt.training.device import make_accelerator
 from fedprompt.training.gradient import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
+from fedprompt.training.pseudo_labels import PseudoLabelTrainer, diverse_subset
 from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier
 from prompt_modules.layer_scores import consensus_scores, top_layers
 from prompt_modules.text_classifier import (
@@ -82,6 +84,8 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
                 model, dataset.tensors, config.runtime.eval_batch_size, accelerator.device
             )
     clients = build_clients(config, model, train, rows, lambda cid: trainer)
+    if config.pseudo_labels is not None and config.pseudo_labels.diverse_fraction < 1:
+        _keep_diverse_candidates(config.pseudo_labels, model, clients, config.runtime.eval_batch_size)
     return Experiment(
         model=model,
         clients=clients,
@@ -94,6 +98,21 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         label_names=list(data.label_names),
         notes=notes,
     )
+
+
+def _keep_diverse_candidates(
+    pseudo: PseudoLabelConfig, model: TextPromptClassifier, clients: dict[int, Client], batch_size: int
+) -> None:
+    """Keep each client's ``diverse_fraction`` of its unlabelled examples chosen by vote-k on the frozen
+    model's sentence features: its pseudo-label candidates for the whole run (chosen once, on the client)."""
+    for client in clients.values():
+        pool = client.unlabelled_data
+        if pool is None or len(pool) == 0:
+            continue
+        device = client.device
+        features = torch.cat([model.input_features(b).cpu() for b in pool.batches(batch_size, device=device)])
+        count = max(1, int(pseudo.diverse_fraction * len(pool)))
+        client.unlabelled_data = pool.subset(diverse_subset(features, count, pseudo.vote_neighbours))
 
 
 def select_prompt_layers(
@@ -184,9 +203,16 @@ def _trainer(config: RunConfig, accelerator: Accelerator) -> LocalTrainer:
     opt = config.optimizer
     if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig):
         return build_blackbox_trainer(opt, config.strategy, accelerator.device, kseed_setup(config))
-    return GradientTrainer(
-        gradient_optimizer(opt, accelerator),
-        batch_size=opt.batch_size,
-        device=accelerator.device,
-        schedule=round_schedule(opt, config.federation.rounds),
-    )
+    settings = {
+        "batch_size": opt.batch_size,
+        "device": accelerator.device,
+        "schedule": round_schedule(opt, config.federation.rounds),
+    }
+    if config.pseudo_labels is not None:
+        return PseudoLabelTrainer(
+            gradient_optimizer(opt, accelerator),
+            pseudo=config.pseudo_labels,
+            eval_batch_size=config.runtime.eval_batch_size,
+            **settings,
+        )
+    return GradientTrainer(gradient_optimizer(opt, accelerator), **settings)
