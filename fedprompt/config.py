@@ -84,6 +84,7 @@ from fedprompt.tasks.text.config import (
     SimilarityHeadConfig,
     SoftPromptConfig,
     VerbalizerHeadConfig,
+    ZGeneratorConfig,
 )
 from fedprompt.training.config import (
     SCORE_ON_HELP,
@@ -170,6 +171,7 @@ __all__ = [
     "VisionConfig",
     "VisualPromptConfig",
     "WireDtype",
+    "ZGeneratorConfig",
     "apply_overrides",
     "default_config_dict",
     "format_validation_error",
@@ -544,6 +546,14 @@ class RunConfig(StrictModel):
         FedBPT needs CMA-ES; a remote backbone gives no gradients and scores intrinsic prompts only."""
         opt, strategy = self.optimizer, self.strategy
         black_box = isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig)
+        generated = isinstance(self.prompt, IntrinsicPromptConfig) and self.prompt.generator is not None
+        if isinstance(opt, CMAESOptimizerConfig) and generated:
+            raise ValueError(
+                "prompt.generator's weights are searched by SPSA or trained by gradient (CMA-ES's covariance "
+                "over thousands of weights does not fit); set optimizer.kind: spsa or gradient"
+            )
+        if isinstance(strategy, FedKSeedConfig | FedBPTConfig) and generated:
+            raise ValueError(f"strategy.kind {strategy.kind} searches z itself; remove prompt.generator")
         if isinstance(opt, CMAESOptimizerConfig) and self.prompt.kind != "intrinsic":
             raise ValueError(
                 f"optimizer.kind 'cmaes' searches an intrinsic prompt's z; set prompt.kind: intrinsic "

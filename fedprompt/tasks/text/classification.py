@@ -35,6 +35,7 @@ from fedprompt.training.device import make_accelerator
 from fedprompt.training.gradient import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
 from fedprompt.training.pseudo_labels import PseudoLabelTrainer, diverse_subset
 from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier
+from prompt_modules.intrinsic_generator import GeneratedIntrinsicPrompt
 from prompt_modules.layer_scores import consensus_scores, top_layers
 from prompt_modules.text_classifier import (
     LAYER_INPUT,
@@ -174,7 +175,7 @@ def _local_model(
     with _checked_against_the_model("prompt"):
         prompt = build_prompt(config.prompt, backbone, config.seed, search_sigma(config.optimizer))
     with _checked_against_the_model("head.template"):
-        if not isinstance(prompt, IntrinsicPrompt):
+        if not isinstance(prompt, IntrinsicPrompt | GeneratedIntrinsicPrompt):
             placement = (
                 config.prompt.placement if isinstance(config.prompt, SoftPromptConfig) else "after-cls"
             )

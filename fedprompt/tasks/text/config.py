@@ -212,6 +212,14 @@ class DeepPromptConfig(PromptInitConfig):
         return self.layers[0] if self.layers is not None else self.start_layer
 
 
+class ZGeneratorConfig(StrictModel):
+    """Fed-BBPT's prompt generator: a small network that writes z, z = W₂·tanh(W₁c + b₁) + b₂ from a
+    fixed code c; its weights are all that trains and travels."""
+
+    code_dim: int = Field(16, ge=1, le=1024, description="The length of the fixed code c.")
+    hidden: int = Field(32, ge=1, le=4096, description="The width of the generator's hidden layer.")
+
+
 class IntrinsicPromptConfig(StrictModel):
     """Black-Box Tuning's intrinsic prompt: P = reshape(A z) + p0, only z (length ``dim``) trained.
 
@@ -227,6 +235,11 @@ class IntrinsicPromptConfig(StrictModel):
     projection_seed_offset: int = Field(0, ge=0, description="Another offset draws another projection A.")
     p0: Literal["none", "vocab"] = Field(
         "none", description="The fixed offset: zeros, or embeddings of sampled vocabulary tokens."
+    )
+    generator: ZGeneratorConfig | None = Field(
+        None,
+        description="Fed-BBPT: a prompt generator writes z and its weights are trained (by SPSA against a "
+        "black box, or by gradient on a local backbone) and aggregated; null: z itself is.",
     )
 
 

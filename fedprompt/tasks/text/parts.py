@@ -23,6 +23,7 @@ from prompt_modules.heads import HeadSpec, SimilarityHeadSpec, VerbalizerHeadSpe
 from prompt_modules.heads import build_head as build_head_from_spec
 from prompt_modules.hf_text import HFTextBackbone
 from prompt_modules.intrinsic import IntrinsicPrompt
+from prompt_modules.intrinsic_generator import GeneratedIntrinsicPrompt, ZGenerator
 from prompt_modules.soft_prompt import (
     DeepPrompt,
     PrefixPrompt,
@@ -80,14 +81,18 @@ def build_prompt(
     seed: int,
     sigma: float = 1.0,
     layer_ids: Sequence[int] | None = None,
-) -> SoftPrompt | DeepPrompt | PrefixPrompt | IntrinsicPrompt:
+) -> SoftPrompt | DeepPrompt | PrefixPrompt | IntrinsicPrompt | GeneratedIntrinsicPrompt:
     """The trainable prompt, initialised from text, sampled vocabulary or noise (seeded); or an
     intrinsic prompt z = 0 on the projection the run seed fixes (``sigma``: BBT's σ in its scale).
     A key/value prefix starts at the frozen model's keys and values of the text's or sampled
     tokens, or at N(0, init_std²) entries. A deep prompt prompts ``layer_ids`` (the layers a
     selection chose), else the configuration's ``layers``, else every layer from ``start_layer``."""
     if isinstance(config, IntrinsicPromptConfig):
-        return IntrinsicPrompt.from_backbone(backbone, projection_spec(config, seed, sigma))
+        prompt = IntrinsicPrompt.from_backbone(backbone, projection_spec(config, seed, sigma))
+        if config.generator is None:
+            return prompt
+        spec = config.generator
+        return GeneratedIntrinsicPrompt(prompt, spec.code_dim, spec.hidden, derive_seed(seed, "z-generator"))
     generator = torch_generator(derive_seed(seed, "prompt-init"))
     text_ids = (
         backbone.tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
@@ -117,6 +122,13 @@ def build_prompt(
             _prefix_init(config, backbone, generator, text_ids, ids), ids[0], explicit, config.prefix_dropout
         )
     return DeepPrompt(torch.stack([init() for _ in ids]), ids[0], explicit)
+
+
+def z_generator(config: IntrinsicPromptConfig, seed: int) -> ZGenerator:
+    """Fed-BBPT's generator of z a configuration describes (its code and first weights from the run seed)."""
+    assert config.generator is not None
+    spec = config.generator
+    return ZGenerator(config.dim, spec.code_dim, spec.hidden, derive_seed(seed, "z-generator"))
 
 
 def _prefix_init(
