@@ -85,6 +85,7 @@ from fedprompt.tasks.text.config import (
     SoftPromptConfig,
     VerbalizerHeadConfig,
     ZGeneratorConfig,
+    ZooPFLPromptConfig,
 )
 from fedprompt.training.config import (
     SCORE_ON_HELP,
@@ -172,6 +173,7 @@ __all__ = [
     "VisualPromptConfig",
     "WireDtype",
     "ZGeneratorConfig",
+    "ZooPFLPromptConfig",
     "apply_overrides",
     "default_config_dict",
     "format_validation_error",
@@ -192,7 +194,8 @@ PromptConfig = Annotated[
     | TwinPromptConfig
     | GeneratorPromptConfig
     | VQAPromptConfig
-    | IntrinsicPromptConfig,
+    | IntrinsicPromptConfig
+    | ZooPFLPromptConfig,
     Field(discriminator="kind"),
 ]
 
@@ -244,7 +247,7 @@ class RunConfig(StrictModel):
                 default_kind = getattr(field.default_factory(), "kind", None)
                 if default_kind is not None:
                     data[name] = {"kind": default_kind, **section}
-        return _with_strategy_optimizer_defaults(data)
+        return _with_personal_zoo_pfl_head(_with_strategy_optimizer_defaults(data))
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -363,6 +366,28 @@ class RunConfig(StrictModel):
                     f"strategy.kind {strategy.kind} needs one momentum for the whole prompt: "
                     f"{strategy.one_momentum}; remove the momentum of prompt.{'/'.join(parts)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _zoo_pfl_fits(self) -> RunConfig:
+        """ZooPFL wraps a local text model as its black box; its optimiser trains the parts after it."""
+        if not isinstance(self.prompt, ZooPFLPromptConfig):
+            return self
+        if self.backbone.kind != "hf-text":
+            raise ValueError(
+                "prompt.kind zoo-pfl wraps a local text model as its black box (input embeddings in, output "
+                "embeddings out); use backbone.kind hf-text"
+            )
+        if not isinstance(self.optimizer, GradientOptimizerConfig):
+            raise ValueError(
+                "prompt.kind zoo-pfl trains its re-mapping and head by gradient (optimizer.kind gradient) "
+                "and its input surgery by SPSA (prompt.zo_*)"
+            )
+        if self.strategy.gradient_steps is not None:
+            raise ValueError(
+                f"strategy.kind {self.strategy.kind} {self.strategy.gradient_steps}, which the input "
+                "surgery's zeroth-order steps do not take; use a server-side rule (fedavg, fedadam, ...)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -654,6 +679,15 @@ def _with_strategy_optimizer_defaults(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(optimizer, dict) or optimizer.get("kind", "gradient") != "gradient":
         return data
     return {**data, "optimizer": {"kind": "gradient", **config.optimizer_defaults, **optimizer}}
+
+
+def _with_personal_zoo_pfl_head(data: dict[str, Any]) -> dict[str, Any]:
+    """A ZooPFL prompt keeps its head on each client unless ``personalization.local`` says otherwise."""
+    prompt, personal = data.get("prompt"), data.get("personalization", {})
+    kind = prompt.get("kind") if isinstance(prompt, dict) else getattr(prompt, "kind", None)
+    if kind != "zoo-pfl" or not isinstance(personal, dict) or "local" in personal:
+        return data
+    return {**data, "personalization": {**personal, "local": ["head.*"]}}
 
 
 def _kinds(declares: Callable[[type[StrategySettings]], bool]) -> list[str]:

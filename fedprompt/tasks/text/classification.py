@@ -18,6 +18,7 @@ from fedprompt.config import (
     RunConfig,
     SoftPromptConfig,
     SPSAOptimizerConfig,
+    ZooPFLPromptConfig,
 )
 from fedprompt.data.loading import load_text_classification
 from fedprompt.data.partition import partition_indices
@@ -34,6 +35,8 @@ from fedprompt.training.client import Client
 from fedprompt.training.device import make_accelerator
 from fedprompt.training.gradient import GradientTrainer, LocalTrainer, gradient_optimizer, round_schedule
 from fedprompt.training.pseudo_labels import PseudoLabelTrainer, diverse_subset
+from fedprompt.training.zoo_pfl import ZooPFLTrainer
+from optimizers.zeroth_order import SPSASettings
 from prompt_modules.intrinsic import IntrinsicPrompt, IntrinsicTextClassifier
 from prompt_modules.intrinsic_generator import GeneratedIntrinsicPrompt
 from prompt_modules.layer_scores import consensus_scores, top_layers
@@ -41,6 +44,7 @@ from prompt_modules.text_classifier import (
     LAYER_INPUT,
     TextPromptClassifier,
 )
+from prompt_modules.zoo_pfl import ZooPFLClassifier
 
 
 def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None = None) -> Experiment:
@@ -167,9 +171,19 @@ def _layer_inputs(
 
 def _local_model(
     config: RunConfig, backbone_config: HFTextBackboneConfig, label_names: Sequence[str], device: torch.device
-) -> tuple[TextPromptClassifier, int]:
+) -> tuple[TextPromptClassifier | ZooPFLClassifier, int]:
     """The prompt module on a backbone loaded in this process, and the backbone's size in bytes."""
     backbone = load_backbone(backbone_config, config.head.kind, config.seed).to(device)
+    if isinstance(config.prompt, ZooPFLPromptConfig):
+        with _checked_against_the_model("head.template"):
+            model = ZooPFLClassifier(
+                backbone,
+                len(label_names),
+                config.prompt.rank,
+                config.head.template,
+                seed=derive_seed(config.seed, "prompt-init"),
+            )
+        return model, backbone.num_bytes()
     with _checked_against_the_model("head"):
         head = build_head(config.head, backbone, label_names)
     with _checked_against_the_model("prompt"):
@@ -204,6 +218,16 @@ def _trainer(config: RunConfig, accelerator: Accelerator) -> LocalTrainer:
     opt = config.optimizer
     if isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig):
         return build_blackbox_trainer(opt, config.strategy, accelerator.device, kseed_setup(config))
+    if isinstance(config.prompt, ZooPFLPromptConfig):
+        zoo = config.prompt
+        return ZooPFLTrainer(
+            gradient_optimizer(opt, accelerator),
+            SPSASettings(lr=zoo.zo_lr, epsilon=zoo.zo_epsilon, budget=zoo.zo_budget),
+            batch_size=opt.batch_size,
+            zo_batch_size=zoo.zo_batch_size,
+            device=accelerator.device,
+            eval_batch_size=config.runtime.eval_batch_size,
+        )
     settings = {
         "batch_size": opt.batch_size,
         "device": accelerator.device,

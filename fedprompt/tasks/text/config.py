@@ -243,4 +243,23 @@ class IntrinsicPromptConfig(StrictModel):
     )
 
 
+class ZooPFLPromptConfig(StrictModel):
+    """ZooPFL: the frozen text model used as a black box (input embeddings in, its pooled output
+    embedding out, no gradients), adapted by an input surgery on the input embeddings,
+    e' = e + D·tanh(E·e) (rank `rank`), trained by SPSA from the black box's outputs; a semantic
+    re-mapping of its output embedding (a linear map) and a personal linear head per client, both
+    trained by gradient (`optimizer`). The surgery and the re-mapping are aggregated, the head stays
+    on its client (`personalization.local` defaults to `head.*`); `head.template` shapes the input.
+    """
+
+    kind: Literal["zoo-pfl"] = "zoo-pfl"
+    rank: int = Field(8, ge=1, le=1024, description="r, the surgery's bottleneck width (E is r × h).")
+    zo_lr: float = Field(0.01, gt=0, description="SPSA's η for the surgery: θ ← θ − η·ĝ·u.")
+    zo_epsilon: float = Field(0.01, gt=0, description="SPSA's ε for the surgery.")
+    zo_budget: int = Field(
+        640, ge=2, description="Black-box queries per client per round for the surgery's SPSA steps."
+    )
+    zo_batch_size: int = Field(16, ge=1, description="Examples each SPSA candidate is scored on.")
+
+
 HeadConfig = Annotated[VerbalizerHeadConfig | SimilarityHeadConfig, Field(discriminator="kind")]
