@@ -422,7 +422,7 @@ class RunConfig(StrictModel):
                 f"{self.strategy.kind} client keeps {drift}, so client and server state would disagree; "
                 "remove robustness.max_update_norm (or use a strategy without client state)"
             )
-        if self.privacy.kind == "local":
+        if self.privacy.kind == "local" and self.strategy.sent_beside_prompt is None:
             raise ValueError(
                 f"privacy.kind local clips and noises each upload, but a strategy.kind {self.strategy.kind} "
                 f"client keeps {drift}, so client and server state would disagree; use another strategy"
