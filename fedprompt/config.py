@@ -59,6 +59,7 @@ from fedprompt.federation.strategies.config import (
     TrimmedMeanConfig,
 )
 from fedprompt.tasks.clip.config import (
+    BLACK_BOX_CLIP_KINDS,
     BUNDLED_CLIP_MODELS,
     BUNDLED_WEIGHTS,
     CLIP_PROMPT_KINDS,
@@ -69,6 +70,7 @@ from fedprompt.tasks.clip.config import (
     PixelPromptConfig,
     TwinPromptConfig,
     VisionConfig,
+    VisualGeneratorPromptConfig,
     VisualPromptConfig,
     VPTPromptConfig,
     VQAPromptConfig,
@@ -170,6 +172,7 @@ __all__ = [
     "VQAPromptConfig",
     "VerbalizerHeadConfig",
     "VisionConfig",
+    "VisualGeneratorPromptConfig",
     "VisualPromptConfig",
     "WireDtype",
     "ZGeneratorConfig",
@@ -195,7 +198,8 @@ PromptConfig = Annotated[
     | GeneratorPromptConfig
     | VQAPromptConfig
     | IntrinsicPromptConfig
-    | ZooPFLPromptConfig,
+    | ZooPFLPromptConfig
+    | VisualGeneratorPromptConfig,
     Field(discriminator="kind"),
 ]
 
@@ -585,10 +589,20 @@ class RunConfig(StrictModel):
                 f"(prompt.kind is {self.prompt.kind!r}), or use optimizer.kind: spsa for a "
                 f"{self.prompt.kind} prompt"
             )
-        if isinstance(opt, SPSAOptimizerConfig) and self.prompt.kind not in SPSA_PROMPT_KINDS:
+        spsa_kinds = SPSA_PROMPT_KINDS + BLACK_BOX_CLIP_KINDS
+        if isinstance(opt, SPSAOptimizerConfig) and self.prompt.kind not in spsa_kinds:
             raise ValueError(
-                f"optimizer.kind spsa perturbs a text prompt ({', '.join(SPSA_PROMPT_KINDS)}); "
-                f"prompt.kind {self.prompt.kind!r} trains by gradient (optimizer.kind: gradient)"
+                f"optimizer.kind spsa perturbs a text prompt ({', '.join(SPSA_PROMPT_KINDS)}) or a CLIP "
+                f"visual-generator; prompt.kind {self.prompt.kind!r} trains by gradient "
+                "(optimizer.kind: gradient)"
+            )
+        if (
+            isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig)
+            and isinstance(strategy, FedKSeedConfig | FedBPTConfig)
+            and self.prompt.kind in BLACK_BOX_CLIP_KINDS
+        ):
+            raise ValueError(
+                f"strategy.kind {strategy.kind} searches a text prompt; use fedavg or another server rule"
             )
         if self.backbone.kind == "remote" and not black_box:
             raise ValueError(

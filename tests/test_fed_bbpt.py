@@ -83,3 +83,60 @@ def test_the_same_generator_trains_by_gradient_on_a_local_backbone(keywords):
     accuracy = result.metric("global_accuracy")
     assert accuracy[-1] > accuracy[0] + 0.05, accuracy
     assert set(result.final_state) == {"prompt.weights"}
+
+
+# ----------------------------------------------------------------------------- CLIP behind its logits
+
+
+def test_the_visual_generator_writes_a_prompt_per_image_and_starts_at_none():
+    from prompt_modules.visual_generator import VisualPromptGenerator
+
+    g = VisualPromptGenerator(grid=2, hidden=3, prompt_size=2, scale=0.5, seed=0)
+    assert g.num_weights == 3 * 12 + 3 + 12 * 3 + 12 and list(g.state_dict()) == ["weights"]
+    pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(g.prompts(pixels), torch.zeros(2, 3, 8, 8))  # W₂ = b₂ = 0: no prompt yet
+    weights = torch.randn(g.num_weights, generator=torch.Generator().manual_seed(2))
+    prompts = g.prompts(pixels, weights)
+    w1, b1 = weights[:36].reshape(3, 12), weights[36:39]
+    w2, b2 = weights[39:75].reshape(12, 3), weights[75:]
+    small = torch.tanh(torch.nn.functional.adaptive_avg_pool2d(pixels, 2).flatten(1) @ w1.T + b1) @ w2.T + b2
+    expected = 0.5 * torch.nn.functional.interpolate(small.reshape(2, 3, 2, 2), size=(8, 8), mode="bilinear")
+    assert torch.allclose(prompts, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(prompts[0], prompts[1])  # one prompt per image
+
+
+DIGITS = {
+    "source": "builtin",
+    "name": "digits",
+    "test_split": None,
+    "max_per_class": 30,
+    "max_test_examples": 200,
+}
+VISUAL = {"kind": "visual-generator", "grid": 4, "hidden": 16, "prompt_size": 4, "class_template": "{}"}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
+def test_fed_bbpt_on_clip_learns_through_its_logits_alone(tiny_clip):
+    """The tiny CLIP is reached only through CLIPLogitsAPI (prompted pixels in, logits out, no graph):
+    clients train their generators by SPSA from those logits, the server averages the generators,
+    the global accuracy rises above the start, and the API counted exactly the queries the clients
+    report."""
+    from clip_support import clip_run_config
+
+    from fedprompt.execution.simulation import run_in_process
+    from fedprompt.tasks.registry import build_experiment
+
+    raw = clip_run_config(tiny_clip, VISUAL, DIGITS)
+    raw["optimizer"] = {"kind": "spsa", "lr": 0.002, "epsilon": 0.01, "budget": 2 * 16 * 40, "batch_size": 16}
+    config = load_config(raw)
+    experiment = build_experiment(config)
+    result = run_in_process(experiment, config)
+    accuracy = result.metric("global_accuracy")
+    assert accuracy[-1] > accuracy[0] + 0.05, accuracy
+    assert set(result.final_state) == {"image.weights"}
+    fits = [row for row in result.client_history if row.get("event") == "fit"]
+    assert fits and all(row["queries"] == 2 * 16 * 40 for row in fits)
+    assert experiment.model.api.queries == sum(row["queries"] for row in fits)
+    with pytest.raises(ConfigError, match="searches a text prompt"):
+        load_config({**raw, "strategy": {"kind": "fedkseed"}})
