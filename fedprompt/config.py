@@ -52,6 +52,7 @@ from fedprompt.federation.strategies.config import (
     FedKSeedConfig,
     FedNovaConfig,
     FedOptConfig,
+    FedPepTAOConfig,
     FedProxConfig,
     KrumConfig,
     MedianConfig,
@@ -62,6 +63,7 @@ from fedprompt.federation.strategies.config import (
     TrimmedMeanConfig,
 )
 from fedprompt.tasks.clip.config import (
+    BLACK_BOX_CLIP_KINDS,
     BUNDLED_CLIP_MODELS,
     BUNDLED_WEIGHTS,
     CLIP_PROMPT_KINDS,
@@ -75,6 +77,7 @@ from fedprompt.tasks.clip.config import (
     PixelPromptConfig,
     TwinPromptConfig,
     VisionConfig,
+    VisualGeneratorPromptConfig,
     VisualPromptConfig,
     VPTPromptConfig,
     VQAPromptConfig,
@@ -97,6 +100,8 @@ from fedprompt.tasks.text.config import (
     VerbalizerHeadConfig,
     VLLMBackboneConfig,
     VocabularyConfig,
+    ZGeneratorConfig,
+    ZooPFLPromptConfig,
 )
 from fedprompt.training.config import (
     BLACK_BOX_OPTIMIZERS,
@@ -108,6 +113,7 @@ from fedprompt.training.config import (
     OptimizerConfig,
     PartOptimizerConfig,
     PolicyGradientOptimizerConfig,
+    PseudoLabelConfig,
     RuntimeConfig,
     ScoreOn,
     SPSAOptimizerConfig,
@@ -149,6 +155,7 @@ __all__ = [
     "FedKSeedConfig",
     "FedNovaConfig",
     "FedOptConfig",
+    "FedPepTAOConfig",
     "FedProxConfig",
     "FederationConfig",
     "GeneratorPromptConfig",
@@ -173,6 +180,7 @@ __all__ = [
     "PrivacyConfig",
     "PromptConfig",
     "PromptInitConfig",
+    "PseudoLabelConfig",
     "ReliabilityConfig",
     "RemoteBackboneConfig",
     "RobustnessConfig",
@@ -195,9 +203,12 @@ __all__ = [
     "VQAPromptConfig",
     "VerbalizerHeadConfig",
     "VisionConfig",
+    "VisualGeneratorPromptConfig",
     "VisualPromptConfig",
     "VocabularyConfig",
     "WireDtype",
+    "ZGeneratorConfig",
+    "ZooPFLPromptConfig",
     "apply_overrides",
     "default_config_dict",
     "format_validation_error",
@@ -227,7 +238,9 @@ PromptConfig = Annotated[
     | IntrinsicPromptConfig
     | DiscretePromptConfig
     | FedAPTPromptConfig
-    | FedDPTPromptConfig,
+    | FedDPTPromptConfig
+    | ZooPFLPromptConfig
+    | VisualGeneratorPromptConfig,
     Field(discriminator="kind"),
 ]
 
@@ -253,6 +266,11 @@ class RunConfig(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     vision: VisionConfig = Field(default_factory=VisionConfig)
+    pseudo_labels: PseudoLabelConfig | None = Field(
+        None,
+        description="FeS's pseudo-labelling of few-shot clients' unlabelled examples (needs "
+        "data.labelled_per_class).",
+    )
 
     @property
     def client_classes(self) -> Literal["own", "all"]:
@@ -274,7 +292,7 @@ class RunConfig(StrictModel):
                 default_kind = getattr(field.default_factory(), "kind", None)
                 if default_kind is not None:
                     data[name] = {"kind": default_kind, **section}
-        return data
+        return _with_personal_zoo_pfl_head(_with_strategy_optimizer_defaults(data))
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -373,20 +391,103 @@ class RunConfig(StrictModel):
                 f"strategy.kind {strategy.kind} {strategy.gradient_steps}; black-box optimisers take none "
                 f"(optimizer.kind is {opt.kind!r}): use optimizer.kind gradient"
             )
+        if strategy.steps_as_sgd is not None and opt.algorithm != "sgd":
+            raise ValueError(
+                f"strategy.kind {strategy.kind} needs optimizer.algorithm: sgd; {strategy.steps_as_sgd}"
+            )
+        parts = _part_optimizers(self.prompt)
         if strategy.steps_as_sgd is not None:
-            if opt.algorithm != "sgd":
+            rates = {
+                (p.lr or opt.lr, opt.momentum if p.momentum is None else p.momentum) for p in parts.values()
+            }
+            if len(rates) > 1:
                 raise ValueError(
-                    f"strategy.kind {strategy.kind} needs optimizer.algorithm: sgd; {strategy.steps_as_sgd}"
+                    f"strategy.kind {strategy.kind} needs one learning rate and momentum for the whole "
+                    f"prompt; remove the lr and momentum of prompt.{'/'.join(parts)}"
                 )
-            if isinstance(self.prompt, TwinPromptConfig):
-                parts = [self.prompt.text_optimizer, self.prompt.visual_optimizer]
-                rates = {(p.lr or opt.lr, opt.momentum if p.momentum is None else p.momentum) for p in parts}
-                if len(rates) > 1:
-                    raise ValueError(
-                        f"strategy.kind {strategy.kind} needs one learning rate and momentum for the whole "
-                        "prompt; remove prompt.text_optimizer/visual_optimizer lr and momentum"
-                    )
+        if strategy.one_momentum is not None and opt.algorithm == "sgd":
+            momenta = {opt.momentum if p.momentum is None else p.momentum for p in parts.values()}
+            if len(momenta) > 1:
+                raise ValueError(
+                    f"strategy.kind {strategy.kind} needs one momentum for the whole prompt: "
+                    f"{strategy.one_momentum}; remove the momentum of prompt.{'/'.join(parts)}"
+                )
         return self
+
+    @model_validator(mode="after")
+    def _zoo_pfl_fits(self) -> RunConfig:
+        """ZooPFL wraps a local text model as its black box; its optimiser trains the parts after it."""
+        if not isinstance(self.prompt, ZooPFLPromptConfig):
+            return self
+        if self.backbone.kind != "hf-text":
+            raise ValueError(
+                "prompt.kind zoo-pfl wraps a local text model as its black box (input embeddings in, output "
+                "embeddings out); use backbone.kind hf-text"
+            )
+        if not isinstance(self.optimizer, GradientOptimizerConfig):
+            raise ValueError(
+                "prompt.kind zoo-pfl trains its re-mapping and head by gradient (optimizer.kind gradient) "
+                "and its input surgery by SPSA (prompt.zo_*)"
+            )
+        if self.strategy.gradient_steps is not None:
+            raise ValueError(
+                f"strategy.kind {self.strategy.kind} {self.strategy.gradient_steps}, which the input "
+                "surgery's zeroth-order steps do not take; use a server-side rule (fedavg, fedadam, ...)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _few_shot_fits(self) -> RunConfig:
+        """Few-shot clients and pseudo-labels (FeS) are text classification by gradient."""
+        if self.data.labelled_per_class is not None and self.backbone.kind == "open-clip":
+            raise ValueError("data.labelled_per_class (few-shot clients) applies to text backbones")
+        if self.pseudo_labels is None:
+            return self
+        if self.data.labelled_per_class is None:
+            raise ValueError(
+                "pseudo_labels labels each client's unlabelled examples; set data.labelled_per_class, the "
+                "labels each client keeps per class (the rest of its training split is unlabelled)"
+            )
+        if self.backbone.kind != "hf-text" or not isinstance(self.optimizer, GradientOptimizerConfig):
+            raise ValueError(
+                "pseudo_labels trains by gradient on a local text backbone; use backbone.kind hf-text and "
+                "optimizer.kind gradient"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _drift_state_unclipped(self) -> RunConfig:
+        """A client that keeps state from its own update (control variates, FedDyn's linear term)
+        must be seen by the server as it trained: no bound may clip the update after it."""
+        drift = self.strategy.drift_state
+        if drift is None:
+            return self
+        if self.robustness.max_update_norm is not None:
+            raise ValueError(
+                f"robustness.max_update_norm clips each update on the server, but a strategy.kind "
+                f"{self.strategy.kind} client keeps {drift}, so client and server state would disagree; "
+                "remove robustness.max_update_norm (or use a strategy without client state)"
+            )
+        if self.privacy.kind == "local" and self.strategy.sent_beside_prompt is None:
+            raise ValueError(
+                f"privacy.kind local clips and noises each upload, but a strategy.kind {self.strategy.kind} "
+                f"client keeps {drift}, so client and server state would disagree; use another strategy"
+            )
+        return self
+
+    def paper_departures(self) -> list[str]:
+        """The settings given explicitly that depart from the strategy's paper (its
+        ``optimizer_defaults``), one sentence each, which a run states at start and records."""
+        defaults = self.strategy.optimizer_defaults
+        if not defaults or not isinstance(self.optimizer, GradientOptimizerConfig):
+            return []
+        return [
+            f"strategy.kind {self.strategy.kind} runs with optimizer.{name}: "
+            f"{_yaml_value(getattr(self.optimizer, name))} where the paper's algorithm has "
+            f"{_yaml_value(value)}: not the published method"
+            for name, value in defaults.items()
+            if getattr(self.optimizer, name) != value
+        ]
 
     @model_validator(mode="after")
     def _privacy_fits(self) -> RunConfig:
@@ -614,16 +715,34 @@ class RunConfig(StrictModel):
         FedBPT needs CMA-ES; a remote backbone gives no gradients and scores intrinsic prompts only."""
         opt, strategy = self.optimizer, self.strategy
         black_box = isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig)
+        generated = isinstance(self.prompt, IntrinsicPromptConfig) and self.prompt.generator is not None
+        if isinstance(opt, CMAESOptimizerConfig) and generated:
+            raise ValueError(
+                "prompt.generator's weights are searched by SPSA or trained by gradient (CMA-ES's covariance "
+                "over thousands of weights does not fit); set optimizer.kind: spsa or gradient"
+            )
+        if isinstance(strategy, FedKSeedConfig | FedBPTConfig) and generated:
+            raise ValueError(f"strategy.kind {strategy.kind} searches z itself; remove prompt.generator")
         if isinstance(opt, CMAESOptimizerConfig) and self.prompt.kind != "intrinsic":
             raise ValueError(
                 f"optimizer.kind 'cmaes' searches an intrinsic prompt's z; set prompt.kind: intrinsic "
                 f"(prompt.kind is {self.prompt.kind!r}), or use optimizer.kind: spsa for a "
                 f"{self.prompt.kind} prompt"
             )
-        if isinstance(opt, SPSAOptimizerConfig) and self.prompt.kind not in SPSA_PROMPT_KINDS:
+        spsa_kinds = SPSA_PROMPT_KINDS + BLACK_BOX_CLIP_KINDS
+        if isinstance(opt, SPSAOptimizerConfig) and self.prompt.kind not in spsa_kinds:
             raise ValueError(
-                f"optimizer.kind spsa perturbs a text prompt ({', '.join(SPSA_PROMPT_KINDS)}); "
-                f"prompt.kind {self.prompt.kind!r} trains by gradient (optimizer.kind: gradient)"
+                f"optimizer.kind spsa perturbs a text prompt ({', '.join(SPSA_PROMPT_KINDS)}) or a CLIP "
+                f"visual-generator; prompt.kind {self.prompt.kind!r} trains by gradient "
+                "(optimizer.kind: gradient)"
+            )
+        if (
+            isinstance(opt, CMAESOptimizerConfig | SPSAOptimizerConfig)
+            and isinstance(strategy, FedKSeedConfig | FedBPTConfig)
+            and self.prompt.kind in BLACK_BOX_CLIP_KINDS
+        ):
+            raise ValueError(
+                f"strategy.kind {strategy.kind} searches a text prompt; use fedavg or another server rule"
             )
         outputs_only = self.backbone.kind in ("remote", *LLM_BACKBONE_KINDS)
         if outputs_only and not isinstance(opt, BLACK_BOX_OPTIMIZERS):
@@ -676,6 +795,54 @@ class RunConfig(StrictModel):
                 "strategy.kind fedkseed sends no prompt to clip; remove robustness.max_update_norm (the "
                 "server bounds each projected gradient by strategy.max_projected_grad instead)"
             )
+
+
+def _yaml_value(value: Any) -> str:
+    """A setting as it is written in a configuration (null, true, 0.9)."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def _part_optimizers(prompt: Any) -> dict[str, PartOptimizerConfig]:
+    """The optimiser settings of each part of a prompt trained in parts (twin and VQA prompts), by
+    field name; empty for a prompt trained as one."""
+    return {
+        name: getattr(prompt, name)
+        for name in type(prompt).model_fields
+        if name.endswith("_optimizer") and isinstance(getattr(prompt, name), PartOptimizerConfig)
+    }
+
+
+def _strategy_class(kind: Any) -> type[StrategySettings] | None:
+    """The configuration class of a ``strategy.kind``, or None for an unknown one."""
+    for config in STRATEGY_CONFIGS:
+        if kind in get_args(config.model_fields["kind"].annotation):
+            return config
+    return None
+
+
+def _with_strategy_optimizer_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill the gradient optimiser's fields the raw configuration leaves unset with the strategy's
+    ``optimizer_defaults`` (SCAFFOLD's plain SGD steps)."""
+    strategy, optimizer = data.get("strategy"), data.get("optimizer", {})
+    kind = strategy.get("kind") if isinstance(strategy, dict) else getattr(strategy, "kind", None)
+    config = _strategy_class(kind) if kind is not None else None
+    if config is None or not config.optimizer_defaults:
+        return data
+    if isinstance(optimizer, GradientOptimizerConfig):
+        given = {name: getattr(optimizer, name) for name in optimizer.model_fields_set}
+        optimizer = {**given, "kind": "gradient"}
+    if not isinstance(optimizer, dict) or optimizer.get("kind", "gradient") != "gradient":
+        return data
+    return {**data, "optimizer": {"kind": "gradient", **config.optimizer_defaults, **optimizer}}
+
+
+def _with_personal_zoo_pfl_head(data: dict[str, Any]) -> dict[str, Any]:
+    """A ZooPFL prompt keeps its head on each client unless ``personalization.local`` says otherwise."""
+    prompt, personal = data.get("prompt"), data.get("personalization", {})
+    kind = prompt.get("kind") if isinstance(prompt, dict) else getattr(prompt, "kind", None)
+    if kind != "zoo-pfl" or not isinstance(personal, dict) or "local" in personal:
+        return data
+    return {**data, "personalization": {**personal, "local": ["head.*"]}}
 
 
 def _kinds(declares: Callable[[type[StrategySettings]], bool]) -> list[str]:

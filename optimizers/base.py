@@ -22,6 +22,9 @@ class OptimizationStats:
     gradient_scale: float | None = None
     """How far a constant unit gradient would have moved the parameters (SGD: Σ_k η_k(1 − β^(k+1))/(1 − β));
     None where the step is not linear in the gradient (AdamW, black-box search) or differs by group."""
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The local optimiser's own state at the end of the run (AdamW's moments and step counts, SGD's
+    momentum buffers) when it was asked to keep it: what its next run resumes from, never sent."""
 
     def as_metrics(self) -> dict[str, float]:
         return {

@@ -234,6 +234,30 @@ class HFTextBackbone:
             handle.remove()
         return captured[-1]
 
+    def layer_outputs(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The output [B, T, h] of every layer, in order, from one pass of the whole model."""
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+        for index, layer in enumerate(self.layers):
+
+            def keep(module: nn.Module, args: tuple, output: Any, index: int = index) -> None:
+                captured[index] = output[0] if isinstance(output, tuple) else output
+
+            handles.append(layer.register_forward_hook(keep))
+        try:
+            self.model.base_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [captured[i] for i in range(self.num_layers)]
+
     @contextmanager
     def running_from(self, layer: int, hidden: torch.Tensor) -> Iterator[None]:
         """Within the block, a forward pass (``hidden_states``, ``lm_logits``) runs layers ``layer``..

@@ -115,6 +115,10 @@ class IntrinsicPrompt(IntrinsicVector):
         flat = z.to(self.projection) @ self.projection.T
         return flat.reshape(*z.shape[:-1], *self.offset.shape) + self.offset
 
+    def z_of(self, candidates: torch.Tensor) -> torch.Tensor:
+        """The z of candidate vectors: the candidates themselves (a generator maps its weights)."""
+        return candidates
+
     def forward(self) -> TextPrompt:
         return TextPrompt(input=self.project(self.z))
 
@@ -122,7 +126,8 @@ class IntrinsicPrompt(IntrinsicVector):
 class IntrinsicTextClassifier(TextPromptClassifier):
     """A ``TextPromptClassifier`` on an ``IntrinsicPrompt`` that also scores populations of z
     (a ``PopulationModule``): the inputs are embedded once per call, then the candidates' prompts
-    run ``chunk_size`` at a time under ``torch.inference_mode()``."""
+    run ``chunk_size`` at a time under ``torch.inference_mode()``. The prompt may be generated
+    (``GeneratedIntrinsicPrompt``): candidates are then generator weights, mapped to z by ``z_of``."""
 
     prompt: IntrinsicPrompt
 
@@ -144,7 +149,7 @@ class IntrinsicTextClassifier(TextPromptClassifier):
         if candidates.dim() != 2:
             raise ValueError(f"candidates must be [P, d], got shape {tuple(candidates.shape)}")
         with torch.inference_mode():
-            prompts = self.prompt.project(candidates)
+            prompts = self.prompt.project(self.prompt.z_of(candidates))
             return self.logits_for_prompts(prompts, batch, self.chunk_size)
 
     def population_losses(self, candidates: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal
 
 import torch
@@ -24,19 +25,39 @@ class TextPrompt:
     ``start_layer`` and each layer's prompt replaces them at its input. ``prefix``:
     [n, 2, kv_heads, m, head_dim], the keys and values that the attention of layers
     ``start_layer``.. attends before the sequence (the sequence itself does not grow).
+    ``layer_ids``, when given, are the n layers a deep prompt's rows belong to instead (ascending,
+    not necessarily contiguous; ``start_layer`` is then the first of them).
     """
 
     input: torch.Tensor | None = None
     layers: torch.Tensor | None = None
     prefix: torch.Tensor | None = None
     start_layer: int = 0
+    layer_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         given = sum(t is not None for t in (self.input, self.layers, self.prefix))
         if given != 1:
             raise ValueError(f"a TextPrompt holds one of input, layers or prefix; got {given}")
-        if self.input is not None and self.start_layer != 0:
+        if self.input is not None and (self.start_layer != 0 or self.layer_ids is not None):
             raise ValueError("an input prompt enters at layer 0; start_layer applies to deep prompts")
+        if self.layer_ids is not None:
+            deep = self.layers if self.layers is not None else self.prefix
+            check_layer_ids(self.layer_ids, deep.shape[0])
+            if self.start_layer != self.layer_ids[0]:
+                raise ValueError(
+                    f"start_layer {self.start_layer} is not the first of layer_ids {self.layer_ids}"
+                )
+
+    @property
+    def deep_layers(self) -> tuple[int, ...]:
+        """The layer of each row of a deep prompt (empty for an input prompt)."""
+        if self.input is not None:
+            return ()
+        if self.layer_ids is not None:
+            return self.layer_ids
+        deep = self.layers if self.layers is not None else self.prefix
+        return tuple(range(self.start_layer, self.start_layer + deep.shape[0]))
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +71,15 @@ class TextPrompt:
     def inserted_tokens(self) -> int:
         """Positions the prompt adds to the sequence: m, or 0 for a key/value prefix."""
         return 0 if self.prefix is not None else self.num_tokens
+
+
+def check_layer_ids(layer_ids: Sequence[int], rows: int) -> None:
+    """ValueError unless ``layer_ids`` are ``rows`` distinct, ascending, non-negative layer indices."""
+    ids = list(layer_ids)
+    if len(ids) != rows:
+        raise ValueError(f"{len(ids)} layer ids for a deep prompt of {rows} layers")
+    if not ids or ids[0] < 0 or any(b <= a for a, b in pairwise(ids)):
+        raise ValueError(f"layer ids must be distinct, ascending and non-negative; got {ids}")
 
 
 def init_token_ids(
@@ -115,44 +145,70 @@ class SoftPrompt(nn.Module):
         return TextPrompt(input=self.embeddings)
 
 
+def _layer_ids(layer_ids: Sequence[int] | None, start_layer: int, rows: int) -> tuple[int, ...] | None:
+    """Checked explicit layer ids (None: the contiguous layers from ``start_layer``)."""
+    if layer_ids is None:
+        return None
+    check_layer_ids(layer_ids, rows)
+    if start_layer != layer_ids[0]:
+        raise ValueError(f"start_layer {start_layer} is not the first of layer_ids {list(layer_ids)}")
+    return tuple(int(i) for i in layer_ids)
+
+
 class DeepPrompt(nn.Module):
-    """Owns one trainable prompt per layer from ``start_layer`` up, as replaced hidden states
-    (deep mode ``replace``, VPT-deep style).
+    """Owns one trainable prompt per prompted layer, as replaced hidden states (deep mode
+    ``replace``, VPT-deep style): the layers from ``start_layer`` up, or the ``layer_ids`` given.
 
     The m prompt positions enter the sequence at ``start_layer``; at the input of each prompted
     layer they are overwritten with that layer's prompt, so the previous layer's outputs there are
-    discarded. Layers below ``start_layer`` compute the unprompted model.
+    discarded (a layer without a prompt of its own carries them on). Layers below ``start_layer``
+    compute the unprompted model.
     """
 
-    def __init__(self, init: torch.Tensor, start_layer: int) -> None:
+    def __init__(self, init: torch.Tensor, start_layer: int, layer_ids: Sequence[int] | None = None) -> None:
         super().__init__()
         if init.dim() != 3:
             raise ValueError(f"a deep prompt is [layers, num_tokens, hidden]; got shape {tuple(init.shape)}")
         self.start_layer = start_layer
+        self.layer_ids = _layer_ids(layer_ids, start_layer, init.shape[0])
         self.layers = nn.Parameter(init.clone())
 
     def forward(self) -> TextPrompt:
-        return TextPrompt(layers=self.layers, start_layer=self.start_layer)
+        return TextPrompt(layers=self.layers, start_layer=self.start_layer, layer_ids=self.layer_ids)
 
 
 class PrefixPrompt(nn.Module):
-    """Owns trainable key/value prefixes for every layer from ``start_layer`` up (deep mode
-    ``prefix``, P-tuning v2): ``prefix`` [n, 2, kv_heads, m, head_dim] holds the keys (index 0)
-    and values (index 1) that layer ``start_layer + i``'s attention attends before the sequence.
+    """Owns trainable key/value prefixes for each prompted layer (deep mode ``prefix``, P-tuning
+    v2): ``prefix`` [n, 2, kv_heads, m, head_dim] holds the keys (index 0) and values (index 1)
+    that layer ``start_layer + i``'s attention (or ``layer_ids[i]``'s: any set of layers, as
+    FedPepTAO selects them) attends before the sequence.
 
     The input sequence is unchanged: every layer computes the unprompted model except through
     attention to its prefix, and layers below ``start_layer`` compute the unprompted model.
+    ``dropout`` is P-tuning v2's dropout on the prefixes, active in training mode only.
     """
 
-    def __init__(self, init: torch.Tensor, start_layer: int) -> None:
+    def __init__(
+        self,
+        init: torch.Tensor,
+        start_layer: int,
+        layer_ids: Sequence[int] | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if init.dim() != 5 or init.shape[1] != 2:
             raise ValueError(
                 "a prefix prompt is [layers, 2, kv_heads, num_tokens, head_dim]; "
                 f"got shape {tuple(init.shape)}"
             )
+        if not 0 <= dropout < 1:
+            raise ValueError(f"prefix dropout must be in [0, 1), got {dropout}")
         self.start_layer = start_layer
+        self.layer_ids = _layer_ids(layer_ids, start_layer, init.shape[0])
         self.prefix = nn.Parameter(init.clone())
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self) -> TextPrompt:
-        return TextPrompt(prefix=self.prefix, start_layer=self.start_layer)
+        return TextPrompt(
+            prefix=self.dropout(self.prefix), start_layer=self.start_layer, layer_ids=self.layer_ids
+        )

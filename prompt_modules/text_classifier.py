@@ -14,6 +14,7 @@ from torch import nn
 from prompt_modules.attention_prefix import attention_prefixes
 from prompt_modules.base import Batch, PromptModule
 from prompt_modules.hf_text import HFTextBackbone
+from prompt_modules.layer_scores import layer_score
 from prompt_modules.soft_prompt import TextPrompt
 
 MASK_PLACEHOLDER = "[MASK]"
@@ -194,6 +195,28 @@ class TextPromptClassifier(PromptModule):
             layer, self.backbone.embed(input_ids), attention_mask, self._position_ids(attention_mask)
         )
 
+    @torch.no_grad()
+    def input_features(self, batch: Batch) -> torch.Tensor:
+        """Sentence features [B, h] of a batch that no prompt changes: the frozen model's last hidden
+        states, mean-pooled over the attended positions."""
+        embedded = self.embed_inputs(
+            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        )
+        mask = embedded.attention_mask
+        hidden = self.backbone.hidden_states(embedded.embeds, mask, self._position_ids(mask))
+        return pool(hidden, mask, "mean").float()
+
+    @torch.no_grad()
+    def layer_scores(self, batch: Batch, layers: Sequence[int]) -> list[float]:
+        """FedPepTAO's score of each of ``layers`` on a batch (``prompt_modules.layer_scores``): the
+        unprompted model's outputs of those layers, compared across the batch's examples."""
+        embedded = self.embed_inputs(
+            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        )
+        mask = embedded.attention_mask
+        outputs = self.backbone.layer_outputs(embedded.embeds, mask, self._position_ids(mask))
+        return [layer_score(outputs[layer], mask) for layer in layers]
+
     def _position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Decoders count positions over attended tokens only (padding may sit anywhere)."""
         return (attention_mask.cumsum(1) - 1).clamp(min=0) if self.backbone.is_decoder else None
@@ -280,25 +303,22 @@ class TextPromptClassifier(PromptModule):
     def _layer_prompts(self, prompt: TextPrompt) -> Iterator[None]:
         """Deep prompts for the duration of a forward pass: key/value prefixes in the attention of
         their layers, or hooks that overwrite the prompt positions at their layers' inputs."""
-        deep = prompt.layers if prompt.layers is not None else prompt.prefix
-        if deep is None:
+        ids = prompt.deep_layers
+        if not ids:
             yield
             return
         layers = self.backbone.layers
-        end = prompt.start_layer + deep.shape[0]
-        if end > len(layers):
-            raise ValueError(
-                f"prompts for layers {prompt.start_layer}..{end - 1}, the model has {len(layers)}"
-            )
+        if ids[-1] >= len(layers):
+            raise ValueError(f"prompts for layers {list(ids)}, the model has {len(layers)}")
         if prompt.prefix is not None:
-            prefixes = {prompt.start_layer + i: (p[0], p[1]) for i, p in enumerate(prompt.prefix)}
+            prefixes = {layer: (p[0], p[1]) for layer, p in zip(ids, prompt.prefix, strict=True)}
             with attention_prefixes(self.backbone.model, prefixes):
                 yield
             return
         with ExitStack() as stack:
-            for offset, layer in enumerate(layers[prompt.start_layer : end]):
+            for offset, layer in enumerate(ids):
                 hook = _overwrite_positions(prompt.layers[offset], self.prompt_position)
-                stack.callback(layer.register_forward_pre_hook(hook, with_kwargs=True).remove)
+                stack.callback(layers[layer].register_forward_pre_hook(hook, with_kwargs=True).remove)
             yield
 
 

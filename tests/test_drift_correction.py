@@ -357,3 +357,103 @@ def test_scaffold_on_twin_prompts_needs_one_learning_rate():
     RunConfig.model_validate({**base, "prompt": {"kind": "twin"}})
     with pytest.raises(ValueError, match="one learning rate and momentum"):
         RunConfig.model_validate({**base, "prompt": {"kind": "twin", "visual_optimizer": {"lr": 0.5}}})
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_scaffold_defaults_to_the_papers_plain_sgd_steps():
+    """Unless set, a SCAFFOLD run's optimiser takes plain SGD steps (no momentum, no clipping), so
+    the correction g + c − c_i is applied as the paper applies it; other strategies keep the
+    optimiser's defaults, and settings given explicitly stay and are named as departures."""
+    run = load_config(None, ["strategy.kind=scaffold", "optimizer.algorithm=sgd"])
+    assert run.optimizer.grad_clip is None and run.optimizer.momentum == 0.0
+    assert run.paper_departures() == []
+    assert load_config(run).optimizer.grad_clip is None  # a resolved config round-trips
+    built = RunConfig(strategy=ScaffoldConfig(), optimizer={"algorithm": "sgd"})
+    assert built.optimizer.grad_clip is None and built.optimizer.momentum == 0.0
+    plain = load_config(None, ["strategy.kind=fedavg"])
+    assert plain.optimizer.grad_clip == 1.0 and plain.optimizer.momentum == 0.9
+    explicit = load_config(
+        None, ["strategy.kind=scaffold", "optimizer.algorithm=sgd", "optimizer.grad_clip=1.0"]
+    )
+    assert explicit.optimizer.grad_clip == 1.0 and explicit.optimizer.momentum == 0.0
+    assert explicit.paper_departures() == [
+        "strategy.kind scaffold runs with optimizer.grad_clip: 1.0 where the paper's algorithm has null: "
+        "not the published method"
+    ]
+
+
+class _OverflowScaler(torch.amp.GradScaler):
+    """A CPU loss scaler (fp16's needs a GPU) whose inf checks are real: a step whose gradient
+    overflows is skipped and the scale halves."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu", init_scale=2.0**16)
+
+
+def test_steps_skipped_by_the_loss_scaler_count_nowhere():
+    """A step that fp16 loss scaling skips moves nothing: it is not a step, nor in K·η_l (SCAFFOLD)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = _OverflowScaler()
+    theta = torch.zeros(2, requires_grad=True)
+    slopes = [1.0, 1e36, 1.0, 1.0]  # the second batch's gradient overflows once scaled by 2^16
+    settings = GradientSettings(algorithm="sgd", lr=0.5, momentum=0.0, epochs=1, grad_clip=None)
+    result = GradientOptimizer(settings, accelerator).run(
+        [theta], lambda slope: ((theta * slope).sum(), 1), lambda epoch: slopes
+    )
+    assert result.steps == 3 and result.extra["skipped_steps"] == 1.0
+    assert result.examples == 4
+    assert result.gradient_scale == 1.5  # K·η_l over the three steps taken, not four
+    assert torch.equal(theta.detach(), t(-1.5, -1.5))
+    with pytest.raises(ValueError, match="took none"):
+        inputs = RoundInputs({"p": t(1, 1)}, {}, FitInstructions(round=1, seed=0))
+        ScaffoldRule().finish(inputs, {"p": t(1, 1)}, OptimizationStats(steps=0, gradient_scale=0.0))
+
+
+@pytest.mark.parametrize("kind", ["scaffold", "feddyn"])
+def test_client_state_strategies_refuse_bounds_that_clip_after_the_client(kind):
+    """c_i⁺ and FedDyn's g_k come from the client's unclipped update: a server-side norm bound (or
+    local DP's clip) would make the server's view of that update differ from the client's."""
+    base = [f"strategy.kind={kind}", "optimizer.algorithm=sgd"]
+    with pytest.raises(ConfigError, match="max_update_norm clips each update on the server"):
+        load_config(None, [*base, "robustness.max_update_norm=1.0"])
+    local_dp = ["privacy.kind=local", "privacy.clip_norm=1.0", "privacy.noise_multiplier=1.0"]
+    with pytest.raises(ConfigError, match=r"privacy\.kind local (clips and )?noises"):
+        load_config(None, [*base, *local_dp])
+
+
+VQA = {
+    "backbone": {"kind": "open-clip"},
+    "data": {"source": "vqa", "vqa": {"format": "easy-vqa"}},
+    "prompt": {"kind": "vqa-twin"},
+    "partition": {"local_val_fraction": 0.2},
+}
+
+
+def test_fednova_refuses_prompt_parts_with_their_own_momentum():
+    """FedNova's a_i reads a client's steps with one momentum: twin and VQA prompts whose parts have
+    momenta of their own would get a wrong a_i."""
+    twin = {
+        "backbone": {"kind": "open-clip"},
+        "data": {"source": "hub", "name": "x"},
+        "optimizer": {"algorithm": "sgd"},
+        "strategy": {"kind": "fednova"},
+    }
+    RunConfig.model_validate({**twin, "prompt": {"kind": "twin", "visual_optimizer": {"lr": 0.5}}})
+    with pytest.raises(ValueError, match="one momentum for the whole prompt"):
+        RunConfig.model_validate({**twin, "prompt": {"kind": "twin", "visual_optimizer": {"momentum": 0.5}}})
+    vqa = {**VQA, "optimizer": {"algorithm": "sgd"}, "strategy": {"kind": "fednova"}}
+    with pytest.raises(ValueError, match=r"prompt\.text_optimizer/visual_optimizer/fusion_optimizer"):
+        RunConfig.model_validate({**vqa, "prompt": {"kind": "vqa-twin", "fusion_optimizer": {"momentum": 0}}})
+    adamw = {**vqa, "optimizer": {"algorithm": "adamw"}}  # AdamW: a_i = τ_i, no momentum read
+    RunConfig.model_validate({**adamw, "prompt": {"kind": "vqa-twin", "fusion_optimizer": {"momentum": 0}}})
+
+
+def test_scaffold_on_vqa_prompts_needs_one_learning_rate():
+    vqa = {**VQA, "optimizer": {"algorithm": "sgd"}, "strategy": {"kind": "scaffold"}}
+    RunConfig.model_validate(vqa)
+    with pytest.raises(ValueError, match="one learning rate and momentum"):
+        RunConfig.model_validate({**vqa, "prompt": {"kind": "vqa-twin", "visual_optimizer": {"lr": 0.5}}})

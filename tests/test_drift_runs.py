@@ -175,3 +175,38 @@ def test_scaffold_on_flower_keeps_control_variates_in_the_site_worker_and_the_no
         assert torch.equal(result.final_state["prompt.embeddings"], expected.final_state["prompt.embeddings"])
         checkpoint = load_file(result.run_dir / "checkpoint.safetensors")
         assert checkpoint["strategy/c/prompt.embeddings"].abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("task_identity")
+def test_fedpeptao_clients_keep_their_moments_on_flower(keyword_file, tmp_path, site_worker, monkeypatch):
+    """FedPepTAO's clients carry their AdamW moments from round 1 into round 2 through the site
+    worker and through Flower's node context alike: both runs end where the in-process run does (a
+    client that lost its moments would take other steps in round 2)."""
+    config = {**_config(keyword_file, {"kind": "fedpeptao"}, {"lr": 0.05}, rounds=2), "name": "peptao-flower"}
+    config["partition"] = {**config["partition"], "num_clients": 3}
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    assert cfg.optimizer.keep_state
+    expected = fedprompt.run(cfg, write=False)
+    forgetful = fedprompt.run(
+        cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"keep_state": False})}),
+        write=False,
+    )
+    assert not torch.equal(
+        forgetful.final_state["prompt.embeddings"], expected.final_state["prompt.embeddings"]
+    )
+    client_app = build_client_app(app / "fedprompt.yaml")
+    relayed = run_server(
+        InMemoryGrid(client_app_nodes(client_app, range(3), {}, {"site-worker": str(site_worker)})),
+        cfg,
+        AppSettings(results_dir=tmp_path / "relayed"),
+    )
+    monkeypatch.setattr(client_app_module.InProcessSite, "_cache", _FreshEachMessage())
+    fresh = run_server(
+        InMemoryGrid(client_app_nodes(client_app, range(3), {})),
+        cfg,
+        AppSettings(results_dir=tmp_path / "fresh"),
+    )
+    for result in (relayed, fresh):
+        assert torch.equal(result.final_state["prompt.embeddings"], expected.final_state["prompt.embeddings"])

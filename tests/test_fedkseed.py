@@ -21,9 +21,13 @@ from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.payload import encode_update
 from fedprompt.federation.state import Update
 from fedprompt.federation.strategies.fedkseed import (
+    AMPLITUDE_COUNT,
+    AMPLITUDE_SUM,
+    FINGERPRINT,
     PROJECTED_GRAD,
     SEED_INDEX,
     SEED_POOL,
+    SEED_PROBABILITIES,
     FedKSeed,
     KSeedRule,
     KSeedSetup,
@@ -34,7 +38,7 @@ from fedprompt.federation.strategies.registry import build_strategy
 from fedprompt.tasks.registry import build_experiment
 from fedprompt.training.blackbox import KSeedTrainer
 from fedprompt.training.gradient import LocalRound
-from optimizers.seed_pool import SeedPool
+from optimizers.seed_pool import SeedPool, importance_probabilities
 from prompt_modules.soft_prompt import PrefixPrompt, SoftPrompt
 from prompt_modules.text_classifier import TextPromptClassifier, VerbalizerHead
 
@@ -257,7 +261,8 @@ def test_seed_pool_downlink_rebuilds_the_servers_prompt_on_every_client(experime
             server.aggregate(record)
         pool = server.strategy.downlink_extras()[SEED_POOL]
         assert 0 < int(torch.count_nonzero(pool)) <= 2 * 2 * setup.steps
-        start = rule.start(RoundInputs({}, {}, FitInstructions(3, 0, extras={SEED_POOL: pool})))
+        instructions = FitInstructions(3, 0, server.strategy.client_config(), extras={SEED_POOL: pool})
+        start = rule.start(RoundInputs({}, {}, instructions))
         assert torch.equal(start["prompt.embeddings"], server.global_state["prompt.embeddings"])
         assert not torch.equal(start["prompt.embeddings"], initial["prompt.embeddings"])
         resumed = FedKSeed(setup)
@@ -292,3 +297,123 @@ def test_fedkseed_run_learns_with_kilobytes_up(keywords):
     rows = [row for row in result.client_history if row.get("event") == "fit"]
     assert len(rows) == 4 and all(row["accepted"] and row["bytes_up"] < 8 * 150 + 700 for row in rows)
     assert all(row["queries"] == 2 * 16 * 150 for row in rows)
+
+
+# ----------------------------------------------------------------------------- the directions' stream
+
+
+def test_directions_are_a_specified_numpy_stream_not_pytorchs():
+    """u_k is NumPy's PCG64 stream of float64 standard normals seeded by SeedSequence([pool seed, k]),
+    cut into the tensors' shapes: what any party computes without PyTorch's random streams."""
+    import numpy as np
+
+    pool = SeedPool(seed=123, size=64)
+    like = [torch.zeros(2, 3), torch.zeros(4)]
+    torch.manual_seed(999)  # PyTorch's global stream plays no part
+    u = pool.directions(17, like)
+    expected = np.random.Generator(np.random.PCG64(np.random.SeedSequence([123, 17]))).standard_normal(10)
+    assert [tuple(d.shape) for d in u] == [(2, 3), (4,)] and all(d.dtype == torch.float64 for d in u)
+    assert torch.equal(torch.cat([d.reshape(-1) for d in u]), torch.from_numpy(expected))
+    assert pool.fingerprint(like) == SeedPool(seed=123, size=64).fingerprint(like) < 2**52
+    assert pool.fingerprint(like) != SeedPool(seed=124, size=64).fingerprint(like)
+    assert pool.fingerprint(like) != pool.fingerprint([torch.zeros(3, 2), torch.zeros(4)])
+
+
+def test_a_client_whose_directions_differ_refuses_to_step(experiment):
+    """The server tells clients the fingerprint of the pool's first directions over the prompt; a
+    client that would step along other directions (another release's stream, another pool) fails
+    its fit with the reason, the server rejects it and the round goes on with the others."""
+    exp, config = experiment
+    setup = kseed_setup(config)
+    server = make_server(exp, config)
+    sent = server.strategy.client_config()[FINGERPRINT]
+    assert sent == float(setup.fingerprint(exp.initial_state()))
+    other = replace(setup, pool_seed=setup.pool_seed + 1)  # what another NumPy stream would give
+    with pytest.raises(ValueError, match="directions differ from the server's"):
+        KSeedRule(other).start(
+            RoundInputs(exp.initial_state(), {}, FitInstructions(1, 0, {FINGERPRINT: sent}))
+        )
+    with pytest.raises(ValueError, match="sent no 'kseed_fingerprint'"):
+        KSeedRule(setup).start(RoundInputs(exp.initial_state(), {}, FitInstructions(1, 0)))
+    saved = exp.clients[1].rule
+    try:
+        exp.clients[1].rule = KSeedRule(other)
+        record = server.begin_round(1)
+        for cid in (0, 1):
+            _fit_client(exp, server, record, cid)
+        assert [u.client_id for u in record.accepted] == [0]
+        assert "directions differ" in record.rejected[1]
+    finally:
+        exp.clients[1].rule = saved
+
+
+def test_the_fingerprint_crosses_flower_records_exactly():
+    from flwr.app import RecordDict
+
+    from fedprompt.flower.records import INSTRUCTIONS_RECORD, instructions_record, read_instructions
+
+    fingerprint = float(2**52 - 3)
+    record = instructions_record(4, FitInstructions(2, 9, {FINGERPRINT: fingerprint}))
+    _, instructions = read_instructions(RecordDict({INSTRUCTIONS_RECORD: record}))
+    assert instructions.client_config[FINGERPRINT] == fingerprint
+
+
+# ----------------------------------------------------------------------------- FedKSeed-Pro
+
+
+def test_importance_probabilities_by_hand():
+    """p = softmax of the min-max-normalised mean |ĝ| per seed, each history starting at one 0."""
+    sums = torch.tensor([0.0, 4.0, 1.0], dtype=torch.float64)  # seed 1: |ĝ| 4 and 4; seed 2: |ĝ| 1
+    counts = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)
+    p = importance_probabilities(sums, counts)
+    means = torch.tensor([0.0, 4 / 3, 0.5], dtype=torch.float64)
+    expected = torch.softmax(means / (4 / 3 + 1e-10), 0)
+    assert torch.allclose(p, expected, rtol=1e-15, atol=0)
+    uniform = importance_probabilities(torch.zeros(3), torch.ones(3))
+    assert torch.allclose(uniform, torch.full((3,), 1 / 3, dtype=torch.float64), rtol=1e-15, atol=0)
+
+
+def test_fedkseed_pro_server_tracks_amplitudes_sends_probabilities_and_resumes():
+    setup = replace(SETUP, num_seeds=4, steps=2, seed_sampling="importance")
+    server = FedKSeed(setup)
+    state = {"p": torch.zeros(3)}
+    server.initialize(state)
+    assert torch.equal(server.downlink_extras()[SEED_PROBABILITIES], torch.full((4,), 0.25))
+    pairs = {SEED_INDEX: torch.tensor([1.0, 1.0]), PROJECTED_GRAD: torch.tensor([-4.0, 4.0])}
+    other = {SEED_INDEX: torch.tensor([2.0, 3.0]), PROJECTED_GRAD: torch.tensor([1.0, 0.0])}
+    server.aggregate(state, [Update(0, {}, 1, {}, pairs), Update(1, {}, 1, {}, other)])
+    saved = server.state_dict()
+    assert torch.equal(saved[AMPLITUDE_SUM], torch.tensor([0.0, 8.0, 1.0, 0.0], dtype=torch.float64))
+    assert torch.equal(saved[AMPLITUDE_COUNT], torch.tensor([1.0, 3.0, 2.0, 2.0], dtype=torch.float64))
+    sent = server.downlink_extras()[SEED_PROBABILITIES]
+    means = torch.tensor([0.0, 8 / 3, 0.5, 0.0], dtype=torch.float64)
+    assert torch.equal(sent, torch.softmax(means / (8 / 3 + 1e-10), 0).to(torch.float32))
+    resumed = FedKSeed(setup)
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.downlink_extras()[SEED_PROBABILITIES], sent)
+    with pytest.raises(ValueError, match="keeps no state like"):
+        FedKSeed(SETUP).load_state_dict(saved)
+
+
+def test_fedkseed_pro_clients_draw_seeds_by_the_probabilities_sent():
+    clf = _classifier("soft")
+    start = clf.prompt_state()
+    setup = replace(SETUP, num_seeds=8, steps=6, seed_sampling="importance")
+    only_five = torch.zeros(8)
+    only_five[5] = 1.0
+    clf.load_state_dict(start)
+    instructions = FitInstructions(1, 3, extras={SEED_PROBABILITIES: only_five})
+    stats = KSeedTrainer(setup, 4, "cpu").train(clf, _data(clf), LocalRound(instructions))
+    assert stats.tensors[SEED_INDEX].tolist() == [5.0] * 6
+    with pytest.raises(ValueError, match="sent no 'seed_probabilities'"):
+        KSeedTrainer(setup, 4, "cpu").train(clf, _data(clf), LocalRound(FitInstructions(1, 3)))
+    assert (
+        load_config(
+            {
+                "optimizer": SPSA,
+                "prompt": {"kind": "soft"},
+                "strategy": {"kind": "fedkseed", "seed_sampling": "importance"},
+            }
+        ).strategy.seed_sampling
+        == "importance"
+    )

@@ -11,6 +11,7 @@ import torch
 from fedprompt.config import GradientOptimizerConfig
 from fedprompt.federation.instructions import FitInstructions
 from fedprompt.training.gradient import GradientTrainer, LocalRound, round_schedule
+from optimizers.gradient import GradientSettings
 from optimizers.schedules import RoundSchedule
 
 
@@ -86,7 +87,9 @@ def test_the_trainer_runs_each_round_at_its_factor(monkeypatch):
     seen = []
 
     class Recorder:
-        def run(self, params, loss_fn, batches, lr_factor=None):
+        settings = GradientSettings()
+
+        def run(self, params, loss_fn, batches, lr_factor=None, resume=None):
             seen.append([lr_factor(step) for step in range(3)])
 
     class Module(torch.nn.Module):

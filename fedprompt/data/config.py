@@ -138,6 +138,13 @@ class DataConfig(StrictModel):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_per_class: int | None = Field(None, ge=1, description="Cap on training examples per class (seeded).")
     max_test_examples: int | None = Field(None, ge=1)
+    labelled_per_class: int | None = Field(
+        None,
+        ge=1,
+        description="Few-shot clients (FeS): each client keeps the labels of this many of its training "
+        "examples per class (a seeded choice) and the rest of its training split is unlabelled; clients "
+        "train on their labelled examples (and, with `pseudo_labels`, on pseudo-labelled ones).",
+    )
     label_names: list[str] | None = Field(
         None, description="Class names in label order (overrides the data's)."
     )

@@ -256,3 +256,21 @@ def _partition(
     return [
         np.sort(np.asarray(part.with_format("arrow")["index"].to_numpy(), dtype=np.int64)) for part in parts
     ]
+
+
+def few_labels(labels: Labels, per_class: int, seed: int) -> npt.NDArray[np.bool_]:
+    """Which of a client's training examples keep their label when it holds ``per_class`` labels
+    per class (FeS's few-shot clients): a seeded choice of min(per_class, n_c) examples of each class
+    c, the rest unlabelled. A boolean mask over ``labels``."""
+    label_array = _as_labels(labels)
+    if per_class < 1:
+        raise DataError(f"labelled_per_class must be at least 1, got {per_class}")
+    order = np.random.default_rng(seed).permutation(len(label_array))
+    kept = np.zeros(len(label_array), dtype=bool)
+    taken: dict[int, int] = {}
+    for position in order:
+        label = int(label_array[position])
+        if taken.get(label, 0) < per_class:
+            kept[position] = True
+            taken[label] = taken.get(label, 0) + 1
+    return kept

@@ -5,8 +5,11 @@
 - tensors whose names match a ``local`` pattern (shell-style, e.g. ``"image.*"``) stay on the
   client whole (a twin prompt with one modality shared and the other local);
 - with ``shared_tokens: k``, every *token tensor* (whose second-to-last axis indexes prompt
-  vectors: soft and deep text prompts, CoOp context, VPT tokens) shares its first k vectors and
-  keeps the rest local (FedPrompt's shared + client-specific tokens).
+  vectors: soft prompts, deep prompts in both modes, P-tuning v2's key/value prefixes included,
+  CoOp context, VPT tokens) shares its first k vectors and keeps the rest local: partial
+  personalisation (Pillutla et al. 2022) applied to the prompt. FedPrompt itself averages the
+  whole prompt; its "split aggregation" is the split of the model into the frozen backbone, which
+  never travels, and the prompt, which is aggregated.
 
 The wire state (what travels and what the server aggregates) keeps each tensor's name, with the
 shared rows only. The local part is carried by the client as ``local/<name>`` (the local rows),
@@ -25,9 +28,11 @@ from fedprompt.config import PersonalizationConfig
 from fedprompt.federation.state import State
 
 LOCAL_PREFIX = "local/"
-TOKEN_TENSORS = ("embeddings", "layers", "context", "deep", "prompts")
+TOKEN_TENSORS = ("embeddings", "layers", "prefix", "context", "deep", "prompts")
 """Last name parts of the prompt modules' token tensors (prompt vectors on the second-to-last axis):
-soft prompt ``embeddings``, deep prompt ``layers``, CoOp ``context`` and ``deep``, VPT ``prompts``."""
+soft prompt ``embeddings``, deep prompt ``layers`` (mode replace) and ``prefix`` ([layers, 2,
+kv_heads, m, head_dim], mode prefix: k of the m key/value slots of every layer are shared), CoOp
+``context`` and ``deep``, VPT ``prompts``."""
 
 
 class PromptSplit:

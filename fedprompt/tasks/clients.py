@@ -8,13 +8,15 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedprompt.config import RunConfig
-from fedprompt.data.partition import split_local
+from fedprompt.data.partition import few_labels, split_local
 from fedprompt.seeding import derive_seed
 from fedprompt.training.batching import TensorData
 from fedprompt.training.client import Client
 from fedprompt.training.gradient import LocalTrainer
+from fedprompt.training.pseudo_labels import UNLABELLED
 from prompt_modules.base import PromptModule
 
 
@@ -51,6 +53,7 @@ class ClientData:
     train: TensorData
     val: TensorData | None
     class_names: list[str] | None = None
+    unlabelled: TensorData | None = None
 
 
 Prepare = Callable[[int, np.ndarray, np.ndarray], ClientData]
@@ -68,11 +71,21 @@ def build_clients(
 ) -> dict[int, Client]:
     """A ``Client`` per hosted partition, its rows split (seeded by the run and the client) into
     training and held-out rows, on the shared ``model``; ``trainer(client_id)`` gives its local
-    trainer. ``data`` is the encoded training subset (None only when no client is hosted)."""
+    trainer. ``data`` is the encoded training subset (None only when no client is hosted). With
+    ``data.labelled_per_class`` a client keeps that many labels per class of its training rows (a
+    seeded choice) and holds the rest as unlabelled examples."""
 
     def plain(cid: int, train: np.ndarray, val: np.ndarray) -> ClientData:
         assert data is not None
-        return ClientData(data.subset(train), data.subset(val) if len(val) else None)
+        held_out = data.subset(val) if len(val) else None
+        per_class = config.data.labelled_per_class
+        if per_class is None:
+            return ClientData(data.subset(train), held_out)
+        labels = data.labels[torch.as_tensor(train)].numpy()
+        kept = few_labels(labels, per_class, seed=derive_seed(config.seed, "labelled", cid))
+        unlabelled = data.subset(train[~kept])
+        unlabelled.tensors["labels"] = torch.full((len(unlabelled),), UNLABELLED, dtype=torch.long)
+        return ClientData(data.subset(train[kept]), held_out, unlabelled=unlabelled)
 
     clients = {}
     for cid, positions in rows.positions.items():
@@ -87,5 +100,6 @@ def build_clients(
             trainer(cid),
             eval_batch_size=config.runtime.eval_batch_size,
             class_names=share.class_names,
+            unlabelled_data=share.unlabelled,
         )
     return clients

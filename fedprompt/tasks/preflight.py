@@ -33,12 +33,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedprompt.preflight")
 
 
-def check_deep_start_layer(start_layer: int, num_layers: int) -> None:
-    """A deep text prompt's first layer must be one of the model's layers."""
-    if start_layer >= num_layers:
+def check_deep_layers(config: DeepPromptConfig, num_layers: int) -> None:
+    """A deep text prompt's layers must be the model's, and a selection must have enough to pick from."""
+    if config.start_layer >= num_layers:
         raise ConfigError(
-            f"prompt.start_layer: {start_layer} is past the last layer; the model has "
+            f"prompt.start_layer: {config.start_layer} is past the last layer; the model has "
             f"{num_layers} layers (0..{num_layers - 1})"
+        )
+    if config.layers is not None and config.layers[-1] >= num_layers:
+        raise ConfigError(
+            f"prompt.layers: {config.layers[-1]} is past the last layer; the model has "
+            f"{num_layers} layers (0..{num_layers - 1})"
+        )
+    candidates = num_layers - config.start_layer
+    if config.select_layers is not None and config.select_layers > candidates:
+        raise ConfigError(
+            f"prompt.select_layers: {config.select_layers} layers cannot be chosen from the "
+            f"{candidates} layers {config.start_layer}..{num_layers - 1}; lower it"
         )
 
 
@@ -97,7 +108,7 @@ def check_model_fields(config: RunConfig) -> None:
     if isinstance(prompt, DeepPromptConfig) and isinstance(backbone, HFTextBackboneConfig):
         num_layers = text_layer_count(backbone)
         if num_layers is not None:
-            check_deep_start_layer(prompt.start_layer, num_layers)
+            check_deep_layers(prompt, num_layers)
     if isinstance(backbone, OpenCLIPBackboneConfig):
         text = prompt.text if isinstance(prompt, TwinPromptConfig) else prompt
         if isinstance(text, CoOpPromptConfig) and text.init == "text":

@@ -4,6 +4,7 @@ beside their data: the client side of the strategy, local DP, the prompt split, 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from importlib import import_module
@@ -20,6 +21,8 @@ from fedprompt.tasks.preflight import check_model_fields
 from fedprompt.training.client import FineTuning
 from fedprompt.training.device import make_accelerator
 from fedprompt.training.gradient import GradientTrainer, gradient_optimizer
+
+log = logging.getLogger("fedprompt.tasks")
 
 
 @dataclass(frozen=True)
@@ -73,12 +76,18 @@ def build_experiment(config: RunConfig, client_ids: Collection[int] | None = Non
 def attach_client_side(experiment: Experiment, config: RunConfig) -> Experiment:
     """Give the experiment and its clients the client side of the strategy (with local differential
     privacy's noise around it), the prompt split of ``personalization`` and the fine-tuning
-    baseline (the same for every task kind)."""
+    baseline (the same for every task kind); say at start, and note in the run summary, where the
+    configuration departs from the strategy's paper."""
     try:
         split = prompt_split(config.personalization, experiment.model.prompt_state())
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     experiment.split = split
+    departures = config.paper_departures()
+    for departure in departures:
+        log.warning("%s", departure)
+    if departures:
+        experiment.notes["paper_departures"] = departures
     rule = privacy_client_rule(
         build_client_rule(
             config.strategy,
@@ -94,7 +103,9 @@ def attach_client_side(experiment: Experiment, config: RunConfig) -> Experiment:
     steps = config.personalization.finetune_steps
     if steps is not None and isinstance(config.optimizer, GradientOptimizerConfig):
         # every epoch has at least one batch, so `steps` epochs always reach `steps` steps
-        settings = config.optimizer.model_copy(update={"max_steps": steps, "epochs": steps})
+        settings = config.optimizer.model_copy(
+            update={"max_steps": steps, "epochs": steps, "keep_state": False}
+        )
         optimizer = gradient_optimizer(settings, make_accelerator(config.runtime))
         trainer = GradientTrainer(optimizer, settings.batch_size, experiment.device)
         experiment.fine_tuning = FineTuning(steps, trainer, derive_seed(config.seed, "fine-tuning"))

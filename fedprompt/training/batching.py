@@ -36,6 +36,19 @@ class TensorData:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return TensorData({name: t[index] for name, t in self.tensors.items()})
 
+    def concat(self, other: TensorData) -> TensorData:
+        """These examples followed by ``other``'s (the same tensors, of the same trailing shapes)."""
+        if set(self.tensors) != set(other.tensors):
+            raise ValueError(
+                f"cannot join examples of tensors {sorted(self.tensors)} and {sorted(other.tensors)}"
+            )
+        for name, t in self.tensors.items():
+            if t.shape[1:] != other.tensors[name].shape[1:]:
+                raise ValueError(
+                    f"cannot join {name!r} of shapes {tuple(t.shape)} and {tuple(other.tensors[name].shape)}"
+                )
+        return TensorData({name: torch.cat([t, other.tensors[name]]) for name, t in self.tensors.items()})
+
     def batches(
         self,
         batch_size: int,

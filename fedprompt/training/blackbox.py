@@ -31,7 +31,12 @@ from fedprompt.config import (
 )
 from fedprompt.federation.instructions import FitInstructions
 from fedprompt.federation.strategies.fedbpt import FINAL_SIGMA, LOSS, PARENTS, SIGMA, SIGMA_SQ_SUM
-from fedprompt.federation.strategies.fedkseed import PROJECTED_GRAD, SEED_INDEX, KSeedSetup
+from fedprompt.federation.strategies.fedkseed import (
+    PROJECTED_GRAD,
+    SEED_INDEX,
+    SEED_PROBABILITIES,
+    KSeedSetup,
+)
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.training.batching import TensorData
 from fedprompt.training.gradient import LocalRound, LocalTrainer
@@ -251,8 +256,9 @@ class SPSATrainer(_BlackBoxTrainer):
 
 class KSeedTrainer(_BlackBoxTrainer):
     """Owns a client's FedKSeed round: S SPSA steps from the prompt it starts at, each along the
-    direction u of a seed drawn uniformly from the shared pool (``KSeedSetup.pool``; u in float64 on
-    the CPU), θ ± εu scored on the same fresh batch of ``batch_size`` local examples:
+    direction u of a seed drawn from the shared pool (``KSeedSetup.pool``; u in float64 on the CPU)
+    uniformly, or with the probabilities the server sent (FedKSeed-Pro), θ ± εu scored on the same
+    fresh batch of ``batch_size`` local examples:
     ĝ = (L(θ + εu) − L(θ − εu)) / 2ε, rounded to float32 (what travels), then θ ← θ − η·ĝ·u in
     float64 (``optimizers.seed_pool``), the module finally set to θ in float32. The server's replay
     of the pairs therefore gives this module's prompt bit for bit. A step whose |ĝ| exceeds
@@ -274,8 +280,13 @@ class KSeedTrainer(_BlackBoxTrainer):
         state = model.state_dict()
         names = sorted(state)
         theta = [state[name].detach().to("cpu", torch.float64).clone() for name in names]
+        probabilities = None
+        if setup.seed_sampling == "importance":
+            if SEED_PROBABILITIES not in local.instructions.extras:
+                raise ValueError(f"FedKSeed-Pro's server sent no {SEED_PROBABILITIES!r}")
+            probabilities = local.instructions.extras[SEED_PROBABILITIES]
         indices = pool.sample(
-            setup.steps, torch_generator(derive_seed(local.instructions.seed, "kseed-seeds"))
+            setup.steps, torch_generator(derive_seed(local.instructions.seed, "kseed-seeds")), probabilities
         )
         batches = torch_generator(local.instructions.seed)
         size = min(self.batch_size, len(data))

@@ -50,6 +50,8 @@ class Client:
     when the server used the update. ``class_names``, when given, are the classes this client
     scores (its labels index them): it trains and evaluates inside the model's
     ``scoring(class_names)`` (FedTPG: each client's softmax over its own classes).
+    ``unlabelled_data``: a few-shot client's unlabelled examples (FeS), which its trainer may
+    pseudo-label; they never leave the client and do not count in its example count.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class Client:
         rule: ClientRule | None = None,
         split: PromptSplit | None = None,
         class_names: Sequence[str] | None = None,
+        unlabelled_data: TensorData | None = None,
     ) -> None:
         if len(train_data) == 0:
             raise ValueError(f"client {client_id} has no training examples")
@@ -75,6 +78,7 @@ class Client:
         self.rule = rule or ClientRule()
         self.split = split or PromptSplit(model.prompt_state())
         self.class_names = tuple(class_names) if class_names is not None else None
+        self.unlabelled_data = unlabelled_data
 
     def _own_classes(self) -> AbstractContextManager:
         """The model scores this client's classes inside (no change without ``class_names``)."""
@@ -90,7 +94,9 @@ class Client:
         inputs = RoundInputs(downlink, carried or {}, instructions, self.client_id)
         start = self.rule.start(inputs)
         self.model.load_state_dict(self.split.join(start, inputs.carried), strict=True)
-        local = LocalRound(instructions, inputs.carried, self._penalty(inputs))
+        local = LocalRound(
+            instructions, inputs.carried, self._penalty(inputs), unlabelled=self.unlabelled_data
+        )
         with self._own_classes():
             stats = self.trainer.train(self.model, self.train_data, local)
         full = self.model.prompt_state()

@@ -50,6 +50,12 @@ class GradientOptimizerConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1, description="Cap on steps per round, whatever the epochs.")
     batch_size: int = Field(16, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
+    keep_state: bool = Field(
+        False,
+        description="Carry each client's optimiser state (AdamW's moments and step count, SGD's momentum) "
+        "from round to round as client state, checkpointed and resumed (FedPepTAO's clients); false: a "
+        "fresh optimiser every round, as FedAvg.",
+    )
     schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
 
     @model_validator(mode="after")
@@ -165,6 +171,38 @@ class PartOptimizerConfig(StrictModel):
     lr: float | None = Field(None, gt=0)
     weight_decay: float | None = Field(None, ge=0)
     momentum: float | None = Field(None, ge=0, lt=1, description="sgd only.")
+
+
+class PseudoLabelConfig(StrictModel):
+    """FeS's pseudo-labelling (Cai et al., "Federated Few-Shot Learning for Mobile NLP"): each round a
+    client labels its unlabelled examples with the global prompt it received and trains on its
+    labelled examples and the pseudo-labelled ones it admits. Admitted: predictions whose probability
+    is at least `threshold`, at most the curriculum's count for the round, n_r = min(⌊pace·r·U⌋, U)
+    (`pacing: curriculum`, the paper's linear growth; `fixed`: ⌊pace·U⌋ every round), U the client's
+    unlabelled candidates, split among the classes in the proportions of the client's labelled
+    examples and drawn in proportion to their confidence. The candidates are the `diverse_fraction` of
+    its unlabelled examples chosen for representational diversity (vote-k on the frozen model's
+    sentence features, as the reference selects them), all of them when 1. Pseudo-labels never leave
+    the client: only the trained prompt and counts do."""
+
+    threshold: float = Field(
+        0.0, ge=0, lt=1, description="Lowest predicted probability a pseudo-label is kept at."
+    )
+    pacing: Literal["curriculum", "fixed"] = Field(
+        "curriculum", description="curriculum: n_r = ⌊pace·r·U⌋ (grows each round); fixed: ⌊pace·U⌋."
+    )
+    pace: float = Field(
+        0.1, gt=0, le=1, description="The share of the candidates admitted per round of pacing."
+    )
+    diverse_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="The share of each client's unlabelled examples kept as candidates by vote-k.",
+    )
+    vote_neighbours: int = Field(
+        150, ge=1, description="vote-k's k: each example votes for its k most similar (the reference's 150)."
+    )
 
 
 class AugmentConfig(StrictModel):

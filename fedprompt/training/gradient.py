@@ -38,6 +38,7 @@ def gradient_optimizer(
             epochs=config.epochs,
             max_steps=config.max_steps,
             grad_clip=config.grad_clip,
+            keep_state=config.keep_state,
         ),
         accelerator,
     )
@@ -62,17 +63,23 @@ def round_schedule(config: GradientOptimizerConfig, rounds: int) -> RoundSchedul
     )
 
 
+OPTIMIZER_STATE = "optimizer/"
+"""Carried-state prefix of a client's local optimiser state (``optimizer.keep_state``)."""
+
+
 @dataclass
 class LocalRound:
     """What a local round sees beyond its data: the server's instructions (round, seed, extras),
     the state the client carries from earlier rounds (read-only), a term the strategy's client side
-    adds to the loss (on the module's named trainable parameters), and ``carry_out``, where a
-    trainer puts state of its own to carry into the next round (e.g. ATPFL's previous local prompt)."""
+    adds to the loss (on the module's named trainable parameters), ``carry_out``, where a
+    trainer puts state of its own to carry into the next round (e.g. ATPFL's previous local prompt),
+    and the client's unlabelled examples (few-shot clients; their labels are ``UNLABELLED``)."""
 
     instructions: FitInstructions
     carried: State = field(default_factory=dict)
     penalty: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None
     carry_out: State = field(default_factory=dict)
+    unlabelled: TensorData | None = None
 
 
 class LocalTrainer(ABC):
@@ -91,6 +98,8 @@ class GradientTrainer(LocalTrainer):
     A module with a ``param_groups()`` method (e.g. twin prompts, one group per part with its own
     learning rate) is optimised in those groups; subclasses change the loss through ``objective``.
     With a ``schedule``, round r's steps run at ``schedule.factor(r)`` times every group's rate.
+    When the optimiser keeps its state (``keep_state``), a round resumes it from the client's
+    carried state (``optimizer/<index>/<name>``) and hands its end state to the next round there.
     """
 
     def __init__(
@@ -118,16 +127,26 @@ class GradientTrainer(LocalTrainer):
         generator = torch_generator(local.instructions.seed)
         param_groups = getattr(model, "param_groups", None)
         factor = 1.0 if self.schedule is None else self.schedule.factor(local.instructions.round)
+        keep = self.optimizer.settings.keep_state
+        resume = {
+            k.removeprefix(OPTIMIZER_STATE): v
+            for k, v in local.carried.items()
+            if k.startswith(OPTIMIZER_STATE)
+        }
         model.train()
         try:
-            return self.optimizer.run(
+            stats = self.optimizer.run(
                 param_groups() if callable(param_groups) else list(params.values()),
                 loss_fn,
                 lambda epoch: data.batches(self.batch_size, generator=generator, device=self.device),
                 lr_factor=None if self.schedule is None else lambda step: factor,
+                resume=resume if keep else None,
             )
         finally:
             model.eval()
+        if keep:
+            local.carry_out.update({OPTIMIZER_STATE + k: v for k, v in stats.optimizer_state.items()})
+        return stats
 
     def objective(self, model: PromptModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss of one batch before FedProx's term: cross-entropy of the module's logits."""

@@ -5,8 +5,9 @@ read instead of lists of kind names."""
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from functools import reduce
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -42,6 +43,17 @@ class StrategySettings(StrictModel):
     is aggregated by this strategy only."""
     needs_domains: ClassVar[str | None] = None
     """Why the strategy needs clients that each hold one domain (``partition.kind: domains``)."""
+    one_momentum: ClassVar[str | None] = None
+    """Why the strategy reads every local step with the optimiser's one momentum (None: it does not),
+    so prompt parts with momenta of their own (twin and VQA prompts) are refused with it."""
+    drift_state: ClassVar[str | None] = None
+    """What a client keeps from its own unclipped local update (None: nothing). A norm bound applied
+    afterwards (``robustness.max_update_norm`` on the server, local DP's clipping) would make the
+    server's view of the update differ from the client's, so both are refused with it."""
+    optimizer_defaults: ClassVar[Mapping[str, Any]] = {}
+    """The local gradient optimiser's settings of the strategy's paper, applied to the fields of
+    the ``optimizer`` section the configuration leaves unset (a setting given explicitly stays, and
+    the run says at start that it departs from the paper)."""
 
 
 class FedAvgConfig(StrategySettings):
@@ -210,7 +222,10 @@ class FedKSeedConfig(StrategySettings):
     (seed index, projected gradient ĝ) pairs instead of the prompt, and every party rebuilds the
     prompt by replaying them: θ ← θ − η·w_k·ĝ·u(seed), the clients' pairs in client-id order, each
     client's in step order, w_k its aggregation weight. Needs optimizer.kind spsa (η = optimizer.lr,
-    ε = optimizer.epsilon; the paper's ε is 5e-4), a round of budget // (2·batch_size) steps.
+    ε = optimizer.epsilon; the paper's ε is 5e-4), a round of budget // (2·batch_size) steps. The
+    directions are a specified NumPy PCG64 stream, and each round a client checks a fingerprint of
+    the first ones against the server's before it steps. ``seed_sampling: importance`` is
+    FedKSeed-Pro.
     """
 
     each_update = "each client's (seed, projected gradient) pairs"
@@ -236,12 +251,20 @@ class FedKSeedConfig(StrategySettings):
         "round 0, from which every client replays the prompt (the paper's downlink: 4·K bytes whatever "
         "the prompt).",
     )
+    seed_sampling: Literal["uniform", "importance"] = Field(
+        "uniform",
+        description="How clients draw their seeds from the pool: uniformly (FedKSeed), or FedKSeed-Pro's "
+        "probability-differentiated sampling, p = softmax(min-max-normalised mean |ĝ| of each seed so "
+        "far), which the server sends down each round (4·K bytes more).",
+    )
 
 
 class ScaffoldConfig(StrategySettings):
     """SCAFFOLD (option II): server and client control variates, the size of the prompt, correct
     each client's local gradient (g + c − c_i); they travel with the prompt both ways. Clients
-    train by SGD (`optimizer.algorithm: sgd`)."""
+    train by SGD (`optimizer.algorithm: sgd`); unless the configuration sets them, the paper's
+    plain SGD steps: `optimizer.momentum: 0` and `optimizer.grad_clip: null` (a clip would act on
+    g + c − c_i, momentum accumulates the correction)."""
 
     each_update = "each client's control-variate update beside its prompt"
     gradient_steps = "corrects or counts the clients' gradient steps"
@@ -250,6 +273,8 @@ class ScaffoldConfig(StrategySettings):
         "corrected gradient, which AdamW's per-coordinate scaling breaks"
     )
     sent_beside_prompt = "control variates"
+    drift_state = "its control variate c_i⁺ = c_i − c + (x − y_i)/(K·η_l), from its unclipped y_i"
+    optimizer_defaults: ClassVar[Mapping[str, Any]] = {"momentum": 0.0, "grad_clip": None}
 
     kind: Literal["scaffold"] = "scaffold"
     server_lr: float = Field(1.0, gt=0, description="η_g: x ← x + η_g·(weighted mean of y_i − x).")
@@ -261,6 +286,7 @@ class FedDynConfig(StrategySettings):
 
     each_update = "each client's prompt for its dynamic regulariser's state"
     gradient_steps = "corrects or counts the clients' gradient steps"
+    drift_state = "its linear term g_k ← g_k − α(θ_k − θ), from its unclipped θ_k"
 
     kind: Literal["feddyn"] = "feddyn"
     alpha: float = Field(0.01, gt=0, description="α, the dynamic regulariser's weight (paper: 0.01-0.1).")
@@ -281,8 +307,35 @@ class FedNovaConfig(StrategySettings):
     each_update = "each client's local step count"
     gradient_steps = "corrects or counts the clients' gradient steps"
     sent_beside_prompt = "step counts"
+    one_momentum = "its a_i = [τ − ρ(1 − ρ^τ)/(1 − ρ)]/(1 − ρ) reads a client's steps with one momentum ρ"
 
     kind: Literal["fednova"] = "fednova"
+
+
+class FedPepTAOConfig(StrategySettings):
+    """FedPepTAO's adaptive optimisation: clients train by AdamW whose moments persist across rounds
+    (client state); the server corrects each client's drift with control variates it keeps itself
+    (c_i = the client's mean step direction, (θ − θ_i)/(τ_i·η_l)), θ̃ = FedAvg − Σ w_i τ_i η_l (c − c_i),
+    then steps with momentum: v ← β·v + (1 − β)(θ − θ̃), θ ← θ̃ − η_s·v, η_s decaying by `server_lr_decay`
+    each round down to `min_server_lr`. Pair it with `prompt.select_layers` (FedPepTAO's layer choice)."""
+
+    each_update = "each client's prompt and step count (its control variate)"
+    gradient_steps = "counts the clients' gradient steps"
+    sent_beside_prompt = "step counts"
+    optimizer_defaults: ClassVar[Mapping[str, Any]] = {"keep_state": True}
+
+    kind: Literal["fedpeptao"] = "fedpeptao"
+    server_lr: float = Field(
+        1.0, ge=0, description="η_0, the server's first learning rate (0: FedAvg + correction)."
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="β, the server momentum (the reference's 0.9).")
+    server_lr_decay: float = Field(
+        0.99, gt=0, le=1, description="η_s ← η_s · decay every round (the reference's 0.99)."
+    )
+    min_server_lr: float = Field(1e-4, ge=0, description="The floor of η_s (the reference's 1e-4).")
+    drift_correction: bool = Field(
+        True, description="The server's control variates; false: momentum on the plain FedAvg average."
+    )
 
 
 STRATEGY_CONFIGS: tuple[type[StrategySettings], ...] = (
@@ -301,6 +354,7 @@ STRATEGY_CONFIGS: tuple[type[StrategySettings], ...] = (
     FedDynConfig,
     FedAvgMConfig,
     FedNovaConfig,
+    FedPepTAOConfig,
 )
 """Every strategy configuration, one per ``strategy.kind`` (FedOpt's three kinds share one)."""
 

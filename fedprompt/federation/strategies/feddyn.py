@@ -14,7 +14,9 @@ with P the clients whose updates it used and m all clients, keeps h (zero at fir
 
 As in the paper every client counts once, whatever its example count, and h stays the mean of
 all m clients' g_k. α reaches the clients as ``feddyn_alpha`` in their instructions. Only the
-wire prompt takes part: both terms, g_k and h are shaped like it.
+wire prompt takes part: both terms, g_k and h are shaped like it. g_k comes from the client's
+unclipped θ_k, so the configuration refuses bounds that clip θ_k after it (a server-side
+``robustness.max_update_norm``, local DP), which would break h = mean g_k.
 """
 
 from __future__ import annotations

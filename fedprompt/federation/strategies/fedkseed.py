@@ -23,7 +23,7 @@ needs nothing else.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,7 +35,7 @@ from fedprompt.federation.state import State, Update
 from fedprompt.federation.strategies.base import Strategy
 from fedprompt.seeding import derive_seed
 from optimizers.base import OptimizationStats
-from optimizers.seed_pool import SeedPool, replay_pairs_
+from optimizers.seed_pool import SeedPool, importance_probabilities, replay_pairs_
 
 SEED_INDEX = "seed_index"
 """Uplink extra [S]: the pool index of each local step's seed (float32, integer-valued)."""
@@ -43,8 +43,15 @@ PROJECTED_GRAD = "projected_grad"
 """Uplink extra [S]: each local step's projected gradient ĝ (float32; 0 for a skipped step)."""
 SEED_POOL = "seed_pool"
 """Downlink extra [K] of ``downlink: seed-pool``: a_k, the accumulated weighted ĝ of each seed."""
+SEED_PROBABILITIES = "seed_probabilities"
+"""Downlink extra [K] of ``seed_sampling: importance`` (FedKSeed-Pro): each seed's probability."""
+FINGERPRINT = "kseed_fingerprint"
+"""Client-config value: the server's fingerprint of the pool's first directions over the prompt."""
 ORIGIN = "origin/"
 """Prefix of θ_0 in the strategy's checkpointed state (``downlink: seed-pool``)."""
+AMPLITUDE_SUM = "amplitude_sum"
+AMPLITUDE_COUNT = "amplitude_count"
+"""FedKSeed-Pro's checkpointed history of each seed: Σ|ĝ| and the count of values (from one 0)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class KSeedSetup:
     max_projected_grad: float
     weighting: Literal["examples", "equal"] = "examples"
     downlink: Literal["prompt", "seed-pool"] = "prompt"
+    seed_sampling: Literal["uniform", "importance"] = "uniform"
 
     def __post_init__(self) -> None:
         if self.num_seeds < 1 or self.steps < 1:
@@ -72,6 +80,10 @@ class KSeedSetup:
     @property
     def pool(self) -> SeedPool:
         return SeedPool(self.pool_seed, self.num_seeds)
+
+    def fingerprint(self, state: State) -> int:
+        """The pool's fingerprint over the prompt's tensors in name order (what steps perturb)."""
+        return self.pool.fingerprint([state[name] for name in sorted(state)])
 
 
 def kseed_setup(config: RunConfig) -> KSeedSetup | None:
@@ -90,6 +102,7 @@ def kseed_setup(config: RunConfig) -> KSeedSetup | None:
         max_projected_grad=strategy.max_projected_grad,
         weighting=strategy.weighting,
         downlink=strategy.downlink,
+        seed_sampling=strategy.seed_sampling,
     )
 
 
@@ -144,12 +157,28 @@ def rebuild_from_pool(origin: State, accumulated: torch.Tensor, setup: KSeedSetu
 class FedKSeed(Strategy):
     """The server side: validates each client's pairs and replays them onto the global prompt.
     Owns, with ``downlink: seed-pool``, θ_0 (recorded at the first aggregation) and the accumulated
-    a_k of every seed (float64; sent and replayed as float32), both checkpointed."""
+    a_k of every seed (float64; sent and replayed as float32); with ``seed_sampling: importance``,
+    each seed's history of |ĝ| (its sum and count, from one 0 as FedKSeed-Pro starts it); all
+    checkpointed. Tells clients the fingerprint of the pool's first directions over the prompt."""
 
     def __init__(self, setup: KSeedSetup) -> None:
         self.setup = setup
         self._origin: State | None = None
         self._accumulated = torch.zeros(setup.num_seeds, dtype=torch.float64)
+        self._amplitude_sum = torch.zeros(setup.num_seeds, dtype=torch.float64)
+        self._amplitude_count = torch.ones(setup.num_seeds, dtype=torch.float64)
+        self._fingerprint: float | None = None
+
+    def initialize(self, global_state: State) -> None:
+        self._fingerprint = float(self.setup.fingerprint(global_state))
+
+    def client_config(self) -> dict[str, float]:
+        """The fingerprint of the directions every party must step along."""
+        return {} if self._fingerprint is None else {FINGERPRINT: self._fingerprint}
+
+    def probabilities(self) -> torch.Tensor:
+        """FedKSeed-Pro's seed probabilities from the history so far (uniform before any)."""
+        return importance_probabilities(self._amplitude_sum, self._amplitude_count)
 
     def uplink_shapes(self, global_state: State) -> dict[str, tuple[int, ...]]:
         """No prompt tensor travels up: only the pairs (``uplink_extras``)."""
@@ -170,9 +199,12 @@ class FedKSeed(Strategy):
         return {} if self.setup.downlink == "seed-pool" else global_state
 
     def downlink_extras(self) -> State:
+        extras: State = {}
         if self.setup.downlink == "seed-pool":
-            return {SEED_POOL: self._accumulated.to(torch.float32)}
-        return {}
+            extras[SEED_POOL] = self._accumulated.to(torch.float32)
+        if self.setup.seed_sampling == "importance":
+            extras[SEED_PROBABILITIES] = self.probabilities().to(torch.float32)
+        return extras
 
     def _weights(self, updates: Sequence[Update]) -> list[float]:
         if self.setup.weighting == "equal":
@@ -185,6 +217,10 @@ class FedKSeed(Strategy):
             (*check_pairs(u.extras, self.setup), w)
             for u, w in zip(updates, self._weights(updates), strict=True)
         ]
+        for indices, grads, _ in pairs:
+            for index, grad in zip(indices, grads, strict=True):
+                self._amplitude_sum[index] += abs(grad)
+                self._amplitude_count[index] += 1
         if self.setup.downlink == "prompt":
             return replay_round(global_state, pairs, self.setup)
         if self._origin is None:
@@ -203,25 +239,46 @@ class FedKSeed(Strategy):
         return {}
 
     def state_dict(self) -> State:
-        if self._origin is None:
-            return {}
-        return {SEED_POOL: self._accumulated.clone(), **{ORIGIN + n: t for n, t in self._origin.items()}}
+        state: State = {}
+        if self._origin is not None:
+            state = {SEED_POOL: self._accumulated.clone(), **{ORIGIN + n: t for n, t in self._origin.items()}}
+        if self.setup.seed_sampling == "importance":
+            state[AMPLITUDE_SUM] = self._amplitude_sum.clone()
+            state[AMPLITUDE_COUNT] = self._amplitude_count.clone()
+        return state
 
     def load_state_dict(self, state: State) -> None:
-        if not state:
-            self._origin, self._accumulated = None, torch.zeros(self.setup.num_seeds, dtype=torch.float64)
-            return
-        if self.setup.downlink != "seed-pool" or SEED_POOL not in state:
+        size = self.setup.num_seeds
+        self._origin, self._accumulated = None, torch.zeros(size, dtype=torch.float64)
+        self._amplitude_sum = torch.zeros(size, dtype=torch.float64)
+        self._amplitude_count = torch.ones(size, dtype=torch.float64)
+        expected = set()
+        if self.setup.downlink == "seed-pool" and SEED_POOL in state:
+            expected |= {SEED_POOL} | {k for k in state if k.startswith(ORIGIN)}
+            self._accumulated = _pool_vector(state, SEED_POOL, size)
+            self._origin = {
+                k.removeprefix(ORIGIN): v.clone() for k, v in state.items() if k.startswith(ORIGIN)
+            }
+        if self.setup.seed_sampling == "importance" and AMPLITUDE_SUM in state:
+            expected |= {AMPLITUDE_SUM, AMPLITUDE_COUNT}
+            self._amplitude_sum = _pool_vector(state, AMPLITUDE_SUM, size)
+            self._amplitude_count = _pool_vector(state, AMPLITUDE_COUNT, size)
+        unknown = sorted(set(state) - expected)
+        if unknown:
             raise ValueError(
-                f"FedKSeed with downlink {self.setup.downlink!r} keeps no state like {sorted(state)}"
+                f"FedKSeed with downlink {self.setup.downlink!r} and seed_sampling "
+                f"{self.setup.seed_sampling!r} keeps no state like {unknown}"
             )
-        accumulated = state[SEED_POOL].to(torch.float64).reshape(-1)
-        if accumulated.numel() != self.setup.num_seeds:
-            raise ValueError(
-                f"checkpointed seed pool has {accumulated.numel()} values, expected {self.setup.num_seeds}"
-            )
-        self._accumulated = accumulated.clone()
-        self._origin = {k.removeprefix(ORIGIN): v.clone() for k, v in state.items() if k.startswith(ORIGIN)}
+
+
+def _pool_vector(state: State, name: str, size: int) -> torch.Tensor:
+    """A checkpointed per-seed vector [K] in float64, or ValueError when its length is not K."""
+    if name not in state:
+        raise ValueError(f"the checkpointed FedKSeed state lacks {name!r}")
+    vector = state[name].to(torch.float64).reshape(-1)
+    if vector.numel() != size:
+        raise ValueError(f"checkpointed {name} has {vector.numel()} values, expected {size}")
+    return vector.clone()
 
 
 class KSeedRule(ClientRule):
@@ -234,13 +291,34 @@ class KSeedRule(ClientRule):
             raise ValueError("FedKSeed's seed-pool downlink needs the initial prompt θ_0 on every client")
         self.setup = setup
         self.initial_state = initial_state
+        self._fingerprints: dict[tuple, int] = {}
 
     def start(self, inputs: RoundInputs) -> State:
         if self.setup.downlink == "prompt":
-            return inputs.downlink
-        if SEED_POOL not in inputs.instructions.extras:
+            state = inputs.downlink
+        elif SEED_POOL not in inputs.instructions.extras:
             raise ValueError(f"FedKSeed's seed-pool inputs.downlink sent no {SEED_POOL!r}")
-        return rebuild_from_pool(self.initial_state, inputs.instructions.extras[SEED_POOL], self.setup)
+        else:
+            state = rebuild_from_pool(self.initial_state, inputs.instructions.extras[SEED_POOL], self.setup)
+        self._check_fingerprint(inputs.instructions.client_config, state)
+        return state
+
+    def _check_fingerprint(self, client_config: Mapping[str, float], state: State) -> None:
+        """Refuse to step along directions other than the server's (another NumPy stream, pool seed or
+        prompt layout would make every replay of this client's pairs wrong)."""
+        sent = client_config.get(FINGERPRINT)
+        if sent is None:
+            raise ValueError(f"the FedKSeed server sent no {FINGERPRINT!r} to check the seed pool against")
+        key = tuple((name, tuple(state[name].shape)) for name in sorted(state))
+        if key not in self._fingerprints:
+            self._fingerprints[key] = self.setup.fingerprint(state)
+        if float(self._fingerprints[key]) != float(sent):
+            raise ValueError(
+                f"this party's seed-pool directions differ from the server's (fingerprint "
+                f"{self._fingerprints[key]:x}, the server's {int(sent):x}): the same pool seed and prompt "
+                "give other directions here, so every step would be replayed wrong; run the same fedprompt "
+                "and NumPy release on every party"
+            )
 
     def finish(self, inputs: RoundInputs, trained: State, stats: OptimizationStats) -> RoundOutput:
         if SEED_INDEX not in stats.tensors or PROJECTED_GRAD not in stats.tensors:

@@ -10,7 +10,9 @@ without momentum; the paper's ‖a_i‖₁). The server, with p_i = n_i/Σn over
 When every a_i is the same this is FedAvg. The learning rate is the same for every client of a
 round (schedules change it between rounds only), so it cancels. AdamW takes steps of about η
 each whatever the gradient's size, so with AdamW a_i = τ_i (normalising by the step count), which
-the paper does not cover.
+the paper does not cover. τ_i counts the steps taken (a step that fp16 loss scaling skipped moved
+nothing), and a_i reads them all with one momentum ρ, so the configuration refuses prompts whose
+parts have momenta of their own (twin and VQA prompts with per-part ``momentum``).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from fedprompt.federation.strategies.config import (
     FedKSeedConfig,
     FedNovaConfig,
     FedOptConfig,
+    FedPepTAOConfig,
     FedProxConfig,
     GeometricMedianConfig,
     KrumConfig,
@@ -43,6 +44,7 @@ from fedprompt.federation.strategies.feddyn import FedDyn, FedDynRule
 from fedprompt.federation.strategies.fedkseed import FedKSeed, KSeedRule, KSeedSetup
 from fedprompt.federation.strategies.fednova import FedNova, LocalStepBound
 from fedprompt.federation.strategies.fedopt import FedOpt, FedOptVariant
+from fedprompt.federation.strategies.fedpeptao import FedPepTAO
 from fedprompt.federation.strategies.geometric_median import GeometricMedian
 from fedprompt.federation.strategies.reliability import ReliabilityRule, ReliabilityWeighted
 from fedprompt.federation.strategies.robust import CoordinateMedian, Krum, TrimmedMean
@@ -131,6 +133,23 @@ def _fednova(config: FedNovaConfig, setup: StrategySetup) -> Strategy:
     return FedNova(bound, momentum=opt.momentum if opt.algorithm == "sgd" else 0.0)
 
 
+def _fedpeptao(config: FedPepTAOConfig, setup: StrategySetup) -> Strategy:
+    run = setup.need_run(config.kind)
+    opt = run.optimizer
+    if not isinstance(opt, GradientOptimizerConfig):
+        raise ValueError("FedPepTAO counts gradient steps; use optimizer.kind gradient")
+    return FedPepTAO(
+        run.partition.num_clients,
+        LocalStepBound(epochs=opt.epochs, batch_size=opt.batch_size, max_steps=opt.max_steps),
+        local_lr=opt.lr,
+        server_lr=config.server_lr,
+        momentum=config.momentum,
+        server_lr_decay=config.server_lr_decay,
+        min_server_lr=config.min_server_lr,
+        drift_correction=config.drift_correction,
+    )
+
+
 @dataclass(frozen=True)
 class StrategyParts:
     """A strategy's server rule and its client side, each built from the configuration."""
@@ -171,6 +190,7 @@ STRATEGIES: dict[type[StrategySettings], StrategyParts] = {
     ),
     FedAvgMConfig: StrategyParts(lambda c, s: FedAvgM(server_lr=c.server_lr, momentum=c.momentum)),
     FedNovaConfig: StrategyParts(_fednova),
+    FedPepTAOConfig: StrategyParts(_fedpeptao),
 }
 assert set(STRATEGIES) == set(STRATEGY_CONFIGS), "every strategy configuration needs its line in STRATEGIES"
 

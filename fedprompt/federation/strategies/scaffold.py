@@ -19,9 +19,13 @@ The correction is a linear term ⟨c − c_i, θ − x⟩ on the local loss (its
 the gradient: with plain SGD that is exactly the paper's g + c − c_i; momentum SGD accumulates it
 with the gradient, and (x − y_i) is then divided by the optimiser's ``gradient_scale``
 (Σ_k η_k(1 − β^(k+1))/(1 − β), which is K·η_l without momentum), so c_i⁺ stays an average
-gradient; gradient clipping clips g + c − c_i together (set ``optimizer.grad_clip: null`` for the
-paper's algorithm). AdamW rescales every coordinate, so (x − y_i)/(K·η_l) is no gradient at all:
-the configuration refuses SCAFFOLD without ``optimizer.algorithm: sgd``.
+gradient; gradient clipping clips g + c − c_i together. So unless a configuration sets them, a
+SCAFFOLD run's optimiser takes the paper's plain steps (``momentum: 0``, ``grad_clip: null``: the
+strategy's ``optimizer_defaults``), and a run that sets others says at start that it departs from
+the paper. Steps that fp16 loss scaling skipped count neither in K nor in the gradient scale.
+AdamW rescales every coordinate, so (x − y_i)/(K·η_l) is no gradient at all: the configuration
+refuses SCAFFOLD without ``optimizer.algorithm: sgd``. c_i⁺ comes from the unclipped y_i, so the
+configuration also refuses a server-side norm bound (``robustness.max_update_norm``) with it.
 """
 
 from __future__ import annotations
@@ -137,6 +141,11 @@ class ScaffoldRule(ClientRule):
 
     def finish(self, inputs: RoundInputs, trained: State, stats: OptimizationStats) -> RoundOutput:
         scale = stats.gradient_scale
+        if scale == 0 and stats.steps == 0:
+            raise ValueError(
+                "SCAFFOLD's control-variate update needs at least one local step; this client took none "
+                "(fp16 loss scaling skipped every step)"
+            )
         if scale is None or not scale > 0:
             raise ValueError(
                 "SCAFFOLD's control-variate update needs the local optimiser's gradient scale K·η_l, which "

@@ -26,7 +26,9 @@ from fedprompt.config import (
     OpenCLIPBackboneConfig,
     PixelPromptConfig,
     RunConfig,
+    SPSAOptimizerConfig,
     TwinPromptConfig,
+    VisualGeneratorPromptConfig,
     VPTPromptConfig,
 )
 from fedprompt.data.domains import load_domain_task
@@ -52,6 +54,7 @@ from fedprompt.tasks.experiment import EvalSet, Experiment
 from fedprompt.tasks.preflight import check_coupled_depth, vpt_layers
 from fedprompt.training.augment import VIEWS, CropFlip, SeededTrainData, view_seed
 from fedprompt.training.batching import TensorData
+from fedprompt.training.blackbox import build_blackbox_trainer
 from fedprompt.training.contrastive import ContrastiveTrainer
 from fedprompt.training.device import make_accelerator
 from fedprompt.training.domain import AdaptiveDomainTrainer
@@ -68,6 +71,7 @@ from prompt_modules.domain_prompts import (
 )
 from prompt_modules.prompt_generator import PromptGenerator
 from prompt_modules.twin_prompt import CoupledVisualPrompt
+from prompt_modules.visual_generator import BlackBoxCLIPClassifier, VisualPromptGenerator
 from prompt_modules.visual_prompts import FrozenImage, VisualTokenPrompt, vpt_init
 
 
@@ -98,6 +102,11 @@ def build_clip_model(
             seed=derive_seed(seed, "prompt-init", "generator"),
         )
         return CLIPPromptClassifier(backbone, generator, FrozenImage(), class_names)
+    if isinstance(prompt, VisualGeneratorPromptConfig):
+        generator = VisualPromptGenerator(
+            prompt.grid, prompt.hidden, prompt.prompt_size, prompt.scale, derive_seed(seed, "prompt-init")
+        )
+        return BlackBoxCLIPClassifier(backbone, FixedClassText(prompt.class_template), generator, class_names)
     if isinstance(prompt, TwinPromptConfig):
         text = build_text_context(prompt.text, backbone, class_names, seed, "prompt.text")
         if prompt.coupled:
@@ -446,7 +455,18 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
             replacements["pixels"] = pixel_tensor(backbone, subset, cache, batch, model)
     seeded = augment is not None or _random_visual_prompt(config)
 
-    optimizer = gradient_optimizer(config.optimizer, accelerator)
+    opt = config.optimizer
+    if isinstance(opt, SPSAOptimizerConfig):  # a visual prompt generator against CLIP's logits (Fed-BBPT)
+        black_box = build_blackbox_trainer(opt, config.strategy, accelerator.device)
+
+        def trainer(cid: int) -> LocalTrainer:
+            return black_box
+    else:
+        optimizer = gradient_optimizer(opt, accelerator)
+
+        def trainer(cid: int) -> LocalTrainer:
+            return _trainer(config, optimizer, accelerator.device)
+
     own_classes = config.client_classes == "own"
 
     def share(cid: int, local_train: np.ndarray, local_val: np.ndarray) -> ClientData:
@@ -464,9 +484,7 @@ def build_vision_experiment(config: RunConfig, client_ids: Collection[int] | Non
         return ClientData(train_k, val_k, [task.class_names[c] for c in classes] if own_classes else None)
 
     # one trainer per client: ATPFL keeps client state in it
-    clients = build_clients(
-        config, model, train, rows, lambda cid: _trainer(config, optimizer, accelerator.device), share
-    )
+    clients = build_clients(config, model, train, rows, trainer, share)
     return Experiment(
         model=model,
         clients=clients,

@@ -19,11 +19,23 @@ BUNDLED_CLIP_MODELS = ("demo-clip",)
 BUNDLED_WEIGHTS = "bundled"
 
 
-CLIP_PROMPT_KINDS = ("coop", "vpt", "pixel", "twin", "generator", "vqa-twin", "fedapt", "fed-dpt")
+CLIP_PROMPT_KINDS = (
+    "coop",
+    "vpt",
+    "pixel",
+    "twin",
+    "generator",
+    "vqa-twin",
+    "fedapt",
+    "fed-dpt",
+    "visual-generator",
+)
 
 
 DOMAIN_PROMPT_KINDS = ("fedapt", "fed-dpt")
 """Prompt kinds that train one prompt per client or domain and weigh them per image at test time."""
+BLACK_BOX_CLIP_KINDS = ("visual-generator",)
+"""CLIP prompt kinds trained through CLIP's logits alone (by SPSA)."""
 
 
 DEFAULT_COOP_TOKENS = 16
@@ -176,6 +188,22 @@ class PixelPromptConfig(StrictModel):
 
 
 VisualPromptConfig = Annotated[VPTPromptConfig | PixelPromptConfig, Field(discriminator="kind")]
+
+
+class VisualGeneratorPromptConfig(StrictModel):
+    """Fed-BBPT on CLIP: each client's small generator writes a visual prompt per image (BlackVIP's
+    idea, light): the image pooled to `grid` × `grid` → tanh layer of `hidden` units → a 3 × p × p
+    prompt (p = `prompt_size`) upsampled to the image and scaled by `scale`, added to the pixels.
+    Trained by SPSA (`optimizer.kind: spsa`) from the logits of CLIP used as a black box (every image
+    scored counts as a query), or by gradient as the white-box baseline; only its weights are
+    aggregated. The class text is fixed (`class_template`)."""
+
+    kind: Literal["visual-generator"] = "visual-generator"
+    grid: int = Field(8, ge=1, le=64, description="The side of the low-resolution view the generator reads.")
+    hidden: int = Field(32, ge=1, le=1024, description="The generator's hidden width.")
+    prompt_size: int = Field(8, ge=1, le=224, description="The side of the prompt before upsampling.")
+    scale: float = Field(1.0, gt=0, description="The prompt's scale in units of the preprocessed pixels.")
+    class_template: str = Field("a photo of a {}.", description="The fixed class text.")
 
 
 class TwinPromptConfig(StrictModel):

@@ -143,14 +143,17 @@ class SoftPromptConfig(PromptInitConfig):
 
 
 class DeepPromptConfig(PromptInitConfig):
-    """Deep prompt: its own prompt at every layer from `start_layer` up.
+    """Deep prompt: its own prompt at every layer from `start_layer` up, or at the `layers` given,
+    or at the `select_layers` layers of highest FedPepTAO score.
 
     mode ``prefix`` (P-tuning v2): each layer's attention attends `num_tokens` trained key/value
     vectors before the sequence; the sequence is unchanged. ``init`` vocab/text start the prefixes
     at the frozen model's own keys and values of those tokens (Li & Liang), random at
     N(0, init_std²). mode ``replace`` (VPT-deep style): `num_tokens` positions enter the sequence
-    at `start_layer` and each layer's prompt replaces them at its input. In both modes the layers
-    below `start_layer` compute the unprompted model, so their output is cached per dataset.
+    at the first prompted layer and each prompted layer's prompt replaces them at its input. In
+    both modes the layers below the first prompted layer compute the unprompted model, so their
+    output is cached per dataset. The backbone stays in eval mode (its own dropout off, as the
+    frozen-layer cache needs); `prefix_dropout` is P-tuning v2's dropout on the prefixes.
     """
 
     kind: Literal["deep"] = "deep"
@@ -158,11 +161,64 @@ class DeepPromptConfig(PromptInitConfig):
         "prefix", description="prefix: key/value prefixes in attention (P-tuning v2); replace: hidden states."
     )
     start_layer: int = Field(0, ge=0, description="First layer that gets a prompt (0: the input layer).")
+    layers: list[int] | None = Field(
+        None,
+        description="The layers that get a prompt, any ascending set (not necessarily contiguous); "
+        "null: every layer from start_layer up. Only these layers' prompts are trained and sent.",
+    )
+    select_layers: int | None = Field(
+        None,
+        ge=1,
+        description="FedPepTAO's layer selection: before round 1, each client scores every layer from "
+        "start_layer on `score_batch_size` of its examples (Σ log λ + 1/λ over the eigenvalues λ of the "
+        "cosine-similarity matrix of the layer's outputs), the server weights the scores by example "
+        "count and prompts the k layers of highest score. In-process runs only (on Flower, set `layers`).",
+    )
+    score_batch_size: int = Field(
+        32, ge=2, description="select_layers: examples per client the layer scores are computed on."
+    )
+    prefix_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="mode prefix: dropout on the prefixes while training (P-tuning v2 uses the model's "
+        "hidden dropout, 0.1); the backbone's own dropout stays off.",
+    )
     cache_frozen_layers: bool = Field(
         True,
-        description="start_layer > 0: compute the states entering start_layer once per dataset (kept in "
-        "memory, N × length × hidden floats) and run only the layers from start_layer at each step.",
+        description="First prompted layer > 0: compute the states entering it once per dataset (kept in "
+        "memory, N × length × hidden floats) and run only the layers from it at each step.",
     )
+
+    @model_validator(mode="after")
+    def _one_layer_choice(self) -> DeepPromptConfig:
+        if self.layers is not None and self.select_layers is not None:
+            raise ValueError("give the prompted layers as `layers` or pick them by `select_layers`, not both")
+        if self.layers is not None:
+            if not self.layers or any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
+                raise ValueError(
+                    f"layers must be a non-empty ascending list of distinct layers; got {self.layers}"
+                )
+            if self.layers[0] < 0:
+                raise ValueError(f"layers must be layer indices >= 0; got {self.layers}")
+            if "start_layer" in self.model_fields_set and self.start_layer != self.layers[0]:
+                raise ValueError(f"start_layer {self.start_layer} is not the first of layers {self.layers}")
+        if self.prefix_dropout > 0 and self.mode != "prefix":
+            raise ValueError("prefix_dropout applies to mode: prefix")
+        return self
+
+    @property
+    def first_layer(self) -> int:
+        """The first layer that may get a prompt (what bounds the frozen-layer cache)."""
+        return self.layers[0] if self.layers is not None else self.start_layer
+
+
+class ZGeneratorConfig(StrictModel):
+    """Fed-BBPT's prompt generator: a small network that writes z, z = W₂·tanh(W₁c + b₁) + b₂ from a
+    fixed code c; its weights are all that trains and travels."""
+
+    code_dim: int = Field(16, ge=1, le=1024, description="The length of the fixed code c.")
+    hidden: int = Field(32, ge=1, le=4096, description="The width of the generator's hidden layer.")
 
 
 class IntrinsicPromptConfig(StrictModel):
@@ -181,6 +237,30 @@ class IntrinsicPromptConfig(StrictModel):
     p0: Literal["none", "vocab"] = Field(
         "none", description="The fixed offset: zeros, or embeddings of sampled vocabulary tokens."
     )
+    generator: ZGeneratorConfig | None = Field(
+        None,
+        description="Fed-BBPT: a prompt generator writes z and its weights are trained (by SPSA against a "
+        "black box, or by gradient on a local backbone) and aggregated; null: z itself is.",
+    )
+
+
+class ZooPFLPromptConfig(StrictModel):
+    """ZooPFL: the frozen text model used as a black box (input embeddings in, its pooled output
+    embedding out, no gradients), adapted by an input surgery on the input embeddings,
+    e' = e + D·tanh(E·e) (rank `rank`), trained by SPSA from the black box's outputs; a semantic
+    re-mapping of its output embedding (a linear map) and a personal linear head per client, both
+    trained by gradient (`optimizer`). The surgery and the re-mapping are aggregated, the head stays
+    on its client (`personalization.local` defaults to `head.*`); `head.template` shapes the input.
+    """
+
+    kind: Literal["zoo-pfl"] = "zoo-pfl"
+    rank: int = Field(8, ge=1, le=1024, description="r, the surgery's bottleneck width (E is r × h).")
+    zo_lr: float = Field(0.01, gt=0, description="SPSA's η for the surgery: θ ← θ − η·ĝ·u.")
+    zo_epsilon: float = Field(0.01, gt=0, description="SPSA's ε for the surgery.")
+    zo_budget: int = Field(
+        640, ge=2, description="Black-box queries per client per round for the surgery's SPSA steps."
+    )
+    zo_batch_size: int = Field(16, ge=1, description="Examples each SPSA candidate is scored on.")
 
 
 HeadConfig = Annotated[VerbalizerHeadConfig | SimilarityHeadConfig, Field(discriminator="kind")]

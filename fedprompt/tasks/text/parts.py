@@ -17,12 +17,13 @@ from fedprompt.config import (
     VerbalizerHeadConfig,
 )
 from fedprompt.seeding import derive_seed, torch_generator
-from fedprompt.tasks.preflight import check_deep_start_layer
+from fedprompt.tasks.preflight import check_deep_layers
 from fedprompt.training.blackbox import projection_spec
 from prompt_modules.heads import HeadSpec, SimilarityHeadSpec, VerbalizerHeadSpec
 from prompt_modules.heads import build_head as build_head_from_spec
 from prompt_modules.hf_text import HFTextBackbone
 from prompt_modules.intrinsic import IntrinsicPrompt
+from prompt_modules.intrinsic_generator import GeneratedIntrinsicPrompt, ZGenerator
 from prompt_modules.soft_prompt import (
     DeepPrompt,
     PrefixPrompt,
@@ -79,13 +80,19 @@ def build_prompt(
     backbone: HFTextBackbone,
     seed: int,
     sigma: float = 1.0,
-) -> SoftPrompt | DeepPrompt | PrefixPrompt | IntrinsicPrompt:
+    layer_ids: Sequence[int] | None = None,
+) -> SoftPrompt | DeepPrompt | PrefixPrompt | IntrinsicPrompt | GeneratedIntrinsicPrompt:
     """The trainable prompt, initialised from text, sampled vocabulary or noise (seeded); or an
     intrinsic prompt z = 0 on the projection the run seed fixes (``sigma``: BBT's σ in its scale).
     A key/value prefix starts at the frozen model's keys and values of the text's or sampled
-    tokens, or at N(0, init_std²) entries."""
+    tokens, or at N(0, init_std²) entries. A deep prompt prompts ``layer_ids`` (the layers a
+    selection chose), else the configuration's ``layers``, else every layer from ``start_layer``."""
     if isinstance(config, IntrinsicPromptConfig):
-        return IntrinsicPrompt.from_backbone(backbone, projection_spec(config, seed, sigma))
+        prompt = IntrinsicPrompt.from_backbone(backbone, projection_spec(config, seed, sigma))
+        if config.generator is None:
+            return prompt
+        spec = config.generator
+        return GeneratedIntrinsicPrompt(prompt, spec.code_dim, spec.hidden, derive_seed(seed, "z-generator"))
     generator = torch_generator(derive_seed(seed, "prompt-init"))
     text_ids = (
         backbone.tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
@@ -106,18 +113,33 @@ def build_prompt(
 
     if isinstance(config, SoftPromptConfig):
         return SoftPrompt(init())
-    check_deep_start_layer(config.start_layer, backbone.num_layers)
+    check_deep_layers(config, backbone.num_layers)
+    chosen = list(layer_ids) if layer_ids is not None else config.layers
+    ids = chosen if chosen is not None else list(range(config.start_layer, backbone.num_layers))
+    explicit = None if chosen is None else ids
     if config.mode == "prefix":
-        return PrefixPrompt(_prefix_init(config, backbone, generator, text_ids), config.start_layer)
-    layers = backbone.num_layers - config.start_layer
-    return DeepPrompt(torch.stack([init() for _ in range(layers)]), config.start_layer)
+        return PrefixPrompt(
+            _prefix_init(config, backbone, generator, text_ids, ids), ids[0], explicit, config.prefix_dropout
+        )
+    return DeepPrompt(torch.stack([init() for _ in ids]), ids[0], explicit)
+
+
+def z_generator(config: IntrinsicPromptConfig, seed: int) -> ZGenerator:
+    """Fed-BBPT's generator of z a configuration describes (its code and first weights from the run seed)."""
+    assert config.generator is not None
+    spec = config.generator
+    return ZGenerator(config.dim, spec.code_dim, spec.hidden, derive_seed(seed, "z-generator"))
 
 
 def _prefix_init(
-    config: DeepPromptConfig, backbone: HFTextBackbone, generator: torch.Generator, text_ids: list[int]
+    config: DeepPromptConfig,
+    backbone: HFTextBackbone,
+    generator: torch.Generator,
+    text_ids: list[int],
+    layer_ids: Sequence[int],
 ) -> torch.Tensor:
-    """Starting key/value prefixes [layers from start_layer, 2, kv_heads, m, head_dim] (fp32, CPU):
-    the frozen model's keys and values of m tokens (init text/vocab), or N(0, init_std²) entries
+    """Starting key/value prefixes [len(layer_ids), 2, kv_heads, m, head_dim] (fp32, CPU): the frozen
+    model's keys and values of m tokens at those layers (init text/vocab), or N(0, init_std²) entries
     (random; the shape read from the keys of m arbitrary tokens)."""
     if config.init == "random":
         ids = torch.full((config.num_tokens,), backbone.tokenizer.pad_token_id)
@@ -130,7 +152,7 @@ def _prefix_init(
             text_ids=text_ids,
             excluded_ids=backbone.tokenizer.all_special_ids,
         )
-    own = backbone.key_values(ids)[config.start_layer :].float().cpu()
+    own = backbone.key_values(ids)[list(layer_ids)].float().cpu()
     if config.init == "random":
         return torch.randn(own.shape, generator=generator) * config.init_std
     return own

@@ -7,10 +7,11 @@ import ssl
 from collections.abc import Sequence
 
 from fedprompt.config import ConfigError, IntrinsicPromptConfig, RemoteBackboneConfig, RunConfig
-from fedprompt.tasks.text.parts import head_spec
+from fedprompt.tasks.text.parts import head_spec, z_generator
 from fedprompt.training.blackbox import projection_spec, search_sigma
 from prompt_modules.hf_text import load_tokenizer
 from prompt_modules.remote import RemoteBackbone, RemoteIntrinsicClassifier, tls_context
+from prompt_modules.remote_generator import RemoteGeneratedClassifier
 
 
 def build_remote_model(
@@ -34,14 +35,18 @@ def build_remote_model(
         backoff=backbone.backoff,
         tls=_tls(backbone) if backbone.url.startswith("https://") else None,
     )
-    model = RemoteIntrinsicClassifier(
+    parts = (
         client,
         load_tokenizer(backbone.tokenizer),
         config.head.template,
         head_spec(config.head, label_names),
         projection_spec(config.prompt, config.seed, search_sigma(config.optimizer)),
     )
-    return model, client.info.backbone_bytes
+    if config.prompt.generator is not None:  # Fed-BBPT: the client's generator writes the z it sends
+        return RemoteGeneratedClassifier(
+            *parts, z_generator(config.prompt, config.seed)
+        ), client.info.backbone_bytes
+    return RemoteIntrinsicClassifier(*parts), client.info.backbone_bytes
 
 
 def _tls(backbone: RemoteBackboneConfig) -> ssl.SSLContext:
