@@ -59,7 +59,7 @@ def layer_of(module: str) -> str:
         return "foundation"
     if module in ENTRY:
         return "entry"
-    if module == "fedprompt.config" or module.endswith(".config"):
+    if module in ("fedprompt.config", "fedprompt.config_checks") or module.endswith(".config"):
         return "configuration"
     return module.split(".")[1]
 

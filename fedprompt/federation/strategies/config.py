@@ -1,5 +1,5 @@
 """The ``strategy`` section: one configuration class per aggregation rule, each declaring what its
-strategy can do (``StrategySettings``), which the cross-section checks of ``fedprompt.config``
+strategy can do (``StrategySettings``), which the cross-section checks (``fedprompt.config_checks``)
 read instead of lists of kind names."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fedprompt.config_base import StrictModel
 
 class StrategySettings(StrictModel):
     """A strategy's configuration and what its strategy declares it can do. The cross-section
-    checks (``fedprompt.config``) read these declarations, never lists of kind names, so a new
+    checks (``fedprompt.config_checks``) read these declarations, never lists of kind names, so a new
     strategy states its needs here, beside its settings."""
 
     each_update: ClassVar[str | None] = None
