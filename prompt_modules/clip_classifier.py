@@ -18,35 +18,17 @@ from prompt_modules.visual_prompts import ImageInput
 PARTS = ("text", "image")
 
 
-class CLIPPromptClassifier(PromptModule):
-    """Owns a text side and an image side of prompts; logits are CLIP's scaled cosine similarities.
+class ClassSetClassifier(PromptModule):
+    """Owns what every CLIP classifier shares: the class set scored (the training classes, or
+    another one inside ``scoring(names)``), the memo of features computed without gradients, and
+    the image side's batch input (``image_input``, ``prepare_images``). A subclass sets ``image``."""
 
-    p(y = c | x) ∝ exp(s · cos(g_c, f(x)) + b): g_c from the text side (``FixedClassText``,
-    ``TextContext``, ``PromptGenerator``), f(x) from the image side (``FrozenImage``,
-    ``VisualTokenPrompt``, ``PixelPrompt``, ``CoupledVisualPrompt``), s = CLIP's logit scale (b
-    its bias, SigLIP-style models only). The state_dict holds the two sides' prompt state under
-    ``text.`` and ``image.``. ``part_settings`` gives each side its own optimiser settings
-    (``lr``, ``weight_decay``, ``momentum``), read by the trainer through ``param_groups``.
+    image: nn.Module
 
-    The class set scored is the training classes, or another one inside ``scoring(names)``
-    (base-to-novel evaluation). Without gradients, the class features of an unchanged prompt
-    state are computed once and reused across batches.
-    """
-
-    def __init__(
-        self,
-        backbone: OpenCLIPBackbone,
-        text: nn.Module,
-        image: nn.Module,
-        class_names: Sequence[str],
-        part_settings: Mapping[str, Mapping[str, float]] | None = None,
-    ) -> None:
+    def __init__(self, backbone: OpenCLIPBackbone, class_names: Sequence[str]) -> None:
         super().__init__(backbone)
         if not class_names:
             raise ValueError("a CLIP classifier needs at least one class name")
-        self._part_settings = checked_part_settings(part_settings, PARTS)
-        self.text = text
-        self.image = image
         self._classes = tuple(class_names)
         self._memo = FeatureMemo()
 
@@ -77,6 +59,35 @@ class CLIPPromptClassifier(PromptModule):
             yield
         finally:
             self._classes = previous
+
+
+class CLIPPromptClassifier(ClassSetClassifier):
+    """Owns a text side and an image side of prompts; logits are CLIP's scaled cosine similarities.
+
+    p(y = c | x) ∝ exp(s · cos(g_c, f(x)) + b): g_c from the text side (``FixedClassText``,
+    ``TextContext``, ``PromptGenerator``), f(x) from the image side (``FrozenImage``,
+    ``VisualTokenPrompt``, ``PixelPrompt``, ``CoupledVisualPrompt``), s = CLIP's logit scale (b
+    its bias, SigLIP-style models only). The state_dict holds the two sides' prompt state under
+    ``text.`` and ``image.``. ``part_settings`` gives each side its own optimiser settings
+    (``lr``, ``weight_decay``, ``momentum``), read by the trainer through ``param_groups``.
+
+    The class set scored is the training classes, or another one inside ``scoring(names)``
+    (base-to-novel evaluation). Without gradients, the class features of an unchanged prompt
+    state are computed once and reused across batches.
+    """
+
+    def __init__(
+        self,
+        backbone: OpenCLIPBackbone,
+        text: nn.Module,
+        image: nn.Module,
+        class_names: Sequence[str],
+        part_settings: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> None:
+        super().__init__(backbone, class_names)
+        self._part_settings = checked_part_settings(part_settings, PARTS)
+        self.text = text
+        self.image = image
 
     def class_features(self, full_length: bool = False) -> torch.Tensor:
         """Normalised text features [C, D] of the classes scored now."""

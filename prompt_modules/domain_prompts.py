@@ -9,17 +9,17 @@ scaled cosine similarities, as ``CLIPPromptClassifier``'s.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prompt_modules.base import Batch, PromptModule
+from prompt_modules.base import Batch
 from prompt_modules.clip_backbone import OpenCLIPBackbone
-from prompt_modules.clip_parts import FeatureMemo, checked_part_settings, part_param_groups
+from prompt_modules.clip_classifier import ClassSetClassifier
+from prompt_modules.clip_parts import checked_part_settings, part_param_groups
 from prompt_modules.clip_text_context import (
     ClassPosition,
     TextContext,
@@ -27,7 +27,7 @@ from prompt_modules.clip_text_context import (
     repeat_tokens,
     tokenize_classes,
 )
-from prompt_modules.visual_prompts import FrozenImage, ImageInput, VisualTokenPrompt, vpt_features
+from prompt_modules.visual_prompts import FrozenImage, VisualTokenPrompt, vpt_features
 
 DOMAIN = "domain"
 """Batch key of each example's domain (int64 [B]): the key (FedAPT) or text prompt (Fed-DPT) it trains."""
@@ -59,46 +59,9 @@ def keyed_contexts(context: torch.Tensor, keys: torch.Tensor, weights: torch.Ten
     return context + context * mixed
 
 
-class _DomainClassifier(PromptModule):
-    """What both classifiers share: the class set scored (``scoring``), the image side's input, and
-    CLIP's scaled similarities."""
-
-    def __init__(self, backbone: OpenCLIPBackbone, class_names: Sequence[str]) -> None:
-        super().__init__(backbone)
-        if not class_names:
-            raise ValueError("a CLIP classifier needs at least one class name")
-        self._classes = tuple(class_names)
-        self._memo = FeatureMemo()
-
-    image: nn.Module
-
-    @property
-    def num_classes(self) -> int:
-        return len(self._classes)
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self._classes
-
-    @property
-    def image_input(self) -> ImageInput:
-        """What the image side reads from a batch (and what is worth caching for it)."""
-        return self.image.input
-
-    @torch.no_grad()
-    def prepare_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The image side's batch input for preprocessed images: prompt-independent, so cacheable."""
-        return self.image.prepare(self.backbone, pixels)
-
-    @contextmanager
-    def scoring(self, class_names: Sequence[str]) -> Iterator[None]:
-        """Score against ``class_names`` inside the block, then go back."""
-        previous = self._classes
-        self._classes = tuple(class_names)
-        try:
-            yield
-        finally:
-            self._classes = previous
+class _DomainClassifier(ClassSetClassifier):
+    """What both classifiers share beyond the class set and the image side: the memo's version key
+    and CLIP's logit scale."""
 
     def _version_key(self) -> tuple:
         return (
