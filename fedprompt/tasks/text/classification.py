@@ -77,7 +77,6 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
     )
     trainer = _trainer(config, accelerator)
     rows = HostedRows.of_all_rows(parts, client_ids, len(train))
-    notes: dict = {}
     if isinstance(config.prompt, DeepPromptConfig) and config.prompt.select_layers is not None:
         if client_ids is not None:
             raise ConfigError(
