@@ -9,14 +9,8 @@ from collections.abc import Iterable
 import numpy as np
 import pytest
 
-from fedprompt.federation.secagg import (
-    ClientSession,
-    RingQuantizer,
-    SecAggError,
-    ServerSession,
-    combine_secret,
-    split_secret,
-)
+from fedprompt.federation.secagg import ClientSession, SecAggError, ServerSession
+from fedprompt.federation.secagg_primitives import RingQuantizer, combine_secret, split_secret
 
 ROUND = 4
 

@@ -27,7 +27,8 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from fedprompt.config import RunConfig
 from fedprompt.errors import PayloadError
 from fedprompt.federation.instructions import FitInstructions
-from fedprompt.federation.secagg import ClientSession, RingQuantizer, SecAggError
+from fedprompt.federation.secagg import ClientSession, SecAggError
+from fedprompt.federation.secagg_primitives import RingQuantizer
 from fedprompt.flower.records import payload_content, read_instructions, read_payload
 from fedprompt.flower.secure_records import (
     SECAGG_RECORD,

@@ -33,7 +33,8 @@ from flwr.serverapp import Grid
 from fedprompt.config import SecureAggregationConfig
 from fedprompt.errors import PayloadError
 from fedprompt.federation.payload import WIRE_DTYPES
-from fedprompt.federation.secagg import RingQuantizer, SecAggError, ServerSession
+from fedprompt.federation.secagg import SecAggError, ServerSession
+from fedprompt.federation.secagg_primitives import RingQuantizer
 from fedprompt.federation.server import RoundRecord
 from fedprompt.federation.state import State, Update
 from fedprompt.federation.update_pipeline import UpdateRejected
