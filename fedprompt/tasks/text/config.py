@@ -75,12 +75,17 @@ class RemoteBackboneConfig(StrictModel):
 
     @model_validator(mode="after")
     def _tls_fits(self) -> RemoteBackboneConfig:
-        if (self.client_certfile is None) != (self.client_keyfile is None):
-            raise ValueError("client_certfile and client_keyfile go together; give both or neither")
-        tls_fields = [name for name in ("ca_file", "client_certfile") if getattr(self, name) is not None]
-        if tls_fields and not self.url.startswith("https://"):
-            raise ValueError(f"{', '.join(tls_fields)} apply to https urls; url is {self.url!r}")
+        _check_tls_files(self)
         return self
+
+
+def _check_tls_files(endpoint: RemoteBackboneConfig | EndpointConfig) -> None:
+    """A client certificate comes with its key, and TLS files go with an https url only."""
+    if (endpoint.client_certfile is None) != (endpoint.client_keyfile is None):
+        raise ValueError("client_certfile and client_keyfile go together; give both or neither")
+    tls_fields = [name for name in ("ca_file", "client_certfile") if getattr(endpoint, name) is not None]
+    if tls_fields and not endpoint.url.startswith("https://"):
+        raise ValueError(f"{', '.join(tls_fields)} apply to https urls; url is {endpoint.url!r}")
 
 
 def _one_text_slot(template: str) -> str:
@@ -332,11 +337,7 @@ class EndpointConfig(StrictModel):
 
     @model_validator(mode="after")
     def _tls_fits(self) -> EndpointConfig:
-        if (self.client_certfile is None) != (self.client_keyfile is None):
-            raise ValueError("client_certfile and client_keyfile go together; give both or neither")
-        tls_fields = [name for name in ("ca_file", "client_certfile") if getattr(self, name) is not None]
-        if tls_fields and not self.url.startswith("https://"):
-            raise ValueError(f"{', '.join(tls_fields)} apply to https urls; url is {self.url!r}")
+        _check_tls_files(self)
         return self
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from fedprompt.config import (
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.tasks.text.ngrams import pmi_ngrams
 from fedprompt.tasks.text.parts import head_spec
+from fedprompt.tasks.text.remote import configured_tls
 from fedprompt.training.blackbox import projection_spec, search_sigma
 from prompt_modules.bundled import resolve_model_name
 from prompt_modules.embedding_table import load_embedding_table
@@ -42,7 +42,6 @@ from prompt_modules.llm_classifier import (
 )
 from prompt_modules.openai_client import EndpointSettings, OpenAICompatibleClient, ServerError
 from prompt_modules.openai_scorer import OpenAIScorer, VLLMScorer
-from prompt_modules.remote import tls_context
 from prompt_modules.soft_prompt import SoftPrompt, init_prompt_embeddings
 
 log = logging.getLogger("fedprompt.tasks.language_model")
@@ -239,7 +238,7 @@ def endpoint_client(endpoint: EndpointConfig) -> OpenAICompatibleClient:
         max_backoff=endpoint.max_backoff,
         max_wait=endpoint.max_wait,
         concurrency=endpoint.concurrency,
-        tls=_tls(endpoint) if endpoint.url.startswith("https://") else None,
+        tls=configured_tls(endpoint) if endpoint.url.startswith("https://") else None,
     )
     client = OpenAICompatibleClient(settings)
     _check_served_model(client, endpoint.model)
@@ -262,20 +261,6 @@ def _check_served_model(client: OpenAICompatibleClient, name: str) -> None:
     names = [item.get("id") for item in data or [] if isinstance(item, dict)]
     if names and name not in names:
         raise ConfigError(f"backbone.model: the server at {client.url} serves {names}, not {name!r}")
-
-
-def _tls(endpoint: EndpointConfig) -> ssl.SSLContext:
-    for name in ("ca_file", "client_certfile", "client_keyfile"):
-        path = getattr(endpoint, name)
-        if path is not None and not path.is_file():
-            raise ConfigError(f"backbone.{name}: {path} is not a file")
-    cert = None
-    if endpoint.client_certfile is not None and endpoint.client_keyfile is not None:
-        cert = (endpoint.client_certfile, endpoint.client_keyfile)
-    try:
-        return tls_context(endpoint.ca_file, cert)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"backbone.ca_file / client_certfile: the TLS files do not load: {exc}") from None
 
 
 @contextmanager

@@ -6,7 +6,13 @@ import os
 import ssl
 from collections.abc import Sequence
 
-from fedprompt.config import ConfigError, IntrinsicPromptConfig, RemoteBackboneConfig, RunConfig
+from fedprompt.config import (
+    ConfigError,
+    EndpointConfig,
+    IntrinsicPromptConfig,
+    RemoteBackboneConfig,
+    RunConfig,
+)
 from fedprompt.tasks.text.parts import head_spec, z_generator
 from fedprompt.training.blackbox import projection_spec, search_sigma
 from prompt_modules.hf_text import load_tokenizer
@@ -33,7 +39,7 @@ def build_remote_model(
         timeout=backbone.timeout,
         retries=backbone.retries,
         backoff=backbone.backoff,
-        tls=_tls(backbone) if backbone.url.startswith("https://") else None,
+        tls=configured_tls(backbone) if backbone.url.startswith("https://") else None,
     )
     parts = (
         client,
@@ -49,7 +55,7 @@ def build_remote_model(
     return RemoteIntrinsicClassifier(*parts), client.info.backbone_bytes
 
 
-def _tls(backbone: RemoteBackboneConfig) -> ssl.SSLContext:
+def configured_tls(backbone: RemoteBackboneConfig | EndpointConfig) -> ssl.SSLContext:
     """The TLS trust (and client certificate) the configuration names; ConfigError naming the field
     whose file is missing or does not load."""
     files = {
