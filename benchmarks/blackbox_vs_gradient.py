@@ -88,7 +88,11 @@ def gradient_config(args: argparse.Namespace, base: dict[str, Any]) -> dict[str,
 
 
 def blackbox_config(args: argparse.Namespace, base: dict[str, Any], rule: str) -> dict[str, Any]:
-    budget = args.popsize * args.cma_batch * args.generations
+    length = (
+        {"generations": args.generations, "score_on": "local-set"}
+        if args.score_on == "local-set"
+        else {"budget": args.popsize * args.cma_batch * args.generations}
+    )
     return {
         **base,
         "name": f"fedbpt-{rule}",
@@ -97,12 +101,20 @@ def blackbox_config(args: argparse.Namespace, base: dict[str, Any], rule: str) -
             "kind": "cmaes",
             "popsize": args.popsize,
             "sigma": 1.0,
-            "budget": budget,
+            **length,
             "batch_size": args.cma_batch,
             "chunk_size": args.chunk_size,
         },
-        "strategy": {"kind": "fedbpt", "rule": rule, "sigma_floor": 0.5},
+        "strategy": {"kind": "fedbpt", "rule": rule, "sigma_floor": 0.5, "sigma_decay": args.sigma_decay},
+        "federation": {**base["federation"], **acceptance(args)},
     }
+
+
+def acceptance(args: argparse.Namespace) -> dict[str, Any]:
+    """The black-box runs' held-out acceptance test (``--acceptance-per-class``), or nothing."""
+    if not args.acceptance_per_class:
+        return {}
+    return {"acceptance": {"held_out_per_class": args.acceptance_per_class, "score": args.acceptance_score}}
 
 
 def run(config: dict[str, Any]) -> tuple[RunResult, float]:
@@ -242,6 +254,24 @@ def main() -> None:
     parser.add_argument("--popsize", type=int, default=10)
     parser.add_argument("--cma-batch", type=int, default=32, help="examples per CMA-ES generation")
     parser.add_argument("--generations", type=int, default=3, help="local CMA-ES generations per round")
+    parser.add_argument(
+        "--score-on",
+        choices=["batch", "local-set"],
+        default="batch",
+        help="batch: each generation scores --cma-batch fresh examples; local-set: FedBPT's reference, "
+        "every generation on the whole local set (--cma-batch then only splits forward passes)",
+    )
+    parser.add_argument(
+        "--sigma-decay", type=float, default=1.0, help="FedBPT's σ schedule: σ sent down × this each round"
+    )
+    parser.add_argument(
+        "--acceptance-per-class",
+        type=int,
+        default=0,
+        help="black-box runs: training examples per class the server keeps back to accept a new global z "
+        "only when its held-out score is no worse (0: accept every round, the reference's)",
+    )
+    parser.add_argument("--acceptance-score", choices=["loss", "accuracy"], default="loss")
     parser.add_argument("--chunk-size", type=int, default=1, help="candidates per forward pass")
     parser.add_argument("--lr", type=float, default=0.01, help="gradient run's AdamW learning rate")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's)")

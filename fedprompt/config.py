@@ -37,6 +37,7 @@ from fedprompt.data.config import (
 from fedprompt.errors import ConfigError
 from fedprompt.execution.config import OutputConfig
 from fedprompt.federation.config import (
+    AcceptanceConfig,
     FederationConfig,
     PayloadConfig,
     PersonalizationConfig,
@@ -135,6 +136,7 @@ __all__ = [
     "SCORE_ON_HELP",
     "SPSA_PROMPT_KINDS",
     "STRATEGY_CONFIGS",
+    "AcceptanceConfig",
     "AdaptiveClippingConfig",
     "AugmentConfig",
     "BackboneConfig",

@@ -219,6 +219,25 @@ class CrossSectionChecks(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _acceptance_fits(self) -> Self:
+        """The held-out acceptance test is carved from a text task's training pool, and cannot undo
+        a round whose release a privacy accountant has counted."""
+        if self.federation.acceptance is None:
+            return self
+        if self.backbone.kind == "open-clip":
+            raise ValueError(
+                "federation.acceptance keeps a held-out set back from text classification's training "
+                "pool; it is not built for open-clip tasks. Remove it"
+            )
+        if self.privacy.kind != "none":
+            raise ValueError(
+                f"federation.acceptance with privacy.kind {self.privacy.kind}: a rejected round's updates "
+                "were still released to the server and spent privacy, which undoing the round would "
+                "leave uncounted. Remove federation.acceptance or privacy"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _drift_state_unclipped(self) -> Self:
         """A client that keeps state from its own update (control variates, FedDyn's linear term)
         must be seen by the server as it trained: no bound may clip the update after it."""

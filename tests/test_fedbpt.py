@@ -289,3 +289,30 @@ def test_fedbpt_never_produces_non_finite_state_from_any_finite_reports():
         assert 0 < strategy.sigma < math.inf
 
     check()
+
+
+def test_sigma_schedule_multiplies_each_rounds_sigma_before_the_floor():
+    mean_rule = FedBPT(initial_sigma=1.0, sigma_floor=0.1, rule="mean", sigma_decay=0.5)
+    updates = [update(0, [1.0, 2.0], 0.9, final=0.9, n=1), update(1, [4.0, -1.0], 0.1, final=0.6, n=3)]
+    mean_rule.aggregate({NAME: torch.zeros(2)}, updates)
+    rms = math.sqrt((0.81 + 3 * 0.36) / 4)
+    assert mean_rule.sigma == pytest.approx(0.5 * rms)
+    mean_rule.aggregate({NAME: torch.zeros(2)}, updates)  # min(σ, rms) is now σ: halved again
+    assert mean_rule.sigma == pytest.approx(0.25 * rms)
+    mean_rule.aggregate({NAME: torch.zeros(2)}, updates)
+    mean_rule.aggregate({NAME: torch.zeros(2)}, updates)
+    assert mean_rule.sigma == 0.1  # 0.0359… would be below the floor
+
+    cma_rule = FedBPT(initial_sigma=1.0, sigma_floor=0.0, sigma_decay=0.8)
+    steps = [update(0, [1.0, 0.0], 0.9, 2.0), update(1, [0.0, 2.0], 0.3, 4.0)]
+    cma_rule.aggregate({NAME: torch.zeros(2)}, steps)
+    before = math.sqrt((2.0 + 4.0) / 2 / 2)
+    told = cma_tell(
+        CMAState.initial(torch.zeros(2), before),
+        torch.tensor([[1.0, 0.0], [0.0, 2.0]]),
+        torch.tensor([0.9, 0.3]),
+    )
+    assert cma_rule.sigma == pytest.approx(0.8 * 1.0 * told.sigma / before)
+    for bad in (0.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match="sigma_decay must be in"):
+            FedBPT(initial_sigma=1.0, sigma_decay=bad)

@@ -517,3 +517,27 @@ def test_fedbpt_runs_on_the_flower_runtime_as_in_process(tmp_path):
     assert [r.get("clients_accepted") for r in result.history] == [None, 3, 3]
     down = [r["bytes_down_per_client"] for r in result.history[1:]]
     assert down == [r["bytes_down_per_client"] for r in expected.history[1:]]
+
+
+def test_held_out_acceptance_on_the_flower_runtime_gives_the_in_process_run(tmp_path):
+    # The ServerApp keeps the held-out rows back and scores each candidate; every site carves the
+    # same rows out of its partition. A refused round skips on both runtimes alike.
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=3, rounds=3)
+    config["prompt"] = {"kind": "intrinsic", "dim": 20, "num_tokens": 4}
+    config["optimizer"] = {"kind": "cmaes", "popsize": 6, "budget": 6 * 4, "batch_size": 4}  # noisy: refusals
+    config["strategy"] = {"kind": "fedbpt", "sigma_decay": 0.8}
+    config["federation"]["acceptance"] = {"held_out_per_class": 3}
+    app = write_app(tmp_path / "app", config)
+    cfg = load_config(app / "fedprompt.yaml")
+    expected = fedprompt.run(cfg, write=False)
+
+    client_app = build_client_app(app / "fedprompt.yaml")
+    grid = InMemoryGrid(client_app_nodes(client_app, range(3), {}))
+    result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
+
+    assert torch.equal(result.final_state["prompt.z"], expected.final_state["prompt.z"])
+    keys = ("acceptance_score", "acceptance_candidate_score", "acceptance_accepted", "aggregation_error")
+    assert [[r.get(k) for k in keys] for r in result.history] == [
+        [r.get(k) for k in keys] for r in expected.history
+    ]
+    assert [r["acceptance_accepted"] for r in result.history[1:]] == [1, 0, 1]  # round 2 was refused

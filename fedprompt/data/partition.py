@@ -274,3 +274,21 @@ def few_labels(labels: Labels, per_class: int, seed: int) -> npt.NDArray[np.bool
             kept[position] = True
             taken[label] = taken.get(label, 0) + 1
     return kept
+
+
+def held_out_split(
+    labels: Labels, per_class: int, seed: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The rows a server keeps back to score candidate global prompts (``per_class`` of each class, a
+    seeded choice) and the rest, which are partitioned among the clients: (held out, rest), each
+    ascending. Every class must keep at least one example for the clients."""
+    label_array = _as_labels(labels)
+    classes, counts = np.unique(label_array, return_counts=True)
+    short = {int(c): int(n) for c, n in zip(classes, counts, strict=True) if n <= per_class}
+    if short:
+        raise DataError(
+            f"federation.acceptance.held_out_per_class is {per_class}, which leaves no training example "
+            f"for the clients in classes {sorted(short)} (examples per class: {short}); lower it"
+        )
+    kept = few_labels(label_array, per_class, seed)
+    return np.flatnonzero(kept).astype(np.int64), np.flatnonzero(~kept).astype(np.int64)

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedprompt.config import ConfigError, RunConfig
 from fedprompt.errors import NoClientTrainedError
+from fedprompt.execution.acceptance import HeldOutAcceptance
 from fedprompt.execution.metrics import RunRecorder, client_rows, evaluate_round, round_metrics
 from fedprompt.execution.results import RunDirectory, RunResult
 from fedprompt.federation.client_state import MemoryClientStates
@@ -45,7 +46,7 @@ def make_server(experiment: Experiment, config: RunConfig, client_ids: Sequence[
             known, config.robustness.max_examples, max_ratio=config.robustness.max_weight_ratio
         ),
         max_update_norm=config.robustness.max_update_norm,
-        stages=build_stages(config),
+        stages=build_stages(config, experiment),
         poisson_sampling=config.privacy.kind == "central" and config.privacy.sampling == "poisson",
         system_sampling=config.privacy.kind == "central" and config.privacy.noise_seed == "system",
     )
@@ -138,10 +139,18 @@ def _fit_client(experiment: Experiment, server: Server, record: RoundRecord, cid
     server.receive(record, cid, uplink)
 
 
-def build_stages(config: RunConfig) -> list[AggregationStage]:
+def build_stages(config: RunConfig, experiment: Experiment) -> list[AggregationStage]:
     """The aggregation stages the configuration asks for: differential privacy's noise and
-    accountant (``privacy``)."""
-    return privacy_stages(config)
+    accountant (``privacy``), then the held-out acceptance test (``federation.acceptance``)."""
+    stages = privacy_stages(config)
+    acceptance = config.federation.acceptance
+    if acceptance is not None:
+        stages.append(
+            HeldOutAcceptance(
+                experiment, acceptance.score, acceptance.tolerance, config.runtime.eval_batch_size
+            )
+        )
+    return stages
 
 
 def _brief(row: dict[str, Any]) -> str:

@@ -11,14 +11,48 @@ from pydantic import Field
 from fedprompt.config_base import StrictModel, WireDtype
 
 
+class AcceptanceConfig(StrictModel):
+    """The server's acceptance test of each round's new global prompt on a held-out set it keeps.
+
+    Before partitioning, ``held_out_per_class`` training examples of every class (a seeded choice)
+    go to the server and to no client. After each aggregation the server scores the candidate
+    global prompt on them and keeps it only when its score is no worse than the current global
+    prompt's (within ``tolerance``); otherwise the round is skipped and the global prompt and every
+    piece of server state (a FedBPT global CMA-ES, its σ) stay as they were. FedBPT at BBT's 50
+    tokens drifts down after its best round; this is the guard against that drift.
+    """
+
+    held_out_per_class: int = Field(
+        ge=1,
+        description="Training examples per class the server keeps back (no client holds them) to score "
+        "each candidate global prompt.",
+    )
+    score: Literal["loss", "accuracy"] = Field(
+        "loss",
+        description="loss: the mean cross-entropy on the held-out set (lower is better; smoother than "
+        "accuracy on a small set); accuracy: the share classified right.",
+    )
+    tolerance: float = Field(
+        0.0,
+        ge=0,
+        description="How much worse than the current global prompt's score a candidate's may be and "
+        "still be accepted (in the score's units).",
+    )
+
+
 class FederationConfig(StrictModel):
-    """Rounds and client sampling."""
+    """Rounds and client sampling, and the server's acceptance test of each new global prompt."""
 
     rounds: int = Field(5, ge=1)
     fraction: float = Field(1.0, gt=0, le=1, description="Share of clients sampled each round.")
     min_clients: int = Field(2, ge=1, description="Fewest clients sampled in a round.")
     evaluate_every: int = Field(1, ge=1, description="Evaluate the global prompt every this many rounds.")
     local_evaluation: bool = Field(True, description="Also evaluate on each client's own held-out split.")
+    acceptance: AcceptanceConfig | None = Field(
+        None,
+        description="Score each new global prompt on a held-out set the server keeps, and keep the "
+        "previous one when the score gets worse (null: accept every aggregate).",
+    )
 
     def clients_per_round(self, num_clients: int) -> int:
         """How many of ``num_clients`` clients every round samples

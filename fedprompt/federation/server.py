@@ -32,6 +32,11 @@ class AggregationFailed(RuntimeError):
     finite global state; the round is skipped and the global prompt stays as it was."""
 
 
+class CandidateRejected(AggregationFailed):
+    """A stage's acceptance test refused the round's new global state (e.g. it scores worse on the
+    server's held-out set): the round is skipped like a failed aggregation, logged as a decision."""
+
+
 @dataclass
 class RoundRecord:
     """What happened to each sampled client in one round, and to the round's aggregation."""
@@ -244,6 +249,10 @@ class Server:
             saved = self._server_state()
             try:
                 new_state = self._aggregate(record)
+            except CandidateRejected as exc:
+                self._restore_server_state(saved)
+                record.aggregation_error = f"{type(exc).__name__}: {exc}"
+                log.warning("round %d: %s; the global prompt stays as it was", record.round, exc)
             except (ValueError, ArithmeticError, RuntimeError) as exc:
                 self._restore_server_state(saved)
                 record.aggregation_error = f"{type(exc).__name__}: {exc}"

@@ -252,7 +252,7 @@ class FedPromptStrategy(Strategy):
                 f"rejected: {record.rejected}"
             )
         self.server.aggregate(record)
-        return self.global_arrays(), MetricRecord(round_metrics(self.server, record))
+        return self.global_arrays(), MetricRecord(numeric_metrics(round_metrics(self.server, record)))
 
     def global_arrays(self) -> ArrayRecord:
         """The global prompt state as an ArrayRecord of fp32 safetensors bytes."""
@@ -345,3 +345,9 @@ def _read_eval_metrics(content: RecordDict) -> dict[str, float] | None:
     if accuracies:
         raise PayloadError(f"{EVAL_RECORD!r}: {accuracies} must lie in [0, 1]")
     return {key.replace("-", "_"): float(value) for key, value in values.items()}
+
+
+def numeric_metrics(row: dict[str, Any]) -> dict[str, int | float]:
+    """The numbers of a round's metrics row, what a Flower MetricRecord holds (a skipped round's
+    ``aggregation_error`` text stays in the run's own history, which the ServerApp writes)."""
+    return {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}

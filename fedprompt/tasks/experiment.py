@@ -35,8 +35,9 @@ class EvalSet:
 @dataclass
 class Experiment:
     """Owns what a runtime drives: the shared prompt module on its frozen backbone (one per process),
-    the clients and their carried states, the server's held-out test data, the strategy, the
-    split of the prompt into its aggregated and local parts, and the device."""
+    the clients and their carried states, the server's held-out test data (and the set it accepts
+    new global prompts on), the strategy, the split of the prompt into its aggregated and local
+    parts, and the device."""
 
     model: PromptModule
     clients: dict[int, Client]
@@ -54,6 +55,9 @@ class Experiment:
     client_states: ClientStateStore = field(default_factory=MemoryClientStates)
     fine_tuning: FineTuning | None = None
     """The fine-tune-after-federation baseline evaluated with each client (personalization.finetune_steps)."""
+    acceptance_data: TensorData | None = None
+    """The held-out set the server scores each candidate global prompt on (``federation.acceptance``),
+    kept back from the training pool before partitioning: no client holds it."""
     client_domains: dict[int, int] | None = None
     """Each client's domain, as the partition made it (``partition.kind: domains``; every client of
     the run, hosted here or not), for strategies that keep a prompt per domain."""

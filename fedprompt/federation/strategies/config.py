@@ -145,7 +145,9 @@ class FedBPTConfig(StrategySettings):
     CMA-ES's step-size change, σ ← max(sigma_floor, σ · σ_after/σ_g). rule ``mean``: the
     example-weighted mean of the clients' z; σ ← max(sigma_floor, min(σ, the clients' RMS final σ)).
     A client's report is rejected when its loss is not in [0, max_loss] or its step sizes are not
-    within a factor max_sigma_ratio of the σ it was sent.
+    within a factor max_sigma_ratio of the σ it was sent. ``sigma_decay`` < 1 is a σ schedule on top
+    of either rule: each aggregated round also multiplies the σ sent down by it (never below
+    sigma_floor), so late rounds search closer to the global z.
     """
 
     each_update = "each client's CMA-ES search state and losses (its CMA rule)"
@@ -165,6 +167,13 @@ class FedBPTConfig(StrategySettings):
         gt=1,
         description="A client's final σ and √(Σ_t σ_t²/μ) must lie within this factor of the σ it was sent "
         "(honest: about √(generations/μ), 2 in the reference's setting).",
+    )
+    sigma_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="σ schedule: each aggregated round multiplies the σ sent down by this factor, after the "
+        "rule and never below sigma_floor (1: no schedule, the reference's).",
     )
 
 

@@ -64,6 +64,10 @@ class FedBPT(Strategy):
        it just floored); fedprompt applies the floor, as the reference evidently intends, and
        ``sigma_floor = 0`` gives the reference's effective rule.
 
+    A σ schedule on top of either rule (``sigma_decay`` δ ≤ 1): the σ the rule gives is multiplied
+    by δ each aggregated round before the floor, σ ← max(σ_floor, δ · σ_rule); δ = 1 is the
+    reference's. A skipped round (no update, a refused candidate) leaves σ as it was.
+
     Rule ``mean`` (the simpler comparison): the new global z is the example-weighted mean
     Σ_k n_k z_k / Σ_k n_k (FedAvg on z) and σ sent down ← max(σ_floor, min(σ_down, σ_rms)) with
     σ_rms = √(Σ_k n_k σ_k² / Σ_k n_k) over the clients' final local σ.
@@ -86,6 +90,7 @@ class FedBPT(Strategy):
         rule: FedBPTRule = "cma",
         max_loss: float = 100.0,
         max_sigma_ratio: float = 10.0,
+        sigma_decay: float = 1.0,
     ) -> None:
         if rule not in get_args(FedBPTRule):
             raise ValueError(f"FedBPT rule must be one of {list(get_args(FedBPTRule))}, got {rule!r}")
@@ -96,6 +101,8 @@ class FedBPT(Strategy):
             raise ValueError(f"FedBPT sigma_floor must be a number >= 0, got {sigma_floor}")
         if not (math.isfinite(max_sigma_ratio) and max_sigma_ratio > 1):
             raise ValueError(f"FedBPT max_sigma_ratio must be a number > 1, got {max_sigma_ratio}")
+        if not (math.isfinite(sigma_decay) and 0 < sigma_decay <= 1):
+            raise ValueError(f"FedBPT sigma_decay must be in (0, 1], got {sigma_decay}")
         if sigma_floor > initial_sigma:
             raise ValueError(f"FedBPT sigma_floor ({sigma_floor}) exceeds initial_sigma ({initial_sigma})")
         self.initial_sigma = float(initial_sigma)
@@ -103,6 +110,7 @@ class FedBPT(Strategy):
         self.rule = rule
         self.max_loss = float(max_loss)
         self.max_sigma_ratio = float(max_sigma_ratio)
+        self.sigma_decay = float(sigma_decay)
         self.sigma = float(initial_sigma)
         self._cma: CMAState | None = None
 
@@ -153,7 +161,7 @@ class FedBPT(Strategy):
             mean = weighted_mean(updates)[name]
             total = sum(u.num_examples for u in updates)
             rms = math.sqrt(sum(u.num_examples * float(u.extras[FINAL_SIGMA]) ** 2 for u in updates) / total)
-            self.sigma = max(self.sigma_floor, min(self.sigma, rms))
+            self.sigma = max(self.sigma_floor, self.sigma_decay * min(self.sigma, rms))
             return {name: mean.to(torch.float32)}
 
         cma = self._cma if self._cma is not None else CMAState.initial(global_state[name], self.sigma)
@@ -184,7 +192,7 @@ class FedBPT(Strategy):
         except (ValueError, RuntimeError) as exc:  # cannot happen with bounded inputs: the last guard
             log.warning("FedBPT: the global CMA-ES update failed (%s); z and the search state stay", exc)
             return {name: global_state[name].clone()}
-        sigma = max(self.sigma_floor, self.sigma * told.sigma / before)
+        sigma = max(self.sigma_floor, self.sigma_decay * self.sigma * told.sigma / before)
         new_mean = told.mean.to(torch.float32)
         finite = all(bool(torch.isfinite(t).all()) for t in told.to_tensors().values())
         if not (finite and bool(torch.isfinite(new_mean).all()) and math.isfinite(sigma) and sigma > 0):

@@ -122,6 +122,7 @@ def _fedbpt(config: FedBPTConfig, setup: StrategySetup) -> Strategy:
         rule=config.rule,
         max_loss=config.max_loss,
         max_sigma_ratio=config.max_sigma_ratio,
+        sigma_decay=config.sigma_decay,
     )
 
 

@@ -23,7 +23,7 @@ from fedprompt.config import (
     ZooPFLPromptConfig,
 )
 from fedprompt.data.loading import load_text_classification
-from fedprompt.data.partition import partition_indices
+from fedprompt.data.partition import held_out_split, partition_indices
 from fedprompt.federation.strategies.fedkseed import kseed_setup
 from fedprompt.federation.strategies.registry import build_strategy
 from fedprompt.seeding import derive_seed, torch_generator
@@ -72,6 +72,14 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
 
     with _checked_against_the_model("head.template"):
         train, test = tensors(data.train), tensors(data.test)
+    acceptance_data = None
+    if config.federation.acceptance is not None:
+        held_out, rest = held_out_split(
+            train.labels.numpy(),
+            config.federation.acceptance.held_out_per_class,
+            seed=derive_seed(config.seed, "acceptance-held-out"),
+        )
+        acceptance_data, train = train.subset(held_out), train.subset(rest)
     parts = partition_indices(
         train.labels.numpy(), config.partition, seed=derive_seed(config.seed, "partition")
     )
@@ -92,7 +100,7 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         notes.update({"prompt_layers": chosen, "layer_scores": scores})
     cache_layer = _cached_layer(config, model)
     if cache_layer:
-        for dataset in (train, test):
+        for dataset in (train, test, *([acceptance_data] if acceptance_data is not None else [])):
             dataset.tensors[LAYER_INPUT] = _layer_inputs(
                 model, dataset.tensors, config.runtime.eval_batch_size, accelerator.device
             )
@@ -114,6 +122,7 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
         backbone_bytes=backbone_bytes,
         label_names=list(data.label_names),
         notes=notes,
+        acceptance_data=acceptance_data,
     )
 
 
