@@ -30,8 +30,6 @@ from fedprompt.federation.state import State
 PREFIX = "co_plan/"
 """Carried-state prefix of the planner's records."""
 
-NOT_TRIED = float("nan")
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -57,17 +55,17 @@ def layer_passes(forward_only: int, trained: int, forward_layers: int, backward_
 @dataclass
 class PlannerRecords:
     """What a client's planner knows: for each candidate, the gain per unit of cost its last try
-    achieved (NaN: not tried yet), and the round in flight: which candidate it ran (−1: none), the
+    achieved (None: not tried yet), and the round in flight: which candidate it ran (−1: none), the
     score it started from and the compute it spent."""
 
-    ratios: list[float]
+    ratios: list[float | None]
     last: int = -1
     last_score: float = 0.0
     last_cost: float = 0.0
 
     @classmethod
     def fresh(cls, count: int) -> PlannerRecords:
-        return cls([NOT_TRIED] * count)
+        return cls([None] * count)
 
     def observe(self, score: float) -> float | None:
         """Credit the candidate in flight with the gain ``score − last_score`` per unit of its cost;
@@ -80,9 +78,9 @@ class PlannerRecords:
 
     def choose(self) -> int:
         """The first untried candidate; once all were tried, the highest ratio (the earliest of equals)."""
-        for index, ratio in enumerate(self.ratios):
-            if ratio != ratio:  # NaN: not tried
-                return index
+        untried = [index for index, ratio in enumerate(self.ratios) if ratio is None]
+        if untried:
+            return untried[0]
         return max(range(len(self.ratios)), key=lambda i: (self.ratios[i], -i))
 
     def begin(self, index: int, score: float, cost: float) -> None:
@@ -92,9 +90,11 @@ class PlannerRecords:
         self.last, self.last_score, self.last_cost = index, score, cost
 
     def to_state(self) -> State:
-        """The records as carried state (float64, so a resumed planner compares the same numbers)."""
+        """The records as carried state (float64, so a resumed planner compares the same numbers;
+        ``tried`` 1 where a candidate has a ratio, whose entry is 0 otherwise)."""
         return {
-            PREFIX + "ratios": torch.tensor(self.ratios, dtype=torch.float64),
+            PREFIX + "ratios": torch.tensor([r or 0.0 for r in self.ratios], dtype=torch.float64),
+            PREFIX + "tried": torch.tensor([r is not None for r in self.ratios], dtype=torch.float64),
             PREFIX + "last": torch.tensor([self.last, self.last_score, self.last_cost], dtype=torch.float64),
         }
 
@@ -102,10 +102,18 @@ class PlannerRecords:
     def from_state(cls, carried: State, count: int) -> PlannerRecords:
         """The records a client carried (fresh ones when it carries none), checked against a grid of
         ``count`` candidates."""
-        ratios, last = carried.get(PREFIX + "ratios"), carried.get(PREFIX + "last")
-        if ratios is None and last is None:
+        parts = [carried.get(PREFIX + name) for name in ("ratios", "tried", "last")]
+        if all(part is None for part in parts):
             return cls.fresh(count)
-        if ratios is None or last is None or ratios.shape != (count,) or last.shape != (3,):
+        ratios, tried, last = parts
+        if (
+            ratios is None
+            or tried is None
+            or last is None
+            or ratios.shape != (count,)
+            or tried.shape != (count,)
+            or last.shape != (3,)
+        ):
             raise ValueError(
                 f"the carried co-planner records do not fit a grid of {count} candidates; resume with the "
                 "co_planning grid the run started with"
@@ -113,4 +121,5 @@ class PlannerRecords:
         index, score, cost = (float(v) for v in last.to(torch.float64))
         if index != int(index) or not -1 <= index < count:
             raise ValueError(f"the carried co-planner records name candidate {index} of {count}")
-        return cls([float(r) for r in ratios.to(torch.float64)], int(index), score, cost)
+        kept = [float(r) if bool(t) else None for r, t in zip(ratios.to(torch.float64), tried, strict=True)]
+        return cls(kept, int(index), score, cost)

@@ -238,18 +238,10 @@ class PseudoLabelConfig(StrictModel):
     co_planning: CoPlanningConfig | None = Field(
         None,
         description="FeS's co-planner: each round each client picks how many of a deep prompt's top "
-        "layers train and how many pseudo-labels it admits, by accuracy gain per unit of compute; "
-        "null: every prompted layer trains at `pace`.",
+        "layers train and how many pseudo-labels it admits, by accuracy gain per unit of compute "
+        "(its capacities replace `pace`, which it does not read); null: every prompted layer trains "
+        "at `pace`.",
     )
-
-    @model_validator(mode="after")
-    def _one_pace(self) -> PseudoLabelConfig:
-        if self.co_planning is not None and "pace" in self.model_fields_set:
-            raise ValueError(
-                "co_planning.capacities are the paces the co-planner chooses from; remove pace "
-                f"({self.pace}) or put it among the capacities"
-            )
-        return self
 
 
 class AugmentConfig(StrictModel):
