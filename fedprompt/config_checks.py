@@ -37,6 +37,7 @@ from fedprompt.tasks.clip.config import (
 from fedprompt.tasks.text.config import (
     LLM_BACKBONE_KINDS,
     SPSA_PROMPT_KINDS,
+    DeepPromptConfig,
     DiscretePromptConfig,
     IntrinsicPromptConfig,
     SimilarityHeadConfig,
@@ -215,6 +216,21 @@ class CrossSectionChecks(StrictModel):
             raise ValueError(
                 "pseudo_labels trains by gradient on a local text backbone; use backbone.kind hf-text and "
                 "optimizer.kind gradient"
+            )
+        plan = self.pseudo_labels.co_planning
+        if plan is None:
+            return self
+        if not isinstance(self.prompt, DeepPromptConfig):
+            raise ValueError(
+                "pseudo_labels.co_planning plans which of a deep prompt's layers train; with "
+                f"prompt.kind {self.prompt.kind} there are no layers to choose from. Use prompt.kind deep or "
+                "remove co_planning"
+            )
+        rows = len(self.prompt.layers) if self.prompt.layers is not None else self.prompt.select_layers
+        if rows is not None and max(plan.depths) > rows:
+            raise ValueError(
+                f"pseudo_labels.co_planning.depths: {max(plan.depths)} layers cannot train in a prompt of "
+                f"{rows} layers; keep the depths at most {rows}"
             )
         return self
 

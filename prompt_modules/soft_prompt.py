@@ -155,7 +155,42 @@ def _layer_ids(layer_ids: Sequence[int] | None, start_layer: int, rows: int) -> 
     return tuple(int(i) for i in layer_ids)
 
 
-class DeepPrompt(nn.Module):
+class LayeredPrompt(nn.Module):
+    """The part every deep prompt shares: one row of its trainable tensor per prompted layer, the
+    layers the rows belong to, and ``held_layers``, how many of the lowest rows a forward pass holds
+    at their values (cut from the autograd graph: no gradient reaches them, and since nothing below
+    them trains, the backward pass stops at the lowest trained layer). FeS's co-planner sets it per
+    round to train only the top layers; 0, the default, trains every row."""
+
+    start_layer: int
+    layer_ids: tuple[int, ...] | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held_layers = 0
+
+    @property
+    def layer_parameter(self) -> nn.Parameter:
+        """The trainable tensor, one row per prompted layer."""
+        raise NotImplementedError
+
+    @property
+    def prompted_layers(self) -> tuple[int, ...]:
+        """The model layers the rows belong to, ascending."""
+        rows = self.layer_parameter.shape[0]
+        return self.layer_ids or tuple(range(self.start_layer, self.start_layer + rows))
+
+    def _rows(self) -> torch.Tensor:
+        """The trainable tensor with its ``held_layers`` lowest rows detached (the same values)."""
+        tensor, held = self.layer_parameter, self.held_layers
+        if not 0 <= held < tensor.shape[0]:
+            raise ValueError(
+                f"held_layers is {held}; a prompt of {tensor.shape[0]} layers trains at least one"
+            )
+        return tensor if held == 0 else torch.cat([tensor[:held].detach(), tensor[held:]])
+
+
+class DeepPrompt(LayeredPrompt):
     """Owns one trainable prompt per prompted layer, as replaced hidden states (deep mode
     ``replace``, VPT-deep style): the layers from ``start_layer`` up, or the ``layer_ids`` given.
 
@@ -173,11 +208,15 @@ class DeepPrompt(nn.Module):
         self.layer_ids = _layer_ids(layer_ids, start_layer, init.shape[0])
         self.layers = nn.Parameter(init.clone())
 
+    @property
+    def layer_parameter(self) -> nn.Parameter:
+        return self.layers
+
     def forward(self) -> TextPrompt:
-        return TextPrompt(layers=self.layers, start_layer=self.start_layer, layer_ids=self.layer_ids)
+        return TextPrompt(layers=self._rows(), start_layer=self.start_layer, layer_ids=self.layer_ids)
 
 
-class PrefixPrompt(nn.Module):
+class PrefixPrompt(LayeredPrompt):
     """Owns trainable key/value prefixes for each prompted layer (deep mode ``prefix``, P-tuning
     v2): ``prefix`` [n, 2, kv_heads, m, head_dim] holds the keys (index 0) and values (index 1)
     that layer ``start_layer + i``'s attention (or ``layer_ids[i]``'s: any set of layers, as
@@ -208,7 +247,11 @@ class PrefixPrompt(nn.Module):
         self.prefix = nn.Parameter(init.clone())
         self.dropout = nn.Dropout(dropout)
 
+    @property
+    def layer_parameter(self) -> nn.Parameter:
+        return self.prefix
+
     def forward(self) -> TextPrompt:
         return TextPrompt(
-            prefix=self.dropout(self.prefix), start_layer=self.start_layer, layer_ids=self.layer_ids
+            prefix=self.dropout(self._rows()), start_layer=self.start_layer, layer_ids=self.layer_ids
         )

@@ -53,6 +53,22 @@ def check_deep_layers(config: DeepPromptConfig, num_layers: int) -> None:
         )
 
 
+def check_co_planning_depths(depths: list[int], prompt: DeepPromptConfig, num_layers: int) -> None:
+    """FeS's co-planner can train at most the deep prompt's layers (every layer from start_layer up,
+    the `layers` given, or the `select_layers` chosen)."""
+    if prompt.layers is not None:
+        rows = len(prompt.layers)
+    elif prompt.select_layers is not None:
+        rows = prompt.select_layers
+    else:
+        rows = num_layers - prompt.start_layer
+    if max(depths) > rows:
+        raise ConfigError(
+            f"pseudo_labels.co_planning.depths: {max(depths)} layers cannot train in a prompt of {rows} "
+            f"layers; keep the depths at most {rows}"
+        )
+
+
 def vpt_layers(config: VPTPromptConfig, total: int, field: str) -> int:
     """How many of a vision tower's ``total`` layers get their own visual prompt tokens (checked)."""
     if config.start_layer >= total:
@@ -109,6 +125,8 @@ def check_model_fields(config: RunConfig) -> None:
         num_layers = text_layer_count(backbone)
         if num_layers is not None:
             check_deep_layers(prompt, num_layers)
+            if config.pseudo_labels is not None and config.pseudo_labels.co_planning is not None:
+                check_co_planning_depths(config.pseudo_labels.co_planning.depths, prompt, num_layers)
     if isinstance(backbone, OpenCLIPBackboneConfig):
         text = prompt.text if isinstance(prompt, TwinPromptConfig) else prompt
         if isinstance(text, CoOpPromptConfig) and text.init == "text":

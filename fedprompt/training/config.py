@@ -173,6 +173,38 @@ class PartOptimizerConfig(StrictModel):
     momentum: float | None = Field(None, ge=0, lt=1, description="sgd only.")
 
 
+class CoPlanningConfig(StrictModel):
+    """FeS's co-planning of training depth and pseudo-label capacity for a deep prompt, on each
+    client, each round. The candidates are every (depth, capacity) pair, depths outer: depth d trains
+    the top d of the prompt's layers (the ones below are held at the values the round started from,
+    bit for bit, and the backward pass stops above them); capacity c replaces `pace` (the round admits
+    the curriculum's count at pace c). A client first tries each candidate once, in grid order; from
+    then on it takes the one whose last try gained the most accuracy per unit of compute: the gain is
+    the rise of the received global prompt's soft accuracy (mean probability of the true label) on
+    its labelled examples from that round to the next, the compute the transformer-layer passes the
+    round ran (annotation, scoring and training forward passes, backward passes counted twice). Ties
+    go to the earlier candidate. The records are client state: checkpointed, resumed, never sent."""
+
+    depths: list[int] = Field(
+        min_length=1,
+        description="Candidate training depths: how many of the deep prompt's top prompted layers "
+        "train in a round (each from 1 to the number of prompted layers).",
+    )
+    capacities: list[float] = Field(
+        min_length=1,
+        description="Candidate pseudo-label capacities, each a pace in (0, 1]: the round admits "
+        "min(⌊c·r·U⌋, U) pseudo-labels (curriculum) or ⌊c·U⌋ (fixed).",
+    )
+
+    @model_validator(mode="after")
+    def _grid(self) -> CoPlanningConfig:
+        if any(d < 1 for d in self.depths) or len(set(self.depths)) != len(self.depths):
+            raise ValueError(f"depths must be distinct layer counts >= 1; got {self.depths}")
+        if any(not 0 < c <= 1 for c in self.capacities) or len(set(self.capacities)) != len(self.capacities):
+            raise ValueError(f"capacities must be distinct paces in (0, 1]; got {self.capacities}")
+        return self
+
+
 class PseudoLabelConfig(StrictModel):
     """FeS's pseudo-labelling (Cai et al., "Federated Few-Shot Learning for Mobile NLP"): each round a
     client labels its unlabelled examples with the global prompt it received and trains on its
@@ -202,6 +234,13 @@ class PseudoLabelConfig(StrictModel):
     )
     vote_neighbours: int = Field(
         150, ge=1, description="vote-k's k: each example votes for its k most similar (the reference's 150)."
+    )
+    co_planning: CoPlanningConfig | None = Field(
+        None,
+        description="FeS's co-planner: each round each client picks how many of a deep prompt's top "
+        "layers train and how many pseudo-labels it admits, by accuracy gain per unit of compute "
+        "(its capacities replace `pace`, which it does not read); null: every prompted layer trains "
+        "at `pace`.",
     )
 
 

@@ -22,9 +22,12 @@ import torch
 from fedprompt.config import PseudoLabelConfig
 from fedprompt.seeding import derive_seed
 from fedprompt.training.batching import TensorData
+from fedprompt.training.co_planning import PlannerRecords, candidates, layer_passes
 from fedprompt.training.gradient import GradientTrainer, LocalRound
 from optimizers.base import OptimizationStats
 from prompt_modules.base import PromptModule
+from prompt_modules.soft_prompt import LayeredPrompt
+from prompt_modules.text_classifier import LAYER_INPUT
 
 UNLABELLED = -1
 """The label an unlabelled example carries (its true label is not on the client)."""
@@ -131,7 +134,14 @@ class PseudoLabelTrainer(GradientTrainer):
     the global prompt it starts from (eval mode, no gradients), admits pseudo-labels by
     ``select_pseudo_labels`` (seeded by the round's seed) and trains by gradient on its labelled
     examples and the admitted ones together. Reports how many it admitted and their mean
-    confidence; the pseudo-labels themselves go nowhere."""
+    confidence; the pseudo-labels themselves go nowhere.
+
+    With ``co_planning`` the round first plans (``fedprompt.training.co_planning``): it scores the
+    received prompt on the labelled examples, credits its previous plan with the gain, picks this
+    round's depth and capacity, trains only the top ``depth`` layers of the deep prompt (the others
+    come back bit for bit as they started) at pace ``capacity``, and carries its records forward;
+    it reports the plan (``plan_depth``, ``plan_capacity``, ``plan_cost``, ``plan_score`` and, from
+    its second round, ``plan_gain``)."""
 
     def __init__(self, *args, pseudo: PseudoLabelConfig, eval_batch_size: int = 64, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -139,13 +149,20 @@ class PseudoLabelTrainer(GradientTrainer):
         self.eval_batch_size = eval_batch_size
 
     def train(self, model: PromptModule, data: TensorData, local: LocalRound) -> OptimizationStats:
+        if self.pseudo.co_planning is not None:
+            return self._co_planned(model, data, local)
+        return self._train_with(model, data, local, self.pseudo)
+
+    def _train_with(
+        self, model: PromptModule, data: TensorData, local: LocalRound, pseudo: PseudoLabelConfig
+    ) -> OptimizationStats:
         unlabelled = local.unlabelled
         if unlabelled is None or len(unlabelled) == 0:
             return super().train(model, data, local)
         probabilities = self._predict(model, unlabelled)
         rng = np.random.default_rng(derive_seed(local.instructions.seed, "pseudo-labels"))
         counts = labelled_counts(data.labels, probabilities.shape[1])
-        chosen = select_pseudo_labels(probabilities, local.instructions.round, counts, self.pseudo, rng)
+        chosen = select_pseudo_labels(probabilities, local.instructions.round, counts, pseudo, rng)
         combined = data
         if len(chosen.indices):
             admitted = unlabelled.subset(chosen.indices)
@@ -156,6 +173,63 @@ class PseudoLabelTrainer(GradientTrainer):
         if len(chosen.indices):
             stats.extra["pseudo_label_confidence"] = float(chosen.confidence.mean())
         return stats
+
+    def _co_planned(self, model: PromptModule, data: TensorData, local: LocalRound) -> OptimizationStats:
+        assert self.pseudo.co_planning is not None
+        prompt = getattr(model, "prompt", None)
+        if not isinstance(prompt, LayeredPrompt):
+            raise TypeError(
+                f"co-planning trains a deep prompt's top layers; this model's prompt is {prompt!r}"
+            )
+        grid = candidates(self.pseudo.co_planning)
+        layers = prompt.prompted_layers
+        if max(plan.depth for plan in grid) > len(layers):
+            raise ValueError(
+                f"co-planning depths {self.pseudo.co_planning.depths} exceed the {len(layers)} layers"
+            )
+        records = PlannerRecords.from_state(local.carried, len(grid))
+        score = self._soft_accuracy(model, data)
+        gain = records.observe(score)
+        choice = records.choose()
+        plan = grid[choice]
+        held = len(layers) - plan.depth
+        start = prompt.layer_parameter.detach().clone()
+        prompt.held_layers = held
+        try:
+            stats = self._train_with(
+                model, data, local, self.pseudo.model_copy(update={"pace": plan.capacity})
+            )
+        finally:
+            prompt.held_layers = 0
+        with torch.no_grad():
+            prompt.layer_parameter[:held].copy_(start[:held])  # weight decay and kept moments move them too
+        num_layers = model.backbone.num_layers
+        forward = num_layers - (getattr(model, "cached_layer", 0) if LAYER_INPUT in data.tensors else 0)
+        annotated = 0 if local.unlabelled is None else len(local.unlabelled)
+        cost = layer_passes(annotated + len(data), stats.examples, forward, num_layers - layers[held])
+        records.begin(choice, score, cost)
+        local.carry_out.update(records.to_state())
+        stats.extra.update(
+            {
+                "plan_depth": float(plan.depth),
+                "plan_capacity": plan.capacity,
+                "plan_cost": cost,
+                "plan_score": score,
+            }
+        )
+        if gain is not None:
+            stats.extra["plan_gain"] = gain
+        return stats
+
+    @torch.inference_mode()
+    def _soft_accuracy(self, model: PromptModule, data: TensorData) -> float:
+        """The mean probability the loaded prompt gives each labelled example's label (float64)."""
+        model.eval()
+        total = 0.0
+        for batch in data.batches(self.eval_batch_size, device=self.device):
+            probabilities = model(batch).double().softmax(-1)
+            total += float(probabilities.gather(1, batch["labels"].view(-1, 1)).sum())
+        return total / len(data)
 
     @torch.inference_mode()
     def _predict(self, model: PromptModule, unlabelled: TensorData) -> torch.Tensor:

@@ -29,6 +29,7 @@ from fedprompt.federation.strategies.registry import build_strategy
 from fedprompt.seeding import derive_seed, torch_generator
 from fedprompt.tasks.clients import HostedRows, build_clients
 from fedprompt.tasks.experiment import Experiment
+from fedprompt.tasks.preflight import check_co_planning_depths
 from fedprompt.tasks.text.language_model import build_language_model
 from fedprompt.tasks.text.parts import build_head, build_prompt, load_backbone
 from fedprompt.tasks.text.remote import build_remote_model
@@ -98,6 +99,9 @@ def build_text_experiment(config: RunConfig, client_ids: Collection[int] | None 
             config.prompt, model.backbone, config.seed, search_sigma(config.optimizer), layer_ids=chosen
         ).to(accelerator.device)
         notes.update({"prompt_layers": chosen, "layer_scores": scores})
+    plan = config.pseudo_labels.co_planning if config.pseudo_labels is not None else None
+    if plan is not None and isinstance(config.prompt, DeepPromptConfig):
+        check_co_planning_depths(plan.depths, config.prompt, model.backbone.num_layers)
     cache_layer = _cached_layer(config, model)
     if cache_layer:
         for dataset in (train, test, *([acceptance_data] if acceptance_data is not None else [])):
