@@ -1,6 +1,6 @@
 """Reading an HTTP failure the same way for every server a client talks to: how long the server
 asked to wait, its stated reason (in the error shapes of FastAPI and of OpenAI-compatible servers),
-and whether a connection failed on an untrusted certificate."""
+and whether a connection failed on an untrusted server certificate or a refused client certificate."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import httpx
-
 
 _RAW_TEXT_CHARS = 300
 """How much of a body that states no reason in a known shape is shown."""
@@ -24,6 +23,45 @@ def untrusted_certificate(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+_CLIENT_CERTIFICATE_ALERTS = {
+    "CERTIFICATE_REQUIRED": "requires a client certificate (mutual TLS) and this party sent none",
+    "UNKNOWN_CA": "does not trust the CA that signed this party's client certificate",
+    "BAD_CERTIFICATE": "refused this party's client certificate",
+    "CERTIFICATE_UNKNOWN": "refused this party's client certificate",
+    "CERTIFICATE_EXPIRED": "refused this party's client certificate: it has expired",
+    "CERTIFICATE_REVOKED": "refused this party's client certificate: it was revoked",
+    "HANDSHAKE_FAILURE": "ended the TLS handshake (as a TLS 1.2 server that requires a client "
+    "certificate does when none is sent)",
+}
+"""The TLS alerts a server sends about the client's certificate (OpenSSL's ``…_ALERT_<NAME>``), and
+what each says."""
+
+
+def client_certificate_refusal(exc: BaseException) -> str | None:
+    """What the server's TLS alert said about this party's client certificate (None: no such alert)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).upper()
+        for alert, said in _CLIENT_CERTIFICATE_ALERTS.items():
+            if f"ALERT_{alert}" in text:
+                return said
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def transport_failure(url: str, exc: BaseException) -> str:
+    """A failed connection to ``url`` in words: the error, and for an https server that closed the
+    connection without answering, the hint that one requiring a client certificate does so to a
+    party that sent none (without a TLS alert on some servers, uvicorn's)."""
+    said = f"{type(exc).__name__}: {exc}"
+    if url.startswith("https://") and isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        said += (
+            " (an https server that requires a client certificate drops a party that sent none: if it "
+            "does, set backbone.client_certfile and backbone.client_keyfile)"
+        )
+    return said
 
 
 def retry_after(response: httpx.Response) -> float | None:
