@@ -1,9 +1,11 @@
 """Each language-model backbone against its real server, on loopback, on the bundled SmolLM2-135M:
-BDPL/FedOne through llama.cpp's OpenAI-compatible server; FedBPT through llama.cpp's low-level
-embeddings input; FedBPT with vLLM's prompt_embeds and logprob_token_ids, BDPL through its text
-route, the floor rule on its top-k; the pre-flight parity check, and its failure on a template the
-server tokenises otherwise; the llama.cpp engine of ``fedprompt serve``; and the vLLM export round
-trip. The servers start once per session (``conftest.llama_server``, ``conftest.vllm_server``)."""
+BDPL/FedOne through llama.cpp's OpenAI-compatible server; FedBPT, and BBT and MeZO with FedAvg,
+through llama.cpp's low-level embeddings input; FedBPT with vLLM's prompt_embeds and
+logprob_token_ids, BDPL through its text route, the floor rule on its top-k; the pre-flight parity
+check, and its failure on a template the server tokenises otherwise and on an embedding table that
+is not the model's; each server's refusal read as its message; the llama.cpp engine of ``fedprompt
+serve``; and the vLLM export round trip. The servers start once per session
+(``conftest.llama_server``, ``conftest.vllm_server``)."""
 
 from __future__ import annotations
 
@@ -174,6 +176,49 @@ def test_fedbpt_round_through_llama_cpp_low_level(reviews):
         assert row["queries"] == 3 * 4 + 4 and row["api_requests"] == row["queries"]
         assert row["floored_share"] == 0.0  # llama.cpp gives the full vocabulary: never a floor
     assert result.final_state["prompt.z"].shape == (16,)
+
+
+LOCAL_BLACK_BOX = {
+    # BBT: CMA-ES on z, the clients' z averaged by examples (no FedBPT search distribution);
+    # 3 candidates on the 4 local examples, one generation
+    "bbt": (
+        {"kind": "intrinsic", "dim": 16, "num_tokens": 2},
+        {"kind": "cmaes", "popsize": 3, "generations": 1, "score_on": "local-set", "batch_size": 4},
+        3 * 4,
+    ),
+    # MeZO: SPSA on the whole soft prompt, averaged by FedAvg; budget // (2 · batch) = 2 steps of
+    # 2 candidates on 2 examples
+    "mezo": (
+        {"kind": "soft", "num_tokens": 2, "init": "vocab"},
+        {"kind": "spsa", "lr": 0.01, "epsilon": 0.001, "budget": 8, "batch_size": 2},
+        8,
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(LOCAL_BLACK_BOX))
+def test_bbt_and_mezo_with_fedavg_through_llama_cpp_low_level(reviews, method):
+    """The black-box local optimisers beside FedBPT and FedKSeed, on llama.cpp's embeddings input,
+    with plain FedAvg: each client spends exactly its budget, every query is one decode."""
+    need_llama_cpp()
+    smollm2_gguf()
+    prompt, optimizer, queries = LOCAL_BLACK_BOX[method]
+    config = _config(reviews, {"kind": "llama-cpp", "max_length": 32}, prompt, optimizer, {"kind": "fedavg"})
+    result = fedprompt.run(config, write=False)
+    assert result.summary["parity"]["max_abs_difference"] <= result.summary["parity"]["tolerance"]
+    rows = _client_rows(result)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["queries"] == queries and row["api_requests"] == queries and row["floored_share"] == 0.0
+    (name, state), *rest = result.final_state.items()
+    assert not rest and bool(torch.isfinite(state).all())
+    if prompt["kind"] == "intrinsic":
+        assert (
+            name == "prompt.z" and state.shape == (16,) and float(state.abs().sum()) > 0
+        )  # moved from z = 0
+    else:
+        assert name == "prompt.embeddings" and state.shape == (2, 576)  # SmolLM2's hidden size
+    assert 0.0 <= result.metric("global_accuracy")[-1] <= 1.0
 
 
 def test_fedkseed_spsa_soft_prompt_round_through_llama_cpp_low_level(reviews):
