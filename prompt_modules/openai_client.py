@@ -5,8 +5,11 @@ flight. A request that fails before an answer (connection refused or dropped), o
 (rate limited) or 5xx (overloaded, restarting), is retried up to ``retries`` times: after the
 ``Retry-After`` the server asked for (seconds or an HTTP date; one over ``max_wait`` fails at once,
 naming it), else after an exponential backoff (``backoff`` doubling up to ``max_backoff``). A read
-timeout is not retried (the server may still be computing, and a retry would pay twice), nor is any
-other 4xx: both fail with the server's own reason. Every answered request's ``usage`` (prompt and
+timeout is not retried (the server may still be computing, and a retry would pay twice), nor is a
+connection that broke after the request went out, nor any other 4xx: each fails with the server's own
+reason. A failed TLS handshake fails at once, naming the field to set: ``ca_file`` for a server
+certificate that does not verify, ``client_certfile``/``client_keyfile`` for a server that refused
+this party's client certificate (or its absence). Every answered request's ``usage`` (prompt and
 completion tokens, as the server counts them) is added to the client's counters.
 """
 
@@ -169,17 +172,16 @@ class OpenAICompatibleClient:
             try:
                 response = self._http.request(method, path, json=body)
             except _RETRIED_ERRORS as exc:
-                if http_answers.untrusted_certificate(exc):
-                    raise ServerError(
-                        f"{where}: the server's TLS certificate is not trusted ({exc}); set backbone.ca_file "
-                        "to the certificate of the CA that signed it"
-                    ) from exc
-                failure = f"{type(exc).__name__}: {exc}"
+                _raise_on_tls_refusal(where, exc)
+                failure = http_answers.transport_failure(self.url, exc)
             except httpx.TimeoutException as exc:
                 raise ServerError(
                     f"{where} got no answer within {settings.timeout} s; raise backbone.timeout or lower "
                     "backbone.concurrency"
                 ) from exc
+            except httpx.TransportError as exc:  # the connection broke after the request went out
+                _raise_on_tls_refusal(where, exc)  # TLS 1.3: a refused client certificate shows here
+                raise ServerError(f"{where} failed: {http_answers.transport_failure(self.url, exc)}") from exc
             else:
                 if response.is_success:
                     try:
@@ -212,3 +214,19 @@ class OpenAICompatibleClient:
                 f"{http_answers.reason(response)}"
             )
         return wait
+
+
+def _raise_on_tls_refusal(where: str, exc: httpx.TransportError) -> None:
+    """ServerError naming the TLS field to set when ``exc`` is a failed TLS handshake: the server's
+    certificate did not verify, or the server refused this party's (missing) client certificate."""
+    if http_answers.untrusted_certificate(exc):
+        raise ServerError(
+            f"{where}: the server's TLS certificate is not trusted ({exc}); set backbone.ca_file to the "
+            "certificate of the CA that signed it"
+        ) from exc
+    refusal = http_answers.client_certificate_refusal(exc)
+    if refusal is not None:
+        raise ServerError(
+            f"{where}: the server {refusal} ({exc}); set backbone.client_certfile and "
+            "backbone.client_keyfile to a certificate (and its key) signed by a CA the server trusts"
+        ) from exc

@@ -66,6 +66,22 @@ def tls_context(
     return context
 
 
+def _raise_on_tls_refusal(where: str, exc: httpx.TransportError) -> None:
+    """RemoteBackboneError naming the TLS field to set when ``exc`` is a failed TLS handshake: the
+    service's certificate did not verify, or it refused this party's (missing) client certificate."""
+    if http_answers.untrusted_certificate(exc):
+        raise RemoteBackboneError(
+            f"{where}: the service's TLS certificate is not trusted ({exc}); set "
+            "backbone.ca_file to the certificate of the CA that signed it"
+        ) from exc
+    refusal = http_answers.client_certificate_refusal(exc)
+    if refusal is not None:
+        raise RemoteBackboneError(
+            f"{where}: the service {refusal} ({exc}); set backbone.client_certfile and "
+            "backbone.client_keyfile to a certificate (and its key) signed by a CA the service trusts"
+        ) from exc
+
+
 class RemoteBackbone:
     """Owns the HTTP connection to one inference service: the bearer token, TLS trust, a timeout
     per answer, and retries with exponential backoff on connection errors and 5xx answers.
@@ -142,16 +158,17 @@ class RemoteBackbone:
             try:
                 response = self._http.request(method, path, content=body, headers=headers)
             except _RETRIED as exc:
-                if http_answers.untrusted_certificate(exc):
-                    raise RemoteBackboneError(
-                        f"{where}: the service's TLS certificate is not trusted ({exc}); set "
-                        "backbone.ca_file to the certificate of the CA that signed it"
-                    ) from exc
-                failure = f"{type(exc).__name__}: {exc}"
+                _raise_on_tls_refusal(where, exc)
+                failure = http_answers.transport_failure(self.url, exc)
             except httpx.TimeoutException as exc:
                 raise RemoteBackboneError(
                     f"{where} got no answer within {self.timeout} s; raise "
                     "backbone.timeout or send fewer candidates or inputs per request"
+                ) from exc
+            except httpx.TransportError as exc:  # the connection broke after the request went out
+                _raise_on_tls_refusal(where, exc)  # TLS 1.3: a refused client certificate shows here
+                raise RemoteBackboneError(
+                    f"{where} failed: {http_answers.transport_failure(self.url, exc)}"
                 ) from exc
             else:
                 if response.is_success:

@@ -311,7 +311,7 @@ def test_5xx_is_retried_with_backoff_and_other_4xx_fail_at_once(flaky_server):
     client.close()
     _Flaky.seen, _Flaky.refusals, _Flaky.status = [], 1, 400
     client = OpenAICompatibleClient(EndpointSettings(flaky_server, retries=3), sleep=waits.append)
-    with pytest.raises(ServerError, match=r"was refused \(400\): .*model is loading"):
+    with pytest.raises(ServerError, match=r"was refused \(400\): model is loading$"):
         client.post("/v1/completions", {"prompt": "x"})
     assert len(_Flaky.seen) == 1  # never retried
     client.close()
@@ -326,6 +326,101 @@ def test_requests_in_flight_never_exceed_the_concurrency_limit(flaky_server):
     assert 1 <= _Flaky.most_in_flight <= 2 and len(_Flaky.seen) == 12
     assert client.usage.snapshot()["requests"] == 12
     client.close()
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    """Answers every request with ``status``, ``body`` (bytes) and ``content_type``."""
+
+    status = 400
+    body = b""
+    content_type = "application/json"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        cls = type(self)
+        self.send_response(cls.status)
+        self.send_header("Content-Type", cls.content_type)
+        self.send_header("Content-Length", str(len(cls.body)))
+        self.end_headers()
+        self.wfile.write(cls.body)
+
+    def log_message(self, *args) -> None:
+        return None
+
+
+LONG_PAGE = "<html><body><h1>502 Bad Gateway</h1>\n\n" + "<p>upstream   down</p>\n" * 40 + "</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "shown"),
+    [
+        (  # vLLM ≥ 0.11 (ErrorResponse: error.code is the status number)
+            404,
+            {"error": {"message": "The model `gpt-9` does not exist.", "type": "NotFoundError", "code": 404}},
+            "application/json",
+            "was refused (404): The model `gpt-9` does not exist. (type NotFoundError, code 404)",
+        ),
+        (  # llama.cpp's server and hosted APIs: a string code, a param
+            400,
+            {
+                "error": {
+                    "message": "This model's maximum context length is 1024 tokens",
+                    "type": "invalid_request_error",
+                    "param": "messages",
+                    "code": "context_length_exceeded",
+                }
+            },
+            "application/json",
+            "was refused (400): This model's maximum context length is 1024 tokens "
+            "(type invalid_request_error, code context_length_exceeded)",
+        ),
+        (  # vLLM before 0.11: the error's fields at the top level
+            400,
+            {"object": "error", "message": "max_tokens must be at least 1", "type": "BadRequestError"},
+            "application/json",
+            "was refused (400): max_tokens must be at least 1 (type BadRequestError)",
+        ),
+        (  # a hosted API that answers a bare string
+            403,
+            {"error": "key revoked"},
+            "application/json",
+            "was refused (403) (check backbone.token_env): key revoked",
+        ),
+        (  # FastAPI: a string, and request validation by field
+            422,
+            {"detail": [{"loc": ["body", "logprobs"], "msg": "Input should be a valid integer"}]},
+            "application/json",
+            "was refused (422): body.logprobs: Input should be a valid integer",
+        ),
+        (404, {"detail": "no such route"}, "application/json", "was refused (404): no such route"),
+        (  # a proxy's HTML page: its start, whitespace folded, cut at 300 characters
+            413,
+            LONG_PAGE,
+            "text/html",
+            "was refused (413): " + " ".join(LONG_PAGE.split())[:299] + "…",
+        ),
+        (400, "", "text/plain", "was refused (400): Bad Request"),  # nothing said: the status phrase
+    ],
+    ids=["vllm", "llama-cpp", "vllm-flat", "bare-string", "fastapi-fields", "fastapi", "html", "empty"],
+)
+def test_a_refusal_shows_the_server_s_own_reason_in_every_error_shape(status, body, content_type, shown):
+    _Refusing.status, _Refusing.content_type = status, content_type
+    _Refusing.body = (json.dumps(body) if isinstance(body, dict) else body).encode()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = OpenAICompatibleClient(
+        EndpointSettings(f"http://127.0.0.1:{server.server_address[1]}", retries=2), sleep=lambda s: None
+    )
+    try:
+        with pytest.raises(ServerError) as refused:
+            client.post("/v1/completions", {"prompt": "x"})
+        message = str(refused.value)
+        assert message.endswith(shown) and message.startswith("POST http://127.0.0.1:")
+        assert '{"' not in message  # never the raw JSON
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
 
 
 class _StopsAtOnce(_Busy):

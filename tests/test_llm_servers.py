@@ -1,9 +1,11 @@
 """Each language-model backbone against its real server, on loopback, on the bundled SmolLM2-135M:
-BDPL/FedOne through llama.cpp's OpenAI-compatible server; FedBPT through llama.cpp's low-level
-embeddings input; FedBPT with vLLM's prompt_embeds and logprob_token_ids, BDPL through its text
-route, the floor rule on its top-k; the pre-flight parity check, and its failure on a template the
-server tokenises otherwise; the llama.cpp engine of ``fedprompt serve``; and the vLLM export round
-trip. The servers start once per session (``conftest.llama_server``, ``conftest.vllm_server``)."""
+BDPL/FedOne through llama.cpp's OpenAI-compatible server; FedBPT, and BBT and MeZO with FedAvg,
+through llama.cpp's low-level embeddings input; FedBPT with vLLM's prompt_embeds and
+logprob_token_ids, BDPL through its text route, the floor rule on its top-k; the pre-flight parity
+check, and its failure on a template the server tokenises otherwise and on an embedding table that
+is not the model's; each server's refusal read as its message; the llama.cpp engine of ``fedprompt
+serve``; and the vLLM export round trip. The servers start once per session
+(``conftest.llama_server``, ``conftest.vllm_server``)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from llm_servers import SERVED_NAME, need_llama_cpp, smollm2_gguf, smollm2_hf_fo
 import fedprompt
 from fedprompt.config import ConfigError, load_config
 from fedprompt.tasks.registry import build_experiment
+from prompt_modules.openai_client import EndpointSettings, OpenAICompatibleClient, ServerError
 
 pytestmark = pytest.mark.slow
 FEDPROMPT = [sys.executable, "-c", "from fedprompt.cli import main; main()"]
@@ -138,6 +141,22 @@ def test_fedone_bdpl_round_through_llama_cpp_server(llama_server, reviews, tmp_p
     assert "language-model server (its own counts):" in format_report(report)
 
 
+def test_a_refusal_of_llama_cpp_s_server_reads_as_its_message(llama_server):
+    """llama.cpp's server refuses a prompt longer than its context with an OpenAI-style error body:
+    the client's error gives its message, type and code, not the JSON."""
+    client = OpenAICompatibleClient(EndpointSettings(llama_server, retries=0))
+    try:
+        with pytest.raises(ServerError) as refused:
+            client.post("/v1/completions", {"model": SERVED_NAME, "prompt": "word " * 1100, "max_tokens": 1})
+    finally:
+        client.close()
+    message = str(refused.value)
+    assert "was refused (400): This model's maximum context length is 1024 tokens" in message
+    assert (
+        message.endswith("(type invalid_request_error, code context_length_exceeded)") and '{"' not in message
+    )
+
+
 def test_fedbpt_round_through_llama_cpp_low_level(reviews):
     need_llama_cpp()
     smollm2_gguf()
@@ -157,6 +176,49 @@ def test_fedbpt_round_through_llama_cpp_low_level(reviews):
         assert row["queries"] == 3 * 4 + 4 and row["api_requests"] == row["queries"]
         assert row["floored_share"] == 0.0  # llama.cpp gives the full vocabulary: never a floor
     assert result.final_state["prompt.z"].shape == (16,)
+
+
+LOCAL_BLACK_BOX = {
+    # BBT: CMA-ES on z, the clients' z averaged by examples (no FedBPT search distribution);
+    # 3 candidates on the 4 local examples, one generation
+    "bbt": (
+        {"kind": "intrinsic", "dim": 16, "num_tokens": 2},
+        {"kind": "cmaes", "popsize": 3, "generations": 1, "score_on": "local-set", "batch_size": 4},
+        3 * 4,
+    ),
+    # MeZO: SPSA on the whole soft prompt, averaged by FedAvg; budget // (2 · batch) = 2 steps of
+    # 2 candidates on 2 examples
+    "mezo": (
+        {"kind": "soft", "num_tokens": 2, "init": "vocab"},
+        {"kind": "spsa", "lr": 0.01, "epsilon": 0.001, "budget": 8, "batch_size": 2},
+        8,
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(LOCAL_BLACK_BOX))
+def test_bbt_and_mezo_with_fedavg_through_llama_cpp_low_level(reviews, method):
+    """The black-box local optimisers beside FedBPT and FedKSeed, on llama.cpp's embeddings input,
+    with plain FedAvg: each client spends exactly its budget, every query is one decode."""
+    need_llama_cpp()
+    smollm2_gguf()
+    prompt, optimizer, queries = LOCAL_BLACK_BOX[method]
+    config = _config(reviews, {"kind": "llama-cpp", "max_length": 32}, prompt, optimizer, {"kind": "fedavg"})
+    result = fedprompt.run(config, write=False)
+    assert result.summary["parity"]["max_abs_difference"] <= result.summary["parity"]["tolerance"]
+    rows = _client_rows(result)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["queries"] == queries and row["api_requests"] == queries and row["floored_share"] == 0.0
+    (name, state), *rest = result.final_state.items()
+    assert not rest and bool(torch.isfinite(state).all())
+    if prompt["kind"] == "intrinsic":
+        assert (
+            name == "prompt.z" and state.shape == (16,) and float(state.abs().sum()) > 0
+        )  # moved from z = 0
+    else:
+        assert name == "prompt.embeddings" and state.shape == (2, 576)  # SmolLM2's hidden size
+    assert 0.0 <= result.metric("global_accuracy")[-1] <= 1.0
 
 
 def test_fedkseed_spsa_soft_prompt_round_through_llama_cpp_low_level(reviews):
@@ -197,6 +259,46 @@ def test_parity_fails_on_a_template_the_server_reads_otherwise(reviews):
         _config(reviews, {"kind": "llama-cpp", "max_length": 32, "add_bos": False}, *sections)
     )
     assert build_experiment(right, client_ids=[]).notes["parity"]["max_abs_difference"] <= 1e-3
+
+
+WRONG_TABLES = {
+    # a table in another vocabulary's order: every token embedded as its neighbour
+    "permuted": lambda table: table.roll(1, dims=0),
+    # the right table, off by 0.1% of its spread (a table from another quantisation or checkpoint)
+    "perturbed": lambda table: (
+        table + 1e-3 * table.std() * torch.randn(table.shape, generator=torch.Generator().manual_seed(0))
+    ),
+}
+
+
+@pytest.mark.parametrize("wrong", sorted(WRONG_TABLES))
+def test_parity_fails_on_an_embedding_table_that_is_not_the_model_s(reviews, monkeypatch, wrong):
+    """The client embeds its inputs with a table other than the one llama.cpp computes with: the
+    pre-flight names the parity field and the table before any training query."""
+    need_llama_cpp()
+    smollm2_gguf()
+    import fedprompt.tasks.text.language_model as language_model
+
+    right = language_model.load_embedding_table
+    monkeypatch.setattr(
+        language_model, "load_embedding_table", lambda *source: WRONG_TABLES[wrong](right(*source))
+    )
+    config = load_config(
+        _config(
+            reviews,
+            {"kind": "llama-cpp", "max_length": 32},
+            {"kind": "intrinsic", "dim": 16, "num_tokens": 2},
+            {"kind": "cmaes", "popsize": 4, "generations": 1},
+            {"kind": "fedbpt"},
+        )
+    )
+    with pytest.raises(ConfigError) as refused:
+        build_experiment(config, client_ids=[])
+    message = str(refused.value)
+    assert message.startswith("backbone.parity_tolerance: the plain template's label log-probabilities")
+    assert "the input-embedding table is not the served model's" in message
+    gap = float(message.split("differ by ")[1].split(" nats")[0])
+    assert gap > 100 * config.backbone.parity_tolerance  # far past the tolerance, not a rounding effect
 
 
 def test_llama_cpp_engine_behind_fedprompt_serve_scores_like_the_client_adapter(reviews):
@@ -261,6 +363,54 @@ def test_vllm_fedbpt_with_prompt_embeds_and_label_ids(vllm_server, reviews):
     for row in _client_rows(result):
         assert row["api_requests"] == 3 * 4 + 4 and row["api_prompt_tokens"] > 0
         assert row["floored_share"] == 0.0  # logprob_token_ids: every label word by id
+
+
+def test_vllm_parity_fails_on_a_published_table_that_is_not_the_served_model_s(
+    vllm_server, reviews, tmp_path
+):
+    """The table a model owner published (``backbone.embeddings``) is in another vocabulary's order:
+    the pre-flight against the real server names the parity field and the table."""
+    from safetensors.torch import save_file
+
+    from prompt_modules.embedding_table import load_embedding_table
+
+    folder = smollm2_hf_folder()
+    published = tmp_path / "embed_tokens.safetensors"
+    save_file({"embed_tokens": load_embedding_table(folder).roll(1, dims=0).contiguous()}, str(published))
+    backbone = {
+        "kind": "vllm",
+        "url": vllm_server,
+        "model": SERVED_NAME,
+        "tokenizer": str(folder),
+        "embeddings": str(published),
+        "max_length": 32,
+    }
+    config = load_config(
+        _config(
+            reviews,
+            backbone,
+            {"kind": "intrinsic", "dim": 16, "num_tokens": 2},
+            {"kind": "cmaes", "popsize": 3, "generations": 1},
+            {"kind": "fedbpt"},
+        )
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^backbone\.parity_tolerance: .* differ by .* input-embedding table is not the served model",
+    ):
+        build_experiment(config, client_ids=[])
+
+
+def test_a_refusal_of_vllm_reads_as_its_message(vllm_server):
+    client = OpenAICompatibleClient(EndpointSettings(vllm_server, retries=0))
+    try:
+        with pytest.raises(ServerError) as refused:
+            client.post("/v1/completions", {"model": "no-such-model", "prompt": "x", "max_tokens": 1})
+    finally:
+        client.close()
+    message = str(refused.value)
+    assert "was refused (404): The model `no-such-model` does not exist" in message
+    assert message.endswith("(type NotFoundError, code 404)") and '{"' not in message
 
 
 def test_vllm_bdpl_through_text_and_the_floor_of_its_top_k(vllm_server, reviews):

@@ -119,8 +119,11 @@ def test_mutual_tls_refuses_clients_without_a_certificate(tmp_path, backbone):
         )
         assert with_cert.info.hidden_size == 32
         with_cert.close()
-        with pytest.raises(RemoteBackboneError):
-            RemoteBackbone(url, ALICE, retries=0, tls=tls_context(certs.ca))
+        with pytest.raises(
+            RemoteBackboneError,
+            match=r"requires a client certificate .*set backbone\.client_certfile and backbone\.client_keyf",
+        ):
+            RemoteBackbone(url, ALICE, retries=2, tls=tls_context(certs.ca))
 
 
 def test_tls_options_are_checked_before_the_model_loads(tmp_path):
