@@ -275,15 +275,16 @@ class _Flaky(_Busy):
             refused = len(cls.seen) <= cls.refusals
             cls.in_flight += 1
             cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
-        try:
-            if refused:
-                self._answer(cls.status, {"error": {"message": "model is loading"}})
-            else:
-                threading.Event().wait(0.02)  # a little work, so requests overlap when allowed to
-                self._answer(200, {"echo": body["prompt"], "usage": {"prompt_tokens": 3}})
-        finally:
-            with cls.lock:
-                cls.in_flight -= 1
+        if not refused:
+            threading.Event().wait(0.02)  # a little work, so requests overlap when allowed to
+        # Out of the count before the answer is written: once the client reads it, it may send its
+        # next request at once, and this thread may not have run again by then on a busy machine.
+        with cls.lock:
+            cls.in_flight -= 1
+        if refused:
+            self._answer(cls.status, {"error": {"message": "model is loading"}})
+        else:
+            self._answer(200, {"echo": body["prompt"], "usage": {"prompt_tokens": 3}})
 
 
 @pytest.fixture
