@@ -133,10 +133,12 @@ def client_app_nodes(
     run_config: dict[str, Any],
     node_config: dict[str, Any] | None = None,
     partition_configs: dict[int, dict[str, Any]] | None = None,
+    first_node: int = 1001,
 ) -> dict[int, Handler]:
     """Node id -> a handler that runs ``client_app`` as the SuperNode hosting that partition
-    (with ``node_config``, and ``partition_configs[partition]``, added to each node's config)."""
-    node_ids = itertools.count(1001, 7)
+    (with ``node_config``, and ``partition_configs[partition]``, added to each node's config);
+    node ids count from ``first_node`` in steps of 7."""
+    node_ids = itertools.count(first_node, 7)
     nodes: dict[int, Handler] = {}
     for pid in partitions:
         context = Context(
@@ -152,3 +154,20 @@ def client_app_nodes(
         )
         nodes[context.node_id] = lambda message, node, context=context: client_app(message, context)
     return nodes
+
+
+def as_flower_runtime(handler: Handler) -> Handler:
+    """``handler`` answering as Flower's runtimes answer for a ClientApp that raises: an error reply
+    whose reason is the exception's type and message (``flwr`` ``run_clientapp``), not a raise in
+    the ServerApp's process."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    def handle(message: Message, node: int) -> Message | None:
+        try:
+            return handler(message, node)
+        except Exception as exc:  # the runtime reports every failure of the app
+            reason = f"{type(exc)}:<'{exc}'>"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+    return handle

@@ -3,6 +3,7 @@ served backbone over HTTP), only the generator's weights aggregated, every query
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,76 @@ def test_fed_bbpt_on_clip_learns_through_its_logits_alone(tiny_clip):
     assert experiment.model.api.queries == sum(row["queries"] for row in fits)
     with pytest.raises(ConfigError, match="searches a text prompt"):
         load_config({**raw, "strategy": {"kind": "fedkseed"}})
+
+
+def _tensor_bytes(payload: bytes) -> dict[str, tuple[str, list[int], int]]:
+    """Each tensor of safetensors bytes: (dtype, shape, bytes of its data), from the header."""
+    header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
+    header.pop("__metadata__", None)
+    return {
+        name: (t["dtype"], t["shape"], t["data_offsets"][1] - t["data_offsets"][0])
+        for name, t in header.items()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
+def test_fed_bbpt_on_clip_runs_on_flower_as_in_process_sending_only_the_generator(
+    tiny_clip, tmp_path, monkeypatch
+):
+    """The CLIP Fed-BBPT job through the Flower runtime (ServerApp and ClientApps exchanging Flower
+    messages in memory): every train message down and every update up holds the generator's weights
+    and nothing else (the tensor bytes are the generator's parameter bytes, float32, and the bytes
+    the run records per client and round are those messages' payloads, header included), and the
+    global prompt and every recorded number equal the in-process run's, bit for bit."""
+    from clip_support import clip_run_config
+    from flower_support import InMemoryGrid, assert_same_history, client_app_nodes, write_app
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedprompt.flower import run_server
+    from fedprompt.flower.app_config import AppSettings
+    from fedprompt.flower.client_app import build_client_app
+    from fedprompt.flower.records import read_instructions, read_payload
+    from prompt_modules.visual_generator import VisualPromptGenerator
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as a ServerApp process has
+        monkeypatch.setattr(TaskIdentity, name, value)
+    data = {"source": "image-folder", "name": str(tiny_clip.generated)}
+    raw = clip_run_config(tiny_clip, VISUAL, data, federation={"rounds": 2, "min_clients": 2})
+    raw["optimizer"] = {"kind": "spsa", "lr": 0.002, "epsilon": 0.01, "budget": 2 * 16 * 8, "batch_size": 16}
+    app = write_app(tmp_path / "app", raw)
+    cfg = load_config(app / "fedprompt.yaml")
+    expected = fedprompt.run(cfg, write=False)
+
+    sent: dict[tuple[int, int], tuple[bytes, bytes]] = {}  # (round, client) -> (down, up) payloads
+
+    def recording(handler):
+        def handle(message, node):
+            reply = handler(message, node)
+            if message.metadata.message_type == "train":
+                client, instructions = read_instructions(message.content)
+                down, up = (read_payload(m.content, cfg.payload.max_bytes) for m in (message, reply))
+                sent[(instructions.round, client)] = (down, up)
+            return reply
+
+        return handle
+
+    nodes = client_app_nodes(build_client_app(app / "fedprompt.yaml"), range(3), {})
+    grid = InMemoryGrid({node: recording(handler) for node, handler in nodes.items()})
+    result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
+
+    assert set(result.final_state) == {"image.weights"}
+    assert torch.equal(result.final_state["image.weights"], expected.final_state["image.weights"])
+    assert_same_history(result.history, expected.history)
+    assert result.client_history == expected.client_history
+
+    generator = VisualPromptGenerator(VISUAL["grid"], VISUAL["hidden"], VISUAL["prompt_size"], 1.0, seed=0)
+    weights = ("F32", [generator.num_weights], 4 * generator.num_weights)
+    assert sorted(sent) == [(r, c) for r in (1, 2) for c in range(3)]
+    for down, up in sent.values():
+        assert _tensor_bytes(down) == _tensor_bytes(up) == {"image.weights": weights}
+    fits = {(r["round"], r["client_id"]): r for r in result.client_history if r.get("event") == "fit"}
+    assert all(row["accepted"] and row["queries"] == 2 * 16 * 8 for row in fits.values())
+    for key, (down, up) in sent.items():
+        assert (fits[key]["bytes_down"], fits[key]["bytes_up"]) == (len(down), len(up))
+        assert 4 * generator.num_weights < len(up) < 4 * generator.num_weights + 600  # the header's metadata

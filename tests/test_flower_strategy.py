@@ -11,6 +11,7 @@ import pytest
 import torch
 from flower_support import (
     InMemoryGrid,
+    as_flower_runtime,
     assert_same_history,
     client_app_nodes,
     tiny_config,
@@ -541,3 +542,54 @@ def test_held_out_acceptance_on_the_flower_runtime_gives_the_in_process_run(tmp_
         [r.get(k) for k in keys] for r in expected.history
     ]
     assert [r["acceptance_accepted"] for r in result.history[1:]] == [1, 0, 1]  # round 2 was refused
+
+
+@pytest.mark.slow
+def test_a_fedkseed_site_with_other_directions_is_rejected_on_flower_and_the_round_goes_on(tmp_path, caplog):
+    # FedKSeed's server sends the fingerprint of the pool's first directions in every train message;
+    # the site hosting partition 2 runs its own copy of the app configured with another run seed, so
+    # its seed pool (and every direction it would step along) differs. Its ClientApp refuses to step
+    # and fails the message; the ServerApp logs the rejection with the fingerprints and aggregates the
+    # other two clients every round: exactly the in-process run in which client 2 holds that pool.
+    from fedprompt.execution.simulation import run_in_process
+    from fedprompt.federation.strategies.fedkseed import KSeedRule, kseed_setup
+    from fedprompt.tasks.registry import build_experiment
+
+    config = tiny_config(write_dataset(tmp_path / "data.jsonl"), num_clients=3, rounds=2)
+    config["federation"]["min_clients"] = 2
+    config["optimizer"] = {"kind": "spsa", "lr": 0.1, "epsilon": 0.01, "budget": 2 * 16 * 8, "batch_size": 16}
+    config["strategy"] = {"kind": "fedkseed", "num_seeds": 256}
+    app = write_app(tmp_path / "app", config)
+    other_site = write_app(tmp_path / "other-site", {**config, "seed": config["seed"] + 1})
+    cfg, other = load_config(app / "fedprompt.yaml"), load_config(other_site / "fedprompt.yaml")
+    assert kseed_setup(other).pool_seed != kseed_setup(cfg).pool_seed
+
+    nodes = client_app_nodes(build_client_app(app / "fedprompt.yaml"), range(2), {})
+    mismatched = client_app_nodes(build_client_app(other_site / "fedprompt.yaml"), [2], {}, first_node=2001)
+    grid = InMemoryGrid({n: as_flower_runtime(h) for n, h in {**nodes, **mismatched}.items()})
+    with caplog.at_level("WARNING", logger="fedprompt"):
+        result = run_server(grid, cfg, AppSettings(results_dir=tmp_path / "runs"))
+
+    assert [r.get("clients_accepted") for r in result.history] == [None, 2, 2]
+    assert [r.get("clients_rejected") for r in result.history] == [None, 1, 1]
+    fits = [r for r in result.client_history if r.get("event") == "fit"]
+    assert sorted((r["round"], r["client_id"]) for r in fits if r["accepted"]) == [
+        (1, 0),
+        (1, 1),
+        (2, 0),
+        (2, 1),
+    ]
+    refused = [r for r in fits if not r["accepted"]]
+    assert [(r["round"], r["client_id"]) for r in refused] == [(1, 2), (2, 2)]
+    for row in refused:
+        assert row["reason"].startswith("client failed: ") and "seed-pool directions differ" in row["reason"]
+        assert "fingerprint" in row["reason"]
+    logged = [m for m in caplog.messages if "update of client 2 rejected" in m]
+    assert len(logged) == 2 and all("fingerprint" in m for m in logged)
+
+    experiment = build_experiment(cfg)
+    initial = experiment.initial_state()["prompt.embeddings"].clone()
+    experiment.clients[2].rule = KSeedRule(kseed_setup(other))
+    expected = run_in_process(experiment, cfg)
+    assert not torch.equal(expected.final_state["prompt.embeddings"], initial)
+    assert torch.equal(result.final_state["prompt.embeddings"], expected.final_state["prompt.embeddings"])
