@@ -51,6 +51,24 @@ def client_certificate_refusal(exc: BaseException) -> str | None:
     return None
 
 
+def tls_refusal(where: str, exc: BaseException, peer: str) -> str | None:
+    """The error message naming the TLS field to set when ``exc`` is a failed TLS handshake with
+    ``peer`` ("server", "service"): its certificate did not verify, or it refused this party's
+    (missing) client certificate; None for any other failure."""
+    if untrusted_certificate(exc):
+        return (
+            f"{where}: the {peer}'s TLS certificate is not trusted ({exc}); set backbone.ca_file to the "
+            "certificate of the CA that signed it"
+        )
+    refusal = client_certificate_refusal(exc)
+    if refusal is not None:
+        return (
+            f"{where}: the {peer} {refusal} ({exc}); set backbone.client_certfile and "
+            f"backbone.client_keyfile to a certificate (and its key) signed by a CA the {peer} trusts"
+        )
+    return None
+
+
 def transport_failure(url: str, exc: BaseException) -> str:
     """A failed connection to ``url`` in words: the error, and for an https server that closed the
     connection without answering, the hint that one requiring a client certificate does so to a

@@ -217,16 +217,7 @@ class OpenAICompatibleClient:
 
 
 def _raise_on_tls_refusal(where: str, exc: httpx.TransportError) -> None:
-    """ServerError naming the TLS field to set when ``exc`` is a failed TLS handshake: the server's
-    certificate did not verify, or the server refused this party's (missing) client certificate."""
-    if http_answers.untrusted_certificate(exc):
-        raise ServerError(
-            f"{where}: the server's TLS certificate is not trusted ({exc}); set backbone.ca_file to the "
-            "certificate of the CA that signed it"
-        ) from exc
-    refusal = http_answers.client_certificate_refusal(exc)
-    if refusal is not None:
-        raise ServerError(
-            f"{where}: the server {refusal} ({exc}); set backbone.client_certfile and "
-            "backbone.client_keyfile to a certificate (and its key) signed by a CA the server trusts"
-        ) from exc
+    """ServerError naming the TLS field to set when ``exc`` is a failed TLS handshake."""
+    message = http_answers.tls_refusal(where, exc, "server")
+    if message is not None:
+        raise ServerError(message) from exc

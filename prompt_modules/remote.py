@@ -67,19 +67,10 @@ def tls_context(
 
 
 def _raise_on_tls_refusal(where: str, exc: httpx.TransportError) -> None:
-    """RemoteBackboneError naming the TLS field to set when ``exc`` is a failed TLS handshake: the
-    service's certificate did not verify, or it refused this party's (missing) client certificate."""
-    if http_answers.untrusted_certificate(exc):
-        raise RemoteBackboneError(
-            f"{where}: the service's TLS certificate is not trusted ({exc}); set "
-            "backbone.ca_file to the certificate of the CA that signed it"
-        ) from exc
-    refusal = http_answers.client_certificate_refusal(exc)
-    if refusal is not None:
-        raise RemoteBackboneError(
-            f"{where}: the service {refusal} ({exc}); set backbone.client_certfile and "
-            "backbone.client_keyfile to a certificate (and its key) signed by a CA the service trusts"
-        ) from exc
+    """RemoteBackboneError naming the TLS field to set when ``exc`` is a failed TLS handshake."""
+    message = http_answers.tls_refusal(where, exc, "service")
+    if message is not None:
+        raise RemoteBackboneError(message) from exc
 
 
 class RemoteBackbone:
