@@ -230,6 +230,36 @@ def test_reliability_compares_prompt_tensors_only_so_a_different_head_keeps_full
         ReliabilityWeighted(prompt_tensors={"question.context"}).initialize({"fusion.w": torch.zeros(2)})
 
 
+def test_a_shared_head_is_pulled_by_its_own_cosine_term_with_head_alpha():
+    shared = {"question.context": torch.tensor([1.0, 0.0]), "fusion.w": torch.tensor([0.0, 2.0, 0.0])}
+    own = {"question.context": torch.tensor([0.0, 4.0]), "fusion.w": torch.tensor([1.0, 1.0, 0.0])}
+    prompts = {"question.context"}
+    both = ReliabilityRule(alpha=2.0, prompt_tensors=prompts, head_alpha=0.5)
+    penalty = both.penalty(RoundInputs(shared, {}, FitInstructions(0, 0)))
+    # 2 · (1 − cos 90°) on the prompt + 0.5 · (1 − 1/√2) on the head, each flattened on its own
+    assert penalty(own).item() == pytest.approx(2.0 + 0.5 * (1 - 2**-0.5))
+    prompt_only = ReliabilityRule(alpha=2.0, prompt_tensors=prompts)
+    assert prompt_only.penalty(RoundInputs(shared, {}, FitInstructions(0, 0)))(own).item() == pytest.approx(
+        2.0
+    )
+    head_only = ReliabilityRule(alpha=0.0, prompt_tensors=prompts, head_alpha=0.5)
+    assert head_only.penalty(RoundInputs(shared, {}, FitInstructions(0, 0)))(own).item() == pytest.approx(
+        0.5 * (1 - 2**-0.5)
+    )
+    assert (
+        ReliabilityRule(alpha=0.0, prompt_tensors=prompts).penalty(
+            RoundInputs(shared, {}, FitInstructions(0, 0))
+        )
+        is None
+    )
+    # a head pull where only prompts travel (the head kept local) is refused before the first round
+    with pytest.raises(ValueError, match="head_alpha pulls the tensors that travel beside the prompts"):
+        ReliabilityWeighted(prompt_tensors=prompts, pulls_head=True).initialize(
+            {"question.context": torch.zeros(2)}
+        )
+    ReliabilityWeighted(prompt_tensors=prompts, pulls_head=True).initialize(shared)
+
+
 def test_reliability_rule_pulls_the_own_prompt_toward_the_shared_one():
     rule = ReliabilityRule(alpha=2.0)
     shared = {"p": torch.tensor([1.0, 0.0])}

@@ -188,7 +188,8 @@ class ReliabilityConfig(StrategySettings):
     The cosines read the prompt tensors only (context vectors, visual tokens, pixel prompts; for
     prompt.kind vqa-twin question.context, answer.context and image.*), never a network beside
     them; with ``personalization.local: ["fusion.*"]`` the VQA fusion head stays on each client
-    and only the prompts travel.
+    and only the prompts travel. A head that travels is pulled by its own cosine term, with
+    weight ``head_alpha``, toward the same mix.
     """
 
     each_update = "each client's prompt and its agreement with the others"
@@ -197,6 +198,13 @@ class ReliabilityConfig(StrategySettings):
 
     kind: Literal["reliability"] = "reliability"
     alpha: float = Field(1.0, ge=0, description="α, the weight of the pull toward the shared prompt.")
+    head_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="α_h, the weight of a second pull, α_h · (1 − cos), on the tensors that travel but are "
+        "not prompts (the VQA fusion head when personalization.local does not keep it) toward the same "
+        "η-weighted mix of the other clients' (0: they are trained by each client alone, like a local head).",
+    )
 
 
 class FedDPTConfig(StrategySettings):

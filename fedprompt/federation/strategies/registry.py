@@ -175,8 +175,8 @@ STRATEGIES: dict[type[StrategySettings], StrategyParts] = {
         lambda c, s: FedDPTRule(s.need_domains(c.kind), c.momentum),
     ),
     ReliabilityConfig: StrategyParts(
-        lambda c, s: ReliabilityWeighted(s.prompt_tensors),
-        lambda c, s: ReliabilityRule(c.alpha, s.prompt_tensors),
+        lambda c, s: ReliabilityWeighted(s.prompt_tensors, pulls_head=c.head_alpha > 0),
+        lambda c, s: ReliabilityRule(c.alpha, s.prompt_tensors, c.head_alpha),
     ),
     FedKSeedConfig: StrategyParts(
         lambda c, s: FedKSeed(s.need_kseed()), lambda c, s: KSeedRule(s.need_kseed(), s.initial_state)

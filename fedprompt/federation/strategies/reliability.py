@@ -16,7 +16,9 @@ pixel prompts (``PromptModule.prompt_tensor_names``; for the VQA twin prompt ``q
 ``answer.context`` and ``image.*``), never a network trained beside them (the VQA fusion head,
 FedAPT's adaptive network), whose many weights would otherwise decide who agrees with whom. The
 weights η then mix every tensor the clients send: a fusion head that is not kept local
-(``personalization.local: ["fusion.*"]``) is shared with the prompts' weights.
+(``personalization.local: ["fusion.*"]``) is shared with the prompts' weights, and a client pulls
+its own head toward that mix by a second cosine term of its own weight (``head_alpha``; 0: each
+client trains its head alone, as if it were local).
 
 The server's *global* prompt (what it evaluates on its own test set, and what a new client would
 start from) is Σ_i w_i p_i with w_i ∝ acc_i · (1/(K−1)) Σ_{j≠i} c(p_i, p_j): reliability is accuracy
@@ -61,22 +63,49 @@ def compared_names(state: Mapping[str, torch.Tensor], prompt_tensors: Collection
     return names
 
 
+def head_names(state: Mapping[str, torch.Tensor], prompt_tensors: Collection[str] | None) -> list[str]:
+    """The tensors of ``state`` that are not prompt tensors (none when ``prompt_tensors`` is None,
+    where every tensor counts as a prompt), in name order."""
+    return [] if prompt_tensors is None else sorted(set(state) - set(prompt_tensors))
+
+
+def _cosine_pull(names: Sequence[str], target_state: Mapping[str, torch.Tensor], alpha: float) -> Penalty:
+    """α · (1 − cos(own, target)) over the named tensors, flattened together."""
+    target = flatten({name: target_state[name] for name in names}).to(torch.float32)
+
+    def pull(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        own = torch.cat([params[name].reshape(-1) for name in names])
+        return alpha * (
+            1 - torch.nn.functional.cosine_similarity(own, target.to(own.device, own.dtype), dim=0)
+        )
+
+    return pull
+
+
 class ReliabilityWeighted(Strategy):
     """The server side: owns every client's last state (flattened in name order, float32) and
     validation accuracy, which coordinates of it are prompt tensors (the cosines read those), the
     weights of the last round, and the rules above. Unweighted by example counts: a client's say
     comes from its accuracy and agreement, not from what it claims to hold."""
 
-    def __init__(self, prompt_tensors: Collection[str] | None = None) -> None:
+    def __init__(self, prompt_tensors: Collection[str] | None = None, pulls_head: bool = False) -> None:
         self.prompt_tensors = None if prompt_tensors is None else frozenset(prompt_tensors)
+        self.pulls_head = pulls_head
         self._prompts: dict[int, torch.Tensor] = {}
         self._accuracy: dict[int, float] = {}
         self._mask: torch.Tensor | None = None
         self.last_weights: dict[int, float] = {}
 
     def initialize(self, global_state: State) -> None:
-        """Learn which coordinates of the flattened state belong to the compared tensors."""
+        """Learn which coordinates of the flattened state belong to the compared tensors; refuse a
+        head pull when nothing but prompts travels."""
         compared = set(compared_names(global_state, self.prompt_tensors))
+        if self.pulls_head and not head_names(global_state, self.prompt_tensors):
+            raise ValueError(
+                f"strategy.head_alpha pulls the tensors that travel beside the prompts, and the aggregated "
+                f"state {sorted(global_state)} holds prompts only: set head_alpha 0, or stop keeping the "
+                "head local (personalization.local)"
+            )
         self._mask = torch.cat(
             [torch.full((global_state[name].numel(),), name in compared) for name in sorted(global_state)]
         )
@@ -161,14 +190,18 @@ class ReliabilityWeighted(Strategy):
 class ReliabilityRule(ClientRule):
     """The client side: trains its own prompt p_t (carried as ``personal/<name>``; the global
     prompt before its first round) with α · (1 − cos(p_t, p_t^s)) added to the loss, over the
-    prompt tensors only, p_t^s being what the server sent; sends p_t and its validation accuracy."""
+    prompt tensors only, p_t^s being what the server sent, and α_h · (1 − cos) over the other
+    tensors that travel (a shared head), when α_h > 0; sends p_t and its validation accuracy."""
 
     uses_validation = True
 
-    def __init__(self, alpha: float, prompt_tensors: Collection[str] | None = None) -> None:
-        if alpha < 0:
-            raise ValueError(f"reliability alpha must be >= 0, got {alpha}")
+    def __init__(
+        self, alpha: float, prompt_tensors: Collection[str] | None = None, head_alpha: float = 0.0
+    ) -> None:
+        if alpha < 0 or head_alpha < 0:
+            raise ValueError(f"reliability alpha and head_alpha must be >= 0, got {alpha} and {head_alpha}")
         self.alpha = alpha
+        self.head_alpha = head_alpha
         self.prompt_tensors = None if prompt_tensors is None else frozenset(prompt_tensors)
 
     def start(self, inputs: RoundInputs) -> State:
@@ -176,18 +209,19 @@ class ReliabilityRule(ClientRule):
         return own or inputs.downlink
 
     def penalty(self, inputs: RoundInputs) -> Penalty | None:
-        if self.alpha == 0:
+        pulls = []
+        if self.alpha > 0:
+            pulls.append(
+                _cosine_pull(
+                    compared_names(inputs.downlink, self.prompt_tensors), inputs.downlink, self.alpha
+                )
+            )
+        head = head_names(inputs.downlink, self.prompt_tensors)
+        if self.head_alpha > 0 and head:
+            pulls.append(_cosine_pull(head, inputs.downlink, self.head_alpha))
+        if not pulls:
             return None
-        names = compared_names(inputs.downlink, self.prompt_tensors)
-        shared = flatten({name: inputs.downlink[name] for name in names}).to(torch.float32)
-        alpha = self.alpha
-
-        def pull(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            own = torch.cat([params[name].reshape(-1) for name in names])
-            target = shared.to(own.device, own.dtype)
-            return alpha * (1 - torch.nn.functional.cosine_similarity(own, target, dim=0))
-
-        return pull
+        return lambda params: sum(pull(params) for pull in pulls)
 
     def finish(self, inputs: RoundInputs, trained: State, stats: OptimizationStats) -> RoundOutput:
         return RoundOutput(trained, {}, {PERSONAL + name: t.detach().clone() for name, t in trained.items()})
