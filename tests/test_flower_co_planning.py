@@ -30,6 +30,7 @@ from flower_support import (
     write_dataset,
 )
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
 
 import fedprompt
 from fedprompt.config import load_config
@@ -142,6 +143,8 @@ def test_a_planned_fes_job_on_flower_gives_the_in_process_run_plans_included(pla
     grid = InMemoryGrid(client_app_nodes(client_app, range(3), {}))  # records in each node's context
     with tempfile.TemporaryDirectory() as runs:
         result = run_server(grid, load_config(app / "fedprompt.yaml"), AppSettings(results_dir=Path(runs)))
+        checkpoint = load_file(result.run_dir / "checkpoint.safetensors")
+    assert not [key for key in checkpoint if "co_plan" in key]  # the records never reach the server
 
     assert_same_run(result, expected)
     third = third_round_plans(result)
@@ -171,6 +174,8 @@ def test_the_planners_records_survive_a_stop_and_a_restart_of_the_sites(planned_
     with tempfile.TemporaryDirectory(prefix="fpco") as short:  # Unix socket paths are short
         sock = Path(short) / "site.sock"
         kept, emptied = tmp_path / "kept", tmp_path / "emptied"
+        for folder in (kept / "worker", emptied / "worker"):
+            folder.mkdir(parents=True)  # as a site creates its --state-dir
         with site_worker(sock, kept / "worker"):
             stopped = run_server(
                 sites(kept, sock),
