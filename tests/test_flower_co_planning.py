@@ -38,6 +38,7 @@ from fedprompt.execution.results import RunResult
 from fedprompt.flower import run_server
 from fedprompt.flower.app_config import AppSettings
 from fedprompt.flower.client_app import build_client_app
+from fedprompt.flower.records import read_instructions
 from fedprompt.flower.site import CLIENT_STATE_RESET
 from fedprompt.flower.site_worker import SiteWorker
 from fedprompt.training.co_planning import Plan, candidates
@@ -103,24 +104,22 @@ def fits(result: RunResult) -> dict[int, list[dict]]:
     return rows
 
 
-def third_round_plans(result: RunResult) -> dict[int, Plan]:
-    """Check each client's plans against its records, computed by hand from its reported numbers,
-    and return its round-3 plan. Rounds 1 and 2 profile the two candidates in grid order; a round
-    reports as its gain its score less the previous round's; round 3 takes the candidate with the
-    highest gain per cost (the gain reported a round later over the cost reported with it)."""
+def check_plans(rows: list[dict]) -> Plan:
+    """Check one client's plans in rounds 1-3 against its records, computed by hand from its
+    reported numbers, and return its round-3 plan. Rounds 1 and 2 profile the two candidates in grid
+    order; a round reports as its gain its score less the previous round's; round 3 takes the
+    candidate with the highest gain per cost (the gain reported a round later over the cost
+    reported with it)."""
     grid = candidates(CoPlanningConfig(**GRID))
-    chosen = {}
-    for cid, rows in fits(result).items():
-        assert [r["round"] for r in rows] == [1, 2, 3], cid
-        plans = [grid.index(Plan(int(r["plan_depth"]), r["plan_capacity"])) for r in rows]
-        assert plans[:2] == [0, 1], cid
-        assert "plan_gain" not in rows[0]
-        for before, after in itertools.pairwise(rows):
-            assert after["plan_gain"] == after["plan_score"] - before["plan_score"], cid
-        ratios = [rows[1]["plan_gain"] / rows[0]["plan_cost"], rows[2]["plan_gain"] / rows[1]["plan_cost"]]
-        assert plans[2] == max(range(2), key=lambda i: (ratios[i], -i)), (cid, ratios)
-        chosen[cid] = grid[plans[2]]
-    return chosen
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    plans = [grid.index(Plan(int(r["plan_depth"]), r["plan_capacity"])) for r in rows]
+    assert plans[:2] == [0, 1]
+    assert "plan_gain" not in rows[0]
+    for before, after in itertools.pairwise(rows):
+        assert after["plan_gain"] == after["plan_score"] - before["plan_score"]
+    ratios = [rows[1]["plan_gain"] / rows[0]["plan_cost"], rows[2]["plan_gain"] / rows[1]["plan_cost"]]
+    assert plans[2] == max(range(2), key=lambda i: (ratios[i], -i)), ratios
+    return grid[plans[2]]
 
 
 @contextmanager
@@ -147,7 +146,7 @@ def test_a_planned_fes_job_on_flower_gives_the_in_process_run_plans_included(pla
     assert not [key for key in checkpoint if "co_plan" in key]  # the records never reach the server
 
     assert_same_run(result, expected)
-    third = third_round_plans(result)
+    third = {cid: check_plans(rows) for cid, rows in fits(result).items()}
     assert {plan.depth for plan in third.values()} == {1, 2}, (
         "the job no longer shows a round-3 choice that keeps and one that leaves a candidate; pick "
         f"another seed for planned_job ({third})"
@@ -191,8 +190,39 @@ def test_the_planners_records_survive_a_stop_and_a_restart_of_the_sites(planned_
             forgotten = run_server(sites(emptied, sock), config, AppSettings(resume=copy))
 
     assert_same_run(resumed, expected)
-    third_round_plans(resumed)
+    for rows in fits(resumed).values():
+        check_plans(rows)
     assert any(not torch.equal(forgotten.final_state[n], t) for n, t in expected.final_state.items())
     for cid, rows in fits(forgotten).items():
         assert rows[2][CLIENT_STATE_RESET] == 1.0, cid
         assert rows[2]["plan_depth"] == 1.0 and "plan_gain" not in rows[2], cid
+
+
+def test_a_site_whose_update_was_lost_plans_from_the_records_the_server_used(planned_job):
+    """Client 1's round-2 update is computed (its site stages the records it would carry) but never
+    reaches the server. Its round 3 starts from the records of round 1, the last update the server
+    used: it tries candidate 1 again (still untried as far as those records go) and credits
+    candidate 0 with the gain from its round-1 score. The other clients plan by their own records."""
+    app, _ = planned_job
+    client_app = build_client_app(app / "fedprompt.yaml")
+    nodes = client_app_nodes(client_app, range(3), {})
+    lossy_node = list(nodes)[1]  # the node of partition 1
+
+    def lose_round_two(message, node):
+        reply = nodes[lossy_node](message, node)
+        lost = message.metadata.message_type == "train" and read_instructions(message.content)[1].round == 2
+        return None if lost else reply
+
+    grid = InMemoryGrid({**nodes, lossy_node: lose_round_two})
+    with tempfile.TemporaryDirectory() as runs:
+        result = run_server(grid, load_config(app / "fedprompt.yaml"), AppSettings(results_dir=Path(runs)))
+
+    assert [r.get("clients_accepted") for r in result.history] == [None, 3, 2, 3]
+    rows = fits(result)[1]
+    assert [r["accepted"] for r in rows] == [True, False, True]
+    first, third = rows[0], rows[2]
+    assert (third["plan_depth"], third["plan_capacity"]) == (2.0, 0.3)  # candidate 1, profiled again
+    assert third["plan_gain"] == third["plan_score"] - first["plan_score"]
+    assert not any(CLIENT_STATE_RESET in row for row in result.client_history)
+    check_plans(fits(result)[0])  # the others plan by their records as ever
+    check_plans(fits(result)[2])
