@@ -4,6 +4,7 @@ aggregation, the fine-tuning baseline, and the per-client metrics."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -230,7 +231,7 @@ def test_reliability_compares_prompt_tensors_only_so_a_different_head_keeps_full
         ReliabilityWeighted(prompt_tensors={"question.context"}).initialize({"fusion.w": torch.zeros(2)})
 
 
-def test_a_shared_head_is_pulled_by_its_own_cosine_term_with_head_alpha():
+def test_a_shared_head_is_pulled_by_its_own_cosine_term_with_head_alpha(caplog):
     shared = {"question.context": torch.tensor([1.0, 0.0]), "fusion.w": torch.tensor([0.0, 2.0, 0.0])}
     own = {"question.context": torch.tensor([0.0, 4.0]), "fusion.w": torch.tensor([1.0, 1.0, 0.0])}
     prompts = {"question.context"}
@@ -258,6 +259,10 @@ def test_a_shared_head_is_pulled_by_its_own_cosine_term_with_head_alpha():
             {"question.context": torch.zeros(2)}
         )
     ReliabilityWeighted(prompt_tensors=prompts, pulls_head=True).initialize(shared)
+    # a head that travels and that no client reads is named in a warning
+    with caplog.at_level(logging.WARNING, logger="fedprompt.strategies.reliability"):
+        ReliabilityWeighted(prompt_tensors=prompts).initialize(shared)
+    assert "fusion.w travel beside the prompts but strategy.head_alpha is 0" in caplog.text
 
 
 def test_reliability_rule_pulls_the_own_prompt_toward_the_shared_one():

@@ -27,6 +27,7 @@ times agreement with the others. Those weights are reported every round.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,8 @@ from fedprompt.federation.state import State, Update
 from fedprompt.federation.strategies.base import Strategy
 from fedprompt.federation.strategies.server_tensors import flatten, unflatten
 from optimizers.base import OptimizationStats
+
+log = logging.getLogger("fedprompt.strategies.reliability")
 
 VAL_ACCURACY = "val_accuracy"
 PERSONAL = "personal/"
@@ -100,7 +103,14 @@ class ReliabilityWeighted(Strategy):
         """Learn which coordinates of the flattened state belong to the compared tensors; refuse a
         head pull when nothing but prompts travels."""
         compared = set(compared_names(global_state, self.prompt_tensors))
-        if self.pulls_head and not head_names(global_state, self.prompt_tensors):
+        head = head_names(global_state, self.prompt_tensors)
+        if head and not self.pulls_head:
+            log.warning(
+                "reliability: %s travel beside the prompts but strategy.head_alpha is 0, so no client reads "
+                "them; keep them local (personalization.local) or pull them (head_alpha > 0)",
+                ", ".join(head),
+            )
+        if self.pulls_head and not head:
             raise ValueError(
                 f"strategy.head_alpha pulls the tensors that travel beside the prompts, and the aggregated "
                 f"state {sorted(global_state)} holds prompts only: set head_alpha 0, or stop keeping the "
