@@ -22,7 +22,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fedprompt.config_base import StrictModel, WireDtype
-from fedprompt.config_checks import CrossSectionChecks
+from fedprompt.config_checks.cross_section import CrossSectionChecks
 from fedprompt.config_loading import apply_overrides, format_validation_error, yaml_problem
 from fedprompt.data.config import (
     BUILTIN_DATASETS,

@@ -6,9 +6,10 @@ the declared order puts above it:
     inside fedprompt: foundation <- configuration <- {data, federation} <- training <- tasks
                       <- execution <- {flower, serving, api, cli}
 
-The configuration layer is ``fedprompt.config`` and every package's ``config`` module: plain
-pydantic models that any layer may read, and that import nothing but each other and the
-foundation (so ``fedprompt.config`` loads without torch).
+The configuration layer is ``fedprompt.config``, every package's ``config`` module and the
+cross-section checks (``fedprompt.config_checks``): plain pydantic models and checks that any layer
+may read, and that import nothing but each other and the foundation (so ``fedprompt.config`` loads
+without torch).
 """
 
 from __future__ import annotations
@@ -59,9 +60,14 @@ def layer_of(module: str) -> str:
         return "foundation"
     if module in ENTRY:
         return "entry"
-    if module in ("fedprompt.config", "fedprompt.config_checks") or module.endswith(".config"):
+    if module == "fedprompt.config" or module.endswith(".config") or _is_config_check(module):
         return "configuration"
     return module.split(".")[1]
+
+
+def _is_config_check(module: str) -> bool:
+    """``fedprompt.config_checks`` and its modules: the checks of one section against another."""
+    return module == "fedprompt.config_checks" or module.startswith("fedprompt.config_checks.")
 
 
 def module_name(path: Path) -> str:
@@ -176,6 +182,7 @@ def test_the_checks_catch_what_they_are_for():
     """The rules are not vacuous: the graph holds the imports the layers are known to make."""
     assert "fedprompt.tasks.registry" in {target for _, target in GRAPH["fedprompt.api"]}
     assert layer_of("fedprompt.federation.strategies.config") == "configuration"
+    assert layer_of("fedprompt.config_checks.privacy") == "configuration"
     assert layer_of("fedprompt.federation.server") == "federation"
     assert "training" not in ALLOWED["federation"] and "fedprompt" not in ALLOWED["prompt_modules"]
     inside_functions = {t for _, t in GRAPH["fedprompt.cli"]}
