@@ -297,6 +297,9 @@ def test_parity_fails_on_an_embedding_table_that_is_not_the_model_s(reviews, mon
     message = str(refused.value)
     assert message.startswith("backbone.parity_tolerance: the plain template's label log-probabilities")
     assert "the input-embedding table is not the served model's" in message
+    assert message.endswith(
+        "Fix head.template, backbone.tokenizer or backbone.add_bos (the table is backbone.model's)"
+    )
     gap = float(message.split("differ by ")[1].split(" nats")[0])
     assert gap > 100 * config.backbone.parity_tolerance  # far past the tolerance, not a rounding effect
 
@@ -396,7 +399,8 @@ def test_vllm_parity_fails_on_a_published_table_that_is_not_the_served_model_s(
     )
     with pytest.raises(
         ConfigError,
-        match=r"^backbone\.parity_tolerance: .* differ by .* input-embedding table is not the served model",
+        match=r"^backbone\.parity_tolerance: .* differ by .* input-embedding table is not the served "
+        r"model's\. Fix head\.template, backbone\.tokenizer, backbone\.add_bos or backbone\.embeddings$",
     ):
         build_experiment(config, client_ids=[])
 

@@ -117,7 +117,13 @@ def build_language_model(
     with _model_checked("prompt"):
         module = _embedded_module(config, prompt, scorer, tokenizer, table, labels)
     notes = {
-        "parity": preflight_parity(scorer, module, train_texts[:PARITY_INPUTS], backbone.parity_tolerance)
+        "parity": preflight_parity(
+            scorer,
+            module,
+            train_texts[:PARITY_INPUTS],
+            backbone.parity_tolerance,
+            PARITY_FIELDS[backbone.kind],
+        )
     }
     return LanguageModelParts(module, size, notes)
 
@@ -148,12 +154,24 @@ def candidate_vocabulary(prompt: DiscretePromptConfig, train_texts: Sequence[str
     return candidates
 
 
+PARITY_FIELDS = {
+    "llama-cpp": "head.template, backbone.tokenizer or backbone.add_bos (the table is backbone.model's)",
+    "vllm": "head.template, backbone.tokenizer, backbone.add_bos or backbone.embeddings",
+}
+"""What to fix after a failed pre-flight, per backbone kind: the fields that decide the tokens and
+the table."""
+
+
 def preflight_parity(
-    scorer: EmbeddingScorer, module: EmbeddedPromptClassifier, texts: Sequence[str], tolerance: float
+    scorer: EmbeddingScorer,
+    module: EmbeddedPromptClassifier,
+    texts: Sequence[str],
+    tolerance: float,
+    fields: str,
 ) -> dict[str, Any]:
     """Score the plain templated inputs as embeddings and as text; ConfigError when they differ by
     more than ``tolerance`` nats (a template or tokenizer the server reads otherwise, or the wrong
-    embedding table), else what was measured."""
+    embedding table), naming the ``fields`` to fix, else what was measured."""
     gap, per_input = parity_gap(scorer, module, texts)
     result = {"max_abs_difference": gap, "tolerance": tolerance, "inputs": len(per_input)}
     log.info("pre-flight parity: label log-probabilities as embeddings and as text differ by %.3g nats", gap)
@@ -163,7 +181,7 @@ def preflight_parity(
             f"nats (over {tolerance:g}) between the input sent as embeddings and as text (per input: "
             f"{', '.join(f'{g:.3g}' for g in per_input)}): the server tokenises head.template otherwise "
             "than backbone.tokenizer does (special tokens, a beginning-of-sequence token, spaces), or the "
-            "input-embedding table is not the served model's. Fix the template or the tokenizer/embeddings"
+            f"input-embedding table is not the served model's. Fix {fields}"
         )
     return result
 
