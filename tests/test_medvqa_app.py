@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from apps.medvqa.__main__ import app
 from apps.medvqa.methods import method_configs
 from fedprompt.config import ConfigError, load_config
+from fedprompt.federation.strategies.registry import build_client_rule, build_strategy
 from fedprompt.tasks.clip.demo_backbone import DEFAULT_RECIPE, demo_clip
 
 TINY_DEMO = replace(
@@ -155,3 +156,29 @@ def test_the_app_refuses_configs_it_cannot_report():
         method_configs(load_config({**base, "strategy": {"kind": "fedavg"}}), ["fedavg"])
     with pytest.raises(ConfigError, match=r"methods: \['fedprox'\]"):
         method_configs(load_config(base), ["fedprox"])
+
+
+def test_a_head_pull_is_wired_from_the_config_and_refused_where_no_head_travels():
+    base = {
+        "backbone": {"kind": "open-clip", "model": "ViT-B-32", "pretrained": None},
+        "prompt": {"kind": "vqa-twin"},
+        "data": {"source": "vqa", "vqa": {"format": "easy-vqa", "client_field": "shape"}},
+        "partition": {"num_clients": 3, "local_val_fraction": 0.2},
+        "strategy": {"kind": "reliability", "alpha": 0.1, "head_alpha": 3.0},
+    }
+    config = load_config(base)
+    prompts = {"question.context", "answer.context", "image.prompts"}
+    assert build_strategy(config.strategy, prompt_tensors=prompts).pulls_head
+    rule = build_client_rule(config.strategy, prompt_tensors=prompts)
+    assert (rule.alpha, rule.head_alpha) == (0.1, 3.0)
+    assert not build_strategy(load_config(base, ["strategy.head_alpha=0"]).strategy).pulls_head
+    # the app's local-only baseline pulls nothing, head included
+    assert method_configs(config, ["local"])["local"].strategy.head_alpha == 0
+    with pytest.raises(ConfigError, match=r"personalization\.local \['fusion\.\*'\] keeps it on each client"):
+        load_config({**base, "personalization": {"local": ["fusion.*"]}})
+    text = {
+        "strategy": {"kind": "reliability", "head_alpha": 1.0},
+        "partition": {"local_val_fraction": 0.2},
+    }
+    with pytest.raises(ConfigError, match=r"strategy\.head_alpha .* prompt\.kind 'soft' has none"):
+        load_config(text)

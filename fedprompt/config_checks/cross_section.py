@@ -30,6 +30,7 @@ CHECKS: tuple[Callable[[Any], None], ...] = (
     task_parts.language_model_fits,
     task_parts.domains_fit,
     local_training.black_box_fits,
+    local_training.head_pull_fits,
 )
 """The cross-section checks in the order they run; the first to fail is the error reported."""
 

@@ -7,12 +7,13 @@ raises ``ValueError`` naming the fields and the fix.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 import yaml
 
-from fedprompt.federation.strategies.config import FedBPTConfig, FedKSeedConfig
-from fedprompt.tasks.clip.config import BLACK_BOX_CLIP_KINDS
+from fedprompt.federation.strategies.config import FedBPTConfig, FedKSeedConfig, ReliabilityConfig
+from fedprompt.tasks.clip.config import BLACK_BOX_CLIP_KINDS, FedAPTPromptConfig, VQAPromptConfig
 from fedprompt.tasks.text.config import (
     LLM_BACKBONE_KINDS,
     SPSA_PROMPT_KINDS,
@@ -49,6 +50,32 @@ def personal_fits(run: Any) -> None:
             f"strategy.kind {run.strategy.kind} keeps a whole personal prompt per client; remove "
             "personalization.shared_tokens (personalization.local may keep whole tensors on each client, "
             "e.g. a fusion head)"
+        )
+
+
+HEAD_TENSORS = {VQAPromptConfig: "fusion.mlp.0.weight", FedAPTPromptConfig: "adaptive.weight"}
+"""Prompt configs whose module trains a network beside its prompts, with one of that network's
+tensor names (reliability's ``head_alpha`` pulls such a network when it travels)."""
+
+
+def head_pull_fits(run: Any) -> None:
+    """Reliability's head pull needs a network beside the prompts that travels: a prompt that has
+    one (the VQA fusion head, FedAPT's adaptive network), not kept by ``personalization.local``."""
+    strategy = run.strategy
+    if not isinstance(strategy, ReliabilityConfig) or strategy.head_alpha == 0:
+        return
+    head = HEAD_TENSORS.get(type(run.prompt))
+    if head is None:
+        raise ValueError(
+            f"strategy.head_alpha pulls a network trained beside the prompts, and prompt.kind "
+            f"{run.prompt.kind!r} has none (every tensor is a prompt, pulled by alpha): set head_alpha 0"
+        )
+    keeping = [p for p in run.personalization.local if fnmatch.fnmatchcase(head, p)]
+    if keeping:
+        raise ValueError(
+            f"strategy.head_alpha pulls the network beside the prompts toward the others', and "
+            f"personalization.local {keeping} keeps it on each client: set head_alpha 0, or share it "
+            "(remove the pattern)"
         )
 
 

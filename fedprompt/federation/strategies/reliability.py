@@ -113,8 +113,8 @@ class ReliabilityWeighted(Strategy):
         if self.pulls_head and not head:
             raise ValueError(
                 f"strategy.head_alpha pulls the tensors that travel beside the prompts, and the aggregated "
-                f"state {sorted(global_state)} holds prompts only: set head_alpha 0, or stop keeping the "
-                "head local (personalization.local)"
+                f"state {sorted(global_state)} holds prompts only (the prompt has nothing beside them, or "
+                "personalization.local keeps it): set head_alpha 0"
             )
         self._mask = torch.cat(
             [torch.full((global_state[name].numel(),), name in compared) for name in sorted(global_state)]
